@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs every test: formatting, clippy, the Rust unit and integration tests, and the
+# conformance tests that drive the real binaries with the official openai SDK.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+KANDLE_TEST_GGUF="$(scripts/fetch-smollm2.sh)"
+export KANDLE_TEST_GGUF
+
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
+cargo build --workspace --bins --locked
+python3 -m pytest tests -q

@@ -1,0 +1,304 @@
+//! `POST …/chat/completions`: validate, prepare, submit, then answer in one body or
+//! as a server-sent event stream.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::Stream;
+use tokio::sync::mpsc;
+
+use super::error::ApiError;
+use super::request::{self, ChatRequest};
+use super::response::{
+    AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChoiceLogprobs, ChunkChoice, ChunkDelta, Envelope,
+    LogprobEntry, Usage,
+};
+use super::state::AppState;
+use crate::engine::{Event, FinishReason, SubmitError};
+
+/// How a chat path wraps its answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// OpenAI's shape (`/v1`, `/compatible-mode/v1`).
+    OpenAi,
+    /// `{success, code, message, data}` around non-streaming answers (`/api/v1`).
+    Envelope,
+}
+
+pub async fn openai(State(state): State<AppState>, body: Body) -> Response {
+    respond(state, body, Flavor::OpenAi).await
+}
+
+pub async fn envelope(State(state): State<AppState>, body: Body) -> Response {
+    respond(state, body, Flavor::Envelope).await
+}
+
+async fn respond(state: AppState, body: Body, flavor: Flavor) -> Response {
+    match run(state, body, flavor).await {
+        Ok(response) => response,
+        Err(e) if flavor == Flavor::Envelope => e.decorate(
+            Json(Envelope::<()> {
+                success: false,
+                code: e.code.unwrap_or("error").to_string(),
+                message: e.message.clone(),
+                data: None,
+            })
+            .into_response(),
+        ),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn run(state: AppState, body: Body, flavor: Flavor) -> Result<Response, ApiError> {
+    let limit = state.settings().max_body_bytes;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| ApiError::body_too_large(limit))?;
+    let service = state.model()?;
+    let req = request::parse(&bytes, service.vocab_size())?;
+    if !state.settings().serves(&req.model) {
+        return Err(ApiError::model_not_found(&req.model));
+    }
+    let prepared = {
+        let (service, req) = (service.clone(), req.clone());
+        tokio::task::spawn_blocking(move || service.prepare(&req))
+            .await
+            .map_err(|e| ApiError::internal(format!("prompt preparation failed: {e}")))??
+    };
+    let meta = ResponseMeta::new(&req, prepared.prompt_tokens);
+    service.engine.submit(prepared.request).map_err(|e| match e {
+        SubmitError::Overloaded => ApiError::overloaded(),
+        SubmitError::Stopped => ApiError::internal(e.to_string()),
+    })?;
+    state.metrics().prompt_tokens.inc_by(prepared.prompt_tokens as u64);
+    if req.stream {
+        Ok(stream(state, meta, prepared.events).into_response())
+    } else {
+        let completion = collect(&state, meta, prepared.events).await?;
+        Ok(match flavor {
+            Flavor::OpenAi => Json(completion).into_response(),
+            Flavor::Envelope => Json(Envelope {
+                success: true,
+                code: "200".into(),
+                message: "successful".into(),
+                data: Some(completion),
+            })
+            .into_response(),
+        })
+    }
+}
+
+/// What every chunk or body of one response repeats.
+struct ResponseMeta {
+    id: String,
+    created: u64,
+    model: String,
+    fingerprint: String,
+    n: usize,
+    prompt_tokens: usize,
+    include_usage: bool,
+    logprobs: bool,
+}
+
+impl ResponseMeta {
+    fn new(req: &ChatRequest, prompt_tokens: usize) -> Self {
+        Self {
+            id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+            created: super::unix_now(),
+            model: req.model.clone(),
+            fingerprint: super::system_fingerprint(),
+            n: req.n,
+            prompt_tokens,
+            include_usage: req.include_usage,
+            logprobs: req.logprobs.is_some(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct ChoiceState {
+    content: String,
+    reasoning: String,
+    logprobs: Vec<LogprobEntry>,
+    finish: Option<FinishReason>,
+    completion_tokens: usize,
+    reasoning_tokens: usize,
+}
+
+async fn collect(
+    state: &AppState,
+    meta: ResponseMeta,
+    mut events: mpsc::UnboundedReceiver<Event>,
+) -> Result<ChatCompletion, ApiError> {
+    let mut choices: Vec<ChoiceState> = (0..meta.n).map(|_| ChoiceState::default()).collect();
+    let mut open = meta.n;
+    while open > 0 {
+        match events.recv().await {
+            Some(Event::Delta(d)) => {
+                let c = &mut choices[d.index];
+                c.content.push_str(&d.content);
+                c.reasoning.push_str(&d.reasoning);
+                c.logprobs.extend(d.logprobs.iter().map(LogprobEntry::from));
+            }
+            Some(Event::Finished { index, reason, usage }) => {
+                let c = &mut choices[index];
+                c.finish = Some(reason);
+                c.completion_tokens = usage.completion_tokens;
+                c.reasoning_tokens = usage.reasoning_tokens;
+                open -= 1;
+            }
+            Some(Event::Failed { message }) => return Err(ApiError::internal(message)),
+            None => return Err(ApiError::internal("the inference engine stopped")),
+        }
+    }
+    let completion_tokens = choices.iter().map(|c| c.completion_tokens).sum();
+    let reasoning_tokens = choices.iter().map(|c| c.reasoning_tokens).sum();
+    state.metrics().completion_tokens.inc_by(completion_tokens as u64);
+    Ok(ChatCompletion {
+        id: meta.id,
+        object: "chat.completion",
+        created: meta.created,
+        model: meta.model,
+        system_fingerprint: meta.fingerprint,
+        choices: choices
+            .into_iter()
+            .enumerate()
+            .map(|(index, c)| Choice {
+                index,
+                message: AssistantMessage {
+                    role: "assistant",
+                    content: Some(c.content),
+                    reasoning_content: (!c.reasoning.is_empty()).then_some(c.reasoning),
+                },
+                finish_reason: c.finish.unwrap_or(FinishReason::Stop).as_str(),
+                logprobs: meta.logprobs.then_some(ChoiceLogprobs { content: c.logprobs }),
+            })
+            .collect(),
+        usage: Usage::new(meta.prompt_tokens, completion_tokens, reasoning_tokens),
+    })
+}
+
+/// State of a response stream between SSE events.
+struct StreamState {
+    state: AppState,
+    meta: ResponseMeta,
+    events: mpsc::UnboundedReceiver<Event>,
+    queued: VecDeque<SseEvent>,
+    open: usize,
+    completion_tokens: usize,
+    reasoning_tokens: usize,
+    done: bool,
+}
+
+fn stream(
+    state: AppState,
+    meta: ResponseMeta,
+    events: mpsc::UnboundedReceiver<Event>,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let open = meta.n;
+    let mut s = StreamState {
+        state,
+        meta,
+        events,
+        queued: VecDeque::new(),
+        open,
+        completion_tokens: 0,
+        reasoning_tokens: 0,
+        done: false,
+    };
+    for index in 0..s.meta.n {
+        let delta = ChunkDelta { role: Some("assistant"), content: Some(String::new()), ..Default::default() };
+        let chunk = s.chunk(vec![ChunkChoice { index, delta, logprobs: None, finish_reason: None }], None);
+        s.queued.push_back(chunk);
+    }
+    let events = futures::stream::unfold(s, |mut s| async move {
+        loop {
+            if let Some(event) = s.queued.pop_front() {
+                return Some((Ok(event), s));
+            }
+            if s.done {
+                return None;
+            }
+            s.advance().await;
+        }
+    });
+    Sse::new(events).keep_alive(KeepAlive::default())
+}
+
+impl StreamState {
+    fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<Usage>) -> SseEvent {
+        let chunk = ChatCompletionChunk {
+            id: &self.meta.id,
+            object: "chat.completion.chunk",
+            created: self.meta.created,
+            model: &self.meta.model,
+            system_fingerprint: &self.meta.fingerprint,
+            choices,
+            usage: self.meta.include_usage.then_some(usage),
+        };
+        json_event(&chunk)
+    }
+
+    /// Waits for the engine's next event and queues the SSE events it becomes.
+    async fn advance(&mut self) {
+        match self.events.recv().await {
+            Some(Event::Delta(d)) => {
+                let delta = ChunkDelta {
+                    role: None,
+                    content: (!d.content.is_empty()).then_some(d.content),
+                    reasoning_content: (!d.reasoning.is_empty()).then_some(d.reasoning),
+                };
+                let logprobs = self
+                    .meta
+                    .logprobs
+                    .then(|| ChoiceLogprobs { content: d.logprobs.iter().map(LogprobEntry::from).collect() });
+                let event =
+                    self.chunk(vec![ChunkChoice { index: d.index, delta, logprobs, finish_reason: None }], None);
+                self.queued.push_back(event);
+            }
+            Some(Event::Finished { index, reason, usage }) => {
+                self.completion_tokens += usage.completion_tokens;
+                self.reasoning_tokens += usage.reasoning_tokens;
+                let last = ChunkChoice {
+                    index,
+                    delta: ChunkDelta::default(),
+                    logprobs: None,
+                    finish_reason: Some(reason.as_str()),
+                };
+                let event = self.chunk(vec![last], None);
+                self.queued.push_back(event);
+                self.open -= 1;
+                if self.open == 0 {
+                    self.state.metrics().completion_tokens.inc_by(self.completion_tokens as u64);
+                    if self.meta.include_usage {
+                        let usage = Usage::new(self.meta.prompt_tokens, self.completion_tokens, self.reasoning_tokens);
+                        let event = self.chunk(Vec::new(), Some(usage));
+                        self.queued.push_back(event);
+                    }
+                    self.queued.push_back(SseEvent::default().data("[DONE]"));
+                    self.done = true;
+                }
+            }
+            Some(Event::Failed { message }) => self.fail(ApiError::internal(message)),
+            None => self.fail(ApiError::internal("the inference engine stopped")),
+        }
+    }
+
+    /// An error after the stream started travels as an SSE event with an `error` object.
+    fn fail(&mut self, error: ApiError) {
+        self.queued.push_back(json_event(&error.body()));
+        self.done = true;
+    }
+}
+
+fn json_event<T: serde::Serialize>(value: &T) -> SseEvent {
+    match serde_json::to_string(value) {
+        Ok(json) => SseEvent::default().data(json),
+        Err(e) => SseEvent::default().data(format!(
+            r#"{{"error":{{"message":"cannot encode chunk: {e}","type":"server_error","param":null,"code":null}}}}"#
+        )),
+    }
+}

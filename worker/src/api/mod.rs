@@ -1,0 +1,74 @@
+//! The OpenAI-compatible HTTP API: routes, middleware, request and response types.
+
+pub mod chat;
+pub mod error;
+mod messages;
+mod ops;
+pub mod request;
+pub mod response;
+pub mod state;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderName};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+
+use error::ApiError;
+use state::AppState;
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Every route of DESIGN.md's HTTP API.
+pub fn router(state: AppState) -> Router {
+    let authenticated = Router::new()
+        .route("/v1/chat/completions", post(chat::openai))
+        .route("/compatible-mode/v1/chat/completions", post(chat::openai))
+        .route("/api/v1/chat/completions", post(chat::envelope))
+        .route("/v1/models", get(ops::models))
+        .route("/compatible-mode/v1/models", get(ops::models))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+    Router::new()
+        .merge(authenticated)
+        .route("/health", get(ops::health))
+        .route("/ready", get(ops::ready))
+        .route("/metrics", get(ops::metrics))
+        .fallback(|req: Request| async move { ApiError::not_found_path(req.uri().path()) })
+        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .with_state(state)
+}
+
+async fn require_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(keys) = state.keys() {
+        let header = req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
+        if let Err(e) = keys.check(header) {
+            return e.into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Counts responses by route template (not raw path, to bound cardinality) and status.
+async fn count_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let path = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let response = next.run(req).await;
+    let labels = crate::metrics::RequestLabels { path, status: response.status().as_u16() };
+    state.metrics().requests.get_or_create(&labels).inc();
+    response
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+pub fn system_fingerprint() -> String {
+    format!("fp_kandle_{}", env!("CARGO_PKG_VERSION"))
+}

@@ -1,0 +1,47 @@
+//! Operational endpoints and the model list.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use super::error::ApiError;
+use super::response::{ModelCard, ModelList};
+use super::state::AppState;
+
+/// Liveness: the process answers.
+pub async fn health() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Readiness: the model is loaded and the engine runs.
+pub async fn ready(State(state): State<AppState>) -> Response {
+    match state.model() {
+        Ok(service) => Json(json!({"status": "ready", "model": service.info})).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    match state.metrics().encode() {
+        Ok(text) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            text,
+        )
+            .into_response(),
+        Err(_) => ApiError::internal("cannot encode metrics").into_response(),
+    }
+}
+
+/// The served name and every alias, as OpenAI model objects.
+pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
+    let settings = state.settings();
+    let created = state.started_at();
+    let data = std::iter::once(&settings.served_model_name)
+        .chain(&settings.aliases)
+        .map(|id| ModelCard { id: id.clone(), object: "model", created, owned_by: "kandle" })
+        .collect();
+    Json(ModelList { object: "list", data })
+}

@@ -1,0 +1,491 @@
+//! Parses and validates a Chat Completions body field by field, so every rejection
+//! names the offending `param`.
+
+use serde_json::{Map, Value as Json};
+
+use super::error::ApiError;
+use crate::engine::SamplingParams;
+
+pub const MAX_N: u64 = 8;
+pub const MAX_STOP_SEQUENCES: usize = 4;
+pub const MAX_TOP_LOGPROBS: u64 = 20;
+
+/// A validated request. Sampling fields the client left out are `None`, so the
+/// model's defaults can fill them.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ChatRequest {
+    pub model: String,
+    /// Messages normalised for the chat template (text content, `developer` as
+    /// `system`, tool-call arguments as objects).
+    pub messages: Vec<Json>,
+    pub max_tokens: Option<usize>,
+    pub sampling: SamplingOverrides,
+    pub n: usize,
+    pub stop: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub logprobs: Option<usize>,
+    pub tools: Option<Vec<Json>>,
+    pub tool_choice: ToolChoice,
+    pub enable_thinking: Option<bool>,
+    pub thinking_budget: Option<usize>,
+    pub reasoning_effort: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ToolChoice {
+    #[default]
+    Auto,
+    None,
+}
+
+/// Sampling values given in a request (or in the model's defaults).
+#[derive(Debug, Clone, PartialEq, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingOverrides {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub min_p: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    #[serde(skip)]
+    pub logit_bias: Vec<(u32, f32)>,
+    #[serde(skip)]
+    pub seed: Option<u64>,
+}
+
+impl SamplingOverrides {
+    /// Request values first, then `defaults`, then the neutral values.
+    pub fn resolve(&self, defaults: &SamplingOverrides, logprobs: Option<usize>) -> SamplingParams {
+        let base = SamplingParams::default();
+        SamplingParams {
+            temperature: self.temperature.or(defaults.temperature).unwrap_or(base.temperature),
+            top_p: self.top_p.or(defaults.top_p).unwrap_or(base.top_p),
+            top_k: self.top_k.or(defaults.top_k).unwrap_or(base.top_k),
+            min_p: self.min_p.or(defaults.min_p).unwrap_or(base.min_p),
+            presence_penalty: self.presence_penalty.or(defaults.presence_penalty).unwrap_or(base.presence_penalty),
+            frequency_penalty: self.frequency_penalty.or(defaults.frequency_penalty).unwrap_or(base.frequency_penalty),
+            repetition_penalty: self
+                .repetition_penalty
+                .or(defaults.repetition_penalty)
+                .unwrap_or(base.repetition_penalty),
+            logit_bias: self.logit_bias.clone(),
+            seed: self.seed,
+            logprobs,
+        }
+    }
+
+    /// Checks defaults given on the command line with the request's own rules.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        let mut obj = Map::new();
+        let to_json = |v: f32| serde_json::Number::from_f64(f64::from(v)).map(Json::Number);
+        for (name, value) in [
+            ("temperature", self.temperature),
+            ("top_p", self.top_p),
+            ("min_p", self.min_p),
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+            ("repetition_penalty", self.repetition_penalty),
+        ] {
+            if let Some(j) = value.and_then(to_json) {
+                obj.insert(name.to_string(), j);
+            }
+        }
+        if let Some(k) = self.top_k {
+            obj.insert("top_k".into(), Json::from(k));
+        }
+        let mut fields = Fields { obj };
+        parse_sampling(&mut fields, usize::MAX).map(|_| ())
+    }
+}
+
+/// Parses a request body. `vocab_size` bounds `logit_bias` keys.
+pub fn parse(body: &[u8], vocab_size: usize) -> Result<ChatRequest, ApiError> {
+    let value: Json = serde_json::from_slice(body).map_err(ApiError::bad_json)?;
+    let Json::Object(obj) = value else {
+        return Err(ApiError::bad_json("the body must be a JSON object"));
+    };
+    let mut f = Fields { obj };
+
+    let model = f.string("model")?.ok_or_else(|| ApiError::missing("model"))?;
+    let messages = match f.take("messages") {
+        None => return Err(ApiError::missing("messages")),
+        Some(v) => super::messages::normalize(v)?,
+    };
+    let max_tokens = f.uint("max_tokens", 1, u64::from(u32::MAX))?;
+    let max_completion_tokens = f.uint("max_completion_tokens", 1, u64::from(u32::MAX))?;
+    let sampling = parse_sampling(&mut f, vocab_size)?;
+    let n = f.uint("n", 1, MAX_N)?.unwrap_or(1) as usize;
+    let stop = parse_stop(&mut f)?;
+    let stream = f.bool("stream")?.unwrap_or(false);
+    let include_usage = parse_stream_options(&mut f, stream)?;
+    let logprobs = parse_logprobs(&mut f)?;
+    let tools = parse_tools(&mut f)?;
+    let tool_choice = parse_tool_choice(&mut f, tools.is_some())?;
+    if let Some(parallel) = f.take("parallel_tool_calls") {
+        expect_bool("parallel_tool_calls", &parallel)?;
+    }
+    f.string("user")?;
+    let enable_thinking = f.bool("enable_thinking")?;
+    let thinking_budget = f.uint("thinking_budget", 1, u64::from(u32::MAX))?.map(|v| v as usize);
+    let reasoning_effort = f.one_of("reasoning_effort", &["none", "minimal", "low", "medium", "high"])?;
+    parse_response_format(&mut f)?;
+    reject_unavailable(&mut f)?;
+
+    if let Some(key) = f.obj.keys().next() {
+        return Err(ApiError::unknown_param(key));
+    }
+    if n > 1 && tools.is_some() {
+        return Err(ApiError::invalid("n", "n must be 1 when tools are given."));
+    }
+    Ok(ChatRequest {
+        model,
+        messages,
+        max_tokens: max_completion_tokens.or(max_tokens).map(|v| v as usize),
+        sampling,
+        n,
+        stop,
+        stream,
+        include_usage,
+        logprobs,
+        tools,
+        tool_choice,
+        enable_thinking,
+        thinking_budget,
+        reasoning_effort,
+    })
+}
+
+fn parse_sampling(f: &mut Fields, vocab_size: usize) -> Result<SamplingOverrides, ApiError> {
+    let temperature = f.number("temperature", Range::closed(0.0, 2.0))?;
+    let top_p = f.number("top_p", Range::open_closed(0.0, 1.0))?;
+    let top_k = f.uint("top_k", 0, u64::from(u32::MAX))?.map(|v| v as usize);
+    let min_p = f.number("min_p", Range::closed(0.0, 1.0))?;
+    let presence_penalty = f.number("presence_penalty", Range::closed(-2.0, 2.0))?;
+    let frequency_penalty = f.number("frequency_penalty", Range::closed(-2.0, 2.0))?;
+    let repetition_penalty = f.number("repetition_penalty", Range::open_closed(0.0, 2.0))?;
+    let logit_bias = parse_logit_bias(f, vocab_size)?;
+    let seed = match f.take("seed") {
+        None | Some(Json::Null) => None,
+        Some(v) => match v.as_i64() {
+            Some(s) => Some(s as u64),
+            None => return Err(ApiError::wrong_type("seed", "an integer", &v)),
+        },
+    };
+    Ok(SamplingOverrides {
+        temperature,
+        top_p,
+        top_k,
+        min_p,
+        presence_penalty,
+        frequency_penalty,
+        repetition_penalty,
+        logit_bias,
+        seed,
+    })
+}
+
+fn parse_logit_bias(f: &mut Fields, vocab_size: usize) -> Result<Vec<(u32, f32)>, ApiError> {
+    let map = match f.take("logit_bias") {
+        None | Some(Json::Null) => return Ok(Vec::new()),
+        Some(Json::Object(map)) => map,
+        Some(other) => return Err(ApiError::wrong_type("logit_bias", "an object", &other)),
+    };
+    let mut out = Vec::with_capacity(map.len());
+    for (key, value) in map {
+        let param = format!("logit_bias.{key}");
+        let token: u32 = key.parse().ok().filter(|t| (*t as usize) < vocab_size).ok_or_else(|| {
+            ApiError::invalid(&param, format!("Invalid key in 'logit_bias': `{key}` is not a token id of this model."))
+        })?;
+        let bias = value.as_f64().ok_or_else(|| ApiError::wrong_type(&param, "a number", &value))?;
+        Range::closed(-100.0, 100.0).check(&param, bias)?;
+        out.push((token, bias as f32));
+    }
+    Ok(out)
+}
+
+fn parse_stop(f: &mut Fields) -> Result<Vec<String>, ApiError> {
+    let stops = match f.take("stop") {
+        None | Some(Json::Null) => return Ok(Vec::new()),
+        Some(Json::String(s)) => vec![s],
+        Some(Json::Array(items)) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| match item {
+                Json::String(s) => Ok(s),
+                other => Err(ApiError::wrong_type(&format!("stop[{i}]"), "a string", &other)),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(other) => return Err(ApiError::wrong_type("stop", "a string or an array of strings", &other)),
+    };
+    if stops.len() > MAX_STOP_SEQUENCES {
+        return Err(ApiError::invalid(
+            "stop",
+            format!("Invalid 'stop': at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {}.", stops.len()),
+        ));
+    }
+    if let Some(i) = stops.iter().position(String::is_empty) {
+        return Err(ApiError::invalid(format!("stop[{i}]"), "Stop sequences must not be empty."));
+    }
+    Ok(stops)
+}
+
+fn parse_stream_options(f: &mut Fields, stream: bool) -> Result<bool, ApiError> {
+    let options = match f.take("stream_options") {
+        None | Some(Json::Null) => return Ok(false),
+        Some(Json::Object(options)) => options,
+        Some(other) => return Err(ApiError::wrong_type("stream_options", "an object", &other)),
+    };
+    if !stream {
+        return Err(ApiError::invalid(
+            "stream_options",
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+        ));
+    }
+    let mut include_usage = false;
+    for (key, value) in options {
+        match key.as_str() {
+            "include_usage" => include_usage = expect_bool("stream_options.include_usage", &value)?,
+            // Usage in the final chunk is what kandle reports; obfuscation padding is not needed.
+            "include_obfuscation" => {
+                expect_bool("stream_options.include_obfuscation", &value)?;
+            }
+            other => return Err(ApiError::unknown_param(&format!("stream_options.{other}"))),
+        }
+    }
+    Ok(include_usage)
+}
+
+fn parse_logprobs(f: &mut Fields) -> Result<Option<usize>, ApiError> {
+    let logprobs = f.bool("logprobs")?.unwrap_or(false);
+    let top = f.uint("top_logprobs", 0, MAX_TOP_LOGPROBS)?;
+    match (logprobs, top) {
+        (false, Some(t)) if t > 0 => {
+            Err(ApiError::invalid("top_logprobs", "'top_logprobs' requires 'logprobs' to be true."))
+        }
+        (false, _) => Ok(None),
+        (true, top) => Ok(Some(top.unwrap_or(0) as usize)),
+    }
+}
+
+fn parse_tools(f: &mut Fields) -> Result<Option<Vec<Json>>, ApiError> {
+    let tools = match f.take("tools") {
+        None | Some(Json::Null) => return Ok(None),
+        Some(Json::Array(tools)) => tools,
+        Some(other) => return Err(ApiError::wrong_type("tools", "an array", &other)),
+    };
+    for (i, tool) in tools.iter().enumerate() {
+        let param = format!("tools[{i}]");
+        if tool.get("type").and_then(Json::as_str) != Some("function") {
+            return Err(ApiError::invalid(format!("{param}.type"), "Only tools of type 'function' are supported."));
+        }
+        let name = tool.pointer("/function/name").and_then(Json::as_str);
+        if !name.is_some_and(valid_function_name) {
+            return Err(ApiError::invalid(
+                format!("{param}.function.name"),
+                "Function names must be 1-64 characters of a-z, A-Z, 0-9, underscores and dashes.",
+            ));
+        }
+        if let Some(params) = tool.pointer("/function/parameters") {
+            if !params.is_object() {
+                return Err(ApiError::wrong_type(&format!("{param}.function.parameters"), "an object", params));
+            }
+        }
+    }
+    Ok((!tools.is_empty()).then_some(tools))
+}
+
+fn valid_function_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn parse_tool_choice(f: &mut Fields, has_tools: bool) -> Result<ToolChoice, ApiError> {
+    match f.take("tool_choice") {
+        None | Some(Json::Null) => Ok(ToolChoice::Auto),
+        Some(Json::String(s)) => match s.as_str() {
+            "auto" => Ok(ToolChoice::Auto),
+            "none" => Ok(ToolChoice::None),
+            "required" => Err(ApiError::unsupported(
+                "tool_choice",
+                "tool_choice 'required' is not supported by this server; use 'auto' or 'none'.",
+            )),
+            other => Err(ApiError::invalid("tool_choice", format!("Invalid 'tool_choice': `{other}`."))),
+        },
+        Some(Json::Object(_)) if !has_tools => {
+            Err(ApiError::invalid("tool_choice", "A named tool_choice needs 'tools'."))
+        }
+        Some(Json::Object(_)) => Err(ApiError::unsupported(
+            "tool_choice",
+            "Forcing a named function is not supported by this server; use 'auto' or 'none'.",
+        )),
+        Some(other) => Err(ApiError::wrong_type("tool_choice", "a string or an object", &other)),
+    }
+}
+
+fn parse_response_format(f: &mut Fields) -> Result<(), ApiError> {
+    let format = match f.take("response_format") {
+        None | Some(Json::Null) => return Ok(()),
+        Some(Json::Object(format)) => format,
+        Some(other) => return Err(ApiError::wrong_type("response_format", "an object", &other)),
+    };
+    match format.get("type").and_then(Json::as_str) {
+        Some("text") => Ok(()),
+        Some(kind @ ("json_object" | "json_schema")) => Err(ApiError::unsupported(
+            "response_format",
+            format!("response_format type '{kind}' is not supported by this server yet; use 'text'."),
+        )),
+        _ => Err(ApiError::invalid(
+            "response_format.type",
+            "response_format.type must be one of 'text', 'json_object', 'json_schema'.",
+        )),
+    }
+}
+
+/// Features a text-only local worker cannot honour: accepted at their off value,
+/// rejected otherwise, never silently ignored.
+fn reject_unavailable(f: &mut Fields) -> Result<(), ApiError> {
+    if let Some(v) = f.take("modalities") {
+        let text_only = v.is_null() || v.as_array().is_some_and(|m| m.iter().all(|x| x == "text"));
+        if !text_only {
+            return Err(ApiError::unsupported(
+                "modalities",
+                "This model only produces text: modalities must be [\"text\"].",
+            ));
+        }
+    }
+    for key in ["audio", "prediction", "web_search_options", "functions", "function_call"] {
+        if let Some(v) = f.take(key) {
+            if !v.is_null() {
+                let hint = if key.starts_with("function") { " Use 'tools' and 'tool_choice'." } else { "" };
+                return Err(ApiError::unsupported(key, format!("'{key}' is not supported by this server.{hint}")));
+            }
+        }
+    }
+    for key in ["enable_search", "enable_code_interpreter", "vl_high_resolution_images", "store"] {
+        if f.bool(key)? == Some(true) {
+            return Err(ApiError::unsupported(
+                key,
+                format!("'{key}' is not available on this server; it must be false."),
+            ));
+        }
+    }
+    if let Some(v) = f.take("search_options") {
+        if !(v.is_null() || v.is_object()) {
+            return Err(ApiError::wrong_type("search_options", "an object", &v));
+        }
+    }
+    if let Some(v) = f.take("metadata") {
+        let valid = v.is_null() || v.as_object().is_some_and(|m| m.len() <= 16 && m.values().all(Json::is_string));
+        if !valid {
+            return Err(ApiError::invalid("metadata", "metadata must be an object of at most 16 string values."));
+        }
+    }
+    f.one_of("service_tier", &["auto", "default"])?;
+    Ok(())
+}
+
+/// The request object, consumed field by field.
+struct Fields {
+    obj: Map<String, Json>,
+}
+
+impl Fields {
+    fn take(&mut self, key: &str) -> Option<Json> {
+        self.obj.remove(key)
+    }
+
+    fn string(&mut self, key: &str) -> Result<Option<String>, ApiError> {
+        match self.take(key) {
+            None | Some(Json::Null) => Ok(None),
+            Some(Json::String(s)) => Ok(Some(s)),
+            Some(other) => Err(ApiError::wrong_type(key, "a string", &other)),
+        }
+    }
+
+    fn one_of(&mut self, key: &str, allowed: &[&str]) -> Result<Option<String>, ApiError> {
+        let value = self.string(key)?;
+        if let Some(v) = &value {
+            if !allowed.contains(&v.as_str()) {
+                return Err(ApiError::invalid(
+                    key,
+                    format!("Invalid value for '{key}': `{v}`. Supported values are: {}.", allowed.join(", ")),
+                ));
+            }
+        }
+        Ok(value)
+    }
+
+    fn bool(&mut self, key: &str) -> Result<Option<bool>, ApiError> {
+        match self.take(key) {
+            None | Some(Json::Null) => Ok(None),
+            Some(v) => expect_bool(key, &v).map(Some),
+        }
+    }
+
+    fn number(&mut self, key: &str, range: Range) -> Result<Option<f32>, ApiError> {
+        match self.take(key) {
+            None | Some(Json::Null) => Ok(None),
+            Some(v) => {
+                let x = v.as_f64().ok_or_else(|| ApiError::wrong_type(key, "a number", &v))?;
+                range.check(key, x)?;
+                Ok(Some(x as f32))
+            }
+        }
+    }
+
+    fn uint(&mut self, key: &str, min: u64, max: u64) -> Result<Option<u64>, ApiError> {
+        match self.take(key) {
+            None | Some(Json::Null) => Ok(None),
+            Some(v) => {
+                let Some(x) = v.as_i64() else {
+                    return Err(ApiError::wrong_type(key, "an integer", &v));
+                };
+                if x < min as i64 || (x as u64) > max {
+                    return Err(ApiError::invalid(
+                        key,
+                        format!("Invalid '{key}': expected an integer from {min} to {max}, but got {x} instead."),
+                    ));
+                }
+                Ok(Some(x as u64))
+            }
+        }
+    }
+}
+
+fn expect_bool(key: &str, v: &Json) -> Result<bool, ApiError> {
+    v.as_bool().ok_or_else(|| ApiError::wrong_type(key, "a boolean", v))
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Range {
+    min: f64,
+    max: f64,
+    min_exclusive: bool,
+}
+
+impl Range {
+    fn closed(min: f64, max: f64) -> Self {
+        Self { min, max, min_exclusive: false }
+    }
+
+    fn open_closed(min: f64, max: f64) -> Self {
+        Self { min, max, min_exclusive: true }
+    }
+
+    fn check(self, key: &str, x: f64) -> Result<(), ApiError> {
+        let low = if self.min_exclusive { x <= self.min } else { x < self.min };
+        if low || x > self.max || !x.is_finite() {
+            let lower = if self.min_exclusive { "greater than" } else { "at least" };
+            return Err(ApiError::invalid(
+                key,
+                format!(
+                    "Invalid '{key}': expected a value {lower} {} and at most {}, but got {x} instead.",
+                    self.min, self.max
+                ),
+            ));
+        }
+        Ok(())
+    }
+}

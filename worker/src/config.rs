@@ -1,0 +1,92 @@
+//! The command line (every flag also reads a `KANDLE_*` environment variable).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "kandle-worker", version, about = "Serve a language model behind an OpenAI-compatible API")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// Log format: JSON lines (for clusters) or human-readable text.
+    #[arg(long, global = true, env = "KANDLE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load a model and serve the Chat Completions API.
+    Serve(ServeConfig),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// A .gguf file, or a directory with a Hugging Face checkpoint (config.json,
+    /// *.safetensors, tokenizer.json) or a single .gguf file.
+    #[arg(long, env = "KANDLE_MODEL")]
+    pub model: PathBuf,
+
+    /// The name clients send as `model`. Defaults to the model file or directory name.
+    #[arg(long, env = "KANDLE_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+
+    /// Another name clients may send as `model` (repeatable; comma-separated in the env var).
+    #[arg(long = "alias", env = "KANDLE_ALIASES", value_delimiter = ',')]
+    pub aliases: Vec<String>,
+
+    /// Address to listen on.
+    #[arg(long, env = "KANDLE_HOST", default_value = "0.0.0.0")]
+    pub host: IpAddr,
+
+    /// Port to listen on (0 picks a free one and logs it).
+    #[arg(long, env = "KANDLE_PORT", default_value_t = 8080)]
+    pub port: u16,
+
+    /// Directory whose files each hold one API key (a mounted Secret); re-read
+    /// every second, so rotated keys apply without a restart.
+    #[arg(long, env = "KANDLE_API_KEYS_DIR", required_unless_present = "no_auth", conflicts_with = "no_auth")]
+    pub api_keys_dir: Option<PathBuf>,
+
+    /// Serve without API keys. Refused unless given explicitly.
+    #[arg(long, env = "KANDLE_NO_AUTH")]
+    pub no_auth: bool,
+
+    /// Tokens per sequence (prompt + completion); clipped to the model's own context.
+    #[arg(long, env = "KANDLE_MAX_CONTEXT")]
+    pub max_context: Option<usize>,
+
+    /// Sequences decoded concurrently.
+    #[arg(long, env = "KANDLE_MAX_BATCH_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub max_batch_size: u16,
+
+    /// Requests that may wait for a batch slot before new ones get 429.
+    #[arg(long, env = "KANDLE_MAX_WAITING", default_value_t = 64)]
+    pub max_waiting: usize,
+
+    /// CPU threads for inference; 0 uses every core available to the process.
+    #[arg(long, env = "KANDLE_THREADS", default_value_t = 0)]
+    pub threads: usize,
+
+    /// A Jinja file replacing the model's chat template.
+    #[arg(long, env = "KANDLE_CHAT_TEMPLATE")]
+    pub chat_template: Option<PathBuf>,
+
+    /// Sampling defaults for requests that leave them out, as JSON, e.g.
+    /// '{"temperature":0.7,"top_p":0.8}'. Keys: temperature, top_p, top_k, min_p,
+    /// presence_penalty, frequency_penalty, repetition_penalty.
+    #[arg(long, env = "KANDLE_SAMPLING_DEFAULTS")]
+    pub sampling_defaults: Option<String>,
+
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    #[arg(long, env = "KANDLE_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+}

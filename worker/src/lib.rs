@@ -1,0 +1,11 @@
+//! kandle-worker: a candle language model behind an OpenAI-compatible Chat
+//! Completions API.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod engine;
+pub mod metrics;
+pub mod model;
+pub mod server;
+pub mod service;

@@ -1,0 +1,105 @@
+//! Prometheus metrics: kandle's own series plus the vLLM-named gauges that
+//! inference-aware routers read.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub path: String,
+    pub status: u16,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub prompt_tokens: Counter,
+    pub completion_tokens: Counter,
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+    pub queue_depth: Gauge,
+    pub batch_size: Gauge,
+    vllm_waiting: Gauge,
+    vllm_running: Gauge,
+    vllm_kv_cache_usage: Gauge<f64, AtomicU64>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("kandle_requests", "HTTP requests by route and status", requests.clone());
+        let prompt_tokens = Counter::default();
+        registry.register("kandle_prompt_tokens", "Prompt tokens processed", prompt_tokens.clone());
+        let completion_tokens = Counter::default();
+        registry.register("kandle_completion_tokens", "Completion tokens generated", completion_tokens.clone());
+        let time_to_first_token = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        registry.register(
+            "kandle_time_to_first_token_seconds",
+            "Time from admission to a request's first generated token",
+            time_to_first_token.clone(),
+        );
+        let inter_token_latency = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register(
+            "kandle_inter_token_latency_seconds",
+            "Time between consecutive tokens of a sequence",
+            inter_token_latency.clone(),
+        );
+        let queue_depth = Gauge::default();
+        registry.register("kandle_queue_depth", "Requests waiting for a batch slot", queue_depth.clone());
+        let batch_size = Gauge::default();
+        registry.register("kandle_batch_size", "Sequences being decoded", batch_size.clone());
+        let vllm_waiting = Gauge::default();
+        registry.register("vllm:num_requests_waiting", "Requests waiting (vLLM name)", vllm_waiting.clone());
+        let vllm_running = Gauge::default();
+        registry.register("vllm:num_requests_running", "Requests running (vLLM name)", vllm_running.clone());
+        let vllm_kv_cache_usage = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "vllm:kv_cache_usage_perc",
+            "Fraction of the KV cache token capacity in use, 0 to 1 (vLLM name)",
+            vllm_kv_cache_usage.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            prompt_tokens,
+            completion_tokens,
+            time_to_first_token,
+            inter_token_latency,
+            queue_depth,
+            batch_size,
+            vllm_waiting,
+            vllm_running,
+            vllm_kv_cache_usage,
+        }
+    }
+}
+
+impl Metrics {
+    /// Publishes the engine's load in both naming schemes.
+    pub fn set_load(&self, waiting: usize, running_requests: usize, sequences: usize, kv_usage: f64) {
+        self.queue_depth.set(waiting as i64);
+        self.vllm_waiting.set(waiting as i64);
+        self.vllm_running.set(running_requests as i64);
+        self.batch_size.set(sequences as i64);
+        self.vllm_kv_cache_usage.set(kv_usage);
+    }
+
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,153 @@
+//! Model loading: GGUF files and Hugging Face safetensors directories, each with its
+//! tokenizer and chat template.
+
+/// Weights whose model type keeps its KV cache inside: a session is a clone (sharing
+/// the weight storage) with an empty cache.
+macro_rules! cloned_cache_model {
+    ($name:ident, $session:ident, $ty:ty) => {
+        struct $name($ty);
+
+        impl Weights for $name {
+            fn session(&self) -> Box<dyn Session> {
+                let mut model = self.0.clone();
+                model.clear_kv_cache();
+                Box::new($session(model))
+            }
+        }
+
+        struct $session($ty);
+
+        impl Session for $session {
+            fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Tensor> {
+                let input = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
+                self.0.forward(&input, pos)?.flatten_all()
+            }
+        }
+    };
+}
+
+mod chat_template;
+mod gguf;
+mod gguf_meta;
+mod safetensors;
+pub mod tokenizer;
+
+use std::path::Path;
+
+use candle_core::Tensor;
+use serde::Serialize;
+
+pub use chat_template::{ChatTemplate, RenderOptions, TemplateFeatures, CHATML};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read model at {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("malformed model: {0}")]
+    Format(String),
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl LoadError {
+    fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io { path: path.display().to_string(), source }
+    }
+}
+
+/// What the worker reports about the model it serves (also surfaced in CRD status).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelInfo {
+    pub architecture: String,
+    pub quantization: String,
+    pub context_length: usize,
+    pub parameters: u64,
+}
+
+/// Loaded weights, shared by every sequence the engine runs.
+pub trait Weights: Send + Sync {
+    /// A fresh decoding session (its own KV cache) over the shared weights.
+    fn session(&self) -> Box<dyn Session>;
+}
+
+/// One sequence's view of the model: its KV cache and a forward pass.
+pub trait Session: Send {
+    /// Feeds `tokens` at positions `pos..pos+tokens.len()` and returns the logits of
+    /// the last one as a 1-D tensor over the vocabulary.
+    fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Tensor>;
+}
+
+/// Special tokens the engine and the template need.
+#[derive(Debug, Clone, Default)]
+pub struct SpecialTokens {
+    pub bos: Option<(u32, String)>,
+    /// Tokens that end generation (EOS and end-of-turn markers).
+    pub stop_ids: Vec<u32>,
+    pub eos_text: String,
+    /// Prepend BOS to prompts that do not already start with it.
+    pub add_bos: bool,
+}
+
+pub struct LoadedModel {
+    pub info: ModelInfo,
+    pub weights: Box<dyn Weights>,
+    pub tokenizer: tokenizers::Tokenizer,
+    pub template: ChatTemplate,
+    pub special: SpecialTokens,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel").field("info", &self.info).field("special", &self.special).finish_non_exhaustive()
+    }
+}
+
+/// Loads a `.gguf` file, or a directory holding either one GGUF file or a Hugging
+/// Face safetensors checkpoint. `template_override` replaces the model's template.
+pub fn load(path: &Path, template_override: Option<&str>) -> Result<LoadedModel, LoadError> {
+    let meta = std::fs::metadata(path).map_err(|e| LoadError::io(path, e))?;
+    if meta.is_file() {
+        return gguf::load(path, template_override);
+    }
+    if path.join("config.json").is_file() {
+        return safetensors::load(path, template_override);
+    }
+    let ggufs = gguf_files_in(path)?;
+    match ggufs.as_slice() {
+        [one] => gguf::load(one, template_override),
+        [] => Err(LoadError::Format(format!("{} holds neither config.json nor a .gguf file", path.display()))),
+        _ => Err(LoadError::Format(format!("{} holds several .gguf files; pass the one to serve", path.display()))),
+    }
+}
+
+fn gguf_files_in(dir: &Path) -> Result<Vec<std::path::PathBuf>, LoadError> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| LoadError::io(dir, e))? {
+        let p = entry.map_err(|e| LoadError::io(dir, e))?.path();
+        if p.extension().is_some_and(|x| x == "gguf") {
+            found.push(p);
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Finds a token's id, for special tokens named in configuration.
+fn token_id(tokenizer: &tokenizers::Tokenizer, token: &str) -> Option<u32> {
+    tokenizer.token_to_id(token)
+}
+
+/// End-of-turn markers of common chat formats that also end generation.
+fn end_of_turn_ids(tokenizer: &tokenizers::Tokenizer) -> Vec<u32> {
+    ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"]
+        .iter()
+        .filter_map(|t| token_id(tokenizer, t))
+        .collect()
+}

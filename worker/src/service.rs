@@ -1,0 +1,184 @@
+//! The served model as the HTTP layer sees it: names, limits, template, tokenizer
+//! and the engine that generates.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::api::error::ApiError;
+use crate::api::request::{ChatRequest, SamplingOverrides, ToolChoice};
+use crate::engine::{Engine, EngineConfig, EngineModel, Event, GenerateRequest, ReasoningMode};
+use crate::metrics::Metrics;
+use crate::model::{ChatTemplate, LoadedModel, ModelInfo, RenderOptions, SpecialTokens};
+
+/// Thinking budgets that `reasoning_effort` maps to on models that think.
+const LOW_EFFORT_BUDGET: usize = 512;
+const MEDIUM_EFFORT_BUDGET: usize = 2048;
+
+pub struct ModelService {
+    pub info: ModelInfo,
+    pub engine: Engine,
+    pub tokenizer: Arc<tokenizers::Tokenizer>,
+    pub template: ChatTemplate,
+    pub special: SpecialTokens,
+    /// Tokens per sequence: the model's context clipped by `--max-context`.
+    pub max_context: usize,
+    pub defaults: SamplingOverrides,
+}
+
+/// A request ready for the engine, and the channel its events arrive on.
+pub struct Prepared {
+    pub prompt_tokens: usize,
+    pub request: GenerateRequest,
+    pub events: mpsc::UnboundedReceiver<Event>,
+}
+
+/// Engine limits from the command line; `max_context` is clipped to the model's.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineLimits {
+    pub max_batch_size: usize,
+    pub max_waiting: usize,
+    pub max_context: Option<usize>,
+}
+
+impl ModelService {
+    /// Starts the engine thread over a loaded model.
+    pub fn start(
+        loaded: LoadedModel,
+        limits: EngineLimits,
+        defaults: SamplingOverrides,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
+        let max_context = limits.max_context.map_or(loaded.info.context_length, |m| m.min(loaded.info.context_length));
+        let tokenizer = Arc::new(loaded.tokenizer);
+        let engine = Engine::start(
+            EngineModel { weights: loaded.weights, tokenizer: tokenizer.clone(), special: loaded.special.clone() },
+            EngineConfig { max_batch_size: limits.max_batch_size, max_waiting: limits.max_waiting, max_context },
+            metrics,
+        )?;
+        Ok(Self {
+            info: loaded.info,
+            engine,
+            tokenizer,
+            template: loaded.template,
+            special: loaded.special,
+            max_context,
+            defaults,
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// Renders the prompt, tokenizes it and checks it against the context window.
+    /// CPU-bound: call it off the async workers.
+    pub fn prepare(&self, req: &ChatRequest) -> Result<Prepared, ApiError> {
+        let reasoning = self.reasoning_mode(req)?;
+        let tools = match req.tool_choice {
+            ToolChoice::None => None,
+            ToolChoice::Auto => req.tools.as_deref(),
+        };
+        if tools.is_some() {
+            let message = if self.template.features().tools {
+                "Tool calling is not supported by this server yet; send tool_choice 'none' or omit 'tools'."
+            } else {
+                "This model's chat template does not support tools."
+            };
+            return Err(ApiError::unsupported("tools", message));
+        }
+        let options = RenderOptions {
+            tools,
+            enable_thinking: self.template.features().thinking.then_some(matches!(reasoning, ReasoningMode::On { .. })),
+            reasoning_effort: req.reasoning_effort.as_deref(),
+        };
+        let text = self
+            .template
+            .render(&req.messages, &options)
+            .map_err(|e| ApiError::invalid("messages", format!("The chat template rejected the messages: {e}")))?;
+        let encoding = self
+            .tokenizer
+            .encode(text.as_str(), false)
+            .map_err(|e| ApiError::internal(format!("tokenization failed: {e}")))?;
+        let mut prompt = encoding.get_ids().to_vec();
+        if let (true, Some((bos, _))) = (self.special.add_bos, &self.special.bos) {
+            if prompt.first() != Some(bos) {
+                prompt.insert(0, *bos);
+            }
+        }
+        let max_tokens = self.completion_budget(prompt.len(), req.max_tokens)?;
+        let (tx, events) = mpsc::unbounded_channel();
+        Ok(Prepared {
+            prompt_tokens: prompt.len(),
+            request: GenerateRequest {
+                prompt,
+                sampling: req.sampling.resolve(&self.defaults, req.logprobs),
+                max_tokens,
+                stop: req.stop.clone(),
+                n: req.n,
+                reasoning,
+                events: tx,
+            },
+            events,
+        })
+    }
+
+    fn completion_budget(&self, prompt: usize, requested: Option<usize>) -> Result<usize, ApiError> {
+        let ctx = self.max_context;
+        if prompt >= ctx {
+            return Err(ApiError::context_length(
+                "messages",
+                format!(
+                    "This model's maximum context length is {ctx} tokens. However, your messages resulted in {prompt} tokens. Please reduce the length of the messages."
+                ),
+            ));
+        }
+        match requested {
+            None => Ok(ctx - prompt),
+            Some(m) if prompt + m <= ctx => Ok(m),
+            Some(m) => Err(ApiError::context_length(
+                "max_tokens",
+                format!(
+                    "This model's maximum context length is {ctx} tokens. However, you requested {} tokens ({prompt} in the messages, {m} in the completion). Please reduce the length of the messages or completion.",
+                    prompt + m
+                ),
+            )),
+        }
+    }
+
+    fn reasoning_mode(&self, req: &ChatRequest) -> Result<ReasoningMode, ApiError> {
+        let effort = req.reasoning_effort.as_deref();
+        let effort_off = matches!(effort, Some("none" | "minimal"));
+        if !self.template.features().thinking {
+            let not_a_thinker = |param: &str| {
+                ApiError::unsupported(
+                    param,
+                    format!("'{param}' is not supported with this model: it has no thinking mode."),
+                )
+            };
+            if req.enable_thinking == Some(true) {
+                return Err(not_a_thinker("enable_thinking"));
+            }
+            if req.thinking_budget.is_some() {
+                return Err(not_a_thinker("thinking_budget"));
+            }
+            if effort.is_some() && !effort_off {
+                return Err(not_a_thinker("reasoning_effort"));
+            }
+            return Ok(ReasoningMode::Off);
+        }
+        let enabled = req.enable_thinking.unwrap_or(!effort_off);
+        if !enabled {
+            if req.thinking_budget.is_some() {
+                return Err(ApiError::invalid("thinking_budget", "'thinking_budget' needs thinking enabled."));
+            }
+            return Ok(ReasoningMode::Off);
+        }
+        let budget = req.thinking_budget.or(match effort {
+            Some("low") => Some(LOW_EFFORT_BUDGET),
+            Some("medium") => Some(MEDIUM_EFFORT_BUDGET),
+            _ => None,
+        });
+        Ok(ReasoningMode::On { budget })
+    }
+}
