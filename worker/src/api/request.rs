@@ -489,3 +489,209 @@ impl Range {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const VOCAB: usize = 1000;
+
+    fn body(extra: Json) -> Vec<u8> {
+        let mut req = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        if let (Json::Object(base), Json::Object(extra)) = (&mut req, extra) {
+            base.extend(extra);
+        }
+        serde_json::to_vec(&req).expect("serializes")
+    }
+
+    fn rejected(extra: Json) -> ApiError {
+        parse(&body(extra.clone()), VOCAB).expect_err(&format!("{extra} should be rejected"))
+    }
+
+    #[test]
+    fn minimal_request_gets_neutral_values() {
+        let req = parse(&body(json!({})), VOCAB).expect("valid");
+        assert_eq!(req.model, "m");
+        assert_eq!(req.n, 1);
+        assert!(!req.stream && !req.include_usage);
+        assert_eq!(req.max_tokens, None);
+        assert_eq!(req.sampling, SamplingOverrides::default());
+        assert_eq!(req.messages, vec![json!({"role": "user", "content": "hi"})]);
+    }
+
+    #[test]
+    fn every_field_is_read() {
+        let req = parse(
+            &body(json!({
+                "max_tokens": 10, "max_completion_tokens": 7, "temperature": 0.5, "top_p": 0.9, "top_k": 40,
+                "min_p": 0.05, "presence_penalty": 0.5, "frequency_penalty": -0.5, "repetition_penalty": 1.1,
+                "logit_bias": {"5": -100, "7": 2.5}, "seed": 11, "n": 2, "stop": "END", "stream": true,
+                "stream_options": {"include_usage": true}, "logprobs": true, "top_logprobs": 3, "user": "u1",
+                "enable_thinking": false, "reasoning_effort": "low", "tool_choice": "none",
+                "parallel_tool_calls": false, "response_format": {"type": "text"}, "modalities": ["text"],
+                "enable_search": false, "store": false, "metadata": {"team": "a"}, "service_tier": "auto",
+                "thinking_budget": 100
+            })),
+            VOCAB,
+        )
+        .expect("valid");
+        assert_eq!(req.max_tokens, Some(7));
+        assert_eq!(req.sampling.temperature, Some(0.5));
+        assert_eq!(req.sampling.top_k, Some(40));
+        assert_eq!(req.sampling.logit_bias, vec![(5, -100.0), (7, 2.5)]);
+        assert_eq!(req.sampling.seed, Some(11));
+        assert_eq!(req.n, 2);
+        assert_eq!(req.stop, vec!["END".to_string()]);
+        assert!(req.stream && req.include_usage);
+        assert_eq!(req.logprobs, Some(3));
+        assert_eq!(req.tool_choice, ToolChoice::None);
+        assert_eq!(req.enable_thinking, Some(false));
+        assert_eq!(req.thinking_budget, Some(100));
+        assert_eq!(req.reasoning_effort.as_deref(), Some("low"));
+    }
+
+    #[test]
+    fn every_rejected_field_is_named() {
+        let cases = [
+            (json!({"model": 5}), "model"),
+            (json!({"messages": "hi"}), "messages"),
+            (json!({"max_tokens": 0}), "max_tokens"),
+            (json!({"max_tokens": 1.5}), "max_tokens"),
+            (json!({"max_completion_tokens": -1}), "max_completion_tokens"),
+            (json!({"temperature": 2.1}), "temperature"),
+            (json!({"temperature": -0.1}), "temperature"),
+            (json!({"temperature": "1"}), "temperature"),
+            (json!({"top_p": 0}), "top_p"),
+            (json!({"top_p": 1.01}), "top_p"),
+            (json!({"top_k": -1}), "top_k"),
+            (json!({"min_p": 1.5}), "min_p"),
+            (json!({"presence_penalty": 2.5}), "presence_penalty"),
+            (json!({"frequency_penalty": -2.5}), "frequency_penalty"),
+            (json!({"repetition_penalty": 0}), "repetition_penalty"),
+            (json!({"logit_bias": [1]}), "logit_bias"),
+            (json!({"logit_bias": {"x": 1}}), "logit_bias.x"),
+            (json!({"logit_bias": {"1000": 1}}), "logit_bias.1000"),
+            (json!({"logit_bias": {"5": 101}}), "logit_bias.5"),
+            (json!({"logit_bias": {"5": "big"}}), "logit_bias.5"),
+            (json!({"seed": "s"}), "seed"),
+            (json!({"n": 0}), "n"),
+            (json!({"n": 9}), "n"),
+            (json!({"stop": 5}), "stop"),
+            (json!({"stop": ["a", 1]}), "stop[1]"),
+            (json!({"stop": ["a", ""]}), "stop[1]"),
+            (json!({"stop": ["a", "b", "c", "d", "e"]}), "stop"),
+            (json!({"stream": "yes"}), "stream"),
+            (json!({"stream_options": {"include_usage": true}}), "stream_options"),
+            (json!({"stream": true, "stream_options": {"include_usage": 1}}), "stream_options.include_usage"),
+            (json!({"stream": true, "stream_options": {"chunk": 1}}), "stream_options.chunk"),
+            (json!({"logprobs": "true"}), "logprobs"),
+            (json!({"top_logprobs": 2}), "top_logprobs"),
+            (json!({"logprobs": true, "top_logprobs": 21}), "top_logprobs"),
+            (json!({"tools": {}}), "tools"),
+            (json!({"tools": [{"type": "retrieval"}]}), "tools[0].type"),
+            (json!({"tools": [{"type": "function", "function": {"name": "bad name"}}]}), "tools[0].function.name"),
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}),
+                "tools[0].function.parameters",
+            ),
+            (json!({"tool_choice": "required"}), "tool_choice"),
+            (json!({"tool_choice": "sometimes"}), "tool_choice"),
+            (json!({"tool_choice": {"type": "function", "function": {"name": "f"}}}), "tool_choice"),
+            (json!({"parallel_tool_calls": "no"}), "parallel_tool_calls"),
+            (json!({"user": 7}), "user"),
+            (json!({"enable_thinking": "on"}), "enable_thinking"),
+            (json!({"thinking_budget": 0}), "thinking_budget"),
+            (json!({"reasoning_effort": "max"}), "reasoning_effort"),
+            (json!({"response_format": {"type": "json_object"}}), "response_format"),
+            (json!({"response_format": {"type": "json_schema", "json_schema": {}}}), "response_format"),
+            (json!({"response_format": {"type": "yaml"}}), "response_format.type"),
+            (json!({"response_format": "json"}), "response_format"),
+            (json!({"modalities": ["text", "audio"]}), "modalities"),
+            (json!({"audio": {"voice": "alloy"}}), "audio"),
+            (json!({"prediction": {"type": "content"}}), "prediction"),
+            (json!({"web_search_options": {}}), "web_search_options"),
+            (json!({"functions": []}), "functions"),
+            (json!({"function_call": "auto"}), "function_call"),
+            (json!({"enable_search": true}), "enable_search"),
+            (json!({"enable_code_interpreter": true}), "enable_code_interpreter"),
+            (json!({"vl_high_resolution_images": true}), "vl_high_resolution_images"),
+            (json!({"store": true}), "store"),
+            (json!({"search_options": 3}), "search_options"),
+            (json!({"metadata": {"a": 1}}), "metadata"),
+            (json!({"service_tier": "flex"}), "service_tier"),
+            (json!({"n": 2, "tools": [{"type": "function", "function": {"name": "f"}}]}), "n"),
+            (json!({"best_of": 2}), "best_of"),
+            (json!({"messages": []}), "messages"),
+            (json!({"messages": [1]}), "messages[0]"),
+            (json!({"messages": [{"content": "x"}]}), "messages[0].role"),
+            (json!({"messages": [{"role": "function", "content": "x"}]}), "messages[0].role"),
+            (json!({"messages": [{"role": "user"}]}), "messages[0].content"),
+            (json!({"messages": [{"role": "user", "content": 5}]}), "messages[0].content"),
+            (json!({"messages": [{"role": "user", "content": [{"type": "text"}]}]}), "messages[0].content[0].text"),
+            (
+                json!({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}),
+                "messages[0].content[0].type",
+            ),
+            (json!({"messages": [{"role": "user", "content": [{"kind": "text"}]}]}), "messages[0].content[0].type"),
+            (json!({"messages": [{"role": "user", "content": "x", "name": 3}]}), "messages[0].name"),
+            (json!({"messages": [{"role": "user", "content": "x", "mood": "happy"}]}), "messages[0].mood"),
+            (json!({"messages": [{"role": "tool", "content": "x"}]}), "messages[0].tool_call_id"),
+            (json!({"messages": [{"role": "assistant", "tool_calls": 1}]}), "messages[0].tool_calls"),
+            (
+                json!({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "function": {}}]}]}),
+                "messages[0].tool_calls[0].function.name",
+            ),
+        ];
+        for (extra, param) in cases {
+            let e = rejected(extra.clone());
+            assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST, "{extra}");
+            assert_eq!(e.param.as_deref(), Some(param), "{extra}: {}", e.message);
+            assert!(!e.message.is_empty());
+        }
+    }
+
+    #[test]
+    fn model_and_messages_are_required() {
+        let e = parse(br#"{"messages": [{"role": "user", "content": "x"}]}"#, VOCAB).expect_err("no model");
+        assert_eq!((e.param.as_deref(), e.code), (Some("model"), Some("missing_required_parameter")));
+        let e = parse(br#"{"model": "m"}"#, VOCAB).expect_err("no messages");
+        assert_eq!(e.param.as_deref(), Some("messages"));
+    }
+
+    #[test]
+    fn malformed_bodies_are_invalid_json() {
+        for bad in [&b"{"[..], b"[]", b"\"text\"", b"", b"{\"model\": \"m\",}"] {
+            assert_eq!(parse(bad, VOCAB).expect_err("rejected").code, Some("invalid_json"));
+        }
+    }
+
+    #[test]
+    fn messages_are_normalised_for_templates() {
+        let req = parse(
+            &body(json!({"messages": [
+                {"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "42"},
+            ]})),
+            VOCAB,
+        )
+        .expect("valid");
+        assert_eq!(req.messages[0], json!({"role": "system", "content": "a\nb"}));
+        assert_eq!(req.messages[1]["content"], "");
+        assert_eq!(req.messages[1]["tool_calls"][0]["function"]["arguments"], json!({"x": 1}));
+        assert_eq!(req.messages[2], json!({"role": "tool", "content": "42", "tool_call_id": "c1"}));
+    }
+
+    #[test]
+    fn request_values_override_defaults() {
+        let defaults = SamplingOverrides { temperature: Some(0.7), top_p: Some(0.8), ..Default::default() };
+        let given = SamplingOverrides { temperature: Some(0.1), ..Default::default() };
+        let p = given.resolve(&defaults, None);
+        assert_eq!((p.temperature, p.top_p, p.top_k), (0.1, 0.8, 0));
+        assert!(defaults.validate().is_ok());
+        let bad = SamplingOverrides { top_p: Some(1.5), ..Default::default() };
+        assert_eq!(bad.validate().expect_err("invalid").param.as_deref(), Some("top_p"));
+    }
+}

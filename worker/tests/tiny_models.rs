@@ -1,0 +1,255 @@
+//! Tiny Llama, Qwen2 and Qwen3 checkpoints with random weights, written by the test
+//! itself in the Hugging Face layout, then loaded and served through the HTTP router.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use candle_core::{DType, Device, Tensor};
+use kandle_worker::api::request::SamplingOverrides;
+use kandle_worker::api::state::{AppState, HttpSettings};
+use kandle_worker::metrics::Metrics;
+use kandle_worker::model;
+use kandle_worker::service::{EngineLimits, ModelService};
+use serde_json::{json, Value};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, Tokenizer};
+use tower::ServiceExt;
+
+const HIDDEN: usize = 16;
+const INTERMEDIATE: usize = 32;
+const LAYERS: usize = 2;
+const HEADS: usize = 2;
+const KV_HEADS: usize = 1;
+const HEAD_DIM: usize = HIDDEN / HEADS;
+const CONTEXT: usize = 64;
+const SPECIALS: [(&str, bool); 4] =
+    [("<|im_start|>", true), ("<|im_end|>", true), ("<think>", false), ("</think>", false)];
+
+const CHATML: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
+{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+const THINKING: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
+{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}";
+
+/// A byte-level BPE tokenizer over printable ASCII and newline, without merges.
+fn tokenizer() -> Tokenizer {
+    let mut symbols = vec!["Ġ".to_string(), "Ċ".to_string()];
+    symbols.extend((0x21u8..0x7f).map(|b| (b as char).to_string()));
+    let vocab: tokenizers::models::bpe::Vocab = symbols.into_iter().enumerate().map(|(i, s)| (s, i as u32)).collect();
+    let bpe = BPE::builder().vocab_and_merges(vocab, Vec::new()).build().expect("bpe");
+    let mut tokenizer = Tokenizer::new(bpe);
+    tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+    let added: Vec<AddedToken> = SPECIALS.iter().map(|(t, special)| AddedToken::from(*t, *special)).collect();
+    tokenizer.add_special_tokens(added).expect("specials");
+    tokenizer
+}
+
+fn random(shape: &[usize]) -> Tensor {
+    Tensor::randn(0f32, 0.5, shape, &Device::Cpu).expect("randn")
+}
+
+/// Writes config.json, model.safetensors, tokenizer.json and tokenizer_config.json;
+/// returns the number of parameters written.
+fn write_checkpoint(dir: &Path, arch: &str, template: &str) -> u64 {
+    let tok = tokenizer();
+    let vocab = tok.get_vocab_size(true);
+    tok.save(dir.join("tokenizer.json"), false).expect("save tokenizer");
+    let im_end = tok.token_to_id("<|im_end|>").expect("im_end");
+
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut put = |name: String, shape: &[usize]| {
+        let t = if name.ends_with("norm.weight") {
+            Tensor::ones(shape, DType::F32, &Device::Cpu).expect("ones")
+        } else {
+            random(shape)
+        };
+        tensors.insert(name, t);
+    };
+    put("model.embed_tokens.weight".into(), &[vocab, HIDDEN]);
+    put("model.norm.weight".into(), &[HIDDEN]);
+    for i in 0..LAYERS {
+        let p = format!("model.layers.{i}");
+        put(format!("{p}.self_attn.q_proj.weight"), &[HEADS * HEAD_DIM, HIDDEN]);
+        put(format!("{p}.self_attn.k_proj.weight"), &[KV_HEADS * HEAD_DIM, HIDDEN]);
+        put(format!("{p}.self_attn.v_proj.weight"), &[KV_HEADS * HEAD_DIM, HIDDEN]);
+        put(format!("{p}.self_attn.o_proj.weight"), &[HIDDEN, HEADS * HEAD_DIM]);
+        if arch == "qwen2" {
+            put(format!("{p}.self_attn.q_proj.bias"), &[HEADS * HEAD_DIM]);
+            put(format!("{p}.self_attn.k_proj.bias"), &[KV_HEADS * HEAD_DIM]);
+            put(format!("{p}.self_attn.v_proj.bias"), &[KV_HEADS * HEAD_DIM]);
+        }
+        if arch == "qwen3" {
+            put(format!("{p}.self_attn.q_norm.weight"), &[HEAD_DIM]);
+            put(format!("{p}.self_attn.k_norm.weight"), &[HEAD_DIM]);
+        }
+        put(format!("{p}.mlp.gate_proj.weight"), &[INTERMEDIATE, HIDDEN]);
+        put(format!("{p}.mlp.up_proj.weight"), &[INTERMEDIATE, HIDDEN]);
+        put(format!("{p}.mlp.down_proj.weight"), &[HIDDEN, INTERMEDIATE]);
+        put(format!("{p}.input_layernorm.weight"), &[HIDDEN]);
+        put(format!("{p}.post_attention_layernorm.weight"), &[HIDDEN]);
+    }
+    let parameters = tensors.values().map(|t| t.elem_count() as u64).sum();
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).expect("save weights");
+
+    let config = json!({
+        "model_type": arch,
+        "architectures": ["TinyForCausalLM"],
+        "vocab_size": vocab,
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTERMEDIATE,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "head_dim": HEAD_DIM,
+        "max_position_embeddings": CONTEXT,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": true,
+        "hidden_act": "silu",
+        "attention_bias": false,
+        "sliding_window": CONTEXT,
+        "max_window_layers": LAYERS,
+        "use_sliding_window": false,
+        "eos_token_id": im_end,
+        "torch_dtype": "float32",
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).expect("config");
+    let tok_config = json!({"chat_template": template, "eos_token": "<|im_end|>", "bos_token": null});
+    std::fs::write(dir.join("tokenizer_config.json"), tok_config.to_string()).expect("tokenizer config");
+    parameters
+}
+
+#[test]
+fn each_architecture_loads_and_runs() {
+    for arch in ["llama", "qwen2", "qwen3"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let parameters = write_checkpoint(dir.path(), arch, CHATML);
+        let loaded = model::load(dir.path(), None).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        assert_eq!(loaded.info.architecture, arch);
+        assert_eq!(loaded.info.context_length, CONTEXT);
+        assert_eq!(loaded.info.quantization, "F32");
+        assert_eq!(loaded.info.parameters, parameters, "{arch}");
+        let vocab = loaded.tokenizer.get_vocab_size(true);
+        let mut session = loaded.weights.session();
+        let prefill = session.forward(&[1, 2, 3], 0).expect("prefill");
+        assert_eq!(prefill.dims(), [vocab], "{arch}");
+        let next = session.forward(&[4], 3).expect("decode");
+        assert_eq!(next.dims(), [vocab], "{arch}");
+        let im_end = loaded.tokenizer.token_to_id("<|im_end|>").expect("im_end");
+        assert!(loaded.special.stop_ids.contains(&im_end), "{arch}");
+    }
+}
+
+#[test]
+fn missing_tensor_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_checkpoint(dir.path(), "llama", CHATML);
+    let mut tensors = HashMap::new();
+    tensors.insert("model.embed_tokens.weight".to_string(), random(&[8, HIDDEN]));
+    candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).expect("save");
+    assert!(model::load(dir.path(), None).is_err());
+}
+
+/// Serves a checkpoint in-process and answers requests through the real router.
+struct Served {
+    router: axum::Router,
+    ban: Value,
+}
+
+impl Served {
+    fn new(arch: &str, template: &str) -> (Self, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_checkpoint(dir.path(), arch, template);
+        let loaded = model::load(dir.path(), None).expect("loads");
+        // Random weights would stop at random; banning the end markers makes lengths exact.
+        let mut ban = serde_json::Map::new();
+        for t in ["<|im_end|>", "<|im_start|>", "</think>"] {
+            let id = loaded.tokenizer.token_to_id(t).expect("special");
+            ban.insert(id.to_string(), json!(-100));
+        }
+        let metrics = Arc::new(Metrics::default());
+        let state = AppState::new(
+            HttpSettings {
+                served_model_name: "tiny".into(),
+                aliases: vec![],
+                max_body_bytes: 1 << 20,
+                defaults: SamplingOverrides::default(),
+            },
+            None,
+            metrics.clone(),
+        );
+        let limits = EngineLimits { max_batch_size: 4, max_waiting: 8, max_context: None };
+        state.set_model(ModelService::start(loaded, limits, SamplingOverrides::default(), metrics).expect("engine"));
+        (Self { router: kandle_worker::api::router(state), ban: Value::Object(ban) }, dir)
+    }
+
+    async fn chat(&self, mut body: Value) -> (StatusCode, String) {
+        body["model"] = json!("tiny");
+        body["messages"] = json!([{"role": "user", "content": "Hi there"}]);
+        body["logit_bias"] = self.ban.clone();
+        let request = Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .expect("request");
+        let response = self.router.clone().oneshot(request).await.expect("response");
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.expect("body");
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    async fn chat_json(&self, body: Value) -> Value {
+        let (status, text) = self.chat(body).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        serde_json::from_str(&text).expect("json")
+    }
+}
+
+#[tokio::test]
+async fn safetensors_model_serves_chat_completions() {
+    let (served, _dir) = Served::new("llama", CHATML);
+    let r = served.chat_json(json!({"max_tokens": 6, "temperature": 0})).await;
+    assert_eq!(r["choices"][0]["finish_reason"], "length");
+    assert_eq!(r["usage"]["completion_tokens"], 6);
+    assert!(r["choices"][0]["message"]["reasoning_content"].is_null());
+
+    let sampled = json!({"max_tokens": 12, "temperature": 1.0, "seed": 5});
+    let a = served.chat_json(sampled.clone()).await;
+    let b = served.chat_json(sampled).await;
+    assert_eq!(a["choices"][0]["message"]["content"], b["choices"][0]["message"]["content"]);
+
+    let (status, text) = served.chat(json!({"max_tokens": 3, "stream": true})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+
+    let (status, text) = served.chat(json!({"max_tokens": CONTEXT})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(text.contains("context_length_exceeded"), "{text}");
+
+    let (status, text) = served.chat(json!({"enable_thinking": true})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(text.contains(r#""param":"enable_thinking""#), "{text}");
+}
+
+#[tokio::test]
+async fn thinking_budget_closes_reasoning_and_counts_it() {
+    let (served, _dir) = Served::new("qwen3", THINKING);
+    let r = served.chat_json(json!({"max_tokens": 20, "thinking_budget": 3, "seed": 1})).await;
+    let message = &r["choices"][0]["message"];
+    assert!(!message["reasoning_content"].as_str().expect("reasoning").is_empty(), "{r}");
+    // Three sampled tokens, then the engine's "\n" and "</think>".
+    assert_eq!(r["usage"]["completion_tokens_details"]["reasoning_tokens"], 5, "{r}");
+    assert_eq!(r["usage"]["completion_tokens"], 20);
+    assert!(message["content"].is_string());
+
+    let off = served.chat_json(json!({"max_tokens": 5, "enable_thinking": false})).await;
+    assert!(off["choices"][0]["message"]["reasoning_content"].is_null(), "{off}");
+    assert_eq!(off["usage"]["completion_tokens_details"]["reasoning_tokens"], 0);
+
+    let (status, text) = served.chat(json!({"enable_thinking": false, "thinking_budget": 4})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+}
