@@ -1,11 +1,146 @@
-//! kandle-operator: the ModelDeployment controller, the router and the CRD
-//! printer. The workspace holds this crate from the start so the layout of
-//! DESIGN.md is fixed; its roles land with their issues.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use kandle_operator::controller::{self, build::BuildSettings, ControllerConfig};
+use kandle_operator::http::Probes;
+use kandle_operator::leader::{Elector, LeaseConfig};
+use kandle_operator::telemetry::{self, Metrics};
+
+#[derive(Debug, Parser)]
+#[command(name = "kandle-operator", version, about = "The kandle operator: controller, router and CRDs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Reconcile ModelDeployments into worker Deployments, Services and PodDisruptionBudgets.
+    Controller(ControllerArgs),
+    /// Print the CustomResourceDefinitions as YAML.
+    Crd,
+}
+
+#[derive(Debug, Args)]
+struct ControllerArgs {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "KANDLE_NAMESPACE")]
+    namespace: Option<String>,
+    /// Worker image for ModelDeployments that name none.
+    #[arg(long, env = "KANDLE_WORKER_IMAGE", default_value_t = BuildSettings::default().worker_image)]
+    worker_image: String,
+    /// Worker image for pods that request nvidia.com/gpu.
+    #[arg(long, env = "KANDLE_WORKER_IMAGE_CUDA", default_value_t = BuildSettings::default().worker_image_cuda)]
+    worker_image_cuda: String,
+    /// Cluster DNS domain, for the endpoints reported in status.
+    #[arg(long, env = "KANDLE_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    cluster_domain: String,
+    /// Address of /metrics, /health and /ready.
+    #[arg(long, env = "KANDLE_METRICS_ADDRESS", default_value = "0.0.0.0:8081")]
+    metrics_address: SocketAddr,
+    /// Namespace of the leader-election Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kandle-system")]
+    lease_namespace: String,
+    /// This replica's identity in the Lease (its pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+}
 
 fn main() -> std::process::ExitCode {
-    eprintln!(
-        "kandle-operator {}: the `controller`, `router` and `crd` roles are not built yet",
-        env!("CARGO_PKG_VERSION")
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Crd => kandle_operator::crd::yaml().map(|y| print!("{y}")).map_err(anyhow::Error::from),
+        Command::Controller(args) => {
+            telemetry::init_logging();
+            tokio::runtime::Runtime::new().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(run_controller(args)))
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kandle-operator: {e:#}");
+            tracing::error!(error = format!("{e:#}"), "kandle-operator failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let metrics = Arc::new(Metrics::default());
+    let probes = Probes::default();
+    let listener = tokio::net::TcpListener::bind(args.metrics_address)
+        .await
+        .with_context(|| format!("binding {}", args.metrics_address))?;
+    let ops = axum::serve(listener, kandle_operator::http::router(metrics.clone(), probes.clone()));
+    tokio::spawn(async move {
+        if let Err(e) = ops.await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+
+    let identity = args.identity.clone().unwrap_or_else(|| format!("kandle-operator-{}", std::process::id()));
+    let elector = Elector::new(
+        kube::Api::namespaced(client.clone(), &args.lease_namespace),
+        LeaseConfig {
+            name: "kandle-operator-leader".into(),
+            identity: identity.clone(),
+            duration: Duration::from_secs(15),
+            renew_every: Duration::from_secs(4),
+        },
     );
-    std::process::ExitCode::from(2)
+    // Every replica is ready (it can take over); only the leader reconciles.
+    probes.set_ready(true);
+    tracing::info!(%identity, "waiting for the leader lease");
+    tokio::select! {
+        () = elector.acquire() => {}
+        () = shutdown_signal() => return Ok(()),
+    }
+    metrics.leader.set(1);
+    tracing::info!(%identity, "leading; starting the controller");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let config = ControllerConfig {
+        namespace: args.namespace,
+        settings: BuildSettings {
+            worker_image: args.worker_image,
+            worker_image_cuda: args.worker_image_cuda,
+            cluster_domain: args.cluster_domain,
+        },
+        identity,
+    };
+    let mut stop = stop_rx.clone();
+    let controller = tokio::spawn(controller::run(client, config, metrics.clone(), async move {
+        let _ = stop.wait_for(|s| *s).await;
+    }));
+    let lost = tokio::select! {
+        () = elector.hold() => true,
+        () = shutdown_signal() => false,
+    };
+    let _ = stop_tx.send(true);
+    controller.await.context("controller task failed")?;
+    metrics.leader.set(0);
+    if lost {
+        anyhow::bail!("lost the leader lease; exiting so a fresh replica can take over")
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        () = terminate => {},
+    }
 }

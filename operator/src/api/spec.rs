@@ -1,0 +1,231 @@
+//! `ModelDeployment.spec`: what a platform team declares about a model pool.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::status::ModelDeploymentStatus;
+
+/// A pool of kandle workers serving one model behind the OpenAI-compatible API.
+// The printer columns repeat `type_ = "string"`, which clippy takes for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "kandle.dev",
+    version = "v1alpha1",
+    kind = "ModelDeployment",
+    plural = "modeldeployments",
+    shortname = "md",
+    category = "kandle",
+    namespaced,
+    status = "ModelDeploymentStatus",
+    derive = "PartialEq",
+    doc = "A pool of kandle workers serving one language model behind an OpenAI-compatible API.",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(
+        name = "Model",
+        type_ = "string",
+        json_path = ".status.servedModel",
+        description = "Name clients send"
+    ),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.ready", description = "Ready/desired workers"),
+    printcolumn(
+        name = "Status",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Ready, Progressing or Degraded"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDeploymentSpec {
+    /// The name clients send as `model`. Defaults to metadata.name. Unique across the
+    /// cluster: two ModelDeployments claiming one name are both reported Degraded
+    /// (ModelNameConflict) except the oldest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"))]
+    pub model: Option<String>,
+
+    /// Extra names routed to this pool (for example a hosted model's name that
+    /// existing clients already send).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")))]
+    pub aliases: Vec<String>,
+
+    /// Where the model comes from.
+    pub source: ModelSource,
+
+    /// How each worker runs the model.
+    #[serde(default)]
+    pub engine: EngineSpec,
+
+    /// Number of worker pods.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+
+    /// CPU, memory and accelerator requests and limits of each worker container.
+    /// A `nvidia.com/gpu` limit selects the CUDA worker image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Who may call the model.
+    pub auth: AuthSpec,
+
+    /// Worker image; defaults to the image the operator was installed with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub image: Option<String>,
+
+    /// Scheduling and metadata of the worker pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodTemplate>,
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+
+/// The model's location and integrity.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSource {
+    /// `hf://org/repo[/file]` (Hugging Face Hub), `https://host/path/model.gguf`,
+    /// `pvc://claim/path/in/claim` or `file:///path/on/the/node`.
+    #[schemars(regex(
+        pattern = r"^(hf://[^/\s]+/[^\s]+|https://[^\s]+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/[^\s]*|file:///[^\s]*)$"
+    ))]
+    pub url: String,
+
+    /// Revision (branch, tag or commit) of an `hf://` source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+
+    /// Expected SHA-256 of a single-file source, as 64 lowercase hex digits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-f0-9]{64}$"))]
+    pub sha256: Option<String>,
+
+    /// Secret with a token for private sources (key `token`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretReference>,
+}
+
+/// A Secret in the ModelDeployment's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct SecretReference {
+    /// Name of the Secret.
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"), length(max = 253))]
+    pub name: String,
+}
+
+/// Settings of the inference engine in each worker.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct EngineSpec {
+    /// Sequences each worker decodes concurrently (default 8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 256))]
+    pub max_batch_size: Option<u16>,
+
+    /// Tokens per sequence, prompt and completion together; clipped to the model's own context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 16, max = 1048576))]
+    pub max_context_length: Option<u32>,
+
+    /// CPU threads for inference; 0 uses every core available to the pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1024))]
+    pub threads: Option<u32>,
+
+    /// A Jinja chat template replacing the model's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 65536))]
+    pub chat_template: Option<String>,
+
+    /// Sampling values for requests that leave them out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub defaults: Option<SamplingDefaults>,
+}
+
+/// Per-model sampling defaults; a request's own values win.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "snake_case")]
+pub struct SamplingDefaults {
+    /// Sampling temperature, 0 (greedy) to 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 2.0))]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling mass, above 0 and at most 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub top_p: Option<f64>,
+    /// Sample from the k most likely tokens; 0 disables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub top_k: Option<u32>,
+    /// Drop tokens less likely than this fraction of the most likely one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub min_p: Option<f64>,
+    /// Penalty on tokens already present, -2 to 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = -2.0, max = 2.0))]
+    pub presence_penalty: Option<f64>,
+    /// Penalty growing with each repetition, -2 to 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = -2.0, max = 2.0))]
+    pub frequency_penalty: Option<f64>,
+    /// Multiplicative penalty on every token seen, above 0 and at most 2; 1 disables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 2.0))]
+    pub repetition_penalty: Option<f64>,
+}
+
+/// API keys, or none.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.apiKeySecretRef) != (has(self.disabled) && self.disabled)")
+    .message("set exactly one of auth.apiKeySecretRef or auth.disabled: true"))]
+pub struct AuthSpec {
+    /// Secret whose every value is an accepted API key; rotated keys apply without restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret_ref: Option<SecretReference>,
+
+    /// Serve without API keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled: Option<bool>,
+}
+
+/// What the worker pods get beyond what kandle sets.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PodTemplate {
+    /// Node labels the pods must match.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the pods tolerate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Node and pod affinity of the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// Extra pod labels (kandle's own labels win).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Extra pod annotations.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Service account the pods run as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    /// Priority class of the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+}

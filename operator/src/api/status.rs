@@ -1,0 +1,55 @@
+//! `ModelDeployment.status`: what the operator observed, reported honestly.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::KubeSchema;
+use serde::{Deserialize, Serialize};
+
+/// The pool as the operator last observed it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDeploymentStatus {
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Worker pods that exist.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Worker pods ready to serve.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// "ready/desired", for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
+    /// Ready, Progressing or Degraded: the condition that best sums up the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// The name clients send (spec.model, or metadata.name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_model: Option<String>,
+    /// In-cluster base URL of the pool's Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Label selector of the worker pods (for the scale subresource).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// What the workers report about the model they loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelInfo>,
+    /// Ready, Progressing and Degraded, with reasons.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// The loaded model, as a worker's /ready reports it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelInfo {
+    /// Model architecture, e.g. llama.
+    pub architecture: String,
+    /// Weight format, e.g. Q4_1 or BF16.
+    pub quantization: String,
+    /// Tokens per sequence the worker accepts.
+    pub context_length: i64,
+    /// Number of weights.
+    pub parameters: i64,
+}

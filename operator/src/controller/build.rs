@@ -1,0 +1,556 @@
+//! The pure stage: a ModelDeployment (already validated) becomes the Deployment,
+//! Service and PodDisruptionBudget that run it. No I/O, so every field is tested.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, DownwardAPIVolumeFile, DownwardAPIVolumeSource, EmptyDirVolumeSource,
+    EnvVar, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
+    Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+
+use crate::api::ModelDeployment;
+use crate::{labels, Error, Result, WORKER_PORT};
+
+pub const KEYS_DIR: &str = "/var/run/kandle/keys";
+pub const PVC_MOUNT: &str = "/var/lib/kandle/models";
+pub const TEMPLATE_DIR: &str = "/etc/kandle/template";
+pub const TEMPLATE_FILE: &str = "chat_template.jinja";
+/// The chat template travels as a pod annotation, mounted as a file by the downward API.
+pub const TEMPLATE_ANNOTATION: &str = "kandle.dev/chat-template";
+/// UID and GID the worker runs as (the image's non-root user).
+pub const WORKER_UID: i64 = 65532;
+const GPU_RESOURCE: &str = "nvidia.com/gpu";
+
+/// Operator-wide settings the children depend on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildSettings {
+    /// Worker image when the spec names none.
+    pub worker_image: String,
+    /// Worker image for pods that request `nvidia.com/gpu`.
+    pub worker_image_cuda: String,
+    /// Cluster DNS domain, for the endpoint in status.
+    pub cluster_domain: String,
+}
+
+impl Default for BuildSettings {
+    fn default() -> Self {
+        Self {
+            worker_image: "ghcr.io/kandle-dev/kandle:latest".into(),
+            worker_image_cuda: "ghcr.io/kandle-dev/kandle:latest-cuda".into(),
+            cluster_domain: "cluster.local".into(),
+        }
+    }
+}
+
+/// Where the worker finds the model, and what must be mounted for it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelLocation {
+    /// A path inside the container (baked into the image, or mounted by the user).
+    Container(String),
+    /// A path inside a PersistentVolumeClaim.
+    Claim { claim: String, path: String },
+}
+
+impl ModelLocation {
+    /// Parses `file://` and `pvc://` URLs; other schemes need a download first.
+    pub fn parse(url: &str) -> Option<Self> {
+        if let Some(path) = url.strip_prefix("file://") {
+            return path.starts_with('/').then(|| Self::Container(path.to_string()));
+        }
+        let rest = url.strip_prefix("pvc://")?;
+        let (claim, path) = rest.split_once('/').unwrap_or((rest, ""));
+        (!claim.is_empty()).then(|| Self::Claim { claim: claim.to_string(), path: path.to_string() })
+    }
+
+    fn container_path(&self) -> String {
+        match self {
+            Self::Container(path) => path.clone(),
+            Self::Claim { path, .. } if path.is_empty() => PVC_MOUNT.to_string(),
+            Self::Claim { path, .. } => format!("{PVC_MOUNT}/{path}"),
+        }
+    }
+}
+
+/// Everything the operator applies for one ModelDeployment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Children {
+    pub deployment: Deployment,
+    pub service: Service,
+    /// Present when replicas > 1; otherwise any existing one is deleted.
+    pub pdb: Option<PodDisruptionBudget>,
+}
+
+/// Labels that select the pool's pods (stable for the object's life).
+pub fn selector_labels(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (labels::NAME.to_string(), labels::WORKER.to_string()),
+        (labels::INSTANCE.to_string(), name.to_string()),
+    ])
+}
+
+/// Every label kandle puts on a child.
+pub fn child_labels(name: &str) -> BTreeMap<String, String> {
+    let mut l = selector_labels(name);
+    l.insert(labels::MANAGED_BY.into(), labels::MANAGER.into());
+    l.insert(labels::MODEL.into(), name.into());
+    l
+}
+
+/// The selector as a string, for the scale subresource.
+pub fn selector_string(name: &str) -> String {
+    selector_labels(name).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+pub fn children(md: &ModelDeployment, location: &ModelLocation, settings: &BuildSettings) -> Result<Children> {
+    let name = md.metadata.name.clone().ok_or(Error::MissingObjectKey("metadata.name"))?;
+    let namespace = md.metadata.namespace.clone().ok_or(Error::MissingObjectKey("metadata.namespace"))?;
+    let owner = md.controller_owner_ref(&()).ok_or(Error::MissingObjectKey("metadata.uid"))?;
+    let meta = ObjectMeta {
+        name: Some(name.clone()),
+        namespace: Some(namespace),
+        labels: Some(child_labels(&name)),
+        owner_references: Some(vec![owner]),
+        ..ObjectMeta::default()
+    };
+    let selector = LabelSelector { match_labels: Some(selector_labels(&name)), ..LabelSelector::default() };
+
+    let deployment = Deployment {
+        metadata: meta.clone(),
+        spec: Some(DeploymentSpec {
+            replicas: Some(md.spec.replicas),
+            selector: selector.clone(),
+            template: pod_template(md, &name, location, settings)?,
+            ..DeploymentSpec::default()
+        }),
+        status: None,
+    };
+    let service = Service {
+        metadata: meta.clone(),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(selector_labels(&name)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: WORKER_PORT,
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                app_protocol: Some("http".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    };
+    let pdb = (md.spec.replicas > 1).then(|| PodDisruptionBudget {
+        metadata: meta,
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(selector),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        status: None,
+    });
+    Ok(Children { deployment, service, pdb })
+}
+
+fn pod_template(
+    md: &ModelDeployment,
+    name: &str,
+    location: &ModelLocation,
+    settings: &BuildSettings,
+) -> Result<PodTemplateSpec> {
+    let spec = &md.spec;
+    let pod = spec.pod.clone().unwrap_or_default();
+    let mut pod_labels = pod.labels.clone();
+    pod_labels.extend(child_labels(name));
+    let mut annotations = pod.annotations.clone();
+
+    let mut volumes =
+        vec![Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Volume::default() }];
+    let mut mounts = vec![VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..VolumeMount::default() }];
+
+    let mut args: Vec<String> = vec![
+        "serve".into(),
+        "--model".into(),
+        location.container_path(),
+        "--served-model-name".into(),
+        md.served_model(),
+    ];
+    for alias in &spec.aliases {
+        args.extend(["--alias".into(), alias.clone()]);
+    }
+    args.extend(["--host".into(), "0.0.0.0".into(), "--port".into(), WORKER_PORT.to_string()]);
+
+    if let ModelLocation::Claim { claim, .. } = location {
+        volumes.push(Volume {
+            name: "model".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim.clone(),
+                read_only: Some(true),
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: "model".into(),
+            mount_path: PVC_MOUNT.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+
+    match &spec.auth.api_key_secret_ref {
+        Some(secret) => {
+            volumes.push(Volume {
+                name: "api-keys".into(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(secret.name.clone()),
+                    default_mode: Some(0o440),
+                    ..SecretVolumeSource::default()
+                }),
+                ..Volume::default()
+            });
+            mounts.push(VolumeMount {
+                name: "api-keys".into(),
+                mount_path: KEYS_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            });
+            args.extend(["--api-keys-dir".into(), KEYS_DIR.into()]);
+        }
+        None => args.push("--no-auth".into()),
+    }
+
+    let engine = &spec.engine;
+    if let Some(n) = engine.max_context_length {
+        args.extend(["--max-context".into(), n.to_string()]);
+    }
+    if let Some(n) = engine.max_batch_size {
+        args.extend(["--max-batch-size".into(), n.to_string()]);
+    }
+    if let Some(n) = engine.threads {
+        args.extend(["--threads".into(), n.to_string()]);
+    }
+    if let Some(defaults) = &engine.defaults {
+        let json = serde_json::to_string(defaults)
+            .map_err(|source| Error::Serialization { what: "engine.defaults", source })?;
+        args.extend(["--sampling-defaults".into(), json]);
+    }
+    if let Some(template) = &engine.chat_template {
+        annotations.insert(TEMPLATE_ANNOTATION.into(), template.clone());
+        volumes.push(Volume {
+            name: "chat-template".into(),
+            downward_api: Some(DownwardAPIVolumeSource {
+                items: Some(vec![DownwardAPIVolumeFile {
+                    path: TEMPLATE_FILE.into(),
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: format!("metadata.annotations['{TEMPLATE_ANNOTATION}']"),
+                        ..ObjectFieldSelector::default()
+                    }),
+                    ..DownwardAPIVolumeFile::default()
+                }]),
+                ..DownwardAPIVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: "chat-template".into(),
+            mount_path: TEMPLATE_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        args.extend(["--chat-template".into(), format!("{TEMPLATE_DIR}/{TEMPLATE_FILE}")]);
+    }
+
+    let wants_gpu =
+        spec.resources.as_ref().and_then(|r| r.limits.as_ref()).is_some_and(|limits| limits.contains_key(GPU_RESOURCE));
+    let image = spec.image.clone().unwrap_or_else(|| {
+        if wants_gpu {
+            settings.worker_image_cuda.clone()
+        } else {
+            settings.worker_image.clone()
+        }
+    });
+
+    let probe = |path: &str, period: i32, failures: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    };
+    let container = Container {
+        name: "worker".into(),
+        image: Some(image),
+        args: Some(args),
+        env: Some(vec![EnvVar { name: "KANDLE_LOG_FORMAT".into(), value: Some("json".into()), ..EnvVar::default() }]),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: WORKER_PORT,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        resources: spec.resources.clone(),
+        // Loading a large model takes minutes: up to 30 before liveness applies.
+        startup_probe: Some(probe("/ready", 5, 360)),
+        readiness_probe: Some(probe("/ready", 5, 3)),
+        liveness_probe: Some(probe("/health", 10, 3)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(mounts),
+        ..Container::default()
+    };
+
+    Ok(PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(pod_labels),
+            annotations: (!annotations.is_empty()).then_some(annotations),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(PodSpec {
+            containers: vec![container],
+            volumes: Some(volumes),
+            node_selector: (!pod.node_selector.is_empty()).then_some(pod.node_selector),
+            tolerations: (!pod.tolerations.is_empty()).then_some(pod.tolerations),
+            affinity: pod.affinity,
+            service_account_name: pod.service_account_name,
+            priority_class_name: pod.priority_class_name,
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(WORKER_UID),
+                run_as_group: Some(WORKER_UID),
+                fs_group: Some(WORKER_UID),
+                seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
+                ..PodSecurityContext::default()
+            }),
+            ..PodSpec::default()
+        }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::Container;
+    use serde_json::json;
+
+    use super::*;
+
+    fn md(spec: serde_json::Value) -> ModelDeployment {
+        serde_json::from_value(json!({
+            "apiVersion": "kandle.dev/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": "chat", "namespace": "ml", "uid": "u-1"},
+            "spec": spec,
+        }))
+        .expect("valid")
+    }
+
+    fn base() -> serde_json::Value {
+        json!({"source": {"url": "file:///models/m.gguf"}, "auth": {"apiKeySecretRef": {"name": "keys"}}})
+    }
+
+    fn build(spec: serde_json::Value) -> Children {
+        let md = md(spec);
+        let location = ModelLocation::parse(&md.spec.source.url).expect("servable");
+        children(&md, &location, &BuildSettings::default()).expect("builds")
+    }
+
+    fn pod(c: &Children) -> PodSpec {
+        c.deployment.spec.clone().and_then(|s| s.template.spec).expect("pod spec")
+    }
+
+    fn worker(c: &Children) -> Container {
+        pod(c).containers.into_iter().next().expect("container")
+    }
+
+    fn args(c: &Children) -> Vec<String> {
+        worker(c).args.expect("args")
+    }
+
+    fn flag(c: &Children, name: &str) -> Option<String> {
+        let args = args(c);
+        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+    }
+
+    #[test]
+    fn defaults_give_a_restricted_single_worker_pool() {
+        let c = build(base());
+        assert_eq!(c.deployment.metadata.name.as_deref(), Some("chat"));
+        assert_eq!(c.deployment.metadata.namespace.as_deref(), Some("ml"));
+        let labels = c.deployment.metadata.labels.clone().expect("labels");
+        assert_eq!(labels.get("app.kubernetes.io/name").map(String::as_str), Some("kandle-worker"));
+        assert_eq!(labels.get("app.kubernetes.io/instance").map(String::as_str), Some("chat"));
+        assert_eq!(labels.get("app.kubernetes.io/managed-by").map(String::as_str), Some("kandle"));
+        assert_eq!(labels.get("kandle.dev/model").map(String::as_str), Some("chat"));
+        let spec = c.deployment.spec.clone().expect("spec");
+        assert_eq!(spec.replicas, Some(1));
+        assert_eq!(spec.selector.match_labels, Some(selector_labels("chat")));
+        assert!(c.pdb.is_none(), "no PDB for one replica");
+
+        assert_eq!(
+            args(&c),
+            [
+                "serve",
+                "--model",
+                "/models/m.gguf",
+                "--served-model-name",
+                "chat",
+                "--host",
+                "0.0.0.0",
+                "--port",
+                "8080",
+                "--api-keys-dir",
+                KEYS_DIR
+            ]
+        );
+        let w = worker(&c);
+        assert_eq!(w.image.as_deref(), Some(BuildSettings::default().worker_image.as_str()));
+        let sc = w.security_context.expect("container security");
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.capabilities.and_then(|c| c.drop), Some(vec!["ALL".to_string()]));
+        let p = pod(&c);
+        let psc = p.security_context.clone().expect("pod security");
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(psc.seccomp_profile.map(|s| s.type_), Some("RuntimeDefault".to_string()));
+        assert_eq!(p.automount_service_account_token, Some(false));
+        let probe_path = |p: Option<Probe>| p.and_then(|p| p.http_get).and_then(|h| h.path);
+        assert_eq!(probe_path(w.readiness_probe), Some("/ready".into()));
+        assert_eq!(probe_path(w.liveness_probe.clone()), Some("/health".into()));
+        let startup = w.startup_probe.expect("startup probe");
+        let budget = startup.period_seconds.unwrap_or(10) * startup.failure_threshold.unwrap_or(3);
+        assert!(budget >= 600, "startup probe allows only {budget}s for model loading");
+
+        // Keys are a read-only Secret volume, never environment variables.
+        let keys = p.volumes.iter().flatten().find(|v| v.name == "api-keys").expect("key volume");
+        assert_eq!(keys.secret.as_ref().and_then(|s| s.secret_name.as_deref()), Some("keys"));
+        let mount = w.volume_mounts.iter().flatten().find(|m| m.name == "api-keys").expect("key mount");
+        assert_eq!((mount.mount_path.as_str(), mount.read_only), (KEYS_DIR, Some(true)));
+        assert!(w.env.iter().flatten().all(|e| e.value_from.is_none()));
+
+        let svc = c.service.spec.clone().expect("service spec");
+        assert_eq!(svc.type_.as_deref(), Some("ClusterIP"));
+        assert_eq!(svc.selector, Some(selector_labels("chat")));
+        let port = &svc.ports.expect("ports")[0];
+        assert_eq!((port.port, port.target_port.clone()), (8080, Some(IntOrString::String("http".into()))));
+    }
+
+    #[test]
+    fn pvc_source_is_mounted_read_only() {
+        let mut spec = base();
+        spec["source"] = json!({"url": "pvc://model-cache/smollm2/model.gguf"});
+        let c = build(spec);
+        assert_eq!(flag(&c, "--model").as_deref(), Some("/var/lib/kandle/models/smollm2/model.gguf"));
+        let p = pod(&c);
+        let claim = p.volumes.iter().flatten().find_map(|v| v.persistent_volume_claim.clone()).expect("pvc volume");
+        assert_eq!((claim.claim_name.as_str(), claim.read_only), ("model-cache", Some(true)));
+        let mount = worker(&c).volume_mounts.into_iter().flatten().find(|m| m.name == "model").expect("mount");
+        assert_eq!((mount.mount_path.as_str(), mount.read_only), (PVC_MOUNT, Some(true)));
+    }
+
+    #[test]
+    fn gpu_limits_pick_the_cuda_image_and_carry_resources() {
+        let mut spec = base();
+        spec["resources"] = json!({"limits": {"nvidia.com/gpu": "1", "memory": "8Gi"}, "requests": {"cpu": "2"}});
+        let c = build(spec.clone());
+        let w = worker(&c);
+        assert_eq!(w.image.as_deref(), Some(BuildSettings::default().worker_image_cuda.as_str()));
+        let limits = w.resources.and_then(|r| r.limits).expect("limits");
+        assert_eq!(limits.get("nvidia.com/gpu").map(|q| q.0.as_str()), Some("1"));
+        assert_eq!(limits.get("memory").map(|q| q.0.as_str()), Some("8Gi"));
+        spec["image"] = json!("registry.local/kandle:dev");
+        assert_eq!(worker(&build(spec)).image.as_deref(), Some("registry.local/kandle:dev"));
+    }
+
+    #[test]
+    fn names_aliases_engine_settings_and_template_become_flags() {
+        let mut spec = base();
+        spec["model"] = json!("Qwen/Qwen3-0.6B");
+        spec["aliases"] = json!(["gpt-4o-mini", "qwen"]);
+        spec["engine"] = json!({"maxBatchSize": 4, "maxContextLength": 2048, "threads": 6,
+            "chatTemplate": "{{ messages }}", "defaults": {"temperature": 0.7, "top_p": 0.8}});
+        let c = build(spec);
+        assert_eq!(flag(&c, "--served-model-name").as_deref(), Some("Qwen/Qwen3-0.6B"));
+        let aliases: Vec<String> = args(&c).windows(2).filter(|w| w[0] == "--alias").map(|w| w[1].clone()).collect();
+        assert_eq!(aliases, ["gpt-4o-mini", "qwen"]);
+        assert_eq!(flag(&c, "--max-batch-size").as_deref(), Some("4"));
+        assert_eq!(flag(&c, "--max-context").as_deref(), Some("2048"));
+        assert_eq!(flag(&c, "--threads").as_deref(), Some("6"));
+        assert_eq!(flag(&c, "--sampling-defaults").as_deref(), Some(r#"{"temperature":0.7,"top_p":0.8}"#));
+        assert_eq!(flag(&c, "--chat-template").as_deref(), Some("/etc/kandle/template/chat_template.jinja"));
+        let template = c.deployment.spec.clone().and_then(|s| s.template.metadata).and_then(|m| m.annotations);
+        assert_eq!(template.and_then(|a| a.get(TEMPLATE_ANNOTATION).cloned()).as_deref(), Some("{{ messages }}"));
+        // Label values cannot hold every model name; the label carries the object's name.
+        let labels = c.deployment.metadata.labels.clone().expect("labels");
+        assert_eq!(labels.get("kandle.dev/model").map(String::as_str), Some("chat"));
+    }
+
+    #[test]
+    fn auth_disabled_means_no_key_volume() {
+        let mut spec = base();
+        spec["auth"] = json!({"disabled": true});
+        let c = build(spec);
+        assert!(args(&c).contains(&"--no-auth".to_string()));
+        assert!(!args(&c).contains(&"--api-keys-dir".to_string()));
+        assert!(pod(&c).volumes.iter().flatten().all(|v| v.secret.is_none()));
+    }
+
+    #[test]
+    fn custom_pod_fields_are_carried_and_kandle_labels_win() {
+        let mut spec = base();
+        spec["replicas"] = json!(3);
+        spec["pod"] = json!({
+            "nodeSelector": {"pool": "cpu"},
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}},
+            "labels": {"team": "search", "app.kubernetes.io/name": "spoofed"},
+            "annotations": {"prometheus.io/scrape": "true"},
+            "serviceAccountName": "model-reader",
+            "priorityClassName": "high",
+        });
+        let c = build(spec);
+        let p = pod(&c);
+        assert_eq!(p.node_selector.and_then(|n| n.get("pool").cloned()).as_deref(), Some("cpu"));
+        assert_eq!(p.tolerations.map(|t| t.len()), Some(1));
+        assert!(p.affinity.and_then(|a| a.node_affinity).is_some());
+        assert_eq!(p.service_account_name.as_deref(), Some("model-reader"));
+        assert_eq!(p.priority_class_name.as_deref(), Some("high"));
+        let meta = c.deployment.spec.clone().and_then(|s| s.template.metadata).expect("template meta");
+        let labels = meta.labels.expect("labels");
+        assert_eq!(labels.get("team").map(String::as_str), Some("search"));
+        assert_eq!(labels.get("app.kubernetes.io/name").map(String::as_str), Some("kandle-worker"));
+        assert_eq!(meta.annotations.and_then(|a| a.get("prometheus.io/scrape").cloned()).as_deref(), Some("true"));
+
+        let pdb = c.pdb.expect("PDB for 3 replicas").spec.expect("pdb spec");
+        assert_eq!(pdb.max_unavailable, Some(IntOrString::Int(1)));
+        assert_eq!(pdb.selector.and_then(|s| s.match_labels), Some(selector_labels("chat")));
+    }
+
+    #[test]
+    fn sources_that_need_a_download_have_no_location() {
+        assert_eq!(ModelLocation::parse("hf://org/repo"), None);
+        assert_eq!(ModelLocation::parse("https://h/m.gguf"), None);
+        assert_eq!(ModelLocation::parse("file://relative"), None);
+        assert_eq!(
+            ModelLocation::parse("pvc://claim"),
+            Some(ModelLocation::Claim { claim: "claim".into(), path: String::new() })
+        );
+    }
+}

@@ -1,0 +1,441 @@
+//! Reconciler tests against a mocked API server (tower-test): each scenario
+//! asserts the method, path, field manager and body of every call the controller
+//! makes, answers it, and fails when an expected call never comes. Every call is
+//! also checked against the RBAC rules the chart grants.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response};
+use kube::client::Body;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector;
+use kube::runtime::watcher;
+use serde_json::{json, Value};
+
+use super::build::BuildSettings;
+use super::{reconcile, Context};
+use crate::api::{ModelDeployment, ModelDeploymentStatus};
+use crate::rbac;
+use crate::telemetry::Metrics;
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+const NS: &str = "models";
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+fn md(name: &str, uid: &str, created: &str, spec: Value) -> ModelDeployment {
+    serde_json::from_value(json!({
+        "apiVersion": "kandle.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name, "namespace": NS, "uid": uid, "generation": 1, "creationTimestamp": created},
+        "spec": spec,
+    }))
+    .expect("valid ModelDeployment")
+}
+
+fn smollm2_spec() -> Value {
+    json!({
+        "model": "smollm2",
+        "source": {"url": "pvc://models/SmolLM2-135M-Instruct.Q4_1.gguf"},
+        "auth": {"apiKeySecretRef": {"name": "llm-keys"}},
+    })
+}
+
+/// One expected request: what it must be, and how to answer it.
+struct Call {
+    method: Method,
+    path: &'static str,
+    status: u16,
+    reply: Value,
+}
+
+impl Call {
+    fn new(method: Method, path: &'static str, status: u16, reply: Value) -> Self {
+        Self { method, path, status, reply }
+    }
+}
+
+/// A recorded request.
+#[derive(Debug)]
+struct Seen {
+    path: String,
+    body: Value,
+}
+
+/// The API group and resource of a path, for the RBAC check.
+fn group_resource(path: &str) -> (String, String) {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", _version, rest @ ..] => (String::new(), rest),
+        ["apis", group, _version, rest @ ..] => (group.to_string(), rest),
+        _ => panic!("unexpected path {path}"),
+    };
+    let rest = match rest {
+        ["namespaces", _ns, rest @ ..] => rest,
+        rest => rest,
+    };
+    let resource = match rest {
+        [resource, _name, sub] => format!("{resource}/{sub}"),
+        [resource, ..] => resource.to_string(),
+        [] => panic!("no resource in {path}"),
+    };
+    (group, resource)
+}
+
+fn verb(method: &Method, path: &str) -> &'static str {
+    let named = path.trim_start_matches('/').split('/').count() % 2 == 1 || path.ends_with("/status");
+    match *method {
+        Method::GET if named => "get",
+        Method::GET => "list",
+        Method::POST => "create",
+        Method::PATCH => "patch",
+        Method::PUT => "update",
+        Method::DELETE => "delete",
+        _ => panic!("unexpected method {method}"),
+    }
+}
+
+/// Answers the expected calls in order and returns what was sent.
+async fn serve(mut handle: Handle, calls: Vec<Call>) -> Vec<Seen> {
+    let mut seen = Vec::new();
+    for call in calls {
+        let (request, send) = handle.next_request().await.expect("the controller stopped calling the API");
+        let method = request.method().clone();
+        let path = request.uri().path().to_string();
+        let query = request.uri().query().unwrap_or("").to_string();
+        assert_eq!((&method, path.as_str()), (&call.method, call.path), "unexpected call (query {query})");
+        let (group, resource) = group_resource(&path);
+        let v = verb(&method, &path);
+        assert!(
+            rbac::allows(&rbac::controller_rules(), &group, &resource, v),
+            "RBAC does not allow {v} on {group}/{resource}"
+        );
+        if method == Method::PATCH {
+            assert!(query.contains("fieldManager=kandle-operator"), "{path}: {query}");
+            assert!(query.contains("force=true"), "{path}: {query}");
+        }
+        let bytes = request.into_body().collect_bytes().await.expect("request body");
+        let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).expect("JSON body") };
+        let response = Response::builder()
+            .status(call.status)
+            .header("content-type", "application/json")
+            .body(Body::from(serde_json::to_vec(&call.reply).expect("reply")))
+            .expect("response");
+        send.send_response(response);
+        seen.push(Seen { path, body });
+    }
+    seen
+}
+
+fn context(handle_client: kube::Client, others: &[ModelDeployment]) -> Arc<Context> {
+    let (store, mut writer) = reflector::store::<ModelDeployment>();
+    for o in others {
+        writer.apply_watcher_event(&watcher::Event::Apply(o.clone()));
+    }
+    Arc::new(Context {
+        client: handle_client.clone(),
+        settings: BuildSettings::default(),
+        recorder: Recorder::new(handle_client, Reporter { controller: "kandle-operator".into(), instance: None }),
+        metrics: Arc::new(Metrics::default()),
+        store,
+    })
+}
+
+/// Runs one reconcile against the scripted API server.
+async fn run(md: ModelDeployment, others: &[ModelDeployment], calls: Vec<Call>) -> Vec<Seen> {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let ctx = context(client, others);
+    let expected = calls.len();
+    let server = tokio::spawn(serve(handle, calls));
+    tokio::time::timeout(TIMEOUT, reconcile(Arc::new(md), ctx))
+        .await
+        .expect("reconcile timed out waiting for an unexpected call")
+        .expect("reconcile succeeds");
+    let seen = tokio::time::timeout(TIMEOUT, server).await.expect("expected calls never came").expect("server task");
+    assert_eq!(seen.len(), expected);
+    seen
+}
+
+fn secret_meta() -> Value {
+    json!({"apiVersion": "v1", "kind": "PartialObjectMetadata", "metadata": {"name": "llm-keys", "namespace": NS}})
+}
+
+fn not_found() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
+}
+
+/// The applied Deployment echoed back with a status.
+fn deployment_with(seen_body: &Value, status: Value) -> Value {
+    let mut d = seen_body.clone();
+    d["metadata"]["generation"] = json!(1);
+    d["status"] = status;
+    d
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+        .unwrap_or_else(|| panic!("no {type_} condition in {status}"))
+}
+
+const SECRET: &str = "/api/v1/namespaces/models/secrets/llm-keys";
+const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/models/deployments/smollm2";
+const SERVICE: &str = "/api/v1/namespaces/models/services/smollm2";
+const PDB: &str = "/apis/policy/v1/namespaces/models/poddisruptionbudgets/smollm2";
+const STATUS: &str = "/apis/kandle.dev/v1alpha1/namespaces/models/modeldeployments/smollm2/status";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/models/events";
+
+fn event_reply() -> Value {
+    json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e", "namespace": NS},
+           "eventTime": "2026-01-01T00:00:00.000000Z"})
+}
+
+fn events(n: usize) -> Vec<Call> {
+    (0..n).map(|_| Call::new(Method::POST, EVENTS, 201, event_reply())).collect()
+}
+
+/// The API server's answer to a status patch: the object as stored.
+fn stored(name: &str) -> Value {
+    json!({"apiVersion": "kandle.dev/v1alpha1", "kind": "ModelDeployment",
+           "metadata": {"name": name, "namespace": NS},
+           "spec": {"source": {"url": "file:///m"}, "auth": {"disabled": true}}})
+}
+
+#[tokio::test]
+async fn create_applies_children_with_owner_references_and_reports_progress() {
+    let mut spec = smollm2_spec();
+    spec["replicas"] = json!(2);
+    let target = md("smollm2", "uid-1", "2026-01-01T00:00:00Z", spec);
+    let mut calls = vec![
+        Call::new(Method::GET, SECRET, 200, secret_meta()),
+        Call::new(
+            Method::PATCH,
+            DEPLOYMENT,
+            200,
+            json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "smollm2"}}),
+        ),
+        Call::new(
+            Method::PATCH,
+            SERVICE,
+            200,
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "smollm2"}}),
+        ),
+        Call::new(
+            Method::PATCH,
+            PDB,
+            200,
+            json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": "smollm2"}}),
+        ),
+        Call::new(Method::PATCH, STATUS, 200, stored("smollm2")),
+    ];
+    calls.extend(events(3));
+    let seen = run(target, &[], calls).await;
+
+    for child in &seen[1..4] {
+        let owners = child.body["metadata"]["ownerReferences"].as_array().expect("owner references");
+        assert_eq!(owners.len(), 1, "{}", child.path);
+        assert_eq!(owners[0]["kind"], "ModelDeployment");
+        assert_eq!(owners[0]["uid"], "uid-1");
+        assert_eq!(owners[0]["controller"], true);
+        assert_eq!(child.body["metadata"]["labels"]["app.kubernetes.io/managed-by"], "kandle");
+    }
+    assert_eq!(seen[1].body["spec"]["replicas"], 2);
+    let status = &seen[4].body;
+    assert_eq!(status["status"]["phase"], "Progressing");
+    assert_eq!(status["status"]["ready"], "0/2");
+    assert_eq!(status["status"]["servedModel"], "smollm2");
+    assert_eq!(status["status"]["endpoint"], "http://smollm2.models.svc.cluster.local:8080");
+    assert_eq!(condition(status, "Progressing")["status"], "True");
+    assert_eq!(condition(status, "Degraded")["status"], "False");
+    let reasons: Vec<&str> = seen[5..].iter().map(|e| e.body["reason"].as_str().unwrap_or("")).collect();
+    assert_eq!(reasons, vec!["NoReadyWorkers", "Rollout", "AsExpected"]);
+    assert_eq!(seen[5].body["type"], "Warning");
+}
+
+#[tokio::test]
+async fn status_follows_deployment_readiness_and_is_not_rewritten_when_unchanged() {
+    let mut target = md("smollm2", "uid-1", "2026-01-01T00:00:00Z", smollm2_spec());
+    let ready = json!({"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1, "availableReplicas": 1});
+    let applied = deployment_with(
+        &json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "smollm2"}}),
+        ready,
+    );
+    let mut calls = vec![
+        Call::new(Method::GET, SECRET, 200, secret_meta()),
+        Call::new(Method::PATCH, DEPLOYMENT, 200, applied.clone()),
+        Call::new(
+            Method::PATCH,
+            SERVICE,
+            200,
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "smollm2"}}),
+        ),
+        Call::new(Method::DELETE, PDB, 404, not_found()),
+        Call::new(Method::PATCH, STATUS, 200, stored("smollm2")),
+    ];
+    calls.extend(events(3));
+    let seen = run(target.clone(), &[], calls).await;
+    let status = &seen[4].body;
+    assert_eq!(status["status"]["phase"], "Ready");
+    assert_eq!(status["status"]["readyReplicas"], 1);
+    assert_eq!(condition(status, "Ready")["reason"], "Available");
+
+    // The same observation again: no status write, no events.
+    target.status = Some(serde_json::from_value::<ModelDeploymentStatus>(status["status"].clone()).expect("status"));
+    let calls = vec![
+        Call::new(Method::GET, SECRET, 200, secret_meta()),
+        Call::new(Method::PATCH, DEPLOYMENT, 200, applied),
+        Call::new(
+            Method::PATCH,
+            SERVICE,
+            200,
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "smollm2"}}),
+        ),
+        Call::new(Method::DELETE, PDB, 404, not_found()),
+    ];
+    run(target, &[], calls).await;
+}
+
+#[tokio::test]
+async fn spec_update_rolls_the_deployment() {
+    let apply_once = |spec: Value| async move {
+        let target = md("smollm2", "uid-1", "2026-01-01T00:00:00Z", spec);
+        let mut calls = vec![
+            Call::new(Method::GET, SECRET, 200, secret_meta()),
+            Call::new(
+                Method::PATCH,
+                DEPLOYMENT,
+                200,
+                json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "smollm2"}}),
+            ),
+            Call::new(
+                Method::PATCH,
+                SERVICE,
+                200,
+                json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "smollm2"}}),
+            ),
+            Call::new(Method::DELETE, PDB, 404, not_found()),
+            Call::new(Method::PATCH, STATUS, 200, stored("smollm2")),
+        ];
+        calls.extend(events(3));
+        run(target, &[], calls).await.swap_remove(1).body
+    };
+    let before = apply_once(smollm2_spec()).await;
+    let mut changed = smollm2_spec();
+    changed["engine"] = json!({"maxBatchSize": 16});
+    let after = apply_once(changed).await;
+    let template = |d: &Value| d["spec"]["template"].clone();
+    assert_ne!(template(&before), template(&after), "a spec change must change the pod template");
+    let args = after["spec"]["template"]["spec"]["containers"][0]["args"].as_array().expect("args").clone();
+    let at = args.iter().position(|a| a == "--max-batch-size").expect("flag");
+    assert_eq!(args[at + 1], "16");
+}
+
+#[tokio::test]
+async fn missing_secret_degrades_then_recovers_when_it_appears() {
+    let target = md("smollm2", "uid-1", "2026-01-01T00:00:00Z", smollm2_spec());
+    let mut calls = vec![
+        Call::new(Method::GET, SECRET, 404, not_found()),
+        Call::new(Method::PATCH, STATUS, 200, stored("smollm2")),
+    ];
+    calls.extend(events(1));
+    let seen = run(target.clone(), &[], calls).await;
+    let status = &seen[1].body;
+    assert_eq!(status["status"]["phase"], "Degraded");
+    let degraded = condition(status, "Degraded");
+    assert_eq!((degraded["status"].as_str(), degraded["reason"].as_str()), (Some("True"), Some("SecretNotFound")));
+    assert!(degraded["message"].as_str().unwrap_or("").contains("llm-keys"));
+
+    // The Secret appears.
+    let mut recovering = target;
+    recovering.status = Some(serde_json::from_value(status["status"].clone()).expect("status"));
+    let mut calls = vec![
+        Call::new(Method::GET, SECRET, 200, secret_meta()),
+        Call::new(
+            Method::PATCH,
+            DEPLOYMENT,
+            200,
+            json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "smollm2"}}),
+        ),
+        Call::new(
+            Method::PATCH,
+            SERVICE,
+            200,
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "smollm2"}}),
+        ),
+        Call::new(Method::DELETE, PDB, 404, not_found()),
+        Call::new(Method::PATCH, STATUS, 200, stored("smollm2")),
+    ];
+    calls.extend(events(3));
+    let seen = run(recovering, &[], calls).await;
+    let status = &seen[4].body;
+    assert_eq!(condition(status, "Degraded")["status"], "False");
+    assert_eq!(status["status"]["phase"], "Progressing");
+}
+
+#[tokio::test]
+async fn second_claim_on_a_model_name_is_degraded_and_creates_nothing() {
+    let older = md(
+        "first",
+        "uid-a",
+        "2026-01-01T00:00:00Z",
+        json!({
+            "model": "other", "aliases": ["smollm2"],
+            "source": {"url": "file:///models/a.gguf"}, "auth": {"disabled": true},
+        }),
+    );
+    let newer = md("smollm2", "uid-b", "2026-02-01T00:00:00Z", smollm2_spec());
+    let mut calls = vec![
+        Call::new(Method::GET, SECRET, 200, secret_meta()),
+        Call::new(Method::PATCH, STATUS, 200, stored("smollm2")),
+    ];
+    calls.extend(events(1));
+    let seen = run(newer, std::slice::from_ref(&older), calls).await;
+    let degraded = condition(&seen[1].body, "Degraded");
+    assert_eq!(degraded["reason"], "ModelNameConflict");
+    assert!(degraded["message"].as_str().unwrap_or("").contains("models/first"));
+
+    // The older one keeps the name.
+    let seen = run(older, &[md("smollm2", "uid-b", "2026-02-01T00:00:00Z", smollm2_spec())], {
+        let mut calls = vec![
+            Call::new(
+                Method::PATCH,
+                "/apis/apps/v1/namespaces/models/deployments/first",
+                200,
+                json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "first"}}),
+            ),
+            Call::new(
+                Method::PATCH,
+                "/api/v1/namespaces/models/services/first",
+                200,
+                json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "first"}}),
+            ),
+            Call::new(Method::DELETE, "/apis/policy/v1/namespaces/models/poddisruptionbudgets/first", 404, not_found()),
+            Call::new(
+                Method::PATCH,
+                "/apis/kandle.dev/v1alpha1/namespaces/models/modeldeployments/first/status",
+                200,
+                stored("first"),
+            ),
+        ];
+        calls.extend(events(3));
+        calls
+    })
+    .await;
+    assert_eq!(condition(&seen[3].body, "Degraded")["status"], "False");
+}
+
+#[tokio::test]
+async fn remote_sources_report_a_clear_condition_until_fetch_exists() {
+    let mut spec = smollm2_spec();
+    spec["source"] = json!({"url": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"});
+    let mut calls = vec![
+        Call::new(Method::GET, SECRET, 200, secret_meta()),
+        Call::new(Method::PATCH, STATUS, 200, stored("smollm2")),
+    ];
+    calls.extend(events(1));
+    let seen = run(md("smollm2", "uid-1", "2026-01-01T00:00:00Z", spec), &[], calls).await;
+    assert_eq!(condition(&seen[1].body, "Degraded")["reason"], "SourceNotSupported");
+}

@@ -1,0 +1,55 @@
+//! kandle-operator: the ModelDeployment CRD and the controller that turns each one
+//! into a pool of workers.
+
+pub mod api;
+pub mod controller;
+pub mod crd;
+pub mod http;
+pub mod leader;
+pub mod rbac;
+pub mod telemetry;
+
+/// Server-side apply field manager for everything the operator writes.
+pub const FIELD_MANAGER: &str = "kandle-operator";
+/// Port the workers (and their Service) serve on.
+pub const WORKER_PORT: i32 = 8080;
+
+/// Labels on every object the operator makes for a ModelDeployment.
+pub mod labels {
+    pub const NAME: &str = "app.kubernetes.io/name";
+    pub const INSTANCE: &str = "app.kubernetes.io/instance";
+    pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+    pub const MODEL: &str = "kandle.dev/model";
+    pub const WORKER: &str = "kandle-worker";
+    pub const MANAGER: &str = "kandle";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API request failed: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("cannot serialize {what}: {source}")]
+    Serialization {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the ModelDeployment has no {0}")]
+    MissingObjectKey(&'static str),
+}
+
+impl Error {
+    /// A bounded label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
+            Self::Kube(kube::Error::Api(s)) if s.code >= 500 => "api_server",
+            Self::Kube(kube::Error::Api(_)) => "api_rejected",
+            Self::Kube(_) => "transport",
+            Self::Serialization { .. } => "serialization",
+            Self::MissingObjectKey(_) => "invalid_object",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,56 @@
+//! The RBAC rules the controller needs, in one place: the Helm chart renders them
+//! (charts/kandle/files/controller-rbac.yaml is generated from here and checked
+//! for drift), and the controller tests check that every API call is covered.
+
+use k8s_openapi::api::rbac::v1::PolicyRule;
+use serde::Serialize;
+
+fn rule(group: &str, resources: &[&str], verbs: &[&str]) -> PolicyRule {
+    PolicyRule {
+        api_groups: Some(vec![group.to_string()]),
+        resources: Some(resources.iter().map(|r| r.to_string()).collect()),
+        verbs: verbs.iter().map(|v| v.to_string()).collect(),
+        ..PolicyRule::default()
+    }
+}
+
+/// Cluster-wide (or per watched namespace) rules of `kandle-operator controller`.
+pub fn controller_rules() -> Vec<PolicyRule> {
+    vec![
+        rule("kandle.dev", &["modeldeployments"], &["get", "list", "watch"]),
+        rule("kandle.dev", &["modeldeployments/status"], &["get", "patch"]),
+        rule("apps", &["deployments"], &["get", "list", "watch", "create", "patch"]),
+        rule("", &["services"], &["get", "list", "watch", "create", "patch"]),
+        rule("policy", &["poddisruptionbudgets"], &["get", "list", "watch", "create", "patch", "delete"]),
+        // Existence checks and metadata watches only; values are never read.
+        rule("", &["secrets"], &["get", "list", "watch"]),
+        rule("events.k8s.io", &["events"], &["create", "patch"]),
+    ]
+}
+
+/// Rules in the operator's own namespace: the leader-election Lease.
+pub fn leader_election_rules() -> Vec<PolicyRule> {
+    vec![rule("coordination.k8s.io", &["leases"], &["get", "create", "update"])]
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RulesFile {
+    controller: Vec<PolicyRule>,
+    leader_election: Vec<PolicyRule>,
+}
+
+/// The YAML the chart reads.
+pub fn yaml() -> Result<String, serde_yaml::Error> {
+    let file = RulesFile { controller: controller_rules(), leader_election: leader_election_rules() };
+    Ok(format!("# Generated from operator/src/rbac.rs; do not edit.\n{}", serde_yaml::to_string(&file)?))
+}
+
+/// Whether `rules` allow `verb` on `group`/`resource`.
+pub fn allows(rules: &[PolicyRule], group: &str, resource: &str, verb: &str) -> bool {
+    rules.iter().any(|r| {
+        r.api_groups.iter().flatten().any(|g| g == group)
+            && r.resources.iter().flatten().any(|x| x == resource)
+            && r.verbs.iter().any(|v| v == verb)
+    })
+}
