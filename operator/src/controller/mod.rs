@@ -19,6 +19,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
+use kube::core::PartialObjectMeta;
 use kube::runtime::{watcher, Controller};
 use kube::{Api, ResourceExt};
 
@@ -113,9 +114,12 @@ pub async fn run(
         .owns::<Deployment>(scoped(&client, config.namespace.as_deref()), owned.clone())
         .owns::<Service>(scoped(&client, config.namespace.as_deref()), owned.clone())
         .owns::<PodDisruptionBudget>(scoped(&client, config.namespace.as_deref()), owned)
-        .watches::<Secret, _>(scoped(&client, config.namespace.as_deref()), watcher::Config::default(), move |secret| {
-            referencing(&secrets_store.state(), &secret)
-        })
+        // Metadata only: the operator never reads key values.
+        .watches::<PartialObjectMeta<Secret>, _>(
+            scoped(&client, config.namespace.as_deref()),
+            watcher::Config::default(),
+            move |secret| referencing(&secrets_store.state(), &secret),
+        )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
@@ -124,7 +128,7 @@ pub async fn run(
 
 /// ModelDeployments that point at `secret`, so a Secret appearing or changing
 /// re-runs them at once.
-fn referencing(mds: &[Arc<ModelDeployment>], secret: &Secret) -> Vec<ObjectRef<ModelDeployment>> {
+fn referencing(mds: &[Arc<ModelDeployment>], secret: &PartialObjectMeta<Secret>) -> Vec<ObjectRef<ModelDeployment>> {
     let (name, namespace) = (secret.name_any(), secret.namespace());
     mds.iter()
         .filter(|md| md.namespace() == namespace)
