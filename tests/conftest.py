@@ -24,6 +24,13 @@ def worker_binary() -> pathlib.Path:
     return ROOT / "target" / "debug" / "kandle-worker"
 
 
+def operator_binary() -> pathlib.Path:
+    path = os.environ.get("KANDLE_OPERATOR_BIN")
+    if path:
+        return pathlib.Path(path)
+    return ROOT / "target" / "debug" / "kandle-operator"
+
+
 def smollm2_path() -> pathlib.Path:
     path = os.environ.get("KANDLE_TEST_GGUF")
     if path:
@@ -34,16 +41,17 @@ def smollm2_path() -> pathlib.Path:
     return pathlib.Path(out.stdout.strip())
 
 
-class Worker:
-    """A running kandle-worker process; its log lines are kept for assertions."""
+class Service:
+    """A running kandle process that logs JSON and reports its listening address;
+    its log lines are kept for assertions."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None):
-        self.args = args
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None):
+        self.argv = argv
         self.logs: list[str] = []
         self.address: str | None = None
         self._listening = threading.Event()
         self.proc = subprocess.Popen(
-            [str(worker_binary()), "--log-format", "json", *args],
+            argv,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -73,13 +81,13 @@ class Worker:
     def base_url(self) -> str:
         return f"http://{self.address}"
 
-    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> "Worker":
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> "Service":
         deadline = time.monotonic() + timeout
         if not self._listening.wait(timeout):
-            raise RuntimeError("worker never listened:\n" + "".join(self.logs))
+            raise RuntimeError("never listened:\n" + "".join(self.logs))
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError("worker exited:\n" + "".join(self.logs))
+                raise RuntimeError("exited:\n" + "".join(self.logs))
             try:
                 with urllib.request.urlopen(self.base_url + "/ready", timeout=2) as r:
                     if r.status == 200:
@@ -87,7 +95,12 @@ class Worker:
             except (urllib.error.URLError, ConnectionError):
                 pass
             time.sleep(0.1)
-        raise RuntimeError("worker not ready in time:\n" + "".join(self.logs))
+        raise RuntimeError("not ready in time:\n" + "".join(self.logs))
+
+    def kill(self) -> None:
+        """Stops the process at once, as a crash would."""
+        self.proc.kill()
+        self.proc.wait()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -97,6 +110,20 @@ class Worker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class Worker(Service):
+    """kandle-worker with the given arguments."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None):
+        super().__init__([str(worker_binary()), "--log-format", "json", *args], env)
+
+
+class Router(Service):
+    """kandle-operator router with the given arguments."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None):
+        super().__init__([str(operator_binary()), "router", *args], env)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ pub mod crd;
 pub mod http;
 pub mod leader;
 pub mod rbac;
+pub mod router;
 pub mod telemetry;
 
 /// Server-side apply field manager for everything the operator writes.

@@ -1,4 +1,5 @@
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -7,6 +8,8 @@ use clap::{Args, Parser, Subcommand};
 use kandle_operator::controller::{self, build::BuildSettings, ControllerConfig};
 use kandle_operator::http::Probes;
 use kandle_operator::leader::{Elector, LeaseConfig};
+use kandle_operator::router::proxy::RouterSettings;
+use kandle_operator::router::{Discovery, RouterConfig};
 use kandle_operator::telemetry::{self, Metrics};
 
 #[derive(Debug, Parser)]
@@ -20,8 +23,40 @@ struct Cli {
 enum Command {
     /// Reconcile ModelDeployments into worker Deployments, Services and PodDisruptionBudgets.
     Controller(ControllerArgs),
+    /// Serve the routing API: map each request's `model` to a pool of workers.
+    Router(RouterArgs),
     /// Print the CustomResourceDefinitions as YAML.
     Crd,
+}
+
+#[derive(Debug, Args)]
+struct RouterArgs {
+    /// Route file (YAML: models with aliases and worker URLs), reloaded when it
+    /// changes; without it, pools are discovered from ModelDeployments and EndpointSlices.
+    #[arg(long, env = "KANDLE_ROUTES")]
+    routes: Option<PathBuf>,
+    /// Discover only in this namespace (default: all namespaces).
+    #[arg(long, env = "KANDLE_NAMESPACE", conflicts_with = "routes")]
+    namespace: Option<String>,
+    /// Address to listen on.
+    #[arg(long, env = "KANDLE_HOST", default_value = "0.0.0.0")]
+    host: IpAddr,
+    /// Port to listen on (0 picks a free one and logs it).
+    #[arg(long, env = "KANDLE_PORT", default_value_t = 8080)]
+    port: u16,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "KANDLE_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Send conversations with the same opening to the same worker (bounded by
+    /// --affinity-max-imbalance).
+    #[arg(long, env = "KANDLE_PREFIX_AFFINITY")]
+    prefix_affinity: bool,
+    /// Requests the affinity worker may carry above the least loaded one.
+    #[arg(long, env = "KANDLE_AFFINITY_MAX_IMBALANCE", default_value_t = 2)]
+    affinity_max_imbalance: usize,
+    /// Seconds to connect to a worker before trying another.
+    #[arg(long, env = "KANDLE_CONNECT_TIMEOUT", default_value_t = 5)]
+    connect_timeout: u64,
 }
 
 #[derive(Debug, Args)]
@@ -56,6 +91,10 @@ fn main() -> std::process::ExitCode {
         Command::Controller(args) => {
             telemetry::init_logging();
             tokio::runtime::Runtime::new().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(run_controller(args)))
+        }
+        Command::Router(args) => {
+            telemetry::init_logging();
+            tokio::runtime::Runtime::new().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(run_router(args)))
         }
     };
     match result {
@@ -128,6 +167,25 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+async fn run_router(args: RouterArgs) -> anyhow::Result<()> {
+    let discovery = match args.routes {
+        Some(path) => Discovery::RouteFile(path),
+        None => Discovery::Kubernetes { namespace: args.namespace },
+    };
+    let config = RouterConfig {
+        address: SocketAddr::new(args.host, args.port),
+        discovery,
+        settings: RouterSettings {
+            max_body_bytes: args.max_body_bytes,
+            prefix_affinity: args.prefix_affinity,
+            max_imbalance: args.affinity_max_imbalance,
+            cooldown: Duration::from_secs(5),
+        },
+        connect_timeout: Duration::from_secs(args.connect_timeout),
+    };
+    kandle_operator::router::run(config, shutdown_signal()).await
 }
 
 async fn shutdown_signal() {

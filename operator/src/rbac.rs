@@ -28,6 +28,15 @@ pub fn controller_rules() -> Vec<PolicyRule> {
     ]
 }
 
+/// Cluster-wide (or per watched namespace) rules of `kandle-operator router`
+/// discovering pools in Kubernetes.
+pub fn router_rules() -> Vec<PolicyRule> {
+    vec![
+        rule("kandle.dev", &["modeldeployments"], &["get", "list", "watch"]),
+        rule("discovery.k8s.io", &["endpointslices"], &["get", "list", "watch"]),
+    ]
+}
+
 /// Rules in the operator's own namespace: the leader-election Lease.
 pub fn leader_election_rules() -> Vec<PolicyRule> {
     vec![rule("coordination.k8s.io", &["leases"], &["get", "create", "update"])]
@@ -38,11 +47,13 @@ pub fn leader_election_rules() -> Vec<PolicyRule> {
 struct RulesFile {
     controller: Vec<PolicyRule>,
     leader_election: Vec<PolicyRule>,
+    router: Vec<PolicyRule>,
 }
 
 /// The YAML the chart reads.
 pub fn yaml() -> Result<String, serde_yaml::Error> {
-    let file = RulesFile { controller: controller_rules(), leader_election: leader_election_rules() };
+    let file =
+        RulesFile { controller: controller_rules(), leader_election: leader_election_rules(), router: router_rules() };
     Ok(format!("# Generated from operator/src/rbac.rs; do not edit.\n{}", serde_yaml::to_string(&file)?))
 }
 

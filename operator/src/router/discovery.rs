@@ -1,0 +1,170 @@
+//! Discovery in Kubernetes: ModelDeployments name the pools, the EndpointSlices of
+//! their Services list the ready workers.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, ResourceExt};
+use tokio::sync::Notify;
+
+use super::table::{PoolSpec, Routes};
+use crate::api::ModelDeployment;
+
+/// Label Kubernetes puts on an EndpointSlice naming its Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The pools: one per ModelDeployment, its endpoints the ready addresses of the
+/// slices of its Service (named like it). The oldest ModelDeployment keeps a
+/// contested name, as the controller decides.
+pub fn pools(mds: &[Arc<ModelDeployment>], slices: &[Arc<EndpointSlice>]) -> Vec<PoolSpec> {
+    let mut mds: Vec<&Arc<ModelDeployment>> = mds.iter().collect();
+    mds.sort_by_key(|md| (md.metadata.creation_timestamp.clone().map(|t| t.0), md.namespace(), md.name_any()));
+    mds.into_iter()
+        .map(|md| {
+            let (namespace, name) = (md.namespace(), md.name_any());
+            let endpoints = slices
+                .iter()
+                .filter(|s| s.namespace() == namespace)
+                .filter(|s| s.labels().get(SERVICE_NAME_LABEL) == Some(&name))
+                .flat_map(|s| ready_urls(s))
+                .collect();
+            PoolSpec { model: md.served_model(), aliases: md.spec.aliases.clone(), endpoints }
+        })
+        .collect()
+}
+
+fn ready_urls(slice: &EndpointSlice) -> Vec<String> {
+    let port = slice
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("http"))
+        .or_else(|| slice.ports.iter().flatten().next())
+        .and_then(|p| p.port);
+    let Some(port) = port else { return Vec::new() };
+    let ipv6 = slice.address_type == "IPv6";
+    slice
+        .endpoints
+        .iter()
+        // An endpoint without a ready condition counts as ready (the API's rule).
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+        .filter_map(|e| e.addresses.first())
+        .map(|a| if ipv6 { format!("http://[{a}]:{port}") } else { format!("http://{a}:{port}") })
+        .collect()
+}
+
+/// Watches both kinds and rebuilds the table on every change. `synced` is
+/// notified once both have listed everything.
+pub async fn run(client: kube::Client, namespace: Option<String>, routes: Arc<Routes>, synced: Arc<Notify>) {
+    let (mds, slices): (Api<ModelDeployment>, Api<EndpointSlice>) = match &namespace {
+        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client, ns)),
+        None => (Api::all(client.clone()), Api::all(client)),
+    };
+    let (md_store, md_writer) = reflector::store();
+    let (slice_store, slice_writer) = reflector::store();
+    let slice_config =
+        watcher::Config::default().labels("endpointslice.kubernetes.io/managed-by=endpointslice-controller.k8s.io");
+    let md_events =
+        reflector::reflector(md_writer, watcher(mds, watcher::Config::default())).default_backoff().touched_objects();
+    let slice_events =
+        reflector::reflector(slice_writer, watcher(slices, slice_config)).default_backoff().touched_objects();
+    let mut changes =
+        std::pin::pin!(futures::stream::select(md_events.map(|r| r.map(|_| ())), slice_events.map(|r| r.map(|_| ()))));
+    let refresh = |md_store: &Store<ModelDeployment>, slice_store: &Store<EndpointSlice>| {
+        routes.update(pools(&md_store.state(), &slice_store.state()));
+    };
+    let waiting = {
+        let (m, s) = (md_store.clone(), slice_store.clone());
+        async move {
+            let _ = m.wait_until_ready().await;
+            let _ = s.wait_until_ready().await;
+        }
+    };
+    tokio::pin!(waiting);
+    let mut is_synced = false;
+    loop {
+        tokio::select! {
+            () = &mut waiting, if !is_synced => {
+                is_synced = true;
+                refresh(&md_store, &slice_store);
+                synced.notify_waiters();
+                tracing::info!("route discovery synced");
+            }
+            change = changes.next() => match change {
+                Some(Ok(())) => if is_synced { refresh(&md_store, &slice_store) },
+                Some(Err(e)) => tracing::warn!(error = %e, "discovery watch error"),
+                None => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn md(name: &str, created: &str, spec: serde_json::Value) -> Arc<ModelDeployment> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "kandle.dev/v1alpha1", "kind": "ModelDeployment",
+                "metadata": {"name": name, "namespace": "ml", "creationTimestamp": created},
+                "spec": spec,
+            }))
+            .expect("md"),
+        )
+    }
+
+    fn slice(service: &str, endpoints: serde_json::Value) -> Arc<EndpointSlice> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": format!("{service}-abc"), "namespace": "ml",
+                             "labels": {"kubernetes.io/service-name": service}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                "endpoints": endpoints,
+            }))
+            .expect("slice"),
+        )
+    }
+
+    fn spec(model: serde_json::Value) -> serde_json::Value {
+        json!({"model": model, "aliases": ["gpt-4o-mini"], "source": {"url": "file:///m"}, "auth": {"disabled": true}})
+    }
+
+    #[test]
+    fn model_deployments_and_slices_become_pools_of_ready_endpoints() {
+        let mds = vec![md("chat", "2026-01-01T00:00:00Z", spec(json!("smollm2")))];
+        let slices = vec![
+            slice(
+                "chat",
+                json!([
+                    {"addresses": ["10.0.0.1"], "conditions": {"ready": true}},
+                    {"addresses": ["10.0.0.2"], "conditions": {"ready": false}},
+                    {"addresses": ["10.0.0.3"]},
+                ]),
+            ),
+            slice("other", json!([{"addresses": ["10.0.9.9"], "conditions": {"ready": true}}])),
+        ];
+        let pools = pools(&mds, &slices);
+        assert_eq!(pools.len(), 1);
+        assert_eq!(pools[0].model, "smollm2");
+        assert_eq!(pools[0].aliases, ["gpt-4o-mini"]);
+        assert_eq!(pools[0].endpoints, ["http://10.0.0.1:8080", "http://10.0.0.3:8080"]);
+    }
+
+    #[test]
+    fn pools_default_to_the_object_name_and_the_oldest_is_first() {
+        let mds = vec![
+            md("newer", "2026-03-01T00:00:00Z", spec(json!(null))),
+            md("older", "2026-01-01T00:00:00Z", spec(json!(null))),
+        ];
+        let names: Vec<String> = pools(&mds, &[]).into_iter().map(|p| p.model).collect();
+        assert_eq!(names, ["older", "newer"]);
+    }
+}

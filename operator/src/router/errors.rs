@@ -1,0 +1,121 @@
+//! The router's own error answers, in the OpenAI shape (and the envelope shape on
+//! `/api/v1`). Errors a worker returns pass through untouched.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouterError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<&'static str>,
+    pub code: &'static str,
+    pub retry_after: Option<u64>,
+}
+
+impl RouterError {
+    fn new(status: StatusCode, kind: &'static str, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, message: message.into(), kind, param: None, code, retry_after: None }
+    }
+
+    pub fn model_not_found(model: &str) -> Self {
+        Self {
+            param: Some("model"),
+            ..Self::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+                format!("The model `{model}` does not exist or you do not have access to it."),
+            )
+        }
+    }
+
+    pub fn no_endpoint(model: &str) -> Self {
+        Self {
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "no_ready_endpoint",
+                format!("No ready worker serves `{model}` right now. Retry shortly."),
+            )
+        }
+    }
+
+    pub fn upstream(detail: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::BAD_GATEWAY, "server_error", "upstream_error", format!("The worker failed: {detail}"))
+    }
+
+    pub fn bad_json(detail: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_json",
+            format!("We could not parse the JSON body of your request: {detail}"),
+        )
+    }
+
+    pub fn missing_model() -> Self {
+        Self {
+            param: Some("model"),
+            ..Self::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "missing_required_parameter",
+                "Missing required parameter: 'model'.",
+            )
+        }
+    }
+
+    pub fn body_too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            format!("The request body exceeds the limit of {limit} bytes."),
+        )
+    }
+
+    pub fn invalid_key() -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid_api_key", "Incorrect API key provided.")
+    }
+
+    pub fn not_ready() -> Self {
+        Self {
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "not_ready",
+                "Route discovery has not synced yet.",
+            )
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    }
+
+    /// The `{success, code, message, data}` form of `/api/v1`.
+    pub fn envelope(&self) -> serde_json::Value {
+        json!({"success": false, "code": self.code, "message": self.message, "data": null})
+    }
+
+    pub fn respond(&self, envelope: bool) -> Response {
+        let body = if envelope { self.envelope() } else { self.json() };
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+impl IntoResponse for RouterError {
+    fn into_response(self) -> Response {
+        self.respond(false)
+    }
+}

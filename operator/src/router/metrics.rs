@@ -1,0 +1,65 @@
+//! The router's Prometheus metrics.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelStatus {
+    pub model: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    pub model: String,
+}
+
+pub struct RouterMetrics {
+    registry: Registry,
+    pub requests: Family<ModelStatus, Counter>,
+    pub in_flight: Family<ModelLabel, Gauge>,
+    pub upstream_latency: Histogram,
+    pub time_to_first_byte: Histogram,
+    pub retries: Counter,
+}
+
+impl Default for RouterMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<ModelStatus, Counter>::default();
+        registry.register("kandle_router_requests", "Routed requests by model and status", requests.clone());
+        let in_flight = Family::<ModelLabel, Gauge>::default();
+        registry.register("kandle_router_in_flight", "Requests being proxied, by model", in_flight.clone());
+        let upstream_latency = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "kandle_router_upstream_latency_seconds",
+            "Time until a worker's response headers",
+            upstream_latency.clone(),
+        );
+        let time_to_first_byte = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "kandle_router_time_to_first_byte_seconds",
+            "Time until the first body byte of a worker's response",
+            time_to_first_byte.clone(),
+        );
+        let retries = Counter::default();
+        registry.register(
+            "kandle_router_retries",
+            "Requests retried on another worker after a connect failure",
+            retries.clone(),
+        );
+        Self { registry, requests, in_flight, upstream_latency, time_to_first_byte, retries }
+    }
+}
+
+impl RouterMetrics {
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,120 @@
+//! The routing Service: discovery (Kubernetes, or a route file) → route table →
+//! balancer → proxy.
+
+mod balancer;
+pub mod discovery;
+mod errors;
+mod metrics;
+pub mod proxy;
+pub mod routes_file;
+pub mod table;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::Router;
+
+use errors::RouterError;
+use proxy::{RouterSettings, RouterState};
+use table::Routes;
+
+/// Where the pools come from.
+#[derive(Debug, Clone)]
+pub enum Discovery {
+    RouteFile(PathBuf),
+    Kubernetes { namespace: Option<String> },
+}
+
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    pub address: SocketAddr,
+    pub discovery: Discovery,
+    pub settings: RouterSettings,
+    /// Upper bound on the time to connect to a worker.
+    pub connect_timeout: Duration,
+}
+
+pub fn app(state: RouterState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(proxy::chat))
+        .route("/compatible-mode/v1/chat/completions", post(proxy::chat))
+        .route("/api/v1/chat/completions", post(proxy::chat))
+        .route("/v1/models", get(proxy::models))
+        .route("/compatible-mode/v1/models", get(proxy::models))
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(|req: Request| async move {
+            let mut e = RouterError::model_not_found("");
+            e.message = format!("No route for {}.", req.uri().path());
+            e.code = "not_found";
+            e.param = None;
+            e.into_response()
+        })
+        .with_state(state)
+}
+
+async fn ready(State(state): State<RouterState>) -> impl IntoResponse {
+    if state.is_synced() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        RouterError::not_ready().into_response()
+    }
+}
+
+async fn metrics(State(state): State<RouterState>) -> impl IntoResponse {
+    match state.metrics().encode() {
+        Ok(text) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            text,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// Serves until `shutdown` resolves, then drains in-flight streams.
+pub async fn run(
+    config: RouterConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let routes = Arc::new(Routes::default());
+    let client = reqwest::Client::builder()
+        .connect_timeout(config.connect_timeout)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build()
+        .context("building the HTTP client")?;
+    let state = RouterState::new(routes.clone(), client, config.settings.clone());
+    match &config.discovery {
+        Discovery::RouteFile(path) => {
+            routes_file::load_and_watch(path.clone(), routes.clone(), Duration::from_secs(1))?;
+            state.set_synced();
+        }
+        Discovery::Kubernetes { namespace } => {
+            let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+            let synced = Arc::new(tokio::sync::Notify::new());
+            let notified = synced.clone().notified_owned();
+            tokio::spawn(discovery::run(client, namespace.clone(), routes.clone(), synced));
+            let state = state.clone();
+            tokio::spawn(async move {
+                notified.await;
+                state.set_synced();
+            });
+        }
+    }
+    let listener =
+        tokio::net::TcpListener::bind(config.address).await.with_context(|| format!("binding {}", config.address))?;
+    let address = listener.local_addr()?;
+    tracing::info!(%address, "router listening");
+    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await?;
+    tracing::info!("router stopped");
+    Ok(())
+}

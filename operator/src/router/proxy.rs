@@ -1,0 +1,363 @@
+//! The routing API: reads `model`, picks a worker, and relays the request and its
+//! (streamed) answer without buffering.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::Stream;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use serde_json::{json, Value};
+
+use super::balancer;
+use super::errors::RouterError;
+use super::metrics::{ModelLabel, ModelStatus, RouterMetrics};
+use super::table::{InFlight, Pool, Routes};
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// How long a pool's answer to "which models does this key see" is reused.
+const MODEL_LIST_TTL: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct RouterSettings {
+    pub max_body_bytes: usize,
+    pub prefix_affinity: bool,
+    /// Requests the affinity endpoint may carry above the least loaded one.
+    pub max_imbalance: usize,
+    /// How long an endpoint that refused a connection is skipped.
+    pub cooldown: Duration,
+}
+
+#[derive(Clone)]
+pub struct RouterState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    routes: Arc<Routes>,
+    client: reqwest::Client,
+    metrics: RouterMetrics,
+    settings: RouterSettings,
+    synced: AtomicBool,
+    model_lists: Mutex<HashMap<(String, u64), (Instant, PoolAnswer)>>,
+}
+
+/// What a pool said when asked for its models with the caller's key.
+#[derive(Debug, Clone)]
+enum PoolAnswer {
+    Models(Vec<Value>),
+    Rejected,
+    Unavailable,
+}
+
+impl RouterState {
+    pub fn new(routes: Arc<Routes>, client: reqwest::Client, settings: RouterSettings) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                routes,
+                client,
+                metrics: RouterMetrics::default(),
+                settings,
+                synced: AtomicBool::new(false),
+                model_lists: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn set_synced(&self) {
+        self.inner.synced.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_synced(&self) -> bool {
+        self.inner.synced.load(Ordering::SeqCst)
+    }
+
+    pub fn metrics(&self) -> &RouterMetrics {
+        &self.inner.metrics
+    }
+}
+
+/// `POST …/chat/completions` on every API path.
+pub async fn chat(State(state): State<RouterState>, request: Request) -> Response {
+    let path = request.uri().path().to_string();
+    let envelope = path.starts_with("/api/");
+    let (parts, body) = request.into_parts();
+    let request_id = parts.headers.get(&REQUEST_ID).cloned().unwrap_or_else(|| {
+        HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()).unwrap_or(HeaderValue::from_static("unknown"))
+    });
+    let mut response = match route(&state, &path, &parts.headers, &request_id, body).await {
+        Ok(response) => response,
+        Err((model, e)) => {
+            count(&state, &model, e.status);
+            e.respond(envelope)
+        }
+    };
+    response.headers_mut().insert(REQUEST_ID, request_id);
+    response
+}
+
+fn count(state: &RouterState, model: &str, status: StatusCode) {
+    let labels = ModelStatus { model: model.to_string(), status: status.as_u16() };
+    state.metrics().requests.get_or_create(&labels).inc();
+}
+
+async fn route(
+    state: &RouterState,
+    path: &str,
+    headers: &HeaderMap,
+    request_id: &HeaderValue,
+    body: Body,
+) -> Result<Response, (String, RouterError)> {
+    let unknown = || "unknown".to_string();
+    if !state.is_synced() {
+        return Err((unknown(), RouterError::not_ready()));
+    }
+    let limit = state.inner.settings.max_body_bytes;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| (unknown(), RouterError::body_too_large(limit)))?;
+    let model = requested_model(&bytes).map_err(|e| (unknown(), e))?;
+    let table = state.inner.routes.current();
+    let Some(pool) = table.lookup(&model).cloned() else {
+        return Err((unknown(), RouterError::model_not_found(&model)));
+    };
+    let affinity = if state.inner.settings.prefix_affinity { balancer::prefix_key(&bytes) } else { None };
+    let mut tried = Vec::new();
+    loop {
+        let Some(endpoint) =
+            balancer::pick(&pool, &tried, affinity, state.inner.settings.max_imbalance, Instant::now())
+        else {
+            return Err((pool.model.clone(), RouterError::no_endpoint(&model)));
+        };
+        let guard = endpoint.start();
+        let gauge = ModelGauge::start(
+            state.metrics().in_flight.get_or_create(&ModelLabel { model: pool.model.clone() }).clone(),
+        );
+        let started = Instant::now();
+        let upstream = state
+            .inner
+            .client
+            .post(format!("{}{path}", endpoint.url))
+            .headers(forwarded(headers, request_id))
+            .body(bytes.clone())
+            .send()
+            .await;
+        match upstream {
+            Ok(answer) => {
+                state.metrics().upstream_latency.observe(started.elapsed().as_secs_f64());
+                count(state, &pool.model, answer.status());
+                return Ok(relay(answer, guard, gauge, started, state.metrics().time_to_first_byte.clone()));
+            }
+            // Nothing reached the worker: another one may take the request.
+            Err(e) if e.is_connect() => {
+                tracing::warn!(endpoint = %endpoint.url, error = %e, "worker unreachable; trying another");
+                endpoint.mark_down(state.inner.settings.cooldown);
+                state.metrics().retries.inc();
+                tried.push(endpoint.clone());
+            }
+            Err(e) => return Err((pool.model.clone(), RouterError::upstream(e))),
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ModelField {
+    model: Option<Value>,
+}
+
+fn requested_model(body: &[u8]) -> Result<String, RouterError> {
+    let parsed: ModelField = serde_json::from_slice(body).map_err(RouterError::bad_json)?;
+    match parsed.model {
+        Some(Value::String(model)) => Ok(model),
+        _ => Err(RouterError::missing_model()),
+    }
+}
+
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+];
+
+fn forwarded(headers: &HeaderMap, request_id: &HeaderValue) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for (name, value) in headers {
+        if HOP_BY_HOP.contains(&name.as_str()) || name == header::CONTENT_LENGTH {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out.insert(REQUEST_ID, request_id.clone());
+    out
+}
+
+/// Keeps the per-model in-flight gauge up while a request is relayed.
+struct ModelGauge(Gauge);
+
+impl ModelGauge {
+    fn start(gauge: Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for ModelGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+fn relay(answer: reqwest::Response, guard: InFlight, gauge: ModelGauge, started: Instant, ttfb: Histogram) -> Response {
+    let status = answer.status();
+    let mut headers = HeaderMap::new();
+    for (name, value) in answer.headers() {
+        if HOP_BY_HOP.contains(&name.as_str()) || name == header::CONTENT_LENGTH {
+            continue;
+        }
+        headers.append(name.clone(), value.clone());
+    }
+    let sse = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let body = Relayed {
+        inner: Box::pin(answer.bytes_stream()),
+        _guards: (guard, gauge),
+        first_byte: Some((started, ttfb)),
+        sse,
+        done: false,
+    };
+    let mut response = Response::new(Body::from_stream(body));
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
+}
+
+/// A worker's body on its way to the client, chunk by chunk as it arrives. A
+/// stream that breaks off ends with an SSE `error` event rather than a torn
+/// connection. Dropping it (the client left) drops the upstream request too.
+struct Relayed {
+    inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    _guards: (InFlight, ModelGauge),
+    first_byte: Option<(Instant, Histogram)>,
+    sse: bool,
+    done: bool,
+}
+
+impl Stream for Relayed {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match self.inner.as_mut().poll_next(cx) {
+            Poll::Ready(Some(Ok(bytes))) => {
+                if let Some((started, ttfb)) = self.first_byte.take() {
+                    ttfb.observe(started.elapsed().as_secs_f64());
+                }
+                Poll::Ready(Some(Ok(bytes)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.done = true;
+                tracing::warn!(error = %e, "worker stream broke off");
+                if self.sse {
+                    let error = RouterError::upstream(format!("the stream broke off: {e}"));
+                    Poll::Ready(Some(Ok(Bytes::from(format!("\n\ndata: {}\n\n", error.json())))))
+                } else {
+                    Poll::Ready(Some(Err(std::io::Error::other(e))))
+                }
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// `GET …/models`: the union of the pools whose workers accept the caller's key.
+pub async fn models(State(state): State<RouterState>, headers: HeaderMap) -> Response {
+    if !state.is_synced() {
+        return RouterError::not_ready().into_response();
+    }
+    let authorization = headers.get(header::AUTHORIZATION).cloned();
+    let key = {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        authorization.as_ref().map(|v| v.as_bytes().to_vec()).hash(&mut h);
+        h.finish()
+    };
+    let table = state.inner.routes.current();
+    let answers = futures::future::join_all(
+        table.pools().iter().map(|pool| pool_models(&state, pool, authorization.as_ref(), key)),
+    )
+    .await;
+    let rejected = answers.iter().any(|a| matches!(a, PoolAnswer::Rejected));
+    let mut data = Vec::new();
+    for answer in answers {
+        if let PoolAnswer::Models(models) = answer {
+            data.extend(models);
+        }
+    }
+    if data.is_empty() && rejected {
+        return RouterError::invalid_key().into_response();
+    }
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn pool_models(
+    state: &RouterState,
+    pool: &Arc<Pool>,
+    authorization: Option<&HeaderValue>,
+    key: u64,
+) -> PoolAnswer {
+    let cache_key = (pool.model.clone(), key);
+    if let Ok(cache) = state.inner.model_lists.lock() {
+        if let Some((at, answer)) = cache.get(&cache_key) {
+            if at.elapsed() < MODEL_LIST_TTL {
+                return answer.clone();
+            }
+        }
+    }
+    let Some(endpoint) = balancer::pick(pool, &[], None, 0, Instant::now()) else { return PoolAnswer::Unavailable };
+    let mut request = state.inner.client.get(format!("{}/v1/models", endpoint.url));
+    if let Some(auth) = authorization {
+        request = request.header(header::AUTHORIZATION, auth.clone());
+    }
+    let answer = match request.send().await {
+        Ok(r) if r.status() == StatusCode::UNAUTHORIZED || r.status() == StatusCode::FORBIDDEN => PoolAnswer::Rejected,
+        Ok(r) if r.status().is_success() => match r.bytes().await.map(|b| serde_json::from_slice::<Value>(&b)) {
+            Ok(Ok(list)) => PoolAnswer::Models(list.get("data").and_then(Value::as_array).cloned().unwrap_or_default()),
+            _ => PoolAnswer::Unavailable,
+        },
+        Ok(_) => PoolAnswer::Unavailable,
+        Err(e) => {
+            if e.is_connect() {
+                endpoint.mark_down(state.inner.settings.cooldown);
+            }
+            PoolAnswer::Unavailable
+        }
+    };
+    if !matches!(answer, PoolAnswer::Unavailable) {
+        if let Ok(mut cache) = state.inner.model_lists.lock() {
+            cache.retain(|_, (at, _)| at.elapsed() < MODEL_LIST_TTL);
+            cache.insert(cache_key, (Instant::now(), answer.clone()));
+        }
+    }
+    answer
+}
