@@ -111,6 +111,22 @@ def test_streams_pass_through_unbuffered(fleet):
     assert arrivals[-1] - arrivals[1] > 0.3, arrivals[-1] - arrivals[1]
 
 
+def test_client_that_leaves_stops_the_workers_generation(fleet):
+    stream = client(fleet["router"], KEY_A).chat.completions.create(
+        model="smollm2", messages=HELLO, max_tokens=2000, stream=True, logit_bias=NO_EOS
+    )
+    it = iter(stream)
+    for _ in range(3):
+        next(it)
+    running = lambda: sum(metric(w, "vllm:num_requests_running") for w in fleet["workers"][:2])  # noqa: E731
+    assert running() == 1
+    stream.close()
+    deadline = time.monotonic() + 10
+    while running() != 0:
+        assert time.monotonic() < deadline, "the worker kept generating after the client left"
+        time.sleep(0.05)
+
+
 def test_unknown_model_is_the_routers_404(fleet):
     with pytest.raises(openai.NotFoundError) as e:
         client(fleet["router"], KEY_A).chat.completions.create(model="nope", messages=HELLO)

@@ -300,6 +300,11 @@ def test_metrics_expose_vllm_gauges_and_counts(worker):
     assert metric(worker, "kandle_completion_tokens_total") > 0
     assert metric(worker, "kandle_time_to_first_token_seconds_count") > 0
     assert metric(worker, "kandle_requests_total") > 0
+    # Once the work is done the load gauges return to zero.
+    deadline = time.monotonic() + 5
+    while metric(worker, "vllm:num_requests_running") != 0 or metric(worker, "kandle_batch_size") != 0:
+        assert time.monotonic() < deadline, "load gauges stuck after the request finished"
+        time.sleep(0.05)
 
 
 def test_client_disconnect_stops_generation(worker):

@@ -6,6 +6,7 @@ use kube::runtime::events::Recorder;
 use kube::runtime::reflector::Store;
 
 use super::build::BuildSettings;
+use super::model_info::ModelProbe;
 use crate::api::ModelDeployment;
 use crate::telemetry::Metrics;
 
@@ -16,4 +17,6 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Every ModelDeployment the controller watches, for model-name conflicts.
     pub store: Store<ModelDeployment>,
+    /// Asks a ready pool which model it loaded.
+    pub model_probe: ModelProbe,
 }

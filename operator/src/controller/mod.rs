@@ -5,6 +5,7 @@ pub mod apply;
 pub mod build;
 pub mod context;
 pub mod dereference;
+pub mod model_info;
 pub mod status;
 pub mod validate;
 
@@ -28,7 +29,7 @@ pub use context::Context;
 #[cfg(test)]
 mod tests;
 
-use crate::api::ModelDeployment;
+use crate::api::{ModelDeployment, ModelDeploymentStatus, ModelInfo};
 use crate::telemetry::Metrics;
 use crate::{Error, Result};
 
@@ -62,9 +63,26 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
     };
     let children = build::children(md, &location, &ctx.settings)?;
     let deployment = apply::run(&ctx.client, &namespace, &name, &children).await?;
-    let status = status::compute(md, status::Observed::Applied(&deployment), &ctx.settings.cluster_domain, &now);
+    let mut status = status::compute(md, status::Observed::Applied(&deployment), &ctx.settings.cluster_domain, &now);
+    status.model = model(md, &status, ctx).await;
     status::publish(md, status, &ctx.client, &ctx.recorder).await?;
     Ok(Action::requeue(RESYNC))
+}
+
+/// The model the workers report: kept while the spec is unchanged, asked again
+/// once workers of a new spec are ready, dropped while none is.
+async fn model(md: &ModelDeployment, status: &ModelDeploymentStatus, ctx: &Context) -> Option<ModelInfo> {
+    let previous = md.status.as_ref();
+    let same_spec = previous.and_then(|p| p.observed_generation) == md.metadata.generation;
+    let known = previous.and_then(|p| p.model.clone()).filter(|_| same_spec);
+    match (status.ready_replicas > 0, known) {
+        (true, Some(info)) => Some(info),
+        (true, None) => match &status.endpoint {
+            Some(endpoint) => (ctx.model_probe)(endpoint.clone()).await,
+            None => None,
+        },
+        (false, known) => known,
+    }
 }
 
 /// Backs off by error kind: conflicts resolve quickly, a rejected object does not.
@@ -109,6 +127,7 @@ pub async fn run(
         ),
         metrics,
         store,
+        model_probe: model_info::http_probe(reqwest::Client::new()),
     });
     controller
         .owns::<Deployment>(scoped(&client, config.namespace.as_deref()), owned.clone())

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use super::build::BuildSettings;
 use super::{reconcile, Context};
-use crate::api::{ModelDeployment, ModelDeploymentStatus};
+use crate::api::{ModelDeployment, ModelDeploymentStatus, ModelInfo};
 use crate::rbac;
 use crate::telemetry::Metrics;
 
@@ -139,6 +139,17 @@ fn context(handle_client: kube::Client, others: &[ModelDeployment]) -> Arc<Conte
         recorder: Recorder::new(handle_client, Reporter { controller: "kandle-operator".into(), instance: None }),
         metrics: Arc::new(Metrics::default()),
         store,
+        model_probe: Arc::new(|endpoint: String| {
+            Box::pin(async move {
+                assert_eq!(endpoint, "http://smollm2.models.svc.cluster.local:8080");
+                Some(ModelInfo {
+                    architecture: "llama".into(),
+                    quantization: "Q4_1".into(),
+                    context_length: 4096,
+                    parameters: 134_515_008,
+                })
+            })
+        }),
     })
 }
 
@@ -281,6 +292,8 @@ async fn status_follows_deployment_readiness_and_is_not_rewritten_when_unchanged
     assert_eq!(status["status"]["phase"], "Ready");
     assert_eq!(status["status"]["readyReplicas"], 1);
     assert_eq!(condition(status, "Ready")["reason"], "Available");
+    assert_eq!(status["status"]["model"]["architecture"], "llama");
+    assert_eq!(status["status"]["model"]["contextLength"], 4096);
 
     // The same observation again: no status write, no events.
     target.status = Some(serde_json::from_value::<ModelDeploymentStatus>(status["status"].clone()).expect("status"));

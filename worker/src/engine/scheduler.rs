@@ -54,6 +54,8 @@ impl Scheduler {
             self.admit();
             self.publish_load();
             self.step_all();
+            // Again after the step, so the gauges fall to zero before the thread idles.
+            self.publish_load();
         }
     }
 
