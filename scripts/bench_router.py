@@ -2,6 +2,10 @@
 """Router overhead benchmark: the same chat requests sent straight to a worker and
 through `kandle-operator router`, measured in one run on one machine.
 
+Two workloads: `light` requests that the worker rejects at once (an invalid
+temperature, answered 400 after the full proxy path: body, model lookup,
+endpoint choice, upstream request, relay), which isolates what the router adds;
+and `generate` requests for one token, which shows that cost against real work.
 Reports latency percentiles (sequential requests) and throughput (concurrent
 clients) for both paths, the latency the router adds, and the ratios.
 
@@ -27,20 +31,23 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import Router, Worker, smollm2_path  # noqa: E402
 
-BODY = json.dumps({
-    "model": "smollm2",
-    "messages": [{"role": "user", "content": "Say yes."}],
-    "max_tokens": 1,
-    "temperature": 0,
-}).encode()
+WORKLOADS = {
+    # (body, expected status)
+    "light": (json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "Say yes."}],
+                          "temperature": 5}).encode(), 400),
+    "generate": (json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "Say yes."}],
+                             "max_tokens": 1, "temperature": 0}).encode(), 200),
+}
+WORKLOAD = WORKLOADS["light"]
 
 
 def one_request(conn: http.client.HTTPConnection) -> float:
+    body, expected = WORKLOAD
     started = time.perf_counter()
-    conn.request("POST", "/v1/chat/completions", body=BODY, headers={"Content-Type": "application/json"})
+    conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
     response = conn.getresponse()
     response.read()
-    if response.status != 200:
+    if response.status != expected:
         raise RuntimeError(f"status {response.status}")
     return time.perf_counter() - started
 
@@ -86,7 +93,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--bin-dir", default=str(ROOT / "target" / "debug"))
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="light")
     args = parser.parse_args()
+    global WORKLOAD
+    WORKLOAD = WORKLOADS[args.workload]
     os.environ["KANDLE_WORKER_BIN"] = str(pathlib.Path(args.bin_dir) / "kandle-worker")
     os.environ["KANDLE_OPERATOR_BIN"] = str(pathlib.Path(args.bin_dir) / "kandle-operator")
 
@@ -109,7 +119,8 @@ def main() -> None:
                     s.stop()
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}")
-    print(f"binaries: {args.bin_dir}; {args.requests} sequential requests, {args.concurrency} clients for {args.seconds:.0f}s")
+    print(f"binaries: {args.bin_dir}; workload {args.workload}; {args.requests} sequential requests, "
+          f"{args.concurrency} clients for {args.seconds:.0f}s")
     print(f"{'':>10} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8}")
     for name, lat, rps in (("direct", direct, direct_rps), ("router", routed, routed_rps)):
         print(f"{name:>10} {pct(lat, 50) * 1e3:8.2f} {pct(lat, 99) * 1e3:8.2f} {rps:8.1f}")
