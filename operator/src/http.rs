@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
@@ -45,8 +45,13 @@ async fn ready(State(state): State<OpsState>) -> impl IntoResponse {
     }
 }
 
-async fn metrics_text(State(state): State<OpsState>) -> impl IntoResponse {
-    match state.metrics.encode() {
+async fn metrics_text(State(state): State<OpsState>) -> Response {
+    exposition(state.metrics.encode())
+}
+
+/// A Prometheus registry's text as a `/metrics` response.
+pub fn exposition(encoded: Result<String, std::fmt::Error>) -> Response {
+    match encoded {
         Ok(text) => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],

@@ -177,6 +177,28 @@ fn not_found() -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
 }
 
+/// A minimal object as the API server would return it.
+fn bare(api_version: &str, kind: &str, name: &str) -> Value {
+    json!({"apiVersion": api_version, "kind": kind, "metadata": {"name": name, "namespace": NS}})
+}
+
+/// A successful round for the single-replica `smollm2`: the Secret check, the
+/// children (the Deployment answered with `deployment`), then, when the status
+/// changes, its patch and `events` events.
+fn applied_round(deployment: Value, events_published: usize) -> Vec<Call> {
+    let mut calls = vec![
+        Call::new(Method::GET, SECRET, 200, secret_meta()),
+        Call::new(Method::PATCH, DEPLOYMENT, 200, deployment),
+        Call::new(Method::PATCH, SERVICE, 200, bare("v1", "Service", "smollm2")),
+        Call::new(Method::DELETE, PDB, 404, not_found()),
+    ];
+    if events_published > 0 {
+        calls.push(Call::new(Method::PATCH, STATUS, 200, stored("smollm2")));
+        calls.extend(events(events_published));
+    }
+    calls
+}
+
 /// The applied Deployment echoed back with a status.
 fn deployment_with(seen_body: &Value, status: Value) -> Value {
     let mut d = seen_body.clone();
@@ -270,24 +292,8 @@ async fn create_applies_children_with_owner_references_and_reports_progress() {
 async fn status_follows_deployment_readiness_and_is_not_rewritten_when_unchanged() {
     let mut target = md("smollm2", "uid-1", "2026-01-01T00:00:00Z", smollm2_spec());
     let ready = json!({"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1, "availableReplicas": 1});
-    let applied = deployment_with(
-        &json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "smollm2"}}),
-        ready,
-    );
-    let mut calls = vec![
-        Call::new(Method::GET, SECRET, 200, secret_meta()),
-        Call::new(Method::PATCH, DEPLOYMENT, 200, applied.clone()),
-        Call::new(
-            Method::PATCH,
-            SERVICE,
-            200,
-            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "smollm2"}}),
-        ),
-        Call::new(Method::DELETE, PDB, 404, not_found()),
-        Call::new(Method::PATCH, STATUS, 200, stored("smollm2")),
-    ];
-    calls.extend(events(3));
-    let seen = run(target.clone(), &[], calls).await;
+    let applied = deployment_with(&bare("apps/v1", "Deployment", "smollm2"), ready);
+    let seen = run(target.clone(), &[], applied_round(applied.clone(), 3)).await;
     let status = &seen[4].body;
     assert_eq!(status["status"]["phase"], "Ready");
     assert_eq!(status["status"]["readyReplicas"], 1);
@@ -297,43 +303,14 @@ async fn status_follows_deployment_readiness_and_is_not_rewritten_when_unchanged
 
     // The same observation again: no status write, no events.
     target.status = Some(serde_json::from_value::<ModelDeploymentStatus>(status["status"].clone()).expect("status"));
-    let calls = vec![
-        Call::new(Method::GET, SECRET, 200, secret_meta()),
-        Call::new(Method::PATCH, DEPLOYMENT, 200, applied),
-        Call::new(
-            Method::PATCH,
-            SERVICE,
-            200,
-            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "smollm2"}}),
-        ),
-        Call::new(Method::DELETE, PDB, 404, not_found()),
-    ];
-    run(target, &[], calls).await;
+    run(target, &[], applied_round(applied, 0)).await;
 }
 
 #[tokio::test]
 async fn spec_update_rolls_the_deployment() {
     let apply_once = |spec: Value| async move {
         let target = md("smollm2", "uid-1", "2026-01-01T00:00:00Z", spec);
-        let mut calls = vec![
-            Call::new(Method::GET, SECRET, 200, secret_meta()),
-            Call::new(
-                Method::PATCH,
-                DEPLOYMENT,
-                200,
-                json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "smollm2"}}),
-            ),
-            Call::new(
-                Method::PATCH,
-                SERVICE,
-                200,
-                json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "smollm2"}}),
-            ),
-            Call::new(Method::DELETE, PDB, 404, not_found()),
-            Call::new(Method::PATCH, STATUS, 200, stored("smollm2")),
-        ];
-        calls.extend(events(3));
-        run(target, &[], calls).await.swap_remove(1).body
+        run(target, &[], applied_round(bare("apps/v1", "Deployment", "smollm2"), 3)).await.swap_remove(1).body
     };
     let before = apply_once(smollm2_spec()).await;
     let mut changed = smollm2_spec();
@@ -364,25 +341,7 @@ async fn missing_secret_degrades_then_recovers_when_it_appears() {
     // The Secret appears.
     let mut recovering = target;
     recovering.status = Some(serde_json::from_value(status["status"].clone()).expect("status"));
-    let mut calls = vec![
-        Call::new(Method::GET, SECRET, 200, secret_meta()),
-        Call::new(
-            Method::PATCH,
-            DEPLOYMENT,
-            200,
-            json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "smollm2"}}),
-        ),
-        Call::new(
-            Method::PATCH,
-            SERVICE,
-            200,
-            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "smollm2"}}),
-        ),
-        Call::new(Method::DELETE, PDB, 404, not_found()),
-        Call::new(Method::PATCH, STATUS, 200, stored("smollm2")),
-    ];
-    calls.extend(events(3));
-    let seen = run(recovering, &[], calls).await;
+    let seen = run(recovering, &[], applied_round(bare("apps/v1", "Deployment", "smollm2"), 3)).await;
     let status = &seen[4].body;
     assert_eq!(condition(status, "Degraded")["status"], "False");
     assert_eq!(status["status"]["phase"], "Progressing");

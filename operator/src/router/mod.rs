@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
@@ -69,16 +69,8 @@ async fn ready(State(state): State<RouterState>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(state): State<RouterState>) -> impl IntoResponse {
-    match state.metrics().encode() {
-        Ok(text) => (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-            text,
-        )
-            .into_response(),
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    }
+async fn metrics(State(state): State<RouterState>) -> axum::response::Response {
+    crate::http::exposition(state.metrics().encode())
 }
 
 /// Serves until `shutdown` resolves, then drains in-flight streams.
