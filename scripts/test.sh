@@ -10,6 +10,6 @@ export KANDLE_TEST_GGUF
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# Also builds both binaries (each crate has integration tests), which pytest drives.
 cargo test --workspace --locked
-cargo build --workspace --bins --locked
 python3 -m pytest tests -q

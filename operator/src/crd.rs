@@ -40,8 +40,10 @@ mod tests {
     }
 
     #[test]
-    fn crds_directory_matches_the_types() {
-        check_generated("crds/modeldeployments.kandle.dev.yaml", &yaml().expect("renders"));
+    fn crds_directory_and_chart_match_the_types() {
+        let generated = yaml().expect("renders");
+        check_generated("crds/modeldeployments.kandle.dev.yaml", &generated);
+        check_generated("charts/kandle/crds/modeldeployments.kandle.dev.yaml", &generated);
     }
 
     #[test]

