@@ -26,6 +26,36 @@ pub enum LogFormat {
 pub enum Command {
     /// Load a model and serve the Chat Completions API.
     Serve(ServeConfig),
+    /// Download a model (hf://, https://) into a directory, or check that a
+    /// file:// or pvc:// one exists; prints the path to pass to `serve --model`.
+    Fetch(FetchArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FetchArgs {
+    /// hf://org/repo[/file][@revision], https://host/path/model.gguf,
+    /// file:///path or pvc://claim/path.
+    pub url: String,
+
+    /// Directory to download into (partial files end in .part and resume).
+    #[arg(long, env = "KANDLE_DEST")]
+    pub dest: PathBuf,
+
+    /// Revision of an hf:// source (branch, tag or commit); default main.
+    #[arg(long, env = "KANDLE_REVISION")]
+    pub revision: Option<String>,
+
+    /// Expected SHA-256 of a single-file source (64 hex digits).
+    #[arg(long, env = "KANDLE_SHA256")]
+    pub sha256: Option<String>,
+
+    /// Token for private or gated Hugging Face repositories.
+    #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
+    pub hf_token: Option<String>,
+
+    /// Base URL of the Hugging Face Hub (or a mirror).
+    #[arg(long, env = "HF_ENDPOINT", default_value = "https://huggingface.co")]
+    pub hf_endpoint: String,
 }
 
 #[derive(Debug, Clone, Args)]

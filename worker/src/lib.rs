@@ -5,6 +5,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod engine;
+pub mod fetch;
 pub mod metrics;
 pub mod model;
 pub mod server;

@@ -5,6 +5,19 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
+        Command::Fetch(args) => tokio::runtime::Runtime::new().map_err(anyhow::Error::from).and_then(|rt| {
+            let config = kandle_worker::fetch::FetchConfig {
+                url: args.url,
+                dest: args.dest,
+                revision: args.revision,
+                sha256: args.sha256,
+                token: args.hf_token,
+                endpoint: args.hf_endpoint,
+            };
+            let path = rt.block_on(kandle_worker::fetch::run(&config))?;
+            println!("{}", path.display());
+            Ok(())
+        }),
         Command::Serve(config) => {
             if config.threads > 0 {
                 // candle's CPU kernels size their thread pools from this variable; it
