@@ -5,7 +5,7 @@ mod status;
 
 pub use spec::{
     AuthSpec, EngineSpec, ModelDeployment, ModelDeploymentSpec, ModelSource, PodTemplate, SamplingDefaults,
-    SecretReference,
+    SecretReference, SourceCache,
 };
 pub use status::{ModelDeploymentStatus, ModelInfo};
 

@@ -115,6 +115,21 @@ pub struct ModelSource {
     /// Secret with a token for private sources (key `token`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretReference>,
+
+    /// A PersistentVolumeClaim the workers share for downloaded models (ReadWriteMany
+    /// when pods run on several nodes). Without it each pod downloads into its own
+    /// emptyDir volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<SourceCache>,
+}
+
+/// Where `hf://` and `https://` sources are downloaded to.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceCache {
+    /// Name of a PersistentVolumeClaim in the ModelDeployment's namespace.
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"), length(max = 253))]
+    pub claim_name: String,
 }
 
 /// A Secret in the ModelDeployment's namespace.

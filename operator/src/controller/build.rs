@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, DownwardAPIVolumeFile, DownwardAPIVolumeSource, EmptyDirVolumeSource,
-    EnvVar, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
-    Volume, VolumeMount,
+    EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -19,6 +19,8 @@ use crate::api::ModelDeployment;
 use crate::{labels, Error, Result, WORKER_PORT};
 
 pub const KEYS_DIR: &str = "/var/run/kandle/keys";
+/// Where the init container downloads remote sources (emptyDir or the cache claim).
+pub const CACHE_MOUNT: &str = "/var/lib/kandle/cache";
 pub const PVC_MOUNT: &str = "/var/lib/kandle/models";
 pub const TEMPLATE_DIR: &str = "/etc/kandle/template";
 pub const TEMPLATE_FILE: &str = "chat_template.jinja";
@@ -56,17 +58,34 @@ pub enum ModelLocation {
     Container(String),
     /// A path inside a PersistentVolumeClaim.
     Claim { claim: String, path: String },
+    /// Downloaded by an init container (`kandle-worker fetch`) into `dir` under the
+    /// cache mount; `file` when the source names one file.
+    Download { dir: String, file: Option<String> },
 }
 
 impl ModelLocation {
-    /// Parses `file://` and `pvc://` URLs; other schemes need a download first.
+    /// Where a source URL puts the model: `file://` and `pvc://` are mounted,
+    /// `hf://` and `https://` downloaded (each source into its own directory).
     pub fn parse(url: &str) -> Option<Self> {
         if let Some(path) = url.strip_prefix("file://") {
             return path.starts_with('/').then(|| Self::Container(path.to_string()));
         }
-        let rest = url.strip_prefix("pvc://")?;
-        let (claim, path) = rest.split_once('/').unwrap_or((rest, ""));
-        (!claim.is_empty()).then(|| Self::Claim { claim: claim.to_string(), path: path.to_string() })
+        if let Some(rest) = url.strip_prefix("pvc://") {
+            let (claim, path) = rest.split_once('/').unwrap_or((rest, ""));
+            return (!claim.is_empty()).then(|| Self::Claim { claim: claim.to_string(), path: path.to_string() });
+        }
+        if let Some(rest) = url.strip_prefix("hf://") {
+            let (path, revision) = rest.split_once('@').unwrap_or((rest, "main"));
+            let mut parts = path.splitn(3, '/');
+            let (org, repo) = (parts.next()?, parts.next()?);
+            let file = parts.next().filter(|f| !f.is_empty()).map(str::to_string);
+            let safe = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+            if !(safe(org) && safe(repo) && safe(revision)) || file.as_deref().is_some_and(|f| f.contains("..")) {
+                return None;
+            }
+            return Some(Self::Download { dir: format!("hf/{org}/{repo}/{revision}"), file });
+        }
+        url.starts_with("https://").then(|| Self::Download { dir: format!("url/{:016x}", fnv1a(url)), file: None })
     }
 
     fn container_path(&self) -> String {
@@ -74,8 +93,15 @@ impl ModelLocation {
             Self::Container(path) => path.clone(),
             Self::Claim { path, .. } if path.is_empty() => PVC_MOUNT.to_string(),
             Self::Claim { path, .. } => format!("{PVC_MOUNT}/{path}"),
+            Self::Download { dir, file: Some(file) } => format!("{CACHE_MOUNT}/{dir}/{file}"),
+            Self::Download { dir, file: None } => format!("{CACHE_MOUNT}/{dir}"),
         }
     }
+}
+
+/// A stable 64-bit FNV-1a hash, naming download directories of URL sources.
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// Everything the operator applies for one ModelDeployment.
@@ -160,6 +186,17 @@ pub fn children(md: &ModelDeployment, location: &ModelLocation, settings: &Build
     Ok(Children { deployment, service, pdb })
 }
 
+/// The restricted pod security profile of every kandle container.
+fn restricted_container() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
+        ..SecurityContext::default()
+    }
+}
+
 fn pod_template(
     md: &ModelDeployment,
     name: &str,
@@ -202,6 +239,62 @@ fn pod_template(
             mount_path: PVC_MOUNT.into(),
             read_only: Some(true),
             ..VolumeMount::default()
+        });
+    }
+
+    let mut init_containers = Vec::new();
+    if let ModelLocation::Download { dir, .. } = location {
+        let source = &spec.source;
+        volumes.push(Volume {
+            name: "model-cache".into(),
+            persistent_volume_claim: source.cache.as_ref().map(|c| PersistentVolumeClaimVolumeSource {
+                claim_name: c.claim_name.clone(),
+                read_only: Some(false),
+            }),
+            empty_dir: source.cache.is_none().then(EmptyDirVolumeSource::default),
+            ..Volume::default()
+        });
+        let mount = |read_only: bool| VolumeMount {
+            name: "model-cache".into(),
+            mount_path: CACHE_MOUNT.into(),
+            read_only: Some(read_only),
+            ..VolumeMount::default()
+        };
+        mounts.push(mount(true));
+        let mut fetch_args =
+            vec!["fetch".to_string(), source.url.clone(), "--dest".into(), format!("{CACHE_MOUNT}/{dir}")];
+        if let Some(revision) = &source.revision {
+            fetch_args.extend(["--revision".into(), revision.clone()]);
+        }
+        if let Some(sha256) = &source.sha256 {
+            fetch_args.extend(["--sha256".into(), sha256.clone()]);
+        }
+        let mut env =
+            vec![EnvVar { name: "KANDLE_LOG_FORMAT".into(), value: Some("json".into()), ..EnvVar::default() }];
+        if let Some(secret) = &source.credentials_secret_ref {
+            env.push(EnvVar {
+                name: "HF_TOKEN".into(),
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: secret.name.clone(),
+                        key: "token".into(),
+                        optional: None,
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            });
+        }
+        init_containers.push(Container {
+            name: "fetch".into(),
+            args: Some(fetch_args),
+            env: Some(env),
+            volume_mounts: Some(vec![
+                mount(false),
+                VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..VolumeMount::default() },
+            ]),
+            security_context: Some(restricted_container()),
+            ..Container::default()
         });
     }
 
@@ -305,16 +398,13 @@ fn pod_template(
         startup_probe: Some(probe("/ready", 5, 360)),
         readiness_probe: Some(probe("/ready", 5, 3)),
         liveness_probe: Some(probe("/health", 10, 3)),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(restricted_container()),
         volume_mounts: Some(mounts),
         ..Container::default()
     };
+    for init in &mut init_containers {
+        init.image = container.image.clone();
+    }
 
     Ok(PodTemplateSpec {
         metadata: Some(ObjectMeta {
@@ -324,6 +414,7 @@ fn pod_template(
         }),
         spec: Some(PodSpec {
             containers: vec![container],
+            init_containers: (!init_containers.is_empty()).then_some(init_containers),
             volumes: Some(volumes),
             node_selector: (!pod.node_selector.is_empty()).then_some(pod.node_selector),
             tolerations: (!pod.tolerations.is_empty()).then_some(pod.tolerations),
@@ -465,6 +556,44 @@ mod tests {
     }
 
     #[test]
+    fn remote_sources_are_fetched_by_an_init_container() {
+        let mut spec = base();
+        spec["source"] = json!({"url": "hf://HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "main",
+                                "credentialsSecretRef": {"name": "hf-token"}});
+        let c = build(spec.clone());
+        let p = pod(&c);
+        let init = p.init_containers.clone().and_then(|i| i.into_iter().next()).expect("init container");
+        let dir = "/var/lib/kandle/cache/hf/HuggingFaceTB/SmolLM2-135M-Instruct/main";
+        assert_eq!(
+            init.args.clone().expect("args"),
+            ["fetch", "hf://HuggingFaceTB/SmolLM2-135M-Instruct", "--dest", dir, "--revision", "main"]
+        );
+        assert_eq!(init.image, worker(&c).image, "the fetcher is the worker image");
+        let token = init.env.iter().flatten().find(|e| e.name == "HF_TOKEN").expect("token env");
+        let key = token.value_from.clone().and_then(|v| v.secret_key_ref).expect("secret ref");
+        assert_eq!((key.name.as_str(), key.key.as_str()), ("hf-token", "token"));
+        assert_eq!(init.security_context.and_then(|s| s.read_only_root_filesystem), Some(true));
+        let rw = init.volume_mounts.iter().flatten().find(|m| m.name == "model-cache").expect("cache mount");
+        assert_eq!(rw.read_only, Some(false));
+        let ro = worker(&c).volume_mounts.into_iter().flatten().find(|m| m.name == "model-cache").expect("mount");
+        assert_eq!(ro.read_only, Some(true));
+        assert_eq!(flag(&c, "--model").as_deref(), Some(dir));
+        let cache = p.volumes.iter().flatten().find(|v| v.name == "model-cache").expect("cache volume");
+        assert!(cache.empty_dir.is_some() && cache.persistent_volume_claim.is_none());
+
+        // A shared cache claim replaces the per-pod emptyDir; a named file is served directly.
+        spec["source"] = json!({"url": "hf://org/repo/m.Q4_K_M.gguf", "sha256": "a".repeat(64),
+                                "cache": {"claimName": "model-cache"}});
+        let c = build(spec);
+        let p = pod(&c);
+        let cache = p.volumes.iter().flatten().find(|v| v.name == "model-cache").expect("cache volume");
+        assert_eq!(cache.persistent_volume_claim.as_ref().map(|c| c.claim_name.as_str()), Some("model-cache"));
+        assert_eq!(flag(&c, "--model").as_deref(), Some("/var/lib/kandle/cache/hf/org/repo/main/m.Q4_K_M.gguf"));
+        let init = p.init_containers.and_then(|i| i.into_iter().next()).expect("init container");
+        assert!(init.args.expect("args").windows(2).any(|w| w[0] == "--sha256" && w[1] == "a".repeat(64)));
+    }
+
+    #[test]
     fn gpu_limits_pick_the_cuda_image_and_carry_resources() {
         let mut spec = base();
         spec["resources"] = json!({"limits": {"nvidia.com/gpu": "1", "memory": "8Gi"}, "requests": {"cpu": "2"}});
@@ -544,10 +673,18 @@ mod tests {
     }
 
     #[test]
-    fn sources_that_need_a_download_have_no_location() {
-        assert_eq!(ModelLocation::parse("hf://org/repo"), None);
-        assert_eq!(ModelLocation::parse("https://h/m.gguf"), None);
+    fn locations_of_every_source() {
+        assert_eq!(
+            ModelLocation::parse("hf://org/repo/m.gguf@v2"),
+            Some(ModelLocation::Download { dir: "hf/org/repo/v2".into(), file: Some("m.gguf".into()) })
+        );
+        let a = ModelLocation::parse("https://h/a.gguf");
+        assert!(matches!(&a, Some(ModelLocation::Download { dir, file: None }) if dir.starts_with("url/")));
+        assert_ne!(a, ModelLocation::parse("https://h/b.gguf"), "each URL gets its own directory");
         assert_eq!(ModelLocation::parse("file://relative"), None);
+        assert_eq!(ModelLocation::parse("hf://org"), None);
+        assert_eq!(ModelLocation::parse("hf://org/repo/../../etc"), None);
+        assert_eq!(ModelLocation::parse("ftp://h/m.gguf"), None);
         assert_eq!(
             ModelLocation::parse("pvc://claim"),
             Some(ModelLocation::Claim { claim: "claim".into(), path: String::new() })

@@ -400,14 +400,12 @@ async fn second_claim_on_a_model_name_is_degraded_and_creates_nothing() {
 }
 
 #[tokio::test]
-async fn remote_sources_report_a_clear_condition_until_fetch_exists() {
+async fn remote_sources_are_applied_with_a_fetching_init_container() {
     let mut spec = smollm2_spec();
     spec["source"] = json!({"url": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"});
-    let mut calls = vec![
-        Call::new(Method::GET, SECRET, 200, secret_meta()),
-        Call::new(Method::PATCH, STATUS, 200, stored("smollm2")),
-    ];
-    calls.extend(events(1));
-    let seen = run(md("smollm2", "uid-1", "2026-01-01T00:00:00Z", spec), &[], calls).await;
-    assert_eq!(condition(&seen[1].body, "Degraded")["reason"], "SourceNotSupported");
+    let target = md("smollm2", "uid-1", "2026-01-01T00:00:00Z", spec);
+    let seen = run(target, &[], applied_round(bare("apps/v1", "Deployment", "smollm2"), 3)).await;
+    let init = &seen[1].body["spec"]["template"]["spec"]["initContainers"][0];
+    assert_eq!(init["args"][0], "fetch");
+    assert_eq!(init["args"][1], "hf://HuggingFaceTB/SmolLM2-135M-Instruct");
 }

@@ -29,7 +29,7 @@ pub fn check(md: &ModelDeployment, refs: &References, others: &[ModelDeployment]
     ModelLocation::parse(&md.spec.source.url).ok_or_else(|| Problem {
         reason: "SourceNotSupported",
         message: format!(
-            "source {} needs downloading, which needs `kandle-worker fetch` (not built yet); use a pvc:// or file:// source",
+            "source {} cannot be served (expected hf://org/repo, https://, pvc://claim/path or file:///path)",
             md.spec.source.url
         ),
     })
