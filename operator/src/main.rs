@@ -86,6 +86,8 @@ struct ControllerArgs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // HTTP clients (kube's, reqwest's) use rustls with ring; install it once for all.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match cli.command {
         Command::Crd => kandle_operator::crd::yaml().map(|y| print!("{y}")).map_err(anyhow::Error::from),
         Command::Controller(args) => {
