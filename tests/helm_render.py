@@ -33,9 +33,9 @@ NON_DEFAULT = {
 }
 
 
-def render(values: dict | None = None) -> dict[str, str]:
+def render(values: dict | None = None, release: str = "kandle") -> dict[str, str]:
     chart = helm.Chart.load(CHART)
-    return chart.render(values or {}, name="kandle", namespace="kandle-system", is_install=True)
+    return chart.render(values or {}, name=release, namespace="kandle-system", is_install=True)
 
 
 if __name__ == "__main__":

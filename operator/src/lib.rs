@@ -4,6 +4,8 @@
 pub mod api;
 pub mod controller;
 pub mod crd;
+#[cfg(test)]
+mod fake_api;
 pub mod http;
 pub mod leader;
 pub mod rbac;
@@ -37,6 +39,10 @@ pub enum Error {
     },
     #[error("the ModelDeployment has no {0}")]
     MissingObjectKey(&'static str),
+    /// The API server refused a child object: only the API server can judge some
+    /// fields (quantities, embedded pod fields). Reported in status; retried slowly.
+    #[error("the API server rejected the {child} (HTTP {code}): {message}")]
+    ChildRejected { child: &'static str, code: u16, message: String },
 }
 
 impl Error {
@@ -49,6 +55,7 @@ impl Error {
             Self::Kube(_) => "transport",
             Self::Serialization { .. } => "serialization",
             Self::MissingObjectKey(_) => "invalid_object",
+            Self::ChildRejected { .. } => "rejected",
         }
     }
 }

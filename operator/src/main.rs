@@ -82,6 +82,10 @@ struct ControllerArgs {
     /// This replica's identity in the Lease (its pod name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Name of the leader-election Lease; each installation needs its own (the
+    /// chart derives it from the release name).
+    #[arg(long, env = "KANDLE_LEASE_NAME", default_value = "kandle-operator-leader")]
+    lease_name: String,
 }
 
 fn main() -> std::process::ExitCode {
@@ -127,7 +131,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let elector = Elector::new(
         kube::Api::namespaced(client.clone(), &args.lease_namespace),
         LeaseConfig {
-            name: "kandle-operator-leader".into(),
+            name: args.lease_name.clone(),
             identity: identity.clone(),
             duration: Duration::from_secs(15),
             renew_every: Duration::from_secs(4),
@@ -166,6 +170,11 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     metrics.leader.set(0);
     if lost {
         anyhow::bail!("lost the leader lease; exiting so a fresh replica can take over")
+    }
+    // Hand over at once rather than leave the pool without a leader until the lease expires.
+    match elector.release().await {
+        Ok(()) => tracing::info!("released the leader lease"),
+        Err(e) => tracing::warn!(error = %e, "cannot release the leader lease; it expires by itself"),
     }
     tracing::info!("stopped");
     Ok(())

@@ -22,8 +22,9 @@ pub fn controller_rules() -> Vec<PolicyRule> {
         rule("apps", &["deployments"], &["get", "list", "watch", "create", "patch"]),
         rule("", &["services"], &["get", "list", "watch", "create", "patch"]),
         rule("policy", &["poddisruptionbudgets"], &["get", "list", "watch", "create", "patch", "delete"]),
-        // Existence checks and metadata watches only; values are never read.
-        rule("", &["secrets"], &["get", "list", "watch"]),
+        // Existence checks of the Secrets a ModelDeployment names (metadata only):
+        // no list or watch, so the controller cannot enumerate Secrets.
+        rule("", &["secrets"], &["get"]),
         rule("events.k8s.io", &["events"], &["create", "patch"]),
     ]
 }

@@ -75,3 +75,43 @@ pub fn init_logging() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
+
+/// Longest error message a log line carries: API errors can hold a whole
+/// response body.
+const MAX_LOGGED: usize = 512;
+
+/// `text` cut to a log line's worth, marked when cut.
+pub fn short(text: &str) -> String {
+    let cut = truncate(text, MAX_LOGGED);
+    if cut.len() < text.len() {
+        format!("{cut}… ({} bytes)", text.len())
+    } else {
+        cut.to_string()
+    }
+}
+
+/// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
+pub fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncates_on_character_boundaries() {
+        assert_eq!(truncate("short", 10), "short");
+        assert_eq!(truncate("abcdef", 3), "abc");
+        assert_eq!(truncate("aé", 2), "a");
+        let long = "x".repeat(2000);
+        assert_eq!(short(&long), format!("{}… (2000 bytes)", "x".repeat(512)));
+    }
+}

@@ -4,6 +4,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use kandle_contract::engine;
 
 #[derive(Debug, Parser)]
 #[command(name = "kandle-worker", version, about = "Serve a language model behind an OpenAI-compatible API")]
@@ -91,19 +92,19 @@ pub struct ServeConfig {
     pub no_auth: bool,
 
     /// Tokens per sequence (prompt + completion); clipped to the model's own context.
-    #[arg(long, env = "KANDLE_MAX_CONTEXT")]
+    #[arg(long, env = "KANDLE_MAX_CONTEXT", value_parser = in_range(engine::MAX_CONTEXT_LENGTH))]
     pub max_context: Option<usize>,
 
     /// Sequences decoded concurrently.
-    #[arg(long, env = "KANDLE_MAX_BATCH_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
-    pub max_batch_size: u16,
+    #[arg(long, env = "KANDLE_MAX_BATCH_SIZE", default_value_t = 8, value_parser = in_range(engine::MAX_BATCH_SIZE))]
+    pub max_batch_size: usize,
 
     /// Requests that may wait for a batch slot before new ones get 429.
     #[arg(long, env = "KANDLE_MAX_WAITING", default_value_t = 64)]
     pub max_waiting: usize,
 
     /// CPU threads for inference; 0 uses every core available to the process.
-    #[arg(long, env = "KANDLE_THREADS", default_value_t = 0)]
+    #[arg(long, env = "KANDLE_THREADS", default_value_t = 0, value_parser = in_range(engine::THREADS))]
     pub threads: usize,
 
     /// A Jinja file replacing the model's chat template.
@@ -111,12 +112,20 @@ pub struct ServeConfig {
     pub chat_template: Option<PathBuf>,
 
     /// Sampling defaults for requests that leave them out, as JSON, e.g.
-    /// '{"temperature":0.7,"top_p":0.8}'. Keys: temperature, top_p, top_k, min_p,
-    /// presence_penalty, frequency_penalty, repetition_penalty.
+    /// '{"temperature":0.7,"topP":0.8}'. Keys: temperature, topP, topK, minP,
+    /// presencePenalty, frequencyPenalty, repetitionPenalty (or the request
+    /// parameters' spelling: top_p, ...).
     #[arg(long, env = "KANDLE_SAMPLING_DEFAULTS")]
     pub sampling_defaults: Option<String>,
 
     /// Largest request body accepted, in bytes; larger ones get 413.
     #[arg(long, env = "KANDLE_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
+}
+
+/// A clap parser for an integer flag whose range the shared contract fixes
+/// (the CRD field that sets the flag has the same range).
+fn in_range(range: std::ops::RangeInclusive<i64>) -> impl clap::builder::TypedValueParser<Value = usize> {
+    use clap::builder::TypedValueParser as _;
+    clap::value_parser!(i64).range(range).try_map(usize::try_from)
 }

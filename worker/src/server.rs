@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use kandle_contract::SamplingDefaults;
 use tokio::net::TcpListener;
 
 use crate::api::request::SamplingOverrides;
@@ -89,7 +90,7 @@ fn load(
     Ok(ModelService::start(
         loaded,
         EngineLimits {
-            max_batch_size: usize::from(config.max_batch_size),
+            max_batch_size: config.max_batch_size,
             max_waiting: config.max_waiting,
             max_context: config.max_context,
         },
@@ -98,11 +99,13 @@ fn load(
     )?)
 }
 
+/// The model's sampling defaults, in the shared contract's form (the one the
+/// CRD's `engine.defaults` has), checked against the same ranges.
 fn parse_defaults(json: Option<&str>) -> anyhow::Result<SamplingOverrides> {
     let Some(json) = json else { return Ok(SamplingOverrides::default()) };
-    let defaults: SamplingOverrides = serde_json::from_str(json).context("--sampling-defaults")?;
-    defaults.validate().map_err(|e| anyhow::anyhow!("--sampling-defaults: {}", e.message))?;
-    Ok(defaults)
+    let defaults: SamplingDefaults = serde_json::from_str(json).context("--sampling-defaults")?;
+    defaults.validate().context("--sampling-defaults")?;
+    Ok(SamplingOverrides::from(&defaults))
 }
 
 /// The file name without extension, or the directory name.

@@ -49,7 +49,8 @@ impl ModelService {
         defaults: SamplingOverrides,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
-        let max_context = limits.max_context.map_or(loaded.info.context_length, |m| m.min(loaded.info.context_length));
+        let model_context = usize::try_from(loaded.info.context_length).unwrap_or(usize::MAX);
+        let max_context = limits.max_context.map_or(model_context, |m| m.min(model_context));
         let tokenizer = Arc::new(loaded.tokenizer);
         let engine = Engine::start(
             EngineModel { weights: loaded.weights, tokenizer: tokenizer.clone(), special: loaded.special.clone() },

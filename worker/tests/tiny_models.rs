@@ -131,7 +131,7 @@ fn each_architecture_loads_and_runs() {
         let parameters = write_checkpoint(dir.path(), arch, CHATML);
         let loaded = model::load(dir.path(), None).unwrap_or_else(|e| panic!("{arch}: {e}"));
         assert_eq!(loaded.info.architecture, arch);
-        assert_eq!(loaded.info.context_length, CONTEXT);
+        assert_eq!(loaded.info.context_length, CONTEXT as u64);
         assert_eq!(loaded.info.quantization, "F32");
         assert_eq!(loaded.info.parameters, parameters, "{arch}");
         let vocab = loaded.tokenizer.get_vocab_size(true);

@@ -1,11 +1,14 @@
 //! The `ModelDeployment` custom resource (`kandle.dev/v1alpha1`).
 
+mod checked;
 mod spec;
 mod status;
 
+pub use checked::{Checked, Undecodable};
+pub use kandle_contract::SamplingDefaults;
 pub use spec::{
-    AuthSpec, EngineSpec, ModelDeployment, ModelDeploymentSpec, ModelSource, PodTemplate, SamplingDefaults,
-    SecretReference, SourceCache,
+    AuthSpec, EngineSpec, ModelDeployment, ModelDeploymentSpec, ModelSource, PodTemplate, SecretReference, SourceCache,
+    LABEL_VALUE,
 };
 pub use status::{ModelDeploymentStatus, ModelInfo};
 

@@ -3,6 +3,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use kandle_contract::engine::{MAX_BATCH_SIZE, MAX_CONTEXT_LENGTH, THREADS};
+use kandle_contract::source::PATTERN as SOURCE_URL;
+use kandle_contract::SamplingDefaults;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +26,8 @@ use super::status::ModelDeploymentStatus;
     status = "ModelDeploymentStatus",
     derive = "PartialEq",
     doc = "A pool of kandle workers serving one language model behind an OpenAI-compatible API.",
+    validation = Rule::new("size(self.metadata.name) <= 63 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
+        .message("metadata.name names the workers' Service, so it must be a DNS-1035 label: at most 63 lowercase letters, digits and '-', starting with a letter (dots go in spec.model)"),
     scale(
         spec_replicas_path = ".spec.replicas",
         status_replicas_path = ".status.replicas",
@@ -41,7 +46,28 @@ use super::status::ModelDeploymentStatus;
         json_path = ".status.phase",
         description = "Ready, Progressing or Degraded"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Architecture",
+        type_ = "string",
+        json_path = ".status.model.architecture",
+        description = "Architecture of the loaded model",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Quantization",
+        type_ = "string",
+        json_path = ".status.model.quantization",
+        description = "Weight format of the loaded model",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Endpoint",
+        type_ = "string",
+        json_path = ".status.endpoint",
+        description = "In-cluster URL of the pool's Service",
+        priority = 1
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ModelDeploymentSpec {
@@ -96,11 +122,12 @@ fn default_replicas() -> i32 {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelSource {
-    /// `hf://org/repo[/file]` (Hugging Face Hub), `https://host/path/model.gguf`,
-    /// `pvc://claim/path/in/claim` or `file:///path/on/the/node`.
-    #[schemars(regex(
-        pattern = r"^(hf://[^/\s]+/[^\s]+|https://[^\s]+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/[^\s]*|file:///[^\s]*)$"
-    ))]
+    /// `hf://org/repo[/file][@revision]` (Hugging Face Hub), `https://host/path/model.gguf`,
+    /// `pvc://claim/path/in/claim` (a PersistentVolumeClaim in this namespace) or
+    /// `file:///path/in/the/worker/image` (a path inside the worker container, for
+    /// images with the model baked in; not a path on the node). Path segments may
+    /// not be `.` or `..`.
+    #[schemars(regex(pattern = SOURCE_URL))]
     pub url: String,
 
     /// Revision (branch, tag or commit) of an `hf://` source.
@@ -128,7 +155,7 @@ pub struct ModelSource {
 #[serde(rename_all = "camelCase")]
 pub struct SourceCache {
     /// Name of a PersistentVolumeClaim in the ModelDeployment's namespace.
-    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"), length(max = 253))]
+    #[schemars(regex(pattern = DNS_SUBDOMAIN), length(max = 253))]
     pub claim_name: String,
 }
 
@@ -136,7 +163,7 @@ pub struct SourceCache {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 pub struct SecretReference {
     /// Name of the Secret.
-    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"), length(max = 253))]
+    #[schemars(regex(pattern = DNS_SUBDOMAIN), length(max = 253))]
     pub name: String,
 }
 
@@ -146,61 +173,28 @@ pub struct SecretReference {
 pub struct EngineSpec {
     /// Sequences each worker decodes concurrently (default 8).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 256))]
-    pub max_batch_size: Option<u16>,
+    #[schemars(range(min = *MAX_BATCH_SIZE.start(), max = *MAX_BATCH_SIZE.end()))]
+    pub max_batch_size: Option<i32>,
 
     /// Tokens per sequence, prompt and completion together; clipped to the model's own context.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 16, max = 1048576))]
-    pub max_context_length: Option<u32>,
+    #[schemars(range(min = *MAX_CONTEXT_LENGTH.start(), max = *MAX_CONTEXT_LENGTH.end()))]
+    pub max_context_length: Option<i32>,
 
     /// CPU threads for inference; 0 uses every core available to the pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0, max = 1024))]
-    pub threads: Option<u32>,
+    #[schemars(range(min = *THREADS.start(), max = *THREADS.end()))]
+    pub threads: Option<i32>,
 
     /// A Jinja chat template replacing the model's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 65536))]
     pub chat_template: Option<String>,
 
-    /// Sampling values for requests that leave them out.
+    /// Sampling values for requests that leave them out (a request's own values win).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = kandle_contract::sampling::one_spelling_each)]
     pub defaults: Option<SamplingDefaults>,
-}
-
-/// Per-model sampling defaults; a request's own values win.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
-#[serde(rename_all = "snake_case")]
-pub struct SamplingDefaults {
-    /// Sampling temperature, 0 (greedy) to 2.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0.0, max = 2.0))]
-    pub temperature: Option<f64>,
-    /// Nucleus sampling mass, above 0 and at most 1.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0.0, max = 1.0))]
-    pub top_p: Option<f64>,
-    /// Sample from the k most likely tokens; 0 disables.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
-    pub top_k: Option<u32>,
-    /// Drop tokens less likely than this fraction of the most likely one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0.0, max = 1.0))]
-    pub min_p: Option<f64>,
-    /// Penalty on tokens already present, -2 to 2.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = -2.0, max = 2.0))]
-    pub presence_penalty: Option<f64>,
-    /// Penalty growing with each repetition, -2 to 2.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = -2.0, max = 2.0))]
-    pub frequency_penalty: Option<f64>,
-    /// Multiplicative penalty on every token seen, above 0 and at most 2; 1 disables.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0.0, max = 2.0))]
-    pub repetition_penalty: Option<f64>,
 }
 
 /// API keys, or none.
@@ -224,6 +218,7 @@ pub struct AuthSpec {
 pub struct PodTemplate {
     /// Node labels the pods must match.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(transform = label_values)]
     pub node_selector: BTreeMap<String, String>,
     /// Taints the pods tolerate.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -233,14 +228,32 @@ pub struct PodTemplate {
     pub affinity: Option<Affinity>,
     /// Extra pod labels (kandle's own labels win).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(transform = label_values)]
     pub labels: BTreeMap<String, String>,
     /// Extra pod annotations.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
     /// Service account the pods run as.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DNS_SUBDOMAIN), length(max = 253))]
     pub service_account_name: Option<String>,
     /// Priority class of the pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DNS_SUBDOMAIN), length(max = 253))]
     pub priority_class_name: Option<String>,
+}
+
+/// Kubernetes object names that are DNS subdomains (RFC 1123).
+const DNS_SUBDOMAIN: &str = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$";
+/// Label values: at most 63 characters, alphanumeric at both ends.
+pub const LABEL_VALUE: &str = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$";
+
+/// Label maps: every value a valid label value. (Keys are checked by the
+/// controller: a schema cannot constrain map keys without a CEL rule whose
+/// cost the API server cannot bound.)
+fn label_values(schema: &mut schemars::Schema) {
+    schema.insert(
+        "additionalProperties".into(),
+        serde_json::json!({"type": "string", "maxLength": 63, "pattern": LABEL_VALUE}),
+    );
 }

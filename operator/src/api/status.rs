@@ -4,6 +4,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
+pub use kandle_contract::ModelInfo;
+
 /// The pool as the operator last observed it.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
@@ -38,18 +40,4 @@ pub struct ModelDeploymentStatus {
     /// Ready, Progressing and Degraded, with reasons.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
-}
-
-/// The loaded model, as a worker's /ready reports it.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
-#[serde(rename_all = "camelCase")]
-pub struct ModelInfo {
-    /// Model architecture, e.g. llama.
-    pub architecture: String,
-    /// Weight format, e.g. Q4_1 or BF16.
-    pub quantization: String,
-    /// Tokens per sequence the worker accepts.
-    pub context_length: i64,
-    /// Number of weights.
-    pub parameters: i64,
 }

@@ -15,13 +15,15 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 
+use kandle_contract::source::PVC_MOUNT;
+use kandle_contract::{SourceError, SourceUrl};
+
 use crate::api::ModelDeployment;
 use crate::{labels, Error, Result, WORKER_PORT};
 
 pub const KEYS_DIR: &str = "/var/run/kandle/keys";
 /// Where the init container downloads remote sources (emptyDir or the cache claim).
 pub const CACHE_MOUNT: &str = "/var/lib/kandle/cache";
-pub const PVC_MOUNT: &str = "/var/lib/kandle/models";
 pub const TEMPLATE_DIR: &str = "/etc/kandle/template";
 pub const TEMPLATE_FILE: &str = "chat_template.jinja";
 /// The chat template travels as a pod annotation, mounted as a file by the downward API.
@@ -66,26 +68,15 @@ pub enum ModelLocation {
 impl ModelLocation {
     /// Where a source URL puts the model: `file://` and `pvc://` are mounted,
     /// `hf://` and `https://` downloaded (each source into its own directory).
-    pub fn parse(url: &str) -> Option<Self> {
-        if let Some(path) = url.strip_prefix("file://") {
-            return path.starts_with('/').then(|| Self::Container(path.to_string()));
-        }
-        if let Some(rest) = url.strip_prefix("pvc://") {
-            let (claim, path) = rest.split_once('/').unwrap_or((rest, ""));
-            return (!claim.is_empty()).then(|| Self::Claim { claim: claim.to_string(), path: path.to_string() });
-        }
-        if let Some(rest) = url.strip_prefix("hf://") {
-            let (path, revision) = rest.split_once('@').unwrap_or((rest, "main"));
-            let mut parts = path.splitn(3, '/');
-            let (org, repo) = (parts.next()?, parts.next()?);
-            let file = parts.next().filter(|f| !f.is_empty()).map(str::to_string);
-            let safe = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-            if !(safe(org) && safe(repo) && safe(revision)) || file.as_deref().is_some_and(|f| f.contains("..")) {
-                return None;
+    pub fn parse(url: &str) -> Result<Self, SourceError> {
+        Ok(match SourceUrl::parse(url)? {
+            SourceUrl::File(path) => Self::Container(path),
+            SourceUrl::Pvc { claim, path } => Self::Claim { claim, path },
+            SourceUrl::Hub { org, repo, file, revision } => {
+                Self::Download { dir: format!("hf/{org}/{repo}/{}", revision.as_deref().unwrap_or("main")), file }
             }
-            return Some(Self::Download { dir: format!("hf/{org}/{repo}/{revision}"), file });
-        }
-        url.starts_with("https://").then(|| Self::Download { dir: format!("url/{:016x}", fnv1a(url)), file: None })
+            SourceUrl::Https(url) => Self::Download { dir: format!("url/{:016x}", fnv1a(&url)), file: None },
+        })
     }
 
     fn container_path(&self) -> String {
@@ -621,7 +612,7 @@ mod tests {
         assert_eq!(flag(&c, "--max-batch-size").as_deref(), Some("4"));
         assert_eq!(flag(&c, "--max-context").as_deref(), Some("2048"));
         assert_eq!(flag(&c, "--threads").as_deref(), Some("6"));
-        assert_eq!(flag(&c, "--sampling-defaults").as_deref(), Some(r#"{"temperature":0.7,"top_p":0.8}"#));
+        assert_eq!(flag(&c, "--sampling-defaults").as_deref(), Some(r#"{"temperature":0.7,"topP":0.8}"#));
         assert_eq!(flag(&c, "--chat-template").as_deref(), Some("/etc/kandle/template/chat_template.jinja"));
         let template = c.deployment.spec.clone().and_then(|s| s.template.metadata).and_then(|m| m.annotations);
         assert_eq!(template.and_then(|a| a.get(TEMPLATE_ANNOTATION).cloned()).as_deref(), Some("{{ messages }}"));
@@ -676,18 +667,18 @@ mod tests {
     fn locations_of_every_source() {
         assert_eq!(
             ModelLocation::parse("hf://org/repo/m.gguf@v2"),
-            Some(ModelLocation::Download { dir: "hf/org/repo/v2".into(), file: Some("m.gguf".into()) })
+            Ok(ModelLocation::Download { dir: "hf/org/repo/v2".into(), file: Some("m.gguf".into()) })
         );
         let a = ModelLocation::parse("https://h/a.gguf");
-        assert!(matches!(&a, Some(ModelLocation::Download { dir, file: None }) if dir.starts_with("url/")));
+        assert!(matches!(&a, Ok(ModelLocation::Download { dir, file: None }) if dir.starts_with("url/")));
         assert_ne!(a, ModelLocation::parse("https://h/b.gguf"), "each URL gets its own directory");
-        assert_eq!(ModelLocation::parse("file://relative"), None);
-        assert_eq!(ModelLocation::parse("hf://org"), None);
-        assert_eq!(ModelLocation::parse("hf://org/repo/../../etc"), None);
-        assert_eq!(ModelLocation::parse("ftp://h/m.gguf"), None);
+        assert!(ModelLocation::parse("file://relative").is_err());
+        assert!(ModelLocation::parse("hf://org").is_err());
+        assert!(ModelLocation::parse("hf://org/repo/../../etc").is_err());
+        assert!(ModelLocation::parse("ftp://h/m.gguf").is_err());
         assert_eq!(
             ModelLocation::parse("pvc://claim"),
-            Some(ModelLocation::Claim { claim: "claim".into(), path: String::new() })
+            Ok(ModelLocation::Claim { claim: "claim".into(), path: String::new() })
         );
     }
 }

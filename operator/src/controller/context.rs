@@ -2,21 +2,24 @@
 
 use std::sync::Arc;
 
-use kube::runtime::events::Recorder;
 use kube::runtime::reflector::Store;
 
+use super::backoff::Backoff;
 use super::build::BuildSettings;
+use super::events::EventPublisher;
 use super::model_info::ModelProbe;
-use crate::api::ModelDeployment;
+use crate::api::{Checked, ModelDeployment};
 use crate::telemetry::Metrics;
 
 pub struct Context {
     pub client: kube::Client,
     pub settings: BuildSettings,
-    pub recorder: Recorder,
+    pub events: EventPublisher,
     pub metrics: Arc<Metrics>,
     /// Every ModelDeployment the controller watches, for model-name conflicts.
-    pub store: Store<ModelDeployment>,
+    pub store: Store<Checked<ModelDeployment>>,
     /// Asks a ready pool which model it loaded.
     pub model_probe: ModelProbe,
+    /// Failure streaks per object.
+    pub backoff: Backoff,
 }

@@ -2,9 +2,11 @@
 //! dereference, validate, build (pure), apply, status.
 
 pub mod apply;
+pub mod backoff;
 pub mod build;
 pub mod context;
 pub mod dereference;
+pub mod events;
 pub mod model_info;
 pub mod status;
 pub mod validate;
@@ -14,13 +16,10 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{watcher, Controller};
 use kube::{Api, ResourceExt};
 
@@ -29,44 +28,84 @@ pub use context::Context;
 #[cfg(test)]
 mod tests;
 
-use crate::api::{ModelDeployment, ModelDeploymentStatus, ModelInfo};
+use crate::api::{Checked, ModelDeployment, ModelDeploymentStatus, ModelInfo, Undecodable};
 use crate::telemetry::Metrics;
 use crate::{Error, Result};
 
 /// How often a healthy ModelDeployment is looked at again without any change.
 const RESYNC: Duration = Duration::from_secs(300);
-/// How soon an invalid one is retried (a missing Secret may appear).
+/// How soon an invalid one is retried (a missing Secret may appear: Secrets are
+/// not watched, so that the controller needs no list or watch on them).
 const RETRY_INVALID: Duration = Duration::from_secs(30);
 
-pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action> {
+pub async fn reconcile(object: Arc<Checked<ModelDeployment>>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
-    let result = reconcile_inner(&md, &ctx).await;
+    let result = match &object.0 {
+        Ok(md) => reconcile_valid(md, &ctx).await,
+        Err(bad) => report_undecodable(bad, &ctx).await,
+    };
     ctx.metrics.observe_reconcile(started.elapsed(), result.as_ref().err());
+    if result.is_ok() {
+        ctx.backoff.succeeded(&key(&object));
+    }
     result
 }
 
-async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> {
+async fn reconcile_valid(md: &ModelDeployment, ctx: &Context) -> Result<Action> {
     let namespace = md.namespace().ok_or(Error::MissingObjectKey("metadata.namespace"))?;
     let name = md.name_any();
     let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let previous = md.status.clone().unwrap_or_default();
 
     let refs = dereference::run(md, &ctx.client).await?;
-    let others: Vec<ModelDeployment> = ctx.store.state().iter().map(|o| o.as_ref().clone()).collect();
+    let others: Vec<ModelDeployment> = ctx.store.state().iter().filter_map(|o| o.valid().cloned()).collect();
     let location = match validate::check(md, &refs, &others) {
         Ok(location) => location,
         Err(problem) => {
             tracing::info!(%namespace, %name, reason = problem.reason, "cannot run: {}", problem.message);
             let status = status::compute(md, status::Observed::Invalid(&problem), &ctx.settings.cluster_domain, &now);
-            status::publish(md, status, &ctx.client, &ctx.recorder).await?;
+            status::publish(&md.metadata, &previous, status, &ctx.client, &ctx.events).await?;
             return Ok(Action::requeue(RETRY_INVALID));
         }
     };
     let children = build::children(md, &location, &ctx.settings)?;
-    let deployment = apply::run(&ctx.client, &namespace, &name, &children).await?;
+    let deployment = match apply::run(&ctx.client, &namespace, &name, &children).await {
+        Ok(deployment) => deployment,
+        Err(error @ Error::ChildRejected { .. }) => {
+            // Only the API server can judge some fields: say what it said, on the object.
+            let problem = validate::Problem { reason: "ChildRejected", message: error.to_string() };
+            let status = status::compute(md, status::Observed::Invalid(&problem), &ctx.settings.cluster_domain, &now);
+            status::publish(&md.metadata, &previous, status, &ctx.client, &ctx.events).await?;
+            return Err(error);
+        }
+        Err(error) => return Err(error),
+    };
     let mut status = status::compute(md, status::Observed::Applied(&deployment), &ctx.settings.cluster_domain, &now);
     status.model = model(md, &status, ctx).await;
-    status::publish(md, status, &ctx.client, &ctx.recorder).await?;
+    status::publish(&md.metadata, &previous, status, &ctx.client, &ctx.events).await?;
     Ok(Action::requeue(RESYNC))
+}
+
+/// An object the controller cannot decode: Degraded with the field at fault.
+/// Nothing is applied; an edit of the object triggers the next round.
+async fn report_undecodable(bad: &Undecodable, ctx: &Context) -> Result<Action> {
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let previous = status::stored_status(bad);
+    let status = status::undecodable(bad, &now);
+    if status != previous {
+        tracing::warn!(
+            namespace = bad.metadata.namespace.as_deref().unwrap_or(""),
+            name = bad.metadata.name.as_deref().unwrap_or(""),
+            "cannot decode the ModelDeployment: {}",
+            bad.error
+        );
+    }
+    status::publish(&bad.metadata, &previous, status, &ctx.client, &ctx.events).await?;
+    Ok(Action::await_change())
+}
+
+fn key(object: &Checked<ModelDeployment>) -> String {
+    format!("{}/{}", object.namespace().unwrap_or_default(), object.name_any())
 }
 
 /// The model the workers report: kept while the spec is unchanged, asked again
@@ -85,15 +124,18 @@ async fn model(md: &ModelDeployment, status: &ModelDeploymentStatus, ctx: &Conte
     }
 }
 
-/// Backs off by error kind: conflicts resolve quickly, a rejected object does not.
-pub fn error_policy(md: Arc<ModelDeployment>, error: &Error, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(name = %md.name_any(), kind = error.kind(), %error, "reconcile failed");
-    Action::requeue(match error.kind() {
-        "conflict" => Duration::from_secs(1),
-        "transport" | "api_server" => Duration::from_secs(5),
-        "api_rejected" => Duration::from_secs(60),
-        _ => Duration::from_secs(300),
-    })
+/// Backs off per object by error kind, doubling while the failure repeats; a
+/// failure is logged when it is new, not on every retry.
+pub fn error_policy(object: Arc<Checked<ModelDeployment>>, error: &Error, ctx: Arc<Context>) -> Action {
+    let key = key(&object);
+    let retry = ctx.backoff.failed(&key, error);
+    let message = crate::telemetry::short(&error.to_string());
+    if retry.news {
+        tracing::warn!(object = %key, kind = error.kind(), retry_in_s = retry.after.as_secs(), "reconcile failed: {message}");
+    } else {
+        tracing::debug!(object = %key, kind = error.kind(), failures = retry.failures, "reconcile failed again: {message}");
+    }
+    Action::requeue(retry.after)
 }
 
 /// Where the controller looks and how it names itself.
@@ -113,50 +155,28 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let mds: Api<ModelDeployment> = scoped(&client, config.namespace.as_deref());
+    // `Checked`: one object that does not decode is reported on itself and does
+    // not stop the list and watch that every other object depends on.
+    let mds: Api<Checked<ModelDeployment>> = scoped(&client, config.namespace.as_deref());
     let controller = Controller::new(mds, watcher::Config::default());
-    let store = controller.store();
     let owned = watcher::Config::default().labels(&format!("{}={}", crate::labels::MANAGED_BY, crate::labels::MANAGER));
-    let secrets_store = store.clone();
     let ctx = Arc::new(Context {
         client: client.clone(),
         settings: config.settings,
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter { controller: crate::FIELD_MANAGER.into(), instance: Some(config.identity) },
-        ),
+        events: events::EventPublisher::new(client.clone(), crate::FIELD_MANAGER.into(), config.identity),
         metrics,
-        store,
+        store: controller.store(),
         model_probe: model_info::http_probe(reqwest::Client::new()),
+        backoff: backoff::Backoff::default(),
     });
     controller
         .owns::<Deployment>(scoped(&client, config.namespace.as_deref()), owned.clone())
         .owns::<Service>(scoped(&client, config.namespace.as_deref()), owned.clone())
         .owns::<PodDisruptionBudget>(scoped(&client, config.namespace.as_deref()), owned)
-        // Metadata only: the operator never reads key values.
-        .watches::<PartialObjectMeta<Secret>, _>(
-            scoped(&client, config.namespace.as_deref()),
-            watcher::Config::default(),
-            move |secret| referencing(&secrets_store.state(), &secret),
-        )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
         .await;
-}
-
-/// ModelDeployments that point at `secret`, so a Secret appearing or changing
-/// re-runs them at once.
-fn referencing(mds: &[Arc<ModelDeployment>], secret: &PartialObjectMeta<Secret>) -> Vec<ObjectRef<ModelDeployment>> {
-    let (name, namespace) = (secret.name_any(), secret.namespace());
-    mds.iter()
-        .filter(|md| md.namespace() == namespace)
-        .filter(|md| {
-            let refs = [md.spec.auth.api_key_secret_ref.as_ref(), md.spec.source.credentials_secret_ref.as_ref()];
-            refs.into_iter().flatten().any(|r| r.name == name)
-        })
-        .map(|md| ObjectRef::from_obj(md.as_ref()))
-        .collect()
 }
 
 fn scoped<K>(client: &kube::Client, namespace: Option<&str>) -> Api<K>

@@ -2,15 +2,16 @@
 //! changed, with an event for each condition that flips.
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
 use kube::api::{Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use super::build::selector_string;
+use super::events::{EventPublisher, EventType};
 use super::validate::Problem;
-use crate::api::{ModelDeployment, ModelDeploymentStatus};
+use crate::api::{ModelDeployment, ModelDeploymentStatus, Undecodable};
 use crate::{Error, Result, FIELD_MANAGER, WORKER_PORT};
 
 pub const READY: &str = "Ready";
@@ -39,33 +40,11 @@ pub fn compute(
     let desired = md.spec.replicas;
     let generation = md.metadata.generation;
     let previous = md.status.clone().unwrap_or_default();
-    let cond = |type_: &str, status: bool, reason: &str, message: String| {
-        let status = if status { "True" } else { "False" };
-        let last = previous
-            .conditions
-            .iter()
-            .find(|c| c.type_ == type_ && c.status == status && c.reason == reason)
-            .map(|c| c.last_transition_time.clone());
-        Condition {
-            type_: type_.into(),
-            status: status.into(),
-            reason: reason.into(),
-            message,
-            observed_generation: generation,
-            last_transition_time: last.unwrap_or_else(|| now.clone()),
-        }
-    };
+    let builder = Conditions { previous: &previous.conditions, generation, now };
+    let cond = |type_: &str, status: bool, reason: &str, message: String| builder.make(type_, status, reason, message);
 
     let (replicas, ready, conditions) = match observed {
-        Observed::Invalid(problem) => (
-            previous.replicas,
-            previous.ready_replicas,
-            vec![
-                cond(READY, false, problem.reason, problem.message.clone()),
-                cond(PROGRESSING, false, problem.reason, "waiting for the spec to be fixed".into()),
-                cond(DEGRADED, true, problem.reason, problem.message.clone()),
-            ],
-        ),
+        Observed::Invalid(problem) => (previous.replicas, previous.ready_replicas, builder.problem(problem)),
         Observed::Applied(deployment) => {
             let s = deployment.status.clone().unwrap_or_default();
             let ready = s.ready_replicas.unwrap_or(0);
@@ -80,8 +59,10 @@ pub fn compute(
             let rolled_out = current && updated >= desired && ready >= desired && s.replicas.unwrap_or(0) == desired;
             let ready_cond = if desired == 0 {
                 cond(READY, false, "ScaledToZero", "replicas is 0".into())
-            } else if ready >= desired && rolled_out {
-                cond(READY, true, "Available", format!("{ready}/{desired} workers ready"))
+            } else if ready >= desired {
+                let rolling =
+                    if rolled_out { String::new() } else { format!("; rolling out, {updated}/{desired} updated") };
+                cond(READY, true, "Available", format!("{ready}/{desired} workers ready{rolling}"))
             } else if ready > 0 {
                 cond(READY, true, "PartiallyAvailable", format!("{ready}/{desired} workers ready"))
             } else {
@@ -94,23 +75,12 @@ pub fn compute(
             };
             let degraded = match stalled {
                 Some(c) => cond(DEGRADED, true, "RolloutStalled", c.message.clone().unwrap_or_default()),
-                None => cond(DEGRADED, false, "AsExpected", String::new()),
+                None => cond(DEGRADED, false, "AsExpected", "the spec is valid and its children are applied".into()),
             };
             (s.replicas.unwrap_or(0), ready, vec![ready_cond, progressing, degraded])
         }
     };
-    let is_true = |t: &str| conditions.iter().any(|c| c.type_ == t && c.status == "True");
-    let phase = if is_true(DEGRADED) {
-        "Degraded"
-    } else if is_true(PROGRESSING) {
-        "Progressing"
-    } else if is_true(READY) {
-        "Ready"
-    } else if desired == 0 {
-        "ScaledToZero"
-    } else {
-        "Progressing"
-    };
+    let phase = phase(&conditions, desired);
     ModelDeploymentStatus {
         observed_generation: generation,
         replicas,
@@ -125,27 +95,108 @@ pub fn compute(
     }
 }
 
-/// Patches the status subresource when it differs, and publishes an event for each
-/// condition whose status or reason changed.
+/// The status of an object whose spec cannot be decoded: Degraded, naming the
+/// field; everything else as it was.
+pub fn undecodable(bad: &Undecodable, now: &Time) -> ModelDeploymentStatus {
+    let previous = stored_status(bad);
+    let problem = Problem { reason: "InvalidSpec", message: format!("cannot read the spec: {}", bad.error) };
+    let conditions =
+        Conditions { previous: &previous.conditions, generation: bad.metadata.generation, now }.problem(&problem);
+    ModelDeploymentStatus {
+        observed_generation: bad.metadata.generation,
+        phase: Some("Degraded".into()),
+        conditions,
+        ..previous
+    }
+}
+
+/// The status stored with an undecodable object (empty if it too cannot be read).
+pub fn stored_status(bad: &Undecodable) -> ModelDeploymentStatus {
+    bad.status.clone().and_then(|s| serde_json::from_value(s).ok()).unwrap_or_default()
+}
+
+/// Builds conditions that keep their `lastTransitionTime` while status and reason stay.
+struct Conditions<'a> {
+    previous: &'a [Condition],
+    generation: Option<i64>,
+    now: &'a Time,
+}
+
+impl Conditions<'_> {
+    fn make(&self, type_: &str, status: bool, reason: &str, message: String) -> Condition {
+        let status = if status { "True" } else { "False" };
+        let last = self
+            .previous
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status && c.reason == reason)
+            .map(|c| c.last_transition_time.clone());
+        Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message,
+            observed_generation: self.generation,
+            last_transition_time: last.unwrap_or_else(|| self.now.clone()),
+        }
+    }
+
+    /// All three conditions for a spec that cannot run.
+    fn problem(&self, problem: &Problem) -> Vec<Condition> {
+        vec![
+            self.make(READY, false, problem.reason, problem.message.clone()),
+            self.make(PROGRESSING, false, problem.reason, "waiting for the spec to be fixed".into()),
+            self.make(DEGRADED, true, problem.reason, problem.message.clone()),
+        ]
+    }
+}
+
+fn phase(conditions: &[Condition], desired: i32) -> &'static str {
+    let is_true = |t: &str| conditions.iter().any(|c| c.type_ == t && c.status == "True");
+    if is_true(DEGRADED) {
+        "Degraded"
+    } else if is_true(PROGRESSING) {
+        "Progressing"
+    } else if is_true(READY) {
+        "Ready"
+    } else if desired == 0 {
+        "ScaledToZero"
+    } else {
+        "Progressing"
+    }
+}
+
+/// Patches the status subresource of the object `meta` names when the status
+/// differs from `previous`, and publishes an event for each condition whose
+/// status or reason changed.
 pub async fn publish(
-    md: &ModelDeployment,
+    meta: &ObjectMeta,
+    previous: &ModelDeploymentStatus,
     status: ModelDeploymentStatus,
     client: &kube::Client,
-    recorder: &Recorder,
+    events: &EventPublisher,
 ) -> Result<()> {
-    let previous = md.status.clone().unwrap_or_default();
-    if previous == status {
+    if *previous == status {
         return Ok(());
     }
-    let namespace = md.namespace().ok_or(Error::MissingObjectKey("metadata.namespace"))?;
+    let namespace = meta.namespace.clone().ok_or(Error::MissingObjectKey("metadata.namespace"))?;
+    let name = meta.name.clone().ok_or(Error::MissingObjectKey("metadata.name"))?;
     let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &namespace);
     let patch = json!({
         "apiVersion": ModelDeployment::api_version(&()),
         "kind": ModelDeployment::kind(&()),
         "status": status,
     });
-    api.patch_status(&md.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
 
+    let regarding = ObjectReference {
+        api_version: Some(ModelDeployment::api_version(&()).into()),
+        kind: Some(ModelDeployment::kind(&()).into()),
+        name: Some(name),
+        namespace: Some(namespace),
+        uid: meta.uid.clone(),
+        resource_version: meta.resource_version.clone(),
+        ..ObjectReference::default()
+    };
     // One event per new reason: an invalid spec flips all three conditions to one reason.
     let mut published: Vec<&str> = Vec::new();
     for c in &status.conditions {
@@ -156,14 +207,9 @@ pub async fn publish(
         }
         published.push(&c.reason);
         let warning = (c.type_ == DEGRADED && c.status == "True") || (c.type_ == READY && c.status == "False");
-        let event = Event {
-            type_: if warning { EventType::Warning } else { EventType::Normal },
-            reason: c.reason.clone(),
-            note: Some(format!("{} is {}: {}", c.type_, c.status, c.message)),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = recorder.publish(&event, &md.object_ref(&())).await {
+        let type_ = if warning { EventType::Warning } else { EventType::Normal };
+        let note = format!("{} is {}: {}", c.type_, c.status, c.message);
+        if let Err(e) = events.publish(&regarding, type_, &c.reason, &note).await {
             tracing::warn!(error = %e, "cannot publish event");
         }
     }

@@ -8,14 +8,15 @@ use std::time::Duration;
 
 use http::{Method, Request, Response};
 use kube::client::Body;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector;
 use kube::runtime::watcher;
 use serde_json::{json, Value};
 
+use super::backoff::Backoff;
 use super::build::BuildSettings;
+use super::events::EventPublisher;
 use super::{reconcile, Context};
-use crate::api::{ModelDeployment, ModelDeploymentStatus, ModelInfo};
+use crate::api::{Checked, ModelDeployment, ModelDeploymentStatus, ModelInfo};
 use crate::rbac;
 use crate::telemetry::Metrics;
 
@@ -84,7 +85,18 @@ fn group_resource(path: &str) -> (String, String) {
 }
 
 fn verb(method: &Method, path: &str) -> &'static str {
-    let named = path.trim_start_matches('/').split('/').count() % 2 == 1 || path.ends_with("/status");
+    // Core paths are /api/v1/..., others /apis/group/version/...: after that, an
+    // optional namespaces/NS, then the resource and, for one object, its name.
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let rest = match parts.as_slice() {
+        ["api", _version, rest @ ..] | ["apis", _, _version, rest @ ..] => rest,
+        _ => panic!("unexpected path {path}"),
+    };
+    let rest = match rest {
+        ["namespaces", _ns, rest @ ..] => rest,
+        rest => rest,
+    };
+    let named = rest.len() >= 2;
     match *method {
         Method::GET if named => "get",
         Method::GET => "list",
@@ -129,16 +141,17 @@ async fn serve(mut handle: Handle, calls: Vec<Call>) -> Vec<Seen> {
 }
 
 fn context(handle_client: kube::Client, others: &[ModelDeployment]) -> Arc<Context> {
-    let (store, mut writer) = reflector::store::<ModelDeployment>();
+    let (store, mut writer) = reflector::store::<Checked<ModelDeployment>>();
     for o in others {
-        writer.apply_watcher_event(&watcher::Event::Apply(o.clone()));
+        writer.apply_watcher_event(&watcher::Event::Apply(Checked(Ok(o.clone()))));
     }
     Arc::new(Context {
         client: handle_client.clone(),
         settings: BuildSettings::default(),
-        recorder: Recorder::new(handle_client, Reporter { controller: "kandle-operator".into(), instance: None }),
+        events: EventPublisher::new(handle_client, "kandle-operator".into(), "test".into()),
         metrics: Arc::new(Metrics::default()),
         store,
+        backoff: Backoff::default(),
         model_probe: Arc::new(|endpoint: String| {
             Box::pin(async move {
                 assert_eq!(endpoint, "http://smollm2.models.svc.cluster.local:8080");
@@ -155,18 +168,28 @@ fn context(handle_client: kube::Client, others: &[ModelDeployment]) -> Arc<Conte
 
 /// Runs one reconcile against the scripted API server.
 async fn run(md: ModelDeployment, others: &[ModelDeployment], calls: Vec<Call>) -> Vec<Seen> {
+    let (seen, result) = try_run(Checked(Ok(md)), others, calls).await;
+    result.expect("reconcile succeeds");
+    seen
+}
+
+/// Runs one reconcile of any object, successful or not.
+async fn try_run(
+    object: Checked<ModelDeployment>,
+    others: &[ModelDeployment],
+    calls: Vec<Call>,
+) -> (Vec<Seen>, crate::Result<kube::runtime::controller::Action>) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, "default");
     let ctx = context(client, others);
     let expected = calls.len();
     let server = tokio::spawn(serve(handle, calls));
-    tokio::time::timeout(TIMEOUT, reconcile(Arc::new(md), ctx))
+    let result = tokio::time::timeout(TIMEOUT, reconcile(Arc::new(object), ctx))
         .await
-        .expect("reconcile timed out waiting for an unexpected call")
-        .expect("reconcile succeeds");
+        .expect("reconcile timed out waiting for an unexpected call");
     let seen = tokio::time::timeout(TIMEOUT, server).await.expect("expected calls never came").expect("server task");
     assert_eq!(seen.len(), expected);
-    seen
+    (seen, result)
 }
 
 fn secret_meta() -> Value {
@@ -408,4 +431,166 @@ async fn remote_sources_are_applied_with_a_fetching_init_container() {
     let init = &seen[1].body["spec"]["template"]["spec"]["initContainers"][0];
     assert_eq!(init["args"][0], "fetch");
     assert_eq!(init["args"][1], "hf://HuggingFaceTB/SmolLM2-135M-Instruct");
+}
+
+fn api_error(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code, "message": message})
+}
+
+/// Children the API server refuses (422 for a name, 500 for a quantity it cannot
+/// convert) put its message in status and an event, and back off long.
+#[tokio::test]
+async fn rejected_children_are_reported_on_the_object() {
+    for (code, reason, message) in [
+        (422, "Invalid", "Service \"smollm2\" is invalid: metadata.name: must not contain dots"),
+        (500, "InternalError", "quantities must match the regular expression"),
+    ] {
+        let target = md("smollm2", "uid-1", "2026-01-01T00:00:00Z", smollm2_spec());
+        let mut calls = vec![
+            Call::new(Method::GET, SECRET, 200, secret_meta()),
+            Call::new(Method::PATCH, DEPLOYMENT, 200, bare("apps/v1", "Deployment", "smollm2")),
+            Call::new(Method::PATCH, SERVICE, code, api_error(code, reason, message)),
+            Call::new(Method::PATCH, STATUS, 200, stored("smollm2")),
+        ];
+        calls.extend(events(1));
+        let (seen, result) = try_run(Checked(Ok(target)), &[], calls).await;
+        let error = result.expect_err("the reconcile fails");
+        assert_eq!(error.kind(), "rejected", "{code}");
+        let degraded = condition(&seen[3].body, "Degraded");
+        assert_eq!((degraded["status"].as_str(), degraded["reason"].as_str()), (Some("True"), Some("ChildRejected")));
+        let text = degraded["message"].as_str().unwrap_or("");
+        assert!(text.contains("Service") && text.contains(message), "{code}: {text}");
+        assert_eq!(seen[4].body["reason"], "ChildRejected");
+        assert_eq!(seen[4].body["type"], "Warning");
+        assert!(seen[4].body["note"].as_str().unwrap_or("").contains(message));
+
+        let backoff = Backoff::default();
+        let first = backoff.failed("models/smollm2", &error);
+        let second = backoff.failed("models/smollm2", &error);
+        assert!(first.news && !second.news, "logged once");
+        assert!(first.after >= Duration::from_secs(30) && second.after > first.after, "{first:?} {second:?}");
+    }
+}
+
+/// An object that does not decode gets Degraded with the field at fault;
+/// nothing else is touched.
+#[tokio::test]
+async fn an_undecodable_object_is_degraded_naming_the_field() {
+    let bad: Checked<ModelDeployment> = serde_json::from_value(json!({
+        "apiVersion": "kandle.dev/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": "smollm2", "namespace": NS, "uid": "uid-1", "generation": 2},
+        "spec": {"source": {"url": "file:///m"}, "auth": {"disabled": true},
+                 "engine": {"defaults": {"top_k": 4294967296u64}}},
+    }))
+    .expect("Checked decodes anything with metadata");
+    let mut calls = vec![Call::new(Method::PATCH, STATUS, 200, stored("smollm2"))];
+    calls.extend(events(1));
+    let (seen, result) = try_run(bad, &[], calls).await;
+    result.expect("reported, not failed");
+    let status = &seen[0].body;
+    assert_eq!(status["status"]["phase"], "Degraded");
+    assert_eq!(status["status"]["observedGeneration"], 2);
+    let degraded = condition(status, "Degraded");
+    assert_eq!(degraded["reason"], "InvalidSpec");
+    assert!(degraded["message"].as_str().unwrap_or("").contains("spec.engine.defaults.top_k"), "{degraded}");
+    assert_eq!(seen[1].body["reason"], "InvalidSpec");
+}
+
+/// Pod label keys the schema cannot check are checked before anything is applied.
+#[tokio::test]
+async fn invalid_pod_label_keys_are_degraded_before_apply() {
+    let mut spec = smollm2_spec();
+    spec["pod"] = json!({"labels": {"bad key": "x"}});
+    let target = md("smollm2", "uid-1", "2026-01-01T00:00:00Z", spec);
+    let mut calls = vec![
+        Call::new(Method::GET, SECRET, 200, secret_meta()),
+        Call::new(Method::PATCH, STATUS, 200, stored("smollm2")),
+    ];
+    calls.extend(events(1));
+    let seen = run(target, &[], calls).await;
+    let degraded = condition(&seen[1].body, "Degraded");
+    assert_eq!(degraded["reason"], "InvalidSpec");
+    assert!(degraded["message"].as_str().unwrap_or("").contains("spec.pod.labels key \"bad key\""), "{degraded}");
+}
+
+/// Each transition is its own event with its own message, even when a reason
+/// comes back (kube's Recorder would patch the first event's series, keeping
+/// its stale note).
+#[tokio::test]
+async fn events_carry_the_message_of_each_transition() {
+    let mut target = md("smollm2", "uid-1", "2026-01-01T00:00:00Z", smollm2_spec());
+    let partial = json!({"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 0});
+    let mut spec = smollm2_spec();
+    spec["replicas"] = json!(2);
+    target.spec = serde_json::from_value(spec).expect("spec");
+    let round = |deployment: Value, events_published: usize| {
+        let mut calls = vec![
+            Call::new(Method::GET, SECRET, 200, secret_meta()),
+            Call::new(Method::PATCH, DEPLOYMENT, 200, deployment),
+            Call::new(Method::PATCH, SERVICE, 200, bare("v1", "Service", "smollm2")),
+            Call::new(Method::PATCH, PDB, 200, bare("policy/v1", "PodDisruptionBudget", "smollm2")),
+            Call::new(Method::PATCH, STATUS, 200, stored("smollm2")),
+        ];
+        calls.extend(events(events_published));
+        calls
+    };
+    let first =
+        run(target.clone(), &[], round(deployment_with(&bare("apps/v1", "Deployment", "smollm2"), partial), 3)).await;
+    assert_eq!(first[5].body["note"], "Ready is False: 0/2 workers ready");
+    target.status = Some(serde_json::from_value(first[4].body["status"].clone()).expect("status"));
+
+    let ready = json!({"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 2});
+    let second =
+        run(target.clone(), &[], round(deployment_with(&bare("apps/v1", "Deployment", "smollm2"), ready), 2)).await;
+    assert_eq!(second[5].body["note"], "Ready is True: 2/2 workers ready");
+    assert_eq!(second[5].body["reason"], "Available");
+    let degraded = condition(&second[4].body, "Degraded");
+    assert!(!degraded["message"].as_str().unwrap_or("").is_empty(), "no empty messages: {degraded}");
+    for (a, b) in [(&first[5], &second[5]), (&first[5], &first[6])] {
+        assert_ne!(a.body["metadata"]["name"], b.body["metadata"]["name"], "a new event each time");
+    }
+}
+
+/// The whole controller against a list holding one object that does not decode
+/// (a value written before the schema bounded it): the others are still
+/// reconciled, and the bad one is reported on itself.
+#[tokio::test]
+async fn one_undecodable_object_does_not_stop_the_controller() {
+    use crate::fake_api;
+    // The controller's model probe is a reqwest client (rustls with ring, as main installs it).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let good = serde_json::to_value(md("smollm2", "uid-1", "2026-01-01T00:00:00Z", smollm2_spec())).expect("json");
+    let mut bad = serde_json::to_value(md("broken", "uid-2", "2026-01-01T00:00:00Z", smollm2_spec())).expect("json");
+    bad["spec"]["engine"] = json!({"defaults": {"top_k": 4294967296u64}});
+    let (client, log) = fake_api::client(move |method, path, _body| match (method.as_str(), path) {
+        ("GET", "/apis/kandle.dev/v1alpha1/modeldeployments") => (200, fake_api::list(&[good.clone(), bad.clone()])),
+        ("GET", "/apis/apps/v1/deployments" | "/api/v1/services" | "/apis/policy/v1/poddisruptionbudgets") => {
+            (200, fake_api::list(&[]))
+        }
+        ("GET", SECRET) => (200, secret_meta()),
+        ("PATCH", DEPLOYMENT) => (200, bare("apps/v1", "Deployment", "smollm2")),
+        ("PATCH", SERVICE) => (200, bare("v1", "Service", "smollm2")),
+        ("PATCH", p) if p.ends_with("/status") => (200, stored("x")),
+        ("POST", EVENTS) => (201, event_reply()),
+        _ => (404, not_found()),
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let config = super::ControllerConfig { namespace: None, settings: BuildSettings::default(), identity: "t".into() };
+    let controller = tokio::spawn(super::run(client, config, Arc::new(Metrics::default()), async move {
+        let _ = stopped.await;
+    }));
+
+    let applied =
+        fake_api::wait_for(&log, "the good object's Deployment", |r| r.method == Method::PATCH && r.path == DEPLOYMENT)
+            .await;
+    assert_eq!(applied.body["metadata"]["name"], "smollm2");
+    let reported = fake_api::wait_for(&log, "the bad object's status", |r| {
+        r.path == "/apis/kandle.dev/v1alpha1/namespaces/models/modeldeployments/broken/status"
+    })
+    .await;
+    let degraded = condition(&reported.body, "Degraded");
+    assert_eq!(degraded["reason"], "InvalidSpec");
+    assert!(degraded["message"].as_str().unwrap_or("").contains("spec.engine.defaults.top_k"), "{degraded}");
+    let _ = stop.send(());
+    tokio::time::timeout(TIMEOUT, controller).await.expect("stops on shutdown").expect("controller task");
 }

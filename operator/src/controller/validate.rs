@@ -1,5 +1,7 @@
 //! Checks what the CRD schema cannot: referenced Secrets exist, the source can be
-//! served, and no other ModelDeployment already claims the same model name.
+//! served, no other ModelDeployment already claims the same model name, and the
+//! pod's label and annotation keys are valid (a schema cannot constrain map keys
+//! at a cost the API server accepts).
 
 use super::build::ModelLocation;
 use super::dereference::References;
@@ -26,13 +28,48 @@ pub fn check(md: &ModelDeployment, refs: &References, others: &[ModelDeployment]
     if let Some(conflict) = name_conflict(md, others) {
         return Err(conflict);
     }
-    ModelLocation::parse(&md.spec.source.url).ok_or_else(|| Problem {
-        reason: "SourceNotSupported",
-        message: format!(
-            "source {} cannot be served (expected hf://org/repo, https://, pvc://claim/path or file:///path)",
-            md.spec.source.url
-        ),
+    if let Some(problem) = pod_metadata_problem(md) {
+        return Err(problem);
+    }
+    ModelLocation::parse(&md.spec.source.url)
+        .map_err(|e| Problem { reason: "SourceNotSupported", message: format!("source {e}") })
+}
+
+/// The first label, node-selector or annotation key that Kubernetes would refuse.
+fn pod_metadata_problem(md: &ModelDeployment) -> Option<Problem> {
+    let pod = md.spec.pod.as_ref()?;
+    let maps = [("labels", &pod.labels), ("nodeSelector", &pod.node_selector), ("annotations", &pod.annotations)];
+    maps.into_iter().find_map(|(field, map)| {
+        let key = map.keys().find(|k| !is_qualified_name(k))?;
+        Some(Problem {
+            reason: "InvalidSpec",
+            message: format!(
+                "spec.pod.{field} key {key:?} is not a valid Kubernetes key: an optional DNS subdomain prefix and '/', \
+                 then at most 63 letters, digits, '-', '_' or '.', alphanumeric at both ends"
+            ),
+        })
     })
+}
+
+/// Kubernetes' qualified names (label and annotation keys): `[prefix/]name`.
+pub fn is_qualified_name(key: &str) -> bool {
+    let (prefix, name) = match key.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    let name_ok = name.len() <= 63
+        && alnum(name.chars().next())
+        && alnum(name.chars().last())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    let prefix_ok = prefix.is_none_or(|p| {
+        let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        p.len() <= 253
+            && edge(p.chars().next())
+            && edge(p.chars().last())
+            && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+    });
+    name_ok && prefix_ok
 }
 
 /// Every name a deployment answers to.
@@ -64,4 +101,19 @@ fn name_conflict(md: &ModelDeployment, others: &[ModelDeployment]) -> Option<Pro
             ),
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_qualified_name;
+
+    #[test]
+    fn qualified_names() {
+        for ok in ["team", "app.kubernetes.io/name", "a", "A_b-c.d", &"x".repeat(63)] {
+            assert!(is_qualified_name(ok), "{ok}");
+        }
+        for bad in ["", "-team", "team-", "has space", "Example.com/x", "a/b/c", "/x", "x/", &"x".repeat(64)] {
+            assert!(!is_qualified_name(bad), "{bad}");
+        }
+    }
 }

@@ -11,16 +11,16 @@ use kube::{Api, ResourceExt};
 use tokio::sync::Notify;
 
 use super::table::{PoolSpec, Routes};
-use crate::api::ModelDeployment;
+use crate::api::{Checked, ModelDeployment};
 
 /// Label Kubernetes puts on an EndpointSlice naming its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// The pools: one per ModelDeployment, its endpoints the ready addresses of the
-/// slices of its Service (named like it). The oldest ModelDeployment keeps a
-/// contested name, as the controller decides.
-pub fn pools(mds: &[Arc<ModelDeployment>], slices: &[Arc<EndpointSlice>]) -> Vec<PoolSpec> {
-    let mut mds: Vec<&Arc<ModelDeployment>> = mds.iter().collect();
+/// The pools: one per ModelDeployment that decodes, its endpoints the ready
+/// addresses of the slices of its Service (named like it). The oldest
+/// ModelDeployment keeps a contested name, as the controller decides.
+pub fn pools(mds: &[Arc<Checked<ModelDeployment>>], slices: &[Arc<EndpointSlice>]) -> Vec<PoolSpec> {
+    let mut mds: Vec<&ModelDeployment> = mds.iter().filter_map(|md| md.valid()).collect();
     mds.sort_by_key(|md| (md.metadata.creation_timestamp.clone().map(|t| t.0), md.namespace(), md.name_any()));
     mds.into_iter()
         .map(|md| {
@@ -57,9 +57,11 @@ fn ready_urls(slice: &EndpointSlice) -> Vec<String> {
 }
 
 /// Watches both kinds and rebuilds the table on every change. `synced` is
-/// notified once both have listed everything.
+/// notified once both have listed everything. ModelDeployments are read as
+/// [`Checked`]: one that does not decode is left out of the table (the
+/// controller reports it on the object) instead of failing the whole list.
 pub async fn run(client: kube::Client, namespace: Option<String>, routes: Arc<Routes>, synced: Arc<Notify>) {
-    let (mds, slices): (Api<ModelDeployment>, Api<EndpointSlice>) = match &namespace {
+    let (mds, slices): (Api<Checked<ModelDeployment>>, Api<EndpointSlice>) = match &namespace {
         Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client, ns)),
         None => (Api::all(client.clone()), Api::all(client)),
     };
@@ -73,7 +75,7 @@ pub async fn run(client: kube::Client, namespace: Option<String>, routes: Arc<Ro
         reflector::reflector(slice_writer, watcher(slices, slice_config)).default_backoff().touched_objects();
     let mut changes =
         std::pin::pin!(futures::stream::select(md_events.map(|r| r.map(|_| ())), slice_events.map(|r| r.map(|_| ()))));
-    let refresh = |md_store: &Store<ModelDeployment>, slice_store: &Store<EndpointSlice>| {
+    let refresh = |md_store: &Store<Checked<ModelDeployment>>, slice_store: &Store<EndpointSlice>| {
         routes.update(pools(&md_store.state(), &slice_store.state()));
     };
     let waiting = {
@@ -95,7 +97,7 @@ pub async fn run(client: kube::Client, namespace: Option<String>, routes: Arc<Ro
             }
             change = changes.next() => match change {
                 Some(Ok(())) => if is_synced { refresh(&md_store, &slice_store) },
-                Some(Err(e)) => tracing::warn!(error = %e, "discovery watch error"),
+                Some(Err(e)) => tracing::warn!(error = crate::telemetry::short(&e.to_string()), "discovery watch error"),
                 None => return,
             }
         }
@@ -108,15 +110,16 @@ mod tests {
 
     use super::*;
 
-    fn md(name: &str, created: &str, spec: serde_json::Value) -> Arc<ModelDeployment> {
-        Arc::new(
-            serde_json::from_value(json!({
-                "apiVersion": "kandle.dev/v1alpha1", "kind": "ModelDeployment",
-                "metadata": {"name": name, "namespace": "ml", "creationTimestamp": created},
-                "spec": spec,
-            }))
-            .expect("md"),
-        )
+    fn md_json(name: &str, created: &str, spec: serde_json::Value) -> serde_json::Value {
+        json!({
+            "apiVersion": "kandle.dev/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": name, "namespace": "ml", "creationTimestamp": created},
+            "spec": spec,
+        })
+    }
+
+    fn md(name: &str, created: &str, spec: serde_json::Value) -> Arc<Checked<ModelDeployment>> {
+        Arc::new(serde_json::from_value(md_json(name, created, spec)).expect("md"))
     }
 
     fn slice(service: &str, endpoints: serde_json::Value) -> Arc<EndpointSlice> {
@@ -158,6 +161,39 @@ mod tests {
         assert_eq!(pools[0].endpoints, ["http://10.0.0.1:8080", "http://10.0.0.3:8080"]);
     }
 
+    /// Discovery against a list holding an object that does not decode: the
+    /// others are still routed.
+    #[tokio::test]
+    async fn one_undecodable_object_does_not_stop_routing() {
+        use crate::fake_api;
+        let good = md_json("chat", "2026-01-01T00:00:00Z", spec(json!("smollm2")));
+        let mut bad = md_json("broken", "2026-01-01T00:00:00Z", spec(json!("other")));
+        bad["spec"]["replicas"] = json!("two");
+        let chat_slice = serde_json::to_value(
+            slice("chat", json!([{"addresses": ["10.0.0.1"], "conditions": {"ready": true}}])).as_ref(),
+        )
+        .expect("json");
+        let (client, _log) = fake_api::client(move |method, path, _| match (method.as_str(), path) {
+            ("GET", "/apis/kandle.dev/v1alpha1/modeldeployments") => {
+                (200, fake_api::list(&[good.clone(), bad.clone()]))
+            }
+            ("GET", "/apis/discovery.k8s.io/v1/endpointslices") => {
+                (200, fake_api::list(std::slice::from_ref(&chat_slice)))
+            }
+            _ => (404, json!({"kind": "Status", "code": 404})),
+        });
+        let routes = Arc::new(Routes::default());
+        let synced = Arc::new(Notify::new());
+        let notified = synced.clone().notified_owned();
+        let task = tokio::spawn(run(client, None, routes.clone(), synced));
+        tokio::time::timeout(std::time::Duration::from_secs(5), notified).await.expect("discovery syncs");
+        let table = routes.current();
+        let pool = table.lookup("smollm2").expect("the valid object is routed");
+        assert_eq!(pool.endpoints[0].url, "http://10.0.0.1:8080");
+        assert!(table.lookup("other").is_none(), "the undecodable one is left out");
+        task.abort();
+    }
+
     #[test]
     fn pools_default_to_the_object_name_and_the_oldest_is_first() {
         let mds = vec![
@@ -166,5 +202,11 @@ mod tests {
         ];
         let names: Vec<String> = pools(&mds, &[]).into_iter().map(|p| p.model).collect();
         assert_eq!(names, ["older", "newer"]);
+        let undecodable = Arc::new(Checked(Err(crate::api::Undecodable {
+            metadata: Default::default(),
+            error: "spec.replicas: invalid type".into(),
+            status: None,
+        })));
+        assert_eq!(pools(&[undecodable], &[]), []);
     }
 }

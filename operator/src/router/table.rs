@@ -82,6 +82,8 @@ pub struct Pool {
 pub struct RouteTable {
     by_name: HashMap<String, Arc<Pool>>,
     pools: Vec<Arc<Pool>>,
+    /// Names more than one pool claims (the first keeps each).
+    contested: Vec<String>,
 }
 
 impl RouteTable {
@@ -134,7 +136,11 @@ impl Routes {
             });
             for name in std::iter::once(&spec.model).chain(&spec.aliases) {
                 if table.by_name.contains_key(name) {
-                    tracing::warn!(model = %name, "model name claimed twice; the first pool keeps it");
+                    // Said once when the conflict appears, not on every rebuild.
+                    if !old.contested.contains(name) {
+                        tracing::warn!(model = %name, "model name claimed twice; the first pool keeps it");
+                    }
+                    table.contested.push(name.clone());
                     continue;
                 }
                 table.by_name.insert(name.clone(), pool.clone());
@@ -180,6 +186,7 @@ mod tests {
         assert_eq!(t.lookup("x").map(|p| p.model.as_str()), Some("a"));
         assert_eq!(t.lookup("a").map(|p| p.model.as_str()), Some("a"));
         assert_eq!(t.lookup("b").map(|p| p.model.as_str()), Some("b"));
+        assert_eq!(t.contested, ["x", "a"]);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Parses and validates a Chat Completions body field by field, so every rejection
 //! names the offending `param`.
 
+use kandle_contract::sampling::{self, Interval};
+use kandle_contract::SamplingDefaults;
 use serde_json::{Map, Value as Json};
 
 use super::error::ApiError;
@@ -40,8 +42,7 @@ pub enum ToolChoice {
 }
 
 /// Sampling values given in a request (or in the model's defaults).
-#[derive(Debug, Clone, PartialEq, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct SamplingOverrides {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
@@ -50,10 +51,26 @@ pub struct SamplingOverrides {
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
     pub repetition_penalty: Option<f32>,
-    #[serde(skip)]
     pub logit_bias: Vec<(u32, f32)>,
-    #[serde(skip)]
     pub seed: Option<u64>,
+}
+
+/// The model's defaults (`--sampling-defaults`, already validated by the contract).
+impl From<&SamplingDefaults> for SamplingOverrides {
+    fn from(d: &SamplingDefaults) -> Self {
+        let f = |v: Option<f64>| v.map(|x| x as f32);
+        Self {
+            temperature: f(d.temperature),
+            top_p: f(d.top_p),
+            top_k: d.top_k.map(|k| k as usize),
+            min_p: f(d.min_p),
+            presence_penalty: f(d.presence_penalty),
+            frequency_penalty: f(d.frequency_penalty),
+            repetition_penalty: f(d.repetition_penalty),
+            logit_bias: Vec::new(),
+            seed: None,
+        }
+    }
 }
 
 impl SamplingOverrides {
@@ -75,29 +92,6 @@ impl SamplingOverrides {
             seed: self.seed,
             logprobs,
         }
-    }
-
-    /// Checks defaults given on the command line with the request's own rules.
-    pub fn validate(&self) -> Result<(), ApiError> {
-        let mut obj = Map::new();
-        let to_json = |v: f32| serde_json::Number::from_f64(f64::from(v)).map(Json::Number);
-        for (name, value) in [
-            ("temperature", self.temperature),
-            ("top_p", self.top_p),
-            ("min_p", self.min_p),
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-            ("repetition_penalty", self.repetition_penalty),
-        ] {
-            if let Some(j) = value.and_then(to_json) {
-                obj.insert(name.to_string(), j);
-            }
-        }
-        if let Some(k) = self.top_k {
-            obj.insert("top_k".into(), Json::from(k));
-        }
-        let mut fields = Fields { obj };
-        parse_sampling(&mut fields, usize::MAX).map(|_| ())
     }
 }
 
@@ -159,13 +153,13 @@ pub fn parse(body: &[u8], vocab_size: usize) -> Result<ChatRequest, ApiError> {
 }
 
 fn parse_sampling(f: &mut Fields, vocab_size: usize) -> Result<SamplingOverrides, ApiError> {
-    let temperature = f.number("temperature", Range::closed(0.0, 2.0))?;
-    let top_p = f.number("top_p", Range::open_closed(0.0, 1.0))?;
-    let top_k = f.uint("top_k", 0, u64::from(u32::MAX))?.map(|v| v as usize);
-    let min_p = f.number("min_p", Range::closed(0.0, 1.0))?;
-    let presence_penalty = f.number("presence_penalty", Range::closed(-2.0, 2.0))?;
-    let frequency_penalty = f.number("frequency_penalty", Range::closed(-2.0, 2.0))?;
-    let repetition_penalty = f.number("repetition_penalty", Range::open_closed(0.0, 2.0))?;
+    let temperature = f.number("temperature", sampling::TEMPERATURE)?;
+    let top_p = f.number("top_p", sampling::TOP_P)?;
+    let top_k = f.uint("top_k", 0, u64::from(sampling::TOP_K_MAX))?.map(|v| v as usize);
+    let min_p = f.number("min_p", sampling::MIN_P)?;
+    let presence_penalty = f.number("presence_penalty", sampling::PRESENCE_PENALTY)?;
+    let frequency_penalty = f.number("frequency_penalty", sampling::FREQUENCY_PENALTY)?;
+    let repetition_penalty = f.number("repetition_penalty", sampling::REPETITION_PENALTY)?;
     let logit_bias = parse_logit_bias(f, vocab_size)?;
     let seed = match f.take("seed") {
         None | Some(Json::Null) => None,
@@ -200,7 +194,7 @@ fn parse_logit_bias(f: &mut Fields, vocab_size: usize) -> Result<Vec<(u32, f32)>
             ApiError::invalid(&param, format!("Invalid key in 'logit_bias': `{key}` is not a token id of this model."))
         })?;
         let bias = value.as_f64().ok_or_else(|| ApiError::wrong_type(&param, "a number", &value))?;
-        Range::closed(-100.0, 100.0).check(&param, bias)?;
+        check_range(&param, LOGIT_BIAS, bias)?;
         out.push((token, bias as f32));
     }
     Ok(out)
@@ -424,12 +418,12 @@ impl Fields {
         }
     }
 
-    fn number(&mut self, key: &str, range: Range) -> Result<Option<f32>, ApiError> {
+    fn number(&mut self, key: &str, range: Interval) -> Result<Option<f32>, ApiError> {
         match self.take(key) {
             None | Some(Json::Null) => Ok(None),
             Some(v) => {
                 let x = v.as_f64().ok_or_else(|| ApiError::wrong_type(key, "a number", &v))?;
-                range.check(key, x)?;
+                check_range(key, range, x)?;
                 Ok(Some(x as f32))
             }
         }
@@ -458,36 +452,14 @@ fn expect_bool(key: &str, v: &Json) -> Result<bool, ApiError> {
     v.as_bool().ok_or_else(|| ApiError::wrong_type(key, "a boolean", v))
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Range {
-    min: f64,
-    max: f64,
-    min_exclusive: bool,
-}
+/// The range of each `logit_bias` value.
+const LOGIT_BIAS: Interval = Interval::closed(-100.0, 100.0);
 
-impl Range {
-    fn closed(min: f64, max: f64) -> Self {
-        Self { min, max, min_exclusive: false }
+fn check_range(key: &str, range: Interval, x: f64) -> Result<(), ApiError> {
+    if range.contains(x) {
+        return Ok(());
     }
-
-    fn open_closed(min: f64, max: f64) -> Self {
-        Self { min, max, min_exclusive: true }
-    }
-
-    fn check(self, key: &str, x: f64) -> Result<(), ApiError> {
-        let low = if self.min_exclusive { x <= self.min } else { x < self.min };
-        if low || x > self.max || !x.is_finite() {
-            let lower = if self.min_exclusive { "greater than" } else { "at least" };
-            return Err(ApiError::invalid(
-                key,
-                format!(
-                    "Invalid '{key}': expected a value {lower} {} and at most {}, but got {x} instead.",
-                    self.min, self.max
-                ),
-            ));
-        }
-        Ok(())
-    }
+    Err(ApiError::invalid(key, format!("Invalid '{key}': expected a value {}, but got {x} instead.", range.describe())))
 }
 
 #[cfg(test)]
@@ -690,8 +662,23 @@ mod tests {
         let given = SamplingOverrides { temperature: Some(0.1), ..Default::default() };
         let p = given.resolve(&defaults, None);
         assert_eq!((p.temperature, p.top_p, p.top_k), (0.1, 0.8, 0));
-        assert!(defaults.validate().is_ok());
-        let bad = SamplingOverrides { top_p: Some(1.5), ..Default::default() };
-        assert_eq!(bad.validate().expect_err("invalid").param.as_deref(), Some("top_p"));
+    }
+
+    /// The request parser and the shared contract (which the CRD schema is
+    /// built from) agree on every boundary of every knob.
+    #[test]
+    fn request_ranges_are_the_contract_ranges() {
+        for knob in kandle_contract::sampling::KNOBS {
+            for x in knob.range.probes() {
+                let parsed = parse(&body(json!({knob.param: x})), VOCAB);
+                assert_eq!(parsed.is_ok(), knob.range.contains(x), "{} = {x}: {parsed:?}", knob.param);
+                let as_default: SamplingDefaults =
+                    serde_json::from_value(json!({knob.param: x})).expect("defaults decode");
+                assert_eq!(as_default.validate().is_ok(), knob.range.contains(x), "default {} = {x}", knob.param);
+            }
+        }
+        for (k, ok) in [(0, true), (u64::from(u32::MAX), true), (u64::from(u32::MAX) + 1, false)] {
+            assert_eq!(parse(&body(json!({"top_k": k})), VOCAB).is_ok(), ok, "top_k = {k}");
+        }
     }
 }

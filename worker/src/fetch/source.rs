@@ -1,5 +1,8 @@
-//! Model source URLs: `hf://org/repo[/file][@revision]`, `https://…`, `file:///…`,
-//! `pvc://claim/path`.
+//! Model sources as `kandle-worker fetch` acts on them; the URL grammar itself is
+//! the shared contract's (`kandle_contract::source`), the one the CRD checks.
+
+use kandle_contract::source::PVC_MOUNT;
+use kandle_contract::SourceUrl;
 
 use super::FetchError;
 
@@ -15,45 +18,14 @@ pub enum Source {
     Local(std::path::PathBuf),
 }
 
-/// Where `pvc://claim/path` sources are mounted in a worker pod.
-pub const PVC_ROOT: &str = "/var/lib/kandle/models";
-
 pub fn parse(url: &str) -> Result<Source, FetchError> {
-    let bad = |why: &str| FetchError::BadSource(format!("{url}: {why}"));
-    if let Some(rest) = url.strip_prefix("hf://") {
-        let (path, revision) = match rest.split_once('@') {
-            Some((p, r)) if !r.is_empty() => (p, Some(r.to_string())),
-            Some(_) => return Err(bad("empty revision after @")),
-            None => (rest, None),
-        };
-        let mut parts = path.splitn(3, '/');
-        let (org, name) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-        if org.is_empty() || name.is_empty() {
-            return Err(bad("expected hf://org/repo[/file][@revision]"));
-        }
-        let file = parts.next().filter(|f| !f.is_empty()).map(str::to_string);
-        if file.as_deref().is_some_and(|f| f.split('/').any(|s| s == "..")) {
-            return Err(bad("file paths may not contain .."));
-        }
-        return Ok(Source::Hub { repo: format!("{org}/{name}"), file, revision });
-    }
-    if url.starts_with("https://") {
-        return Ok(Source::Https(url.to_string()));
-    }
-    if let Some(path) = url.strip_prefix("file://") {
-        if !path.starts_with('/') {
-            return Err(bad("file:// URLs need an absolute path (file:///path)"));
-        }
-        return Ok(Source::Local(path.into()));
-    }
-    if let Some(rest) = url.strip_prefix("pvc://") {
-        let (claim, path) = rest.split_once('/').unwrap_or((rest, ""));
-        if claim.is_empty() {
-            return Err(bad("expected pvc://claim/path"));
-        }
-        return Ok(Source::Local(std::path::Path::new(PVC_ROOT).join(path)));
-    }
-    Err(bad("the scheme must be hf://, https://, file:// or pvc://"))
+    let url = SourceUrl::parse(url).map_err(|e| FetchError::BadSource(e.to_string()))?;
+    Ok(match url {
+        SourceUrl::Hub { org, repo, file, revision } => Source::Hub { repo: format!("{org}/{repo}"), file, revision },
+        SourceUrl::Https(url) => Source::Https(url),
+        SourceUrl::File(path) => Source::Local(path.into()),
+        SourceUrl::Pvc { path, .. } => Source::Local(std::path::Path::new(PVC_MOUNT).join(path)),
+    })
 }
 
 #[cfg(test)]
@@ -77,6 +49,7 @@ mod tests {
         assert_eq!(parse("https://h/m.gguf").expect("ok"), Source::Https("https://h/m.gguf".into()));
         assert_eq!(parse("file:///models/m.gguf").expect("ok"), Source::Local("/models/m.gguf".into()));
         assert_eq!(parse("pvc://cache/a/m.gguf").expect("ok"), Source::Local("/var/lib/kandle/models/a/m.gguf".into()));
+        assert_eq!(parse("pvc://cache.v2/m.gguf").expect("ok"), Source::Local("/var/lib/kandle/models/m.gguf".into()));
     }
 
     #[test]
@@ -84,7 +57,7 @@ mod tests {
         for url in
             ["http://h/m.gguf", "hf://onlyorg", "hf://o/r@", "hf://o/r/../x", "file://rel", "pvc:///x", "s3://b/k"]
         {
-            assert!(parse(url).is_err(), "{url}");
+            assert!(matches!(parse(url), Err(FetchError::BadSource(_))), "{url}");
         }
     }
 }

@@ -36,7 +36,7 @@ pub fn load(path: &Path, template_override: Option<&str>) -> Result<LoadedModel,
     let info = ModelInfo {
         quantization: quantization(&meta, &content),
         // candle's implementation precomputes rotary tables for a fixed window.
-        context_length: file_context.min(quantized_llama::MAX_SEQ_LEN),
+        context_length: file_context.min(quantized_llama::MAX_SEQ_LEN) as u64,
         parameters: content.tensor_infos.values().map(|t| t.shape.elem_count() as u64).sum(),
         architecture,
     };

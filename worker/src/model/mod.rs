@@ -35,7 +35,6 @@ pub mod tokenizer;
 use std::path::Path;
 
 use candle_core::Tensor;
-use serde::Serialize;
 
 pub use chat_template::{ChatTemplate, RenderOptions, TemplateFeatures, CHATML};
 
@@ -62,14 +61,7 @@ impl LoadError {
 }
 
 /// What the worker reports about the model it serves (also surfaced in CRD status).
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct ModelInfo {
-    pub architecture: String,
-    pub quantization: String,
-    pub context_length: usize,
-    pub parameters: u64,
-}
+pub use kandle_contract::ModelInfo;
 
 /// Loaded weights, shared by every sequence the engine runs.
 pub trait Weights: Send + Sync {

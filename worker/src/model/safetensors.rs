@@ -36,8 +36,7 @@ pub fn load(dir: &Path, template_override: Option<&str>) -> Result<LoadedModel, 
     let context_length = config
         .get("max_position_embeddings")
         .and_then(Json::as_u64)
-        .ok_or_else(|| LoadError::Format("config.json has no `max_position_embeddings`".into()))?
-        as usize;
+        .ok_or_else(|| LoadError::Format("config.json has no `max_position_embeddings`".into()))?;
     let weights: Box<dyn Weights> = match architecture.as_str() {
         "llama" | "mistral" => {
             let cfg: llama::LlamaConfig = parse_json(&config_text, "config.json")?;

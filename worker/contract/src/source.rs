@@ -1,0 +1,212 @@
+//! The grammar of model source URLs (`spec.source.url`, `kandle-worker fetch URL`):
+//! a regular expression for the CRD schema and a parser for the code, tested to
+//! agree.
+//!
+//! - `hf://org/repo[/path/in/repo][@revision]`: the Hugging Face Hub;
+//! - `https://host/path`: one file;
+//! - `pvc://claim[/path/in/claim]`: a PersistentVolumeClaim (Kubernetes' PVC name rules);
+//! - `file:///path`: a path inside the worker container (baked into the image).
+//!
+//! Path segments may not be `.` or `..`, so no source points outside its root.
+
+/// The same grammar as one regular expression (RE2 syntax, no look-around), for
+/// the CRD schema's `pattern`.
+pub const PATTERN: &str = concat!(
+    r"^(",
+    r"hf://[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}",
+    r"(/([^\s/@.][^\s/@]*|\.[^\s/@.][^\s/@]*|\.\.[^\s/@]+))*(@[A-Za-z0-9_-][A-Za-z0-9._-]*)?",
+    r"|https://[^\s/]+(/[^\s]*)?",
+    r"|pvc://[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?(/([^\s/.][^\s/]*|\.[^\s/.][^\s/]*|\.\.[^\s/]+))*/?",
+    r"|file:///[^\s]*",
+    r")$",
+);
+
+/// Where `pvc://` sources are mounted in a worker pod.
+pub const PVC_MOUNT: &str = "/var/lib/kandle/models";
+
+/// A parsed source URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceUrl {
+    Hub {
+        org: String,
+        repo: String,
+        /// A file or directory inside the repository.
+        file: Option<String>,
+        revision: Option<String>,
+    },
+    Https(String),
+    Pvc {
+        claim: String,
+        /// Path inside the claim, without leading or trailing `/` (empty: the whole claim).
+        path: String,
+    },
+    /// An absolute path in the container.
+    File(String),
+}
+
+/// Why a URL is not a source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceError {
+    pub url: String,
+    pub reason: &'static str,
+}
+
+impl std::fmt::Display for SourceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.url, self.reason)
+    }
+}
+
+impl std::error::Error for SourceError {}
+
+const SCHEMES: &str = "the scheme must be hf://, https://, pvc:// or file://";
+
+impl SourceUrl {
+    pub fn parse(url: &str) -> Result<Self, SourceError> {
+        let bad = |reason| Err(SourceError { url: url.to_string(), reason });
+        if url.chars().any(char::is_whitespace) {
+            return bad("URLs may not contain whitespace");
+        }
+        if let Some(rest) = url.strip_prefix("hf://") {
+            let (path, revision) = match rest.split_once('@') {
+                Some((_, r)) if !valid_revision(r) => {
+                    return bad("the revision after @ must be letters, digits, '.', '_' or '-', not starting with '.'")
+                }
+                Some((p, r)) => (p, Some(r.to_string())),
+                None => (rest, None),
+            };
+            let mut parts = path.splitn(3, '/');
+            let (org, repo) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            if !valid_hub_name(org) || !valid_hub_name(repo) {
+                return bad("expected hf://org/repo[/file][@revision] with Hub names (letters, digits, '.', '_', '-')");
+            }
+            let file = match parts.next() {
+                None => None,
+                Some(f) if f.split('/').all(valid_segment) => Some(f.to_string()),
+                Some(_) => return bad("path segments may not be empty, '.' or '..'"),
+            };
+            return Ok(Self::Hub { org: org.into(), repo: repo.into(), file, revision });
+        }
+        if let Some(rest) = url.strip_prefix("https://") {
+            let host = rest.split('/').next().unwrap_or("");
+            return if host.is_empty() { bad("expected https://host/path") } else { Ok(Self::Https(url.into())) };
+        }
+        if let Some(rest) = url.strip_prefix("pvc://") {
+            let (claim, path) = rest.split_once('/').unwrap_or((rest, ""));
+            if !valid_claim(claim) {
+                return bad("the claim must be a PersistentVolumeClaim name (lowercase letters, digits, '-', '.')");
+            }
+            let trimmed = if path.is_empty() { path } else { path.strip_suffix('/').unwrap_or(path) };
+            if !path.is_empty() && !trimmed.split('/').all(valid_segment) {
+                return bad("path segments may not be empty, '.' or '..'");
+            }
+            return Ok(Self::Pvc { claim: claim.into(), path: trimmed.into() });
+        }
+        if let Some(path) = url.strip_prefix("file://") {
+            return if path.starts_with('/') {
+                Ok(Self::File(path.into()))
+            } else {
+                bad("file:// URLs need an absolute path (file:///path)")
+            };
+        }
+        bad(SCHEMES)
+    }
+}
+
+fn valid_hub_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.len() <= 96
+        && chars.all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+}
+
+fn valid_revision(rev: &str) -> bool {
+    !rev.is_empty() && !rev.starts_with('.') && rev.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+}
+
+/// Kubernetes' PersistentVolumeClaim names: DNS subdomains (RFC 1123).
+fn valid_claim(claim: &str) -> bool {
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    claim.len() <= 253
+        && edge(claim.chars().next())
+        && edge(claim.chars().last())
+        && claim.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+}
+
+fn valid_segment(segment: &str) -> bool {
+    !matches!(segment, "" | "." | "..")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_scheme() {
+        assert_eq!(
+            SourceUrl::parse("hf://org/repo/sub/model.Q4_K_M.gguf@v1.0"),
+            Ok(SourceUrl::Hub {
+                org: "org".into(),
+                repo: "repo".into(),
+                file: Some("sub/model.Q4_K_M.gguf".into()),
+                revision: Some("v1.0".into()),
+            })
+        );
+        assert_eq!(SourceUrl::parse("https://h/m.gguf"), Ok(SourceUrl::Https("https://h/m.gguf".into())));
+        assert_eq!(
+            SourceUrl::parse("pvc://models.v2/a/m.gguf"),
+            Ok(SourceUrl::Pvc { claim: "models.v2".into(), path: "a/m.gguf".into() })
+        );
+        assert_eq!(SourceUrl::parse("pvc://models/"), Ok(SourceUrl::Pvc { claim: "models".into(), path: "".into() }));
+        assert_eq!(SourceUrl::parse("file:///models/m.gguf"), Ok(SourceUrl::File("/models/m.gguf".into())));
+    }
+
+    /// The schema's pattern and the parser accept exactly the same URLs.
+    #[test]
+    fn pattern_and_parser_agree() {
+        let pattern = regex::Regex::new(PATTERN).expect("pattern compiles");
+        let long_claim = format!("pvc://{}/m", "a".repeat(253));
+        let too_long_claim = format!("pvc://{}/m", "a".repeat(254));
+        let cases = [
+            "hf://HuggingFaceTB/SmolLM2-135M-Instruct",
+            "hf://org/repo/sub/model.gguf@v1.0",
+            "hf://org/repo@main",
+            "hf://org/repo/.hidden/m",
+            "hf://org/repo/..x/m",
+            "hf://org/repo/../x",
+            "hf://org/repo/./x",
+            "hf://org/repo//x",
+            "hf://org/repo@",
+            "hf://org/repo@.hidden",
+            "hf://org/repo@a/b",
+            "hf://justorg",
+            "hf://-org/repo",
+            "https://example.com/m.gguf",
+            "https://example.com",
+            "https:///m.gguf",
+            "http://example.com/m.gguf",
+            "pvc://models/m.gguf",
+            "pvc://models.v2/dir/m.gguf",
+            "pvc://models",
+            "pvc://models/",
+            "pvc://Models/m",
+            "pvc://-models/m",
+            "pvc://models./m",
+            "pvc:///m.gguf",
+            "pvc://models/../etc",
+            "pvc://models/a//b",
+            "pvc://models//",
+            "pvc://models/a/",
+            &long_claim,
+            &too_long_claim,
+            "file:///models/m.gguf",
+            "file://models/m.gguf",
+            "file:///with space",
+            "s3://bucket/key",
+            "",
+        ];
+        for url in cases {
+            assert_eq!(pattern.is_match(url), SourceUrl::parse(url).is_ok(), "{url:?}: {:?}", SourceUrl::parse(url));
+        }
+    }
+}
