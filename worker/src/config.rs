@@ -95,9 +95,25 @@ pub struct ServeConfig {
     #[arg(long, env = "KANDLE_MAX_CONTEXT", value_parser = in_range(engine::MAX_CONTEXT_LENGTH))]
     pub max_context: Option<usize>,
 
-    /// Sequences decoded concurrently.
+    /// Sequences in one forward pass (running concurrently).
     #[arg(long, env = "KANDLE_MAX_BATCH_SIZE", default_value_t = 8, value_parser = in_range(engine::MAX_BATCH_SIZE))]
     pub max_batch_size: usize,
+
+    /// Tokens in one forward pass: a decode token per running sequence, then
+    /// prefill chunks of new prompts. Bounds how long a new prompt can delay
+    /// running streams.
+    #[arg(long, env = "KANDLE_MAX_BATCH_TOKENS", default_value_t = 256, value_parser = in_range(engine::MAX_BATCH_TOKENS))]
+    pub max_batch_tokens: usize,
+
+    /// Memory of the KV block pool: bytes (2Gi, 512M) or a fraction of the
+    /// container's memory limit (0.25). Default: enough for --max-batch-size
+    /// sequences of the whole context, at most a quarter of the memory limit.
+    #[arg(long, env = "KANDLE_KV_CACHE_MEMORY", value_parser = engine::KvCacheMemory::parse)]
+    pub kv_cache_memory: Option<engine::KvCacheMemory>,
+
+    /// Do not share KV blocks of common prompt prefixes, nor keep them after a request.
+    #[arg(long, env = "KANDLE_NO_PREFIX_CACHE")]
+    pub no_prefix_cache: bool,
 
     /// Requests that may wait for a batch slot before new ones get 429.
     #[arg(long, env = "KANDLE_MAX_WAITING", default_value_t = 64)]

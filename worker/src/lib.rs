@@ -8,5 +8,7 @@ pub mod engine;
 pub mod fetch;
 pub mod metrics;
 pub mod model;
+pub mod resources;
+pub mod runtime;
 pub mod server;
 pub mod service;

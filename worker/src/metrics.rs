@@ -25,9 +25,25 @@ pub struct Metrics {
     pub inter_token_latency: Histogram,
     pub queue_depth: Gauge,
     pub batch_size: Gauge,
+    /// Prompt tokens looked up in the prefix cache, and found there.
+    pub prefix_cache_queries: Counter,
+    pub prefix_cache_hits: Counter,
+    pub preemptions: Counter,
+    /// Tokens run through the model as prompt (prefill or recompute), not decode.
+    pub prefill_tokens: Counter,
+    step_sequences: Histogram,
+    step_tokens: Histogram,
+    cache_config: Family<CacheConfigLabels, Gauge>,
     vllm_waiting: Gauge,
     vllm_running: Gauge,
     vllm_kv_cache_usage: Gauge<f64, AtomicU64>,
+}
+
+/// `vllm:cache_config_info`'s labels: what prefix-aware routers read.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheConfigLabels {
+    pub block_size: String,
+    pub num_gpu_blocks: String,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -61,6 +77,36 @@ impl Default for Metrics {
         registry.register("kandle_queue_depth", "Requests waiting for a batch slot", queue_depth.clone());
         let batch_size = Gauge::default();
         registry.register("kandle_batch_size", "Sequences being decoded", batch_size.clone());
+        let prefix_cache_queries = Counter::default();
+        registry.register(
+            "vllm:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache (vLLM name)",
+            prefix_cache_queries.clone(),
+        );
+        let prefix_cache_hits = Counter::default();
+        registry.register(
+            "vllm:prefix_cache_hits",
+            "Prompt tokens found in the prefix cache (vLLM name)",
+            prefix_cache_hits.clone(),
+        );
+        let preemptions = Counter::default();
+        registry.register("kandle_preemptions", "Sequences preempted to free KV blocks", preemptions.clone());
+        let prefill_tokens = Counter::default();
+        registry.register(
+            "kandle_prefill_tokens",
+            "Tokens run through the model as prompt (not served from the prefix cache)",
+            prefill_tokens.clone(),
+        );
+        let step_sequences = Histogram::new(exponential_buckets(1.0, 2.0, 10));
+        registry.register("kandle_step_sequences", "Sequences in one forward pass", step_sequences.clone());
+        let step_tokens = Histogram::new(exponential_buckets(1.0, 2.0, 14));
+        registry.register("kandle_step_tokens", "Tokens in one forward pass", step_tokens.clone());
+        let cache_config = Family::<CacheConfigLabels, Gauge>::default();
+        registry.register(
+            "vllm:cache_config_info",
+            "KV cache configuration: block size (tokens) and number of blocks (vLLM name)",
+            cache_config.clone(),
+        );
         let vllm_waiting = Gauge::default();
         registry.register("vllm:num_requests_waiting", "Requests waiting (vLLM name)", vllm_waiting.clone());
         let vllm_running = Gauge::default();
@@ -68,7 +114,7 @@ impl Default for Metrics {
         let vllm_kv_cache_usage = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "vllm:kv_cache_usage_perc",
-            "Fraction of the KV cache token capacity in use, 0 to 1 (vLLM name)",
+            "Fraction of the KV cache blocks in use, 0 to 1 (vLLM name)",
             vllm_kv_cache_usage.clone(),
         );
         Self {
@@ -80,6 +126,13 @@ impl Default for Metrics {
             inter_token_latency,
             queue_depth,
             batch_size,
+            prefix_cache_queries,
+            prefix_cache_hits,
+            preemptions,
+            prefill_tokens,
+            step_sequences,
+            step_tokens,
+            cache_config,
             vllm_waiting,
             vllm_running,
             vllm_kv_cache_usage,
@@ -95,6 +148,20 @@ impl Metrics {
         self.vllm_running.set(running_requests as i64);
         self.batch_size.set(sequences as i64);
         self.vllm_kv_cache_usage.set(kv_usage);
+    }
+
+    /// States the KV cache's shape once, at start-up.
+    pub fn set_cache_config(&self, block_size: usize, num_blocks: usize) {
+        let labels = CacheConfigLabels { block_size: block_size.to_string(), num_gpu_blocks: num_blocks.to_string() };
+        self.cache_config.get_or_create(&labels).set(1);
+    }
+
+    /// One forward pass of `sequences` sequences and `tokens` tokens, `prefill` of
+    /// them prompt tokens.
+    pub fn observe_step(&self, sequences: usize, tokens: usize, prefill: usize) {
+        self.step_sequences.observe(sequences as f64);
+        self.step_tokens.observe(tokens as f64);
+        self.prefill_tokens.inc_by(prefill as u64);
     }
 
     pub fn encode(&self) -> Result<String, std::fmt::Error> {

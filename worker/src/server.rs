@@ -77,8 +77,8 @@ fn load(
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<ModelService> {
     let started = std::time::Instant::now();
-    let loaded =
-        crate::model::load(&config.model, template).with_context(|| format!("loading {}", config.model.display()))?;
+    let loaded = crate::model::load(&config.model, template, config.max_context)
+        .with_context(|| format!("loading {}", config.model.display()))?;
     tracing::info!(
         architecture = %loaded.info.architecture,
         quantization = %loaded.info.quantization,
@@ -91,6 +91,9 @@ fn load(
         loaded,
         EngineLimits {
             max_batch_size: config.max_batch_size,
+            max_batch_tokens: config.max_batch_tokens,
+            kv_cache_memory: config.kv_cache_memory,
+            prefix_cache: !config.no_prefix_cache,
             max_waiting: config.max_waiting,
             max_context: config.max_context,
         },

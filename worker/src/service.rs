@@ -7,9 +7,15 @@ use tokio::sync::mpsc;
 
 use crate::api::error::ApiError;
 use crate::api::request::{ChatRequest, SamplingOverrides, ToolChoice};
-use crate::engine::{Engine, EngineConfig, EngineModel, Event, GenerateRequest, ReasoningMode};
+use kandle_contract::engine::KvCacheMemory;
+
+use crate::engine::{Engine, EngineConfig, EngineModel, Event, GenerateRequest, ReasoningMode, StartError};
 use crate::metrics::Metrics;
 use crate::model::{ChatTemplate, LoadedModel, ModelInfo, RenderOptions, SpecialTokens};
+use crate::runtime::{KvCache, ModelConfig};
+
+/// Tokens per KV block.
+pub const BLOCK_SIZE: usize = 16;
 
 /// Thinking budgets that `reasoning_effort` maps to on models that think.
 const LOW_EFFORT_BUDGET: usize = 512;
@@ -23,6 +29,8 @@ pub struct ModelService {
     pub special: SpecialTokens,
     /// Tokens per sequence: the model's context clipped by `--max-context`.
     pub max_context: usize,
+    /// Tokens the whole KV cache holds: no sequence can be longer.
+    pub kv_capacity: usize,
     pub defaults: SamplingOverrides,
 }
 
@@ -37,8 +45,38 @@ pub struct Prepared {
 #[derive(Debug, Clone, Copy)]
 pub struct EngineLimits {
     pub max_batch_size: usize,
+    pub max_batch_tokens: usize,
     pub max_waiting: usize,
     pub max_context: Option<usize>,
+    pub kv_cache_memory: Option<KvCacheMemory>,
+    pub prefix_cache: bool,
+}
+
+/// How many KV blocks the memory budget buys: what `--kv-cache-memory` says,
+/// else enough for `max_batch_size` sequences of the whole context, at most a
+/// quarter of the memory limit.
+pub fn kv_blocks(
+    config: &ModelConfig,
+    limits: &EngineLimits,
+    max_context: usize,
+    memory_limit: u64,
+) -> Result<usize, StartError> {
+    let per_block = KvCache::bytes_per_block(config, BLOCK_SIZE, candle_core::DType::F16) as u64;
+    let budget = match limits.kv_cache_memory {
+        Some(KvCacheMemory::Bytes(b)) => b,
+        Some(KvCacheMemory::Fraction(f)) => (memory_limit as f64 * f) as u64,
+        None => {
+            let wanted = (limits.max_batch_size * max_context.div_ceil(BLOCK_SIZE)) as u64 * per_block;
+            wanted.min(memory_limit / 4)
+        }
+    };
+    let blocks = (budget / per_block.max(1)) as usize;
+    if blocks == 0 {
+        return Err(StartError::Memory(format!(
+            "a KV cache of {budget} bytes holds no block ({per_block} bytes for {BLOCK_SIZE} tokens); raise --kv-cache-memory"
+        )));
+    }
+    Ok(blocks)
 }
 
 impl ModelService {
@@ -48,13 +86,31 @@ impl ModelService {
         limits: EngineLimits,
         defaults: SamplingOverrides,
         metrics: Arc<Metrics>,
-    ) -> std::io::Result<Self> {
+    ) -> Result<Self, StartError> {
         let model_context = usize::try_from(loaded.info.context_length).unwrap_or(usize::MAX);
         let max_context = limits.max_context.map_or(model_context, |m| m.min(model_context));
+        let num_blocks = kv_blocks(loaded.model.config(), &limits, max_context, crate::resources::memory_limit())?;
+        let per_block = KvCache::bytes_per_block(loaded.model.config(), BLOCK_SIZE, candle_core::DType::F16);
+        tracing::info!(
+            blocks = num_blocks,
+            block_size = BLOCK_SIZE,
+            tokens = num_blocks * BLOCK_SIZE,
+            mib = (num_blocks * per_block) >> 20,
+            prefix_cache = limits.prefix_cache,
+            "KV cache: {num_blocks} blocks x {BLOCK_SIZE} tokens (f16)"
+        );
         let tokenizer = Arc::new(loaded.tokenizer);
         let engine = Engine::start(
-            EngineModel { weights: loaded.weights, tokenizer: tokenizer.clone(), special: loaded.special.clone() },
-            EngineConfig { max_batch_size: limits.max_batch_size, max_waiting: limits.max_waiting, max_context },
+            EngineModel { model: loaded.model, tokenizer: tokenizer.clone(), special: loaded.special.clone() },
+            EngineConfig {
+                max_batch_size: limits.max_batch_size,
+                max_batch_tokens: limits.max_batch_tokens,
+                max_waiting: limits.max_waiting,
+                max_context,
+                block_size: BLOCK_SIZE,
+                num_blocks,
+                prefix_cache: limits.prefix_cache,
+            },
             metrics,
         )?;
         Ok(Self {
@@ -64,6 +120,7 @@ impl ModelService {
             template: loaded.template,
             special: loaded.special,
             max_context,
+            kv_capacity: num_blocks * BLOCK_SIZE,
             defaults,
         })
     }
@@ -126,6 +183,15 @@ impl ModelService {
 
     fn completion_budget(&self, prompt: usize, requested: Option<usize>) -> Result<usize, ApiError> {
         let ctx = self.max_context;
+        if prompt >= self.kv_capacity {
+            return Err(ApiError::context_length(
+                "messages",
+                format!(
+                    "This server's KV cache holds {} tokens. However, your messages resulted in {prompt} tokens. Please reduce the length of the messages.",
+                    self.kv_capacity
+                ),
+            ));
+        }
         if prompt >= ctx {
             return Err(ApiError::context_length(
                 "messages",

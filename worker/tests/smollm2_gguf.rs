@@ -13,7 +13,7 @@ fn smollm2() -> &'static LoadedModel {
         let path = std::env::var_os("KANDLE_TEST_GGUF")
             .map(PathBuf::from)
             .expect("KANDLE_TEST_GGUF must name SmolLM2-135M-Instruct.Q4_1.gguf (scripts/fetch-smollm2.sh prints it)");
-        model::load(&path, None).expect("SmolLM2 loads")
+        model::load(&path, None, None).expect("SmolLM2 loads")
     })
 }
 
@@ -26,8 +26,8 @@ fn metadata_is_read_from_the_file() {
     let info = &smollm2().info;
     assert_eq!(info.architecture, "llama");
     assert_eq!(info.quantization, "Q4_1");
-    // 8192 in the file, clipped to the rotary window candle's implementation precomputes.
-    assert_eq!(info.context_length, 4096);
+    // The file's whole context: kandle's runtime has no fixed rotary window.
+    assert_eq!(info.context_length, 8192);
     assert_eq!(info.parameters, 134_515_008);
 }
 
@@ -81,8 +81,102 @@ fn the_files_own_chat_template_is_used() {
 #[test]
 fn template_override_replaces_the_files() {
     let path = std::env::var_os("KANDLE_TEST_GGUF").map(PathBuf::from).expect("KANDLE_TEST_GGUF");
-    let model =
-        model::load(&path, Some("{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}>")).expect("loads");
+    let model = model::load(&path, Some("{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}>"), Some(64))
+        .expect("loads");
     let text = model.template.render(&[json!({"role": "user", "content": "Hi"})], &RenderOptions::default());
     assert_eq!(text.expect("renders"), "[user]Hi>");
+}
+
+mod runtime {
+    use std::fs::File;
+    use std::io::BufReader;
+
+    use candle_core::quantized::gguf_file::Content;
+    use candle_core::{DType, Device, Tensor};
+    use candle_transformers::models::quantized_llama;
+    use kandle_worker::runtime::{KvCache, StepSequence};
+
+    use super::*;
+
+    fn prompt(text: &str) -> Vec<u32> {
+        ids(text)
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    fn argmax(v: &[f32]) -> usize {
+        v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0)
+    }
+
+    /// The runtime's logits for a whole prompt, alone, from an empty cache.
+    fn alone(tokens: &[u32]) -> Vec<f32> {
+        alone_in(tokens, DType::F16)
+    }
+
+    fn alone_in(tokens: &[u32], dtype: DType) -> Vec<f32> {
+        let model = &smollm2().model;
+        let cache = KvCache::new(model.config(), 16, 64, dtype, &Device::Cpu).expect("cache");
+        let blocks: Vec<u32> = (0..tokens.len().div_ceil(16) as u32).collect();
+        let step = StepSequence { tokens: tokens.to_vec(), start: 0, blocks };
+        model.forward(&[step], &cache).expect("forward").to_vec2::<f32>().expect("logits").remove(0)
+    }
+
+    /// kandle's forward pass agrees with candle's own quantized Llama on SmolLM2.
+    #[test]
+    fn logits_match_candles_reference_implementation() {
+        let path = std::env::var_os("KANDLE_TEST_GGUF").map(PathBuf::from).expect("KANDLE_TEST_GGUF");
+        let mut reader = BufReader::new(File::open(&path).expect("open"));
+        let content = Content::read(&mut reader).expect("gguf");
+        let mut reference = quantized_llama::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).expect("ref");
+        let tokens = prompt("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n");
+        let input = Tensor::new(tokens.as_slice(), &Device::Cpu).expect("t").unsqueeze(0).expect("batch");
+        let want = reference.forward(&input, 0).expect("forward").flatten_all().expect("flat");
+        let want = want.to_vec1::<f32>().expect("logits");
+        // Both quantize activations to 8 bits before each Q4_1 matmul, so a
+        // one-ulp difference upstream (attention sums in another order, an f16
+        // KV cache) can flip a rounding and move logits by a few tenths; with
+        // up to four keys the two agree bit for bit. The model's choice is the same.
+        for dtype in [DType::F32, DType::F16] {
+            let got = alone_in(&tokens, dtype);
+            let diff = max_diff(&got, &want);
+            assert!(diff < 1.0, "{dtype:?}: max logit difference {diff}");
+            assert_eq!(argmax(&got), argmax(&want), "{dtype:?}");
+        }
+        let short = prompt("Hello world, how");
+        let input = Tensor::new(short.as_slice(), &Device::Cpu).expect("t").unsqueeze(0).expect("batch");
+        reference.clear_kv_cache();
+        let want = reference.forward(&input, 0).expect("forward").flatten_all().expect("flat");
+        assert_eq!(max_diff(&alone_in(&short, DType::F32), &want.to_vec1::<f32>().expect("logits")), 0.0);
+    }
+
+    /// Sequences at different positions, prefilling in chunks and decoding, in
+    /// one forward pass: each gets the logits it gets alone.
+    #[test]
+    fn batched_logits_equal_single_sequence_logits() {
+        let model = &smollm2().model;
+        let cache = KvCache::new(model.config(), 16, 64, DType::F16, &Device::Cpu).expect("cache");
+        let a = prompt("<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\nRed");
+        let b = prompt("Once upon a time, in a land far away, there lived a");
+        let c = prompt("1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19");
+        let (blocks_a, blocks_b, blocks_c) = (vec![5u32, 1, 9], vec![2u32, 7, 3], vec![11u32, 0, 4, 13, 8]);
+        // Step 1: a's prompt but its last token, and c's first 10 tokens.
+        let first = [
+            StepSequence { tokens: a[..a.len() - 1].to_vec(), start: 0, blocks: blocks_a.clone() },
+            StepSequence { tokens: c[..10].to_vec(), start: 0, blocks: blocks_c.clone() },
+        ];
+        model.forward(&first, &cache).expect("step 1");
+        // Step 2: a decodes its last token, b prefills whole, c prefills the rest.
+        let second = [
+            StepSequence { tokens: vec![a[a.len() - 1]], start: a.len() - 1, blocks: blocks_a },
+            StepSequence { tokens: b.clone(), start: 0, blocks: blocks_b },
+            StepSequence { tokens: c[10..].to_vec(), start: 10, blocks: blocks_c },
+        ];
+        let batched = model.forward(&second, &cache).expect("step 2").to_vec2::<f32>().expect("logits");
+        for (name, tokens, got) in [("a", &a, &batched[0]), ("b", &b, &batched[1]), ("c", &c, &batched[2])] {
+            let diff = max_diff(got, &alone(tokens));
+            assert!(diff < 1e-3, "{name}: {diff}");
+        }
+    }
 }

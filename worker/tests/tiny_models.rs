@@ -12,6 +12,7 @@ use kandle_worker::api::request::SamplingOverrides;
 use kandle_worker::api::state::{AppState, HttpSettings};
 use kandle_worker::metrics::Metrics;
 use kandle_worker::model;
+use kandle_worker::runtime::{KvCache, StepSequence};
 use kandle_worker::service::{EngineLimits, ModelService};
 use serde_json::{json, Value};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -124,22 +125,26 @@ fn write_checkpoint(dir: &Path, arch: &str, template: &str) -> u64 {
     parameters
 }
 
+fn step(tokens: &[u32], start: usize, blocks: &[u32]) -> StepSequence {
+    StepSequence { tokens: tokens.to_vec(), start, blocks: blocks.to_vec() }
+}
+
 #[test]
 fn each_architecture_loads_and_runs() {
-    for arch in ["llama", "qwen2", "qwen3"] {
+    for arch in ["llama", "mistral", "qwen2", "qwen3"] {
         let dir = tempfile::tempdir().expect("tempdir");
         let parameters = write_checkpoint(dir.path(), arch, CHATML);
-        let loaded = model::load(dir.path(), None).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        let loaded = model::load(dir.path(), None, None).unwrap_or_else(|e| panic!("{arch}: {e}"));
         assert_eq!(loaded.info.architecture, arch);
         assert_eq!(loaded.info.context_length, CONTEXT as u64);
         assert_eq!(loaded.info.quantization, "F32");
         assert_eq!(loaded.info.parameters, parameters, "{arch}");
         let vocab = loaded.tokenizer.get_vocab_size(true);
-        let mut session = loaded.weights.session();
-        let prefill = session.forward(&[1, 2, 3], 0).expect("prefill");
-        assert_eq!(prefill.dims(), [vocab], "{arch}");
-        let next = session.forward(&[4], 3).expect("decode");
-        assert_eq!(next.dims(), [vocab], "{arch}");
+        let cache = KvCache::new(loaded.model.config(), 4, 8, DType::F16, &Device::Cpu).expect("cache");
+        let prefill = loaded.model.forward(&[step(&[1, 2, 3], 0, &[0])], &cache).expect("prefill");
+        assert_eq!(prefill.dims(), [1, vocab], "{arch}");
+        let next = loaded.model.forward(&[step(&[4], 3, &[0])], &cache).expect("decode");
+        assert_eq!(next.dims(), [1, vocab], "{arch}");
         let im_end = loaded.tokenizer.token_to_id("<|im_end|>").expect("im_end");
         assert!(loaded.special.stop_ids.contains(&im_end), "{arch}");
     }
@@ -152,7 +157,7 @@ fn missing_tensor_is_an_error_not_a_panic() {
     let mut tensors = HashMap::new();
     tensors.insert("model.embed_tokens.weight".to_string(), random(&[8, HIDDEN]));
     candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).expect("save");
-    assert!(model::load(dir.path(), None).is_err());
+    assert!(model::load(dir.path(), None, None).is_err());
 }
 
 /// Serves a checkpoint in-process and answers requests through the real router.
@@ -165,7 +170,7 @@ impl Served {
     fn new(arch: &str, template: &str) -> (Self, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("tempdir");
         write_checkpoint(dir.path(), arch, template);
-        let loaded = model::load(dir.path(), None).expect("loads");
+        let loaded = model::load(dir.path(), None, None).expect("loads");
         // Random weights would stop at random; banning the end markers makes lengths exact.
         let mut ban = serde_json::Map::new();
         for t in ["<|im_end|>", "<|im_start|>", "</think>"] {
@@ -183,7 +188,14 @@ impl Served {
             None,
             metrics.clone(),
         );
-        let limits = EngineLimits { max_batch_size: 4, max_waiting: 8, max_context: None };
+        let limits = EngineLimits {
+            max_batch_size: 4,
+            max_batch_tokens: 64,
+            max_waiting: 8,
+            max_context: None,
+            kv_cache_memory: None,
+            prefix_cache: true,
+        };
         state.set_model(ModelService::start(loaded, limits, SamplingOverrides::default(), metrics).expect("engine"));
         (Self { router: kandle_worker::api::router(state), ban: Value::Object(ban) }, dir)
     }

@@ -135,6 +135,7 @@ async fn collect(
 ) -> Result<ChatCompletion, ApiError> {
     let mut choices: Vec<ChoiceState> = (0..meta.n).map(|_| ChoiceState::default()).collect();
     let mut open = meta.n;
+    let mut cached_tokens = 0;
     while open > 0 {
         match events.recv().await {
             Some(Event::Delta(d)) => {
@@ -148,6 +149,10 @@ async fn collect(
                 c.finish = Some(reason);
                 c.completion_tokens = usage.completion_tokens;
                 c.reasoning_tokens = usage.reasoning_tokens;
+                // The first choice's prompt is the one the prefix cache served.
+                if index == 0 {
+                    cached_tokens = usage.cached_tokens;
+                }
                 open -= 1;
             }
             Some(Event::Failed { message }) => return Err(ApiError::internal(message)),
@@ -177,7 +182,7 @@ async fn collect(
                 logprobs: meta.logprobs.then_some(ChoiceLogprobs { content: c.logprobs }),
             })
             .collect(),
-        usage: Usage::new(meta.prompt_tokens, completion_tokens, reasoning_tokens),
+        usage: Usage::new(meta.prompt_tokens, completion_tokens, reasoning_tokens, cached_tokens),
     })
 }
 
@@ -190,6 +195,7 @@ struct StreamState {
     open: usize,
     completion_tokens: usize,
     reasoning_tokens: usize,
+    cached_tokens: usize,
     done: bool,
 }
 
@@ -207,6 +213,7 @@ fn stream(
         open,
         completion_tokens: 0,
         reasoning_tokens: 0,
+        cached_tokens: 0,
         done: false,
     };
     for index in 0..s.meta.n {
@@ -262,6 +269,9 @@ impl StreamState {
             Some(Event::Finished { index, reason, usage }) => {
                 self.completion_tokens += usage.completion_tokens;
                 self.reasoning_tokens += usage.reasoning_tokens;
+                if index == 0 {
+                    self.cached_tokens = usage.cached_tokens;
+                }
                 let last = ChunkChoice {
                     index,
                     delta: ChunkDelta::default(),
@@ -274,7 +284,12 @@ impl StreamState {
                 if self.open == 0 {
                     self.state.metrics().completion_tokens.inc_by(self.completion_tokens as u64);
                     if self.meta.include_usage {
-                        let usage = Usage::new(self.meta.prompt_tokens, self.completion_tokens, self.reasoning_tokens);
+                        let usage = Usage::new(
+                            self.meta.prompt_tokens,
+                            self.completion_tokens,
+                            self.reasoning_tokens,
+                            self.cached_tokens,
+                        );
                         let event = self.chunk(Vec::new(), Some(usage));
                         self.queued.push_back(event);
                     }

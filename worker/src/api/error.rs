@@ -150,6 +150,18 @@ impl ApiError {
         }
     }
 
+    /// The engine thread is gone: the process cannot serve until restarted.
+    pub fn engine_stopped() -> Self {
+        Self {
+            code: Some("engine_stopped"),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "The inference engine has stopped; this worker must be restarted.",
+            )
+        }
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }

@@ -10,14 +10,19 @@ use super::error::ApiError;
 use super::response::{ModelCard, ModelList};
 use super::state::AppState;
 
-/// Liveness: the process answers.
-pub async fn health() -> Json<serde_json::Value> {
-    Json(json!({"status": "ok"}))
+/// Liveness: the process answers and, once the model is loaded, its engine
+/// thread runs (if it died, Kubernetes should restart the pod).
+pub async fn health(State(state): State<AppState>) -> Response {
+    match state.model() {
+        Ok(service) if !service.engine.is_alive() => ApiError::engine_stopped().into_response(),
+        _ => Json(json!({"status": "ok"})).into_response(),
+    }
 }
 
 /// Readiness: the model is loaded and the engine runs.
 pub async fn ready(State(state): State<AppState>) -> Response {
     match state.model() {
+        Ok(service) if !service.engine.is_alive() => ApiError::engine_stopped().into_response(),
         Ok(service) => Json(json!({"status": "ready", "model": service.info})).into_response(),
         Err(e) => e.into_response(),
     }

@@ -90,12 +90,13 @@ pub struct CompletionTokensDetails {
 }
 
 impl Usage {
-    pub fn new(prompt_tokens: usize, completion_tokens: usize, reasoning_tokens: usize) -> Self {
+    /// `cached_tokens`: prompt tokens served from the prefix cache.
+    pub fn new(prompt_tokens: usize, completion_tokens: usize, reasoning_tokens: usize, cached_tokens: usize) -> Self {
         Self {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
-            prompt_tokens_details: PromptTokensDetails::default(),
+            prompt_tokens_details: PromptTokensDetails { cached_tokens },
             completion_tokens_details: CompletionTokensDetails { reasoning_tokens },
         }
     }

@@ -5,6 +5,7 @@
 //! sampler, detokenizer, stop matcher), so the scheduler can change how it
 //! decodes them (continuous batching) without touching the API.
 
+mod blocks;
 mod detokenizer;
 mod output;
 mod sampler;
@@ -12,14 +13,15 @@ mod scheduler;
 mod sequence;
 mod stop;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
-use crate::model::{SpecialTokens, Weights};
+use crate::model::SpecialTokens;
+use crate::runtime::{KvCache, Model};
 
 pub use output::ReasoningMode;
 pub use sampler::SamplingParams;
@@ -57,6 +59,8 @@ pub struct Delta {
 pub struct ChoiceUsage {
     pub completion_tokens: usize,
     pub reasoning_tokens: usize,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,12 +88,21 @@ pub struct TokenLogprob {
 /// Limits the engine runs under.
 #[derive(Debug, Clone, Copy)]
 pub struct EngineConfig {
-    /// Sequences decoded concurrently.
+    /// Sequences in one forward pass.
     pub max_batch_size: usize,
+    /// Tokens in one forward pass: a decode token per running sequence, then
+    /// prefill chunks of new ones.
+    pub max_batch_tokens: usize,
     /// Requests allowed to wait for a slot before new ones are refused.
     pub max_waiting: usize,
     /// Tokens per sequence (prompt + completion).
     pub max_context: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// KV blocks in the pool.
+    pub num_blocks: usize,
+    /// Share full blocks of common prompt prefixes, and keep them after their sequences end.
+    pub prefix_cache: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +118,17 @@ pub enum SubmitError {
 struct Load {
     /// Submitted, not yet admitted to a batch.
     waiting: AtomicUsize,
+    /// Set while the engine thread runs.
+    alive: AtomicBool,
+}
+
+/// Marks the engine dead when its thread ends, however it ends.
+struct AliveGuard(Arc<Load>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Ordering::SeqCst);
+    }
 }
 
 /// Cheap to clone; every clone submits to the same engine thread.
@@ -123,19 +147,48 @@ struct Queued {
 
 /// What the engine thread needs of the loaded model.
 pub struct EngineModel {
-    pub weights: Box<dyn Weights>,
+    pub model: Model,
     pub tokenizer: Arc<tokenizers::Tokenizer>,
     pub special: SpecialTokens,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot allocate the KV cache: {0}")]
+    Cache(#[from] candle_core::Error),
+    #[error("{0}")]
+    Memory(String),
+    #[error("cannot start the engine thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
 impl Engine {
-    /// Starts the engine thread. It runs until every handle is dropped.
-    pub fn start(model: EngineModel, config: EngineConfig, metrics: Arc<Metrics>) -> std::io::Result<Self> {
+    /// Allocates the KV cache and starts the engine thread. It runs until every
+    /// handle is dropped.
+    pub fn start(model: EngineModel, config: EngineConfig, metrics: Arc<Metrics>) -> Result<Self, StartError> {
+        let cache = KvCache::new(
+            model.model.config(),
+            config.block_size,
+            config.num_blocks,
+            candle_core::DType::F16,
+            model.model.device(),
+        )?;
+        metrics.set_cache_config(config.block_size, config.num_blocks);
         let (tx, rx) = std::sync::mpsc::channel();
-        let load = Arc::new(Load::default());
-        let scheduler = scheduler::Scheduler::new(model, config, metrics, load.clone(), rx);
-        std::thread::Builder::new().name("kandle-engine".into()).spawn(move || scheduler.run())?;
+        let load = Arc::new(Load { waiting: AtomicUsize::new(0), alive: AtomicBool::new(true) });
+        let scheduler = scheduler::Scheduler::new(model, cache, config, metrics, load.clone(), rx);
+        let guard = AliveGuard(load.clone());
+        std::thread::Builder::new().name("kandle-engine".into()).spawn(move || {
+            let _guard = guard;
+            scheduler.run();
+        })?;
         Ok(Self { tx, load, max_waiting: config.max_waiting })
+    }
+
+    /// Whether the engine thread still runs (it stops only on a bug; then the
+    /// pod should be restarted).
+    pub fn is_alive(&self) -> bool {
+        self.load.alive.load(Ordering::SeqCst)
     }
 
     pub fn submit(&self, request: GenerateRequest) -> Result<(), SubmitError> {

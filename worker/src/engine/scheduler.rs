@@ -1,50 +1,92 @@
-//! The engine thread's loop: admits waiting requests into the batch, advances every
-//! running sequence by one token per round, drops sequences whose client left.
+//! The engine thread's loop: continuous batching over a paged KV cache.
+//!
+//! Each step builds one batch under a token budget: one decode token for every
+//! running sequence first, then prefill chunks of the others in admission
+//! order, so a long prompt delays running streams by at most one chunk.
+//! Sequences join when their prompt's blocks are available and leave when they
+//! finish or their client goes; when a running sequence cannot grow, the
+//! youngest is preempted (its blocks freed, its tokens recomputed later).
 
 use std::collections::{HashSet, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::blocks::{chain_hash, prefix_hashes, BlockPool};
 use super::sampler::Sampler;
 use super::sequence::{Sequence, SequenceSpec, StepContext, StepOutcome};
 use super::{EngineConfig, EngineModel, Load, Queued};
 use crate::metrics::Metrics;
+use crate::runtime::{KvCache, StepSequence};
+
+/// The other choices of an `n > 1` request: admitted once the first choice has
+/// computed the prompt, sharing its full blocks instead of computing them again.
+struct Fork {
+    request_id: u64,
+    specs: Vec<SequenceSpec>,
+}
+
+/// Waiting for admission: a new request, or a preempted sequence to recompute.
+enum Waiting {
+    Request(Queued),
+    Preempted(Box<Sequence>),
+}
 
 pub struct Scheduler {
     model: EngineModel,
+    cache: KvCache,
+    pool: BlockPool,
     config: EngineConfig,
     metrics: Arc<Metrics>,
     load: Arc<Load>,
     rx: Receiver<Queued>,
-    waiting: VecDeque<Queued>,
+    waiting: VecDeque<Waiting>,
+    /// In admission order.
     running: Vec<Sequence>,
+    forks: Vec<Fork>,
     next_request_id: u64,
+    next_admission: u64,
 }
 
 impl Scheduler {
     pub(super) fn new(
         model: EngineModel,
+        cache: KvCache,
         config: EngineConfig,
         metrics: Arc<Metrics>,
         load: Arc<Load>,
         rx: Receiver<Queued>,
     ) -> Self {
-        Self { model, config, metrics, load, rx, waiting: VecDeque::new(), running: Vec::new(), next_request_id: 0 }
+        let pool = BlockPool::new(config.num_blocks, config.block_size, config.prefix_cache);
+        Self {
+            model,
+            cache,
+            pool,
+            config,
+            metrics,
+            load,
+            rx,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            forks: Vec::new(),
+            next_request_id: 0,
+            next_admission: 0,
+        }
     }
 
     pub fn run(mut self) {
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {
                 match self.rx.recv() {
-                    Ok(q) => self.waiting.push_back(q),
+                    Ok(q) => self.waiting.push_back(Waiting::Request(q)),
                     Err(_) => return,
                 }
             }
             loop {
                 match self.rx.try_recv() {
-                    Ok(q) => self.waiting.push_back(q),
+                    Ok(q) => self.waiting.push_back(Waiting::Request(q)),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) if self.running.is_empty() && self.waiting.is_empty() => return,
                     Err(TryRecvError::Disconnected) => break,
@@ -53,59 +95,203 @@ impl Scheduler {
             self.drop_abandoned();
             self.admit();
             self.publish_load();
-            self.step_all();
+            self.step();
             // Again after the step, so the gauges fall to zero before the thread idles.
             self.publish_load();
         }
     }
 
     fn drop_abandoned(&mut self) {
-        let before = self.waiting.len();
-        self.waiting.retain(|q| !q.request.events.is_closed());
-        self.load.waiting.fetch_sub(before - self.waiting.len(), Ordering::SeqCst);
-        self.running.retain(|s| !s.abandoned());
+        let mut gone_requests = 0;
+        let mut freed = Vec::new();
+        self.waiting.retain(|w| match w {
+            Waiting::Request(q) if q.request.events.is_closed() => {
+                gone_requests += 1;
+                false
+            }
+            Waiting::Preempted(s) if s.abandoned() => false,
+            _ => true,
+        });
+        self.load.waiting.fetch_sub(gone_requests, Ordering::SeqCst);
+        self.running.retain_mut(|s| {
+            if s.abandoned() {
+                freed.append(&mut s.blocks);
+                false
+            } else {
+                true
+            }
+        });
+        self.forks.retain(|f| f.specs.first().is_some_and(|s| !s.events.is_closed()));
+        for b in freed.into_iter().rev() {
+            self.pool.release(b);
+        }
     }
 
-    /// Moves whole requests (all their choices) into the batch while they fit.
+    /// Sequences running plus the forks reserved for them.
+    fn occupancy(&self) -> usize {
+        self.running.len() + self.forks.iter().map(|f| f.specs.len()).sum::<usize>()
+    }
+
+    /// Admits waiting work in order while it fits: slots for all of a request's
+    /// choices, and free blocks for its prompt (less what the prefix cache holds).
     fn admit(&mut self) {
         while let Some(front) = self.waiting.front() {
-            let n = front.request.n.max(1);
-            let fits = self.running.len() + n <= self.config.max_batch_size || self.running.is_empty();
-            if !fits {
+            let (tokens, slots) = match front {
+                Waiting::Request(q) => (q.request.prompt.as_slice(), q.request.n.max(1)),
+                Waiting::Preempted(s) => (s.tokens.as_slice(), 1),
+            };
+            let fits_slots = self.occupancy() + slots <= self.config.max_batch_size || self.occupancy() == 0;
+            let needed = tokens.len().div_ceil(self.config.block_size) + 1;
+            if !fits_slots || self.pool.available() < needed.saturating_sub(self.cached_blocks(tokens)) {
                 break;
             }
-            let Some(q) = self.waiting.pop_front() else { break };
-            self.load.waiting.fetch_sub(1, Ordering::SeqCst);
-            let request_id = self.next_request_id;
-            self.next_request_id += 1;
-            let r = q.request;
-            for index in 0..n {
-                let spec = SequenceSpec {
-                    request_id,
-                    index,
-                    prompt: r.prompt.clone(),
-                    sampler: Sampler::new(r.sampling.clone(), &r.prompt, index as u64),
-                    reasoning: r.reasoning,
-                    stop: r.stop.clone(),
-                    max_tokens: r.max_tokens,
-                    events: r.events.clone(),
-                    enqueued: q.enqueued,
-                };
-                self.running.push(Sequence::new(spec, self.model.weights.session()));
+            match self.waiting.pop_front() {
+                Some(Waiting::Request(q)) => self.start_request(q),
+                Some(Waiting::Preempted(mut s)) => {
+                    self.attach_cached_prefix(&mut s);
+                    self.running.push(*s);
+                }
+                None => break,
             }
         }
     }
 
-    fn step_all(&mut self) {
-        let ctx = StepContext { tokenizer: &self.model.tokenizer, stop_ids: &self.model.special.stop_ids };
+    /// Leading full blocks of `tokens` the prefix cache holds (without taking them).
+    fn cached_blocks(&self, tokens: &[u32]) -> usize {
+        if !self.pool.caching() {
+            return 0;
+        }
+        // At least one token is always computed, for its logits.
+        let usable = tokens.len().saturating_sub(1) / self.config.block_size;
+        let hashes = prefix_hashes(&tokens[..usable * self.config.block_size], self.config.block_size);
+        hashes.iter().take_while(|h| self.pool.holds(**h)).count()
+    }
+
+    fn start_request(&mut self, q: Queued) {
+        self.load.waiting.fetch_sub(1, Ordering::SeqCst);
+        let request_id = self.next_request_id;
+        self.next_request_id += 1;
+        let r = q.request;
+        let mut specs: Vec<SequenceSpec> = (0..r.n.max(1))
+            .map(|index| SequenceSpec {
+                request_id,
+                index,
+                prompt: r.prompt.clone(),
+                sampler: Sampler::new(r.sampling.clone(), &r.prompt, index as u64),
+                reasoning: r.reasoning,
+                stop: r.stop.clone(),
+                max_tokens: r.max_tokens,
+                events: r.events.clone(),
+                enqueued: q.enqueued,
+            })
+            .collect();
+        let first = specs.remove(0);
+        let mut seq = Sequence::new(first, self.admission());
+        self.attach_cached_prefix(&mut seq);
+        seq.cached_tokens = seq.computed;
+        self.running.push(seq);
+        if !specs.is_empty() {
+            self.forks.push(Fork { request_id, specs });
+        }
+    }
+
+    fn admission(&mut self) -> u64 {
+        self.next_admission += 1;
+        self.next_admission
+    }
+
+    /// Takes the prefix cache's blocks for the sequence's leading full blocks.
+    fn attach_cached_prefix(&mut self, seq: &mut Sequence) {
+        let bs = self.config.block_size;
+        let usable = seq.tokens.len().saturating_sub(1) / bs;
+        if self.pool.caching() {
+            let hashes = prefix_hashes(&seq.tokens[..usable * bs], bs);
+            self.metrics.prefix_cache_queries.inc_by((usable * bs) as u64);
+            for h in hashes {
+                match self.pool.lookup(h) {
+                    Some(block) => seq.blocks.push(block),
+                    None => break,
+                }
+            }
+            self.metrics.prefix_cache_hits.inc_by((seq.blocks.len() * bs) as u64);
+        }
+        seq.computed = seq.blocks.len() * bs;
+        seq.registered = seq.blocks.len();
+    }
+
+    /// Starts the other choices of a request whose first choice has computed
+    /// its prompt: they share its full prompt blocks and compute only the rest.
+    fn start_forks(&mut self, request_id: u64, parent_blocks: &[u32]) {
+        let Some(at) = self.forks.iter().position(|f| f.request_id == request_id) else { return };
+        let fork = self.forks.swap_remove(at);
+        let bs = self.config.block_size;
+        for spec in fork.specs {
+            let shared = (spec.prompt.len().saturating_sub(1) / bs).min(parent_blocks.len());
+            let mut seq = Sequence::new(spec, self.admission());
+            for &b in &parent_blocks[..shared] {
+                self.pool.share(b);
+                seq.blocks.push(b);
+            }
+            seq.computed = shared * bs;
+            seq.registered = shared;
+            seq.cached_tokens = seq.computed;
+            self.running.push(seq);
+        }
+    }
+
+    /// Plans, runs and applies one forward pass.
+    fn step(&mut self) {
+        let plan = self.plan();
+        if plan.is_empty() {
+            return;
+        }
+        let inputs: Vec<StepSequence> = plan
+            .iter()
+            .filter_map(|&(i, n)| {
+                let s = self.running.get(i)?;
+                Some(StepSequence {
+                    tokens: s.tokens[s.computed..s.computed + n].to_vec(),
+                    start: s.computed,
+                    blocks: s.blocks.clone(),
+                })
+            })
+            .collect();
+        let prefill: usize = plan.iter().filter(|&&(i, _)| self.running[i].pending() > 1).map(|&(_, n)| n).sum();
+        self.metrics.observe_step(inputs.len(), inputs.iter().map(|s| s.tokens.len()).sum(), prefill);
+        let (model, cache) = (&self.model.model, &self.cache);
+        // A bug in one step fails that step's sequences, not the engine.
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            model.forward(&inputs, cache).and_then(|logits| logits.to_vec2::<f32>())
+        }));
+        let logits = match result {
+            Ok(Ok(logits)) => logits,
+            Ok(Err(e)) => return self.fail_step(&plan, &format!("forward pass failed: {e}")),
+            Err(_) => return self.fail_step(&plan, "forward pass panicked"),
+        };
         let mut finished = Vec::new();
-        for (i, seq) in self.running.iter_mut().enumerate() {
-            match seq.step(&ctx) {
-                Ok(StepOutcome::Running) => {}
-                Ok(StepOutcome::Finished) => finished.push(i),
-                Err(message) => {
+        let mut forks = Vec::new();
+        for (&(i, n), mut row) in plan.iter().zip(logits) {
+            let Some(seq) = self.running.get_mut(i) else { continue };
+            seq.computed += n;
+            register_full_blocks(&mut self.pool, seq);
+            if seq.pending() > 0 {
+                continue; // mid-prompt chunk: its logits are not needed
+            }
+            if seq.index == 0 && seq.tokens.len() == seq.prompt_len {
+                forks.push((seq.request_id, seq.blocks.clone()));
+            }
+            let ctx = StepContext { tokenizer: &self.model.tokenizer, stop_ids: &self.model.special.stop_ids };
+            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| seq.accept(&mut row, &ctx)));
+            match outcome {
+                Ok(Ok(StepOutcome::Running)) => {}
+                Ok(Ok(StepOutcome::Finished)) => finished.push(i),
+                Ok(Err(message)) => {
                     tracing::error!(error = %message, "generation failed");
                     seq.fail(&message);
+                    finished.push(i);
+                }
+                Err(_) => {
+                    seq.fail("sampling panicked");
                     finished.push(i);
                 }
             }
@@ -115,20 +301,134 @@ impl Scheduler {
                 None => self.metrics.time_to_first_token.observe((now - seq.enqueued).as_secs_f64()),
             }
         }
-        for i in finished.into_iter().rev() {
-            self.running.swap_remove(i);
+        self.remove(finished);
+        for (request_id, blocks) in forks {
+            self.start_forks(request_id, &blocks);
+        }
+    }
+
+    /// Which running sequences feed how many tokens: decode tokens first, then
+    /// prefill chunks under the token budget. Allocates the blocks they need,
+    /// preempting the youngest sequences when the pool runs dry.
+    fn plan(&mut self) -> Vec<(usize, usize)> {
+        let mut budget = self.config.max_batch_tokens.max(1);
+        let mut wanted: Vec<(u64, usize)> = Vec::new();
+        for s in self.running.iter().filter(|s| s.pending() == 1) {
+            wanted.push((s.admitted, 1));
+            budget -= 1;
+            if budget == 0 {
+                break;
+            }
+        }
+        for s in self.running.iter().filter(|s| s.pending() > 1) {
+            if budget == 0 {
+                break;
+            }
+            let n = s.pending().min(budget);
+            wanted.push((s.admitted, n));
+            budget -= n;
+        }
+        let mut plan = Vec::with_capacity(wanted.len());
+        for (admitted, n) in wanted {
+            while let Some(i) = self.running.iter().position(|s| s.admitted == admitted) {
+                if self.grow(i, n) {
+                    plan.push((admitted, n));
+                    break;
+                }
+                if !self.preempt_youngest(admitted) {
+                    break;
+                }
+            }
+        }
+        // Indices last: preemption reorders `running`.
+        plan.into_iter()
+            .filter_map(|(admitted, n)| Some((self.running.iter().position(|s| s.admitted == admitted)?, n)))
+            .collect()
+    }
+
+    /// Gives sequence `i` blocks for `n` more tokens; false when the pool is dry.
+    fn grow(&mut self, i: usize, n: usize) -> bool {
+        let bs = self.config.block_size;
+        let seq = &mut self.running[i];
+        let needed = (seq.computed + n).div_ceil(bs);
+        while seq.blocks.len() < needed {
+            match self.pool.allocate() {
+                Some(b) => seq.blocks.push(b),
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// Frees the youngest running sequence other than ones older than `for_admitted`
+    /// needs; requeues it for recomputation. When the one in need is itself the
+    /// only candidate and alone, it is ended at `length`. Returns whether it can
+    /// try again.
+    fn preempt_youngest(&mut self, for_admitted: u64) -> bool {
+        let Some(victim) = self.running.iter().enumerate().max_by_key(|(_, s)| s.admitted).map(|(i, _)| i) else {
+            return false;
+        };
+        let mut seq = self.running.remove(victim);
+        self.pool.release_all(&mut seq.blocks);
+        if seq.admitted == for_admitted && self.running.is_empty() {
+            // Alone and still out of blocks: the pool cannot hold this sequence.
+            if let Err(e) = seq.truncate(&self.model.tokenizer) {
+                seq.fail(&e);
+            }
+            return false;
+        }
+        tracing::debug!(request = seq.request_id, tokens = seq.tokens.len(), "preempted; will recompute");
+        self.metrics.preemptions.inc();
+        seq.computed = 0;
+        seq.registered = 0;
+        let retry = seq.admitted != for_admitted;
+        self.waiting.push_front(Waiting::Preempted(Box::new(seq)));
+        retry
+    }
+
+    fn fail_step(&mut self, plan: &[(usize, usize)], message: &str) {
+        tracing::error!(error = %message, sequences = plan.len(), "step failed");
+        for &(i, _) in plan {
+            if let Some(s) = self.running.get(i) {
+                s.fail(message);
+            }
+        }
+        self.remove(plan.iter().map(|&(i, _)| i).collect());
+    }
+
+    fn remove(&mut self, mut indices: Vec<usize>) {
+        indices.sort_unstable();
+        indices.dedup();
+        for i in indices.into_iter().rev() {
+            let mut seq = self.running.remove(i);
+            self.pool.release_all(&mut seq.blocks);
         }
     }
 
     fn publish_load(&self) {
         let requests: HashSet<u64> = self.running.iter().map(|s| s.request_id).collect();
-        let used: usize = self.running.iter().map(|s| s.position).sum();
-        let capacity = (self.config.max_batch_size * self.config.max_context).max(1);
+        let preempted = self.waiting.iter().filter(|w| matches!(w, Waiting::Preempted(_))).count();
         self.metrics.set_load(
-            self.load.waiting.load(Ordering::SeqCst),
+            self.load.waiting.load(Ordering::SeqCst) + preempted,
             requests.len(),
             self.running.len(),
-            used as f64 / capacity as f64,
+            self.pool.used() as f64 / self.pool.total().max(1) as f64,
         );
     }
+}
+
+/// Offers the sequence's newly completed full blocks to the prefix cache.
+fn register_full_blocks(pool: &mut BlockPool, seq: &mut Sequence) {
+    let bs = pool.block_size();
+    let full = seq.computed / bs;
+    if !pool.caching() || full <= seq.registered {
+        seq.registered = seq.registered.max(full);
+        return;
+    }
+    let mut hash = prefix_hashes(&seq.tokens[..seq.registered * bs], bs).last().copied().unwrap_or(0);
+    for b in seq.registered..full {
+        hash = chain_hash(hash, &seq.tokens[b * bs..(b + 1) * bs]);
+        pool.register(seq.blocks[b], hash);
+    }
+    seq.registered = full;
 }

@@ -1,4 +1,7 @@
-//! One sequence (one choice of one request) and the step that extends it by a token.
+//! One sequence (one choice of one request): its tokens, how many of them are in
+//! the KV cache and in which blocks, and what happens to each token the model
+//! yields for it. Sequences never run the model themselves; the scheduler
+//! feeds their pending tokens to a batched forward pass.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -9,7 +12,6 @@ use super::detokenizer::Detokenizer;
 use super::output::{OutputShaper, ReasoningMode, Shaped};
 use super::sampler::{Sampled, Sampler};
 use super::{ChoiceUsage, Delta, Event, FinishReason, TokenLogprob};
-use crate::model::Session;
 
 /// Text the engine inserts to end reasoning that ran out of budget.
 const FORCED_THINK_CLOSE: &str = "\n</think>\n\n";
@@ -17,16 +19,25 @@ const FORCED_THINK_CLOSE: &str = "\n</think>\n\n";
 pub struct Sequence {
     pub request_id: u64,
     pub index: usize,
-    session: Box<dyn Session>,
+    /// Order of admission: the youngest sequence is preempted first.
+    pub admitted: u64,
     sampler: Sampler,
     detokenizer: Detokenizer,
     shaper: OutputShaper,
     events: mpsc::UnboundedSender<Event>,
-    /// Tokens to feed on the next forward pass (the prompt, then the last token).
-    pending_input: Vec<u32>,
+    /// The prompt, then every token generated (the last one not yet computed).
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    /// Leading tokens whose keys and values are in the cache.
+    pub computed: usize,
+    /// KV blocks holding `tokens`, in order.
+    pub blocks: Vec<u32>,
+    /// Leading full blocks already offered to the prefix cache.
+    pub registered: usize,
+    /// Prompt tokens that came from the prefix cache at admission.
+    pub cached_tokens: usize,
     /// Tokens the engine appends without sampling (closing a reasoning block).
     forced: VecDeque<u32>,
-    pub position: usize,
     max_tokens: usize,
     thinking_budget: Option<usize>,
     usage: ChoiceUsage,
@@ -53,7 +64,7 @@ pub struct SequenceSpec {
 }
 
 impl Sequence {
-    pub fn new(spec: SequenceSpec, session: Box<dyn Session>) -> Self {
+    pub fn new(spec: SequenceSpec, admitted: u64) -> Self {
         let thinking_budget = match spec.reasoning {
             ReasoningMode::On { budget } => budget,
             ReasoningMode::Off => None,
@@ -61,14 +72,18 @@ impl Sequence {
         Self {
             request_id: spec.request_id,
             index: spec.index,
-            session,
+            admitted,
             sampler: spec.sampler,
             detokenizer: Detokenizer::default(),
             shaper: OutputShaper::new(spec.reasoning, spec.stop),
             events: spec.events,
-            pending_input: spec.prompt,
+            prompt_len: spec.prompt.len(),
+            tokens: spec.prompt,
+            computed: 0,
+            blocks: Vec::new(),
+            registered: 0,
+            cached_tokens: 0,
             forced: VecDeque::new(),
-            position: 0,
             max_tokens: spec.max_tokens,
             thinking_budget,
             usage: ChoiceUsage::default(),
@@ -82,26 +97,24 @@ impl Sequence {
         self.events.is_closed()
     }
 
-    /// Runs one forward pass and handles the token it yields.
-    pub fn step(&mut self, ctx: &StepContext<'_>) -> Result<StepOutcome, String> {
-        let input = std::mem::take(&mut self.pending_input);
-        let mut logits = self
-            .session
-            .forward(&input, self.position)
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(|e| format!("forward pass failed: {e}"))?;
-        self.position += input.len();
+    /// Tokens not yet in the cache: the (rest of the) prompt, or the last token.
+    pub fn pending(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
 
+    /// Handles the logits of the last token once every token is in the cache:
+    /// samples (or takes a forced token) and emits what it adds to the output.
+    pub fn accept(&mut self, logits: &mut [f32], ctx: &StepContext<'_>) -> Result<StepOutcome, String> {
         let sampled = match self.forced.pop_front() {
             Some(token) => Sampled { token, logprob: 0.0, top: Vec::new() },
-            None => self.sampler.sample(&mut logits),
+            None => self.sampler.sample(logits),
         };
         self.usage.completion_tokens += 1;
         let was_reasoning = self.shaper.in_reasoning();
         if was_reasoning {
             self.usage.reasoning_tokens += 1;
         }
-        self.pending_input = vec![sampled.token];
+        self.tokens.push(sampled.token);
 
         if ctx.stop_ids.contains(&sampled.token) && self.forced.is_empty() {
             // The end-of-sequence token itself is not part of the completion.
@@ -171,8 +184,16 @@ impl Sequence {
 
     fn finish(&mut self, last: Shaped, reason: FinishReason) -> StepOutcome {
         self.emit(last, None);
-        let _ = self.events.send(Event::Finished { index: self.index, reason, usage: self.usage });
+        let usage = ChoiceUsage { cached_tokens: self.cached_tokens, ..self.usage };
+        let _ = self.events.send(Event::Finished { index: self.index, reason, usage });
         StepOutcome::Finished
+    }
+
+    /// Ends the sequence early at `length`: the KV cache cannot hold it any longer.
+    pub fn truncate(&mut self, tokenizer: &tokenizers::Tokenizer) -> Result<(), String> {
+        let rest = self.drain(tokenizer)?;
+        self.finish(Shaped { stopped: false, ..rest }, FinishReason::Length);
+        Ok(())
     }
 
     pub fn fail(&self, message: &str) {

@@ -6,19 +6,20 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::GgmlDType;
-use candle_core::{Device, Tensor};
-use candle_transformers::models::quantized_llama;
+use candle_core::Device;
 
 use super::gguf_meta::Metadata;
-use super::{
-    end_of_turn_ids, tokenizer, ChatTemplate, LoadError, LoadedModel, ModelInfo, Session, SpecialTokens, Weights,
-    CHATML,
-};
+use super::{end_of_turn_ids, tokenizer, ChatTemplate, LoadError, LoadedModel, ModelInfo, SpecialTokens, CHATML};
+use crate::runtime::config::{Architecture, ModelConfig, RopeStyle, SUPPORTED};
+use crate::runtime::rope::inverse_frequencies;
+use crate::runtime::weights::Weights;
+use crate::runtime::Model;
 
-/// Architectures whose tensors candle's quantized Llama implementation reads.
-const LLAMA_LIKE: &[&str] = &["llama", "mistral"];
-
-pub fn load(path: &Path, template_override: Option<&str>) -> Result<LoadedModel, LoadError> {
+pub fn load(
+    path: &Path,
+    template_override: Option<&str>,
+    context_limit: Option<usize>,
+) -> Result<LoadedModel, LoadError> {
     let file = File::open(path).map_err(|e| LoadError::io(path, e))?;
     let mut reader = BufReader::new(file);
     let content = Content::read(&mut reader)
@@ -26,17 +27,10 @@ pub fn load(path: &Path, template_override: Option<&str>) -> Result<LoadedModel,
     let meta = Metadata::new(&content);
 
     let architecture = meta.require_string("general.architecture")?.to_string();
-    if !LLAMA_LIKE.contains(&architecture.as_str()) {
-        return Err(LoadError::Unsupported(format!(
-            "GGUF architecture `{architecture}` (supported: {})",
-            LLAMA_LIKE.join(", ")
-        )));
-    }
-    let file_context = meta.require_uint(&format!("{architecture}.context_length"))? as usize;
+    let config = model_config(&meta, &content, &architecture)?;
     let info = ModelInfo {
         quantization: quantization(&meta, &content),
-        // candle's implementation precomputes rotary tables for a fixed window.
-        context_length: file_context.min(quantized_llama::MAX_SEQ_LEN) as u64,
+        context_length: config.context as u64,
         parameters: content.tensor_infos.values().map(|t| t.shape.elem_count() as u64).sum(),
         architecture,
     };
@@ -69,8 +63,48 @@ pub fn load(path: &Path, template_override: Option<&str>) -> Result<LoadedModel,
     let bos_text = special.bos.as_ref().map(|(_, t)| t.as_str()).unwrap_or("");
     let template = ChatTemplate::new(&source, bos_text, &special.eos_text)?;
 
-    let weights = quantized_llama::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu)?;
-    Ok(LoadedModel { info, weights: Box::new(QuantizedLlama(weights)), tokenizer, template, special })
+    let device = Device::Cpu;
+    let factors = match content.tensor(&mut reader, "rope_freqs.weight", &device) {
+        Ok(t) => Some(t.dequantize(&device)?.to_vec1::<f32>()?),
+        Err(_) => None,
+    };
+    let inv_freq = inverse_frequencies(config.head_dim, config.rope_theta, None, factors.as_deref());
+    let weights = Weights::from_gguf(&content, &mut reader, &config, &device)?;
+    let context = context_limit.map_or(config.context, |l| l.min(config.context));
+    let model = Model::new(config, weights, &inv_freq, context, device)?;
+    Ok(LoadedModel { info, model, tokenizer, template, special })
+}
+
+/// The model's shape from llama.cpp's metadata keys (`{arch}.embedding_length`, ...).
+fn model_config(meta: &Metadata<'_>, content: &Content, arch: &str) -> Result<ModelConfig, LoadError> {
+    let architecture = Architecture::parse(arch)
+        .ok_or_else(|| LoadError::Unsupported(format!("GGUF architecture `{arch}` (supported: {SUPPORTED})")))?;
+    let uint = |key: &str| meta.require_uint(&format!("{arch}.{key}")).map(|v| v as usize);
+    let hidden = uint("embedding_length")?;
+    let heads = uint("attention.head_count")?;
+    let vocab = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .map(|t| t.shape.dims()[0])
+        .ok_or_else(|| LoadError::Format("no token_embd.weight tensor".into()))?;
+    let config = ModelConfig {
+        architecture,
+        hidden,
+        intermediate: uint("feed_forward_length")?,
+        layers: uint("block_count")?,
+        heads,
+        kv_heads: uint("attention.head_count_kv").unwrap_or(heads),
+        head_dim: uint("attention.key_length").unwrap_or(hidden / heads.max(1)),
+        vocab,
+        rms_eps: meta.float(&format!("{arch}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+        rope_theta: meta.float(&format!("{arch}.rope.freq_base")).unwrap_or(10_000.0),
+        // llama.cpp permutes Llama's q/k weights for interleaved pairs; Qwen keeps halves.
+        rope_style: if architecture == Architecture::Llama { RopeStyle::Interleaved } else { RopeStyle::Halves },
+        llama3_scaling: None,
+        context: uint("context_length")?,
+    };
+    config.check()?;
+    Ok(config)
 }
 
 /// `tokenizer.json` next to the GGUF file wins over the one rebuilt from metadata.
@@ -121,5 +155,3 @@ fn file_type_name(ft: u64) -> Option<&'static str> {
         _ => return None,
     })
 }
-
-cloned_cache_model!(QuantizedLlama, QuantizedLlamaSession, quantized_llama::ModelWeights);

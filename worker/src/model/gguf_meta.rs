@@ -38,6 +38,15 @@ impl<'a> Metadata<'a> {
         self.uint(key).ok_or_else(|| missing(key, "an integer"))
     }
 
+    /// Any float type (or an integer written where a float was meant).
+    pub fn float(&self, key: &str) -> Option<f64> {
+        match self.get(key)? {
+            Value::F32(x) => Some(f64::from(*x)),
+            Value::F64(x) => Some(*x),
+            other => value_as_u64(other).map(|x| x as f64),
+        }
+    }
+
     pub fn bool(&self, key: &str) -> Option<bool> {
         match self.get(key) {
             Some(Value::Bool(b)) => Some(*b),

@@ -1,31 +1,6 @@
 //! Model loading: GGUF files and Hugging Face safetensors directories, each with its
 //! tokenizer and chat template.
 
-/// Weights whose model type keeps its KV cache inside: a session is a clone (sharing
-/// the weight storage) with an empty cache.
-macro_rules! cloned_cache_model {
-    ($name:ident, $session:ident, $ty:ty) => {
-        struct $name($ty);
-
-        impl Weights for $name {
-            fn session(&self) -> Box<dyn Session> {
-                let mut model = self.0.clone();
-                model.clear_kv_cache();
-                Box::new($session(model))
-            }
-        }
-
-        struct $session($ty);
-
-        impl Session for $session {
-            fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Tensor> {
-                let input = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
-                self.0.forward(&input, pos)?.flatten_all()
-            }
-        }
-    };
-}
-
 mod chat_template;
 mod gguf;
 mod gguf_meta;
@@ -33,8 +8,6 @@ mod safetensors;
 pub mod tokenizer;
 
 use std::path::Path;
-
-use candle_core::Tensor;
 
 pub use chat_template::{ChatTemplate, RenderOptions, TemplateFeatures, CHATML};
 
@@ -63,19 +36,6 @@ impl LoadError {
 /// What the worker reports about the model it serves (also surfaced in CRD status).
 pub use kandle_contract::ModelInfo;
 
-/// Loaded weights, shared by every sequence the engine runs.
-pub trait Weights: Send + Sync {
-    /// A fresh decoding session (its own KV cache) over the shared weights.
-    fn session(&self) -> Box<dyn Session>;
-}
-
-/// One sequence's view of the model: its KV cache and a forward pass.
-pub trait Session: Send {
-    /// Feeds `tokens` at positions `pos..pos+tokens.len()` and returns the logits of
-    /// the last one as a 1-D tensor over the vocabulary.
-    fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Tensor>;
-}
-
 /// Special tokens the engine and the template need.
 #[derive(Debug, Clone, Default)]
 pub struct SpecialTokens {
@@ -89,7 +49,8 @@ pub struct SpecialTokens {
 
 pub struct LoadedModel {
     pub info: ModelInfo,
-    pub weights: Box<dyn Weights>,
+    /// The forward pass over the loaded weights.
+    pub model: crate::runtime::Model,
     pub tokenizer: tokenizers::Tokenizer,
     pub template: ChatTemplate,
     pub special: SpecialTokens,
@@ -102,18 +63,23 @@ impl std::fmt::Debug for LoadedModel {
 }
 
 /// Loads a `.gguf` file, or a directory holding either one GGUF file or a Hugging
-/// Face safetensors checkpoint. `template_override` replaces the model's template.
-pub fn load(path: &Path, template_override: Option<&str>) -> Result<LoadedModel, LoadError> {
+/// Face safetensors checkpoint. `template_override` replaces the model's template;
+/// `context_limit` caps the tokens per sequence the model is prepared for.
+pub fn load(
+    path: &Path,
+    template_override: Option<&str>,
+    context_limit: Option<usize>,
+) -> Result<LoadedModel, LoadError> {
     let meta = std::fs::metadata(path).map_err(|e| LoadError::io(path, e))?;
     if meta.is_file() {
-        return gguf::load(path, template_override);
+        return gguf::load(path, template_override, context_limit);
     }
     if path.join("config.json").is_file() {
-        return safetensors::load(path, template_override);
+        return safetensors::load(path, template_override, context_limit);
     }
     let ggufs = gguf_files_in(path)?;
     match ggufs.as_slice() {
-        [one] => gguf::load(one, template_override),
+        [one] => gguf::load(one, template_override, context_limit),
         [] => Err(LoadError::Format(format!("{} holds neither config.json nor a .gguf file", path.display()))),
         _ => Err(LoadError::Format(format!("{} holds several .gguf files; pass the one to serve", path.display()))),
     }

@@ -2,70 +2,50 @@
 //! tokenizer_config.json, for the Llama, Qwen2 and Qwen3 architectures.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::{llama, qwen2, qwen3};
+use candle_core::{DType, Device};
 use serde_json::Value as Json;
 
 use super::{
-    end_of_turn_ids, token_id, tokenizer, ChatTemplate, LoadError, LoadedModel, ModelInfo, Session, SpecialTokens,
-    Weights, CHATML,
+    end_of_turn_ids, token_id, tokenizer, ChatTemplate, LoadError, LoadedModel, ModelInfo, SpecialTokens, CHATML,
 };
+use crate::runtime::config::ModelConfig;
+use crate::runtime::rope::inverse_frequencies;
+use crate::runtime::weights::Weights;
+use crate::runtime::Model;
 
-pub fn load(dir: &Path, template_override: Option<&str>) -> Result<LoadedModel, LoadError> {
+pub fn load(
+    dir: &Path,
+    template_override: Option<&str>,
+    context_limit: Option<usize>,
+) -> Result<LoadedModel, LoadError> {
     let config_text = read(&dir.join("config.json"))?;
     let config: Json = parse_json(&config_text, "config.json")?;
-    let architecture = config
-        .get("model_type")
-        .and_then(Json::as_str)
-        .ok_or_else(|| LoadError::Format("config.json has no `model_type`".into()))?
-        .to_string();
+    let model_config = ModelConfig::from_hf(&config)?;
+    model_config.check()?;
+    let architecture = config.get("model_type").and_then(Json::as_str).unwrap_or("llama").to_string();
 
     let files = safetensors_files(dir)?;
     // SAFETY: the files are memory-mapped read-only; the worker does not modify them
     // and documents that a model directory must not change while it is served.
     let tensors = unsafe { MmapedSafetensors::multi(&files)? };
     let parameters = tensors.tensors().iter().map(|(_, view)| view.shape().iter().product::<usize>() as u64).sum();
+    // Weights stay in the dtype they come in (the embedding table's).
+    let dtype = tensors
+        .get("model.embed_tokens.weight")
+        .ok()
+        .and_then(|view| DType::try_from(view.dtype()).ok())
+        .unwrap_or(DType::F32);
     let device = Device::Cpu;
-    // candle's CPU kernels are fastest, and exact, in F32.
-    let vb = VarBuilder::from_backend(Box::new(tensors), DType::F32, device.clone());
-
-    let context_length = config
-        .get("max_position_embeddings")
-        .and_then(Json::as_u64)
-        .ok_or_else(|| LoadError::Format("config.json has no `max_position_embeddings`".into()))?;
-    let weights: Box<dyn Weights> = match architecture.as_str() {
-        "llama" | "mistral" => {
-            let cfg: llama::LlamaConfig = parse_json(&config_text, "config.json")?;
-            let cfg = cfg.into_config(false);
-            let model = build("llama", || llama::Llama::load(vb, &cfg))?;
-            let cache = llama::Cache::new(true, DType::F32, &cfg, &device)?;
-            Box::new(HfLlama { model: Arc::new(model), cache })
-        }
-        "qwen2" => {
-            let cfg: qwen2::Config = parse_json(&config_text, "config.json")?;
-            Box::new(Qwen2(build("qwen2", || qwen2::ModelForCausalLM::new(&cfg, vb))?))
-        }
-        "qwen3" => {
-            let cfg: qwen3::Config = parse_json(&config_text, "config.json")?;
-            Box::new(Qwen3(build("qwen3", || qwen3::ModelForCausalLM::new(&cfg, vb))?))
-        }
-        other => {
-            return Err(LoadError::Unsupported(format!(
-                "safetensors architecture `{other}` (supported: llama, mistral, qwen2, qwen3)"
-            )))
-        }
-    };
-    let quantization = config
-        .get("torch_dtype")
-        .or_else(|| config.get("dtype"))
-        .and_then(Json::as_str)
-        .map(dtype_name)
-        .unwrap_or("F32")
-        .to_string();
+    let weights = Weights::from_safetensors(&tensors, &model_config, dtype, &device)
+        .map_err(|e| LoadError::Format(format!("the {architecture} checkpoint does not match its config.json: {e}")))?;
+    let inv_freq =
+        inverse_frequencies(model_config.head_dim, model_config.rope_theta, model_config.llama3_scaling.as_ref(), None);
+    let context_length = model_config.context as u64;
+    let context = context_limit.map_or(model_config.context, |l| l.min(model_config.context));
+    let model = Model::new(model_config, weights, &inv_freq, context, device)?;
+    let quantization = dtype_name(dtype).to_string();
 
     let tokenizer = tokenizer::from_file(&dir.join("tokenizer.json"))?;
     let tok_config: Json = match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
@@ -100,7 +80,7 @@ pub fn load(dir: &Path, template_override: Option<&str>) -> Result<LoadedModel, 
 
     Ok(LoadedModel {
         info: ModelInfo { architecture, quantization, context_length, parameters },
-        weights,
+        model,
         tokenizer,
         template,
         special,
@@ -158,44 +138,10 @@ fn config_eos_ids(config: &Json) -> Vec<u32> {
     }
 }
 
-fn dtype_name(torch: &str) -> &'static str {
-    match torch {
-        "bfloat16" => "BF16",
-        "float16" => "F16",
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "BF16",
+        DType::F16 => "F16",
         _ => "F32",
     }
 }
-
-/// candle's Llama loader panics on a missing tensor; turn that into an error.
-fn build<T>(arch: &str, f: impl FnOnce() -> candle_core::Result<T>) -> Result<T, LoadError> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(result) => Ok(result?),
-        Err(_) => Err(LoadError::Format(format!("the {arch} checkpoint is missing tensors its config.json calls for"))),
-    }
-}
-
-struct HfLlama {
-    model: Arc<llama::Llama>,
-    cache: llama::Cache,
-}
-
-impl Weights for HfLlama {
-    fn session(&self) -> Box<dyn Session> {
-        Box::new(HfLlamaSession { model: self.model.clone(), cache: self.cache.clone() })
-    }
-}
-
-struct HfLlamaSession {
-    model: Arc<llama::Llama>,
-    cache: llama::Cache,
-}
-
-impl Session for HfLlamaSession {
-    fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Tensor> {
-        let input = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
-        self.model.forward(&input, pos, &mut self.cache)?.flatten_all()
-    }
-}
-
-cloned_cache_model!(Qwen2, Qwen2Session, qwen2::ModelForCausalLM);
-cloned_cache_model!(Qwen3, Qwen3Session, qwen3::ModelForCausalLM);

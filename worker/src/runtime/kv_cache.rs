@@ -1,0 +1,130 @@
+//! The paged KV cache: per layer, one key and one value pool of fixed-size
+//! token blocks, allocated once at start-up. A sequence's tokens live in the
+//! blocks its block table lists; token `p` of a sequence is slot
+//! `table[p / block_size] * block_size + p % block_size`. Nothing is copied
+//! when a sequence grows, and grouped-query heads read the shared key/value
+//! heads in place.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Result, Tensor};
+use half::{bf16, f16};
+
+use super::config::ModelConfig;
+
+pub struct KvCache {
+    block_size: usize,
+    num_blocks: usize,
+    /// Per layer: keys and values, each `[num_blocks * block_size, kv_heads, head_dim]`.
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+impl KvCache {
+    /// Bytes one block takes across all layers, keys and values.
+    pub fn bytes_per_block(config: &ModelConfig, block_size: usize, dtype: DType) -> usize {
+        2 * config.layers * block_size * config.kv_heads * config.head_dim * dtype.size_in_bytes()
+    }
+
+    pub fn new(
+        config: &ModelConfig,
+        block_size: usize,
+        num_blocks: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let shape = (num_blocks * block_size, config.kv_heads, config.head_dim);
+        let layers = (0..config.layers)
+            .map(|_| Ok((Tensor::zeros(shape, dtype, device)?, Tensor::zeros(shape, dtype, device)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { block_size, num_blocks, layers })
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    /// Keys and values of one layer.
+    pub fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
+        let (k, v) = &self.layers[layer];
+        (k, v)
+    }
+
+    /// Stores the keys and values of a step's tokens (`[tokens, kv_heads, head_dim]`)
+    /// in their slots.
+    pub fn write(&self, layer: usize, k: &Tensor, v: &Tensor, slots: &Arc<[u32]>) -> Result<()> {
+        let (k_cache, v_cache) = self.layer(layer);
+        let op = WriteSlots { slots: slots.clone() };
+        k_cache.inplace_op2(&k.contiguous()?, &op)?;
+        v_cache.inplace_op2(&v.contiguous()?, &op)
+    }
+}
+
+/// Copies row `t` of the source into row `slots[t]` of the cache, converting to
+/// the cache's dtype.
+struct WriteSlots {
+    slots: Arc<[u32]>,
+}
+
+impl InplaceOp2 for WriteSlots {
+    fn name(&self) -> &'static str {
+        "kv-write-slots"
+    }
+
+    fn cpu_fwd(
+        &self,
+        cache: &mut CpuStorage,
+        cache_layout: &Layout,
+        src: &CpuStorage,
+        src_layout: &Layout,
+    ) -> Result<()> {
+        let (Some((c0, _)), Some((s0, s1))) = (cache_layout.contiguous_offsets(), src_layout.contiguous_offsets())
+        else {
+            candle_core::bail!("kv-write-slots needs contiguous tensors");
+        };
+        let row = cache_layout.dims()[1..].iter().product::<usize>();
+        let rows = cache_layout.dims()[0];
+        if (s1 - s0) != self.slots.len() * row {
+            candle_core::bail!("kv-write-slots: {} slots for {} values of rows of {row}", self.slots.len(), s1 - s0);
+        }
+        if let Some(bad) = self.slots.iter().find(|s| **s as usize >= rows) {
+            candle_core::bail!("kv-write-slots: slot {bad} outside the cache of {rows}");
+        }
+        match cache {
+            CpuStorage::F16(dst) => scatter(&mut dst[c0..], src, s0, row, &self.slots, f16::from_f32),
+            CpuStorage::BF16(dst) => scatter(&mut dst[c0..], src, s0, row, &self.slots, bf16::from_f32),
+            CpuStorage::F32(dst) => scatter(&mut dst[c0..], src, s0, row, &self.slots, |x| x),
+            other => candle_core::bail!("kv-write-slots: unsupported cache dtype {:?}", other.dtype()),
+        }
+    }
+}
+
+fn scatter<T: Copy>(
+    dst: &mut [T],
+    src: &CpuStorage,
+    offset: usize,
+    row: usize,
+    slots: &[u32],
+    convert: impl Fn(f32) -> T,
+) -> Result<()> {
+    let copy = |values: &mut dyn Iterator<Item = f32>, dst: &mut [T]| {
+        for (i, x) in values.enumerate() {
+            dst[i] = convert(x);
+        }
+    };
+    for (t, slot) in slots.iter().enumerate() {
+        let out = &mut dst[*slot as usize * row..(*slot as usize + 1) * row];
+        let at = offset + t * row;
+        match src {
+            CpuStorage::F32(s) => copy(&mut s[at..at + row].iter().copied(), out),
+            CpuStorage::BF16(s) => copy(&mut s[at..at + row].iter().map(|x| x.to_f32()), out),
+            CpuStorage::F16(s) => copy(&mut s[at..at + row].iter().map(|x| x.to_f32()), out),
+            other => candle_core::bail!("kv-write-slots: unsupported source dtype {:?}", other.dtype()),
+        }
+    }
+    Ok(())
+}

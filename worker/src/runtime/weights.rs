@@ -1,0 +1,186 @@
+//! The tensors of a Llama-family model, read by name from a GGUF file (kept
+//! quantized) or a safetensors checkpoint (kept in its own dtype).
+
+use std::io::{Read, Seek};
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Module, Result, Tensor};
+
+use super::config::{Architecture, ModelConfig};
+
+/// A projection `x Wᵀ (+ b)`.
+pub enum Linear {
+    Quantized { weight: QMatMul, bias: Option<Tensor> },
+    Dense(candle_nn::Linear),
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Quantized { weight, bias } => {
+                let y = weight.forward(x)?;
+                match bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+            Self::Dense(linear) => linear.forward(x),
+        }
+    }
+}
+
+/// The token-embedding table; quantized tables give up only the rows a step needs.
+pub enum Embedding {
+    Quantized(Arc<QTensor>),
+    Dense(Tensor),
+}
+
+impl Embedding {
+    pub fn rows(&self, ids: &Tensor, dtype: DType) -> Result<Tensor> {
+        match self {
+            Self::Quantized(table) => table.embedding(ids)?.to_dtype(dtype),
+            Self::Dense(table) => table.index_select(ids, 0),
+        }
+    }
+}
+
+pub struct Layer {
+    pub attn_norm: Tensor,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    /// Qwen3's per-head norms of q and k.
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+    pub ffn_norm: Tensor,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+pub struct Weights {
+    pub embedding: Embedding,
+    pub layers: Vec<Layer>,
+    pub norm: Tensor,
+    pub lm_head: Linear,
+    /// The dtype activations run in: f32 for quantized weights, the checkpoint's own otherwise.
+    pub dtype: DType,
+}
+
+impl Weights {
+    /// From a GGUF file (llama.cpp's tensor names).
+    pub fn from_gguf<R: Read + Seek>(
+        content: &Content,
+        reader: &mut R,
+        config: &ModelConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut tensor = |name: &str| content.tensor(reader, name, device);
+        let embedding = Arc::new(tensor("token_embd.weight")?);
+        let lm_head = match tensor("output.weight") {
+            Ok(t) => QMatMul::from_qtensor(t)?,
+            // Tied embeddings: the output projection is the embedding table.
+            Err(_) => QMatMul::from_arc(embedding.clone())?,
+        };
+        let norm = tensor("output_norm.weight")?.dequantize(device)?;
+        let mut layers = Vec::with_capacity(config.layers);
+        for i in 0..config.layers {
+            let mut t = |suffix: &str| tensor(&format!("blk.{i}.{suffix}"));
+            let mut linear = |name: &str, with_bias: bool| -> Result<Linear> {
+                let weight = QMatMul::from_qtensor(t(&format!("{name}.weight"))?)?;
+                let bias = if with_bias { Some(t(&format!("{name}.bias"))?.dequantize(device)?) } else { None };
+                Ok(Linear::Quantized { weight, bias })
+            };
+            let qkv_bias = config.architecture == Architecture::Qwen2;
+            let (q, k, v, o) = (
+                linear("attn_q", qkv_bias)?,
+                linear("attn_k", qkv_bias)?,
+                linear("attn_v", qkv_bias)?,
+                linear("attn_output", false)?,
+            );
+            let (gate, up, down) = (linear("ffn_gate", false)?, linear("ffn_up", false)?, linear("ffn_down", false)?);
+            let mut norm = |name: &str| t(name)?.dequantize(device);
+            let (q_norm, k_norm) = if config.architecture == Architecture::Qwen3 {
+                (Some(norm("attn_q_norm.weight")?), Some(norm("attn_k_norm.weight")?))
+            } else {
+                (None, None)
+            };
+            layers.push(Layer {
+                attn_norm: norm("attn_norm.weight")?,
+                ffn_norm: norm("ffn_norm.weight")?,
+                q,
+                k,
+                v,
+                o,
+                q_norm,
+                k_norm,
+                gate,
+                up,
+                down,
+            });
+        }
+        Ok(Self {
+            embedding: Embedding::Quantized(embedding),
+            layers,
+            norm,
+            lm_head: Linear::Quantized { weight: lm_head, bias: None },
+            dtype: DType::F32,
+        })
+    }
+
+    /// From a Hugging Face safetensors checkpoint, in `dtype` (the checkpoint's own).
+    pub fn from_safetensors(
+        tensors: &MmapedSafetensors,
+        config: &ModelConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let get = |name: &str| tensors.load(name, device)?.to_dtype(dtype);
+        let linear = |name: &str, with_bias: bool| -> Result<Linear> {
+            let bias = if with_bias { Some(get(&format!("{name}.bias"))?) } else { None };
+            Ok(Linear::Dense(candle_nn::Linear::new(get(&format!("{name}.weight"))?, bias)))
+        };
+        let embedding = get("model.embed_tokens.weight")?;
+        let lm_head = match get("lm_head.weight") {
+            Ok(w) => w,
+            Err(_) => embedding.clone(),
+        };
+        let mut layers = Vec::with_capacity(config.layers);
+        for i in 0..config.layers {
+            let p = format!("model.layers.{i}");
+            let qkv_bias = config.architecture == Architecture::Qwen2;
+            let (q_norm, k_norm) = if config.architecture == Architecture::Qwen3 {
+                (
+                    Some(get(&format!("{p}.self_attn.q_norm.weight"))?),
+                    Some(get(&format!("{p}.self_attn.k_norm.weight"))?),
+                )
+            } else {
+                (None, None)
+            };
+            layers.push(Layer {
+                attn_norm: get(&format!("{p}.input_layernorm.weight"))?,
+                q: linear(&format!("{p}.self_attn.q_proj"), qkv_bias)?,
+                k: linear(&format!("{p}.self_attn.k_proj"), qkv_bias)?,
+                v: linear(&format!("{p}.self_attn.v_proj"), qkv_bias)?,
+                o: linear(&format!("{p}.self_attn.o_proj"), false)?,
+                q_norm,
+                k_norm,
+                ffn_norm: get(&format!("{p}.post_attention_layernorm.weight"))?,
+                gate: linear(&format!("{p}.mlp.gate_proj"), false)?,
+                up: linear(&format!("{p}.mlp.up_proj"), false)?,
+                down: linear(&format!("{p}.mlp.down_proj"), false)?,
+            });
+        }
+        Ok(Self {
+            embedding: Embedding::Dense(embedding),
+            layers,
+            norm: get("model.norm.weight")?,
+            lm_head: Linear::Dense(candle_nn::Linear::new(lm_head, None)),
+            dtype,
+        })
+    }
+}
