@@ -180,3 +180,128 @@ mod runtime {
         }
     }
 }
+
+mod engine {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use kandle_worker::api::request::{ChatRequest, SamplingOverrides};
+    use kandle_worker::engine::Event;
+    use kandle_worker::metrics::Metrics;
+    use kandle_worker::service::{EngineLimits, ModelService};
+
+    use super::*;
+
+    fn service(max_batch_size: usize, max_batch_tokens: usize) -> (ModelService, Arc<Metrics>) {
+        let path = std::env::var_os("KANDLE_TEST_GGUF").map(PathBuf::from).expect("KANDLE_TEST_GGUF");
+        let loaded = model::load(&path, None, Some(2048)).expect("loads");
+        let metrics = Arc::new(Metrics::default());
+        let limits = EngineLimits {
+            max_batch_size,
+            max_batch_tokens,
+            max_waiting: 16,
+            max_context: Some(2048),
+            kv_cache_memory: None,
+            prefix_cache: false,
+        };
+        let service =
+            ModelService::start(loaded, limits, SamplingOverrides::default(), metrics.clone()).expect("engine");
+        (service, metrics)
+    }
+
+    fn request(text: &str, max_tokens: usize) -> ChatRequest {
+        ChatRequest {
+            model: "smollm2".into(),
+            messages: vec![json!({"role": "user", "content": text})],
+            max_tokens: Some(max_tokens),
+            n: 1,
+            sampling: SamplingOverrides { temperature: Some(0.0), ..Default::default() },
+            ..Default::default()
+        }
+    }
+
+    async fn texts(service: &ModelService, requests: &[ChatRequest]) -> Vec<String> {
+        let mut receivers = Vec::new();
+        for r in requests {
+            let prepared = service.prepare(r).expect("prepares");
+            service.engine.submit(prepared.request).expect("submits");
+            receivers.push(prepared.events);
+        }
+        let mut out = Vec::new();
+        for mut rx in receivers {
+            let mut text = String::new();
+            while let Some(event) = rx.recv().await {
+                match event {
+                    Event::Delta(d) => text.push_str(&d.content),
+                    Event::Finished { .. } => break,
+                    Event::Failed { message } => panic!("{message}"),
+                }
+            }
+            out.push(text);
+        }
+        out
+    }
+
+    fn metric(metrics: &Metrics, name: &str) -> f64 {
+        let text = metrics.encode().expect("metrics");
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name}"))
+    }
+
+    /// Greedy completions of eight prompts of different lengths are the same
+    /// decoded one at a time and all together in shared forward passes.
+    #[tokio::test]
+    async fn greedy_output_is_the_same_alone_and_batched() {
+        let prompts = [
+            "Hi",
+            "Name three colors.",
+            "What is the capital of France? Answer in one word.",
+            "Count from one to five.",
+            "Write a haiku about the sea.",
+            "Explain in one sentence why the sky is blue, for a child who asks at bedtime.",
+            "2+2=",
+            "List the planets of the solar system in order from the sun, separated by commas.",
+        ];
+        let requests: Vec<ChatRequest> = prompts.iter().map(|p| request(p, 12)).collect();
+        let (one_at_a_time, _) = service(1, 256);
+        let mut alone = Vec::new();
+        for r in &requests {
+            alone.extend(texts(&one_at_a_time, std::slice::from_ref(r)).await);
+        }
+        let (batching, metrics) = service(8, 64);
+        let together = texts(&batching, &requests).await;
+        assert_eq!(together, alone);
+        let (sum, count) =
+            (metric(&metrics, "kandle_step_sequences_sum"), metric(&metrics, "kandle_step_sequences_count"));
+        assert!(sum / count > 2.0, "sequences were meant to share steps: {sum} in {count}");
+    }
+
+    /// A client that leaves during a long prefill (chunked, 16 tokens a step)
+    /// frees its blocks at the next step.
+    #[tokio::test]
+    async fn cancellation_during_prefill_frees_blocks() {
+        let (service, metrics) = service(4, 16);
+        let long = "The quick brown fox jumps over the lazy dog. ".repeat(60);
+        let prepared = service.prepare(&request(&long, 8)).expect("prepares");
+        let prompt_tokens = prepared.prompt_tokens as f64;
+        service.engine.submit(prepared.request).expect("submits");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while metric(&metrics, "kandle_prefill_tokens_total") < 32.0 {
+            assert!(Instant::now() < deadline, "prefill never started");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        drop(prepared.events);
+        assert!(metric(&metrics, "kandle_prefill_tokens_total") < prompt_tokens, "still prefilling when cancelled");
+        assert!(metric(&metrics, "vllm:kv_cache_usage_perc") > 0.0);
+        while metric(&metrics, "vllm:kv_cache_usage_perc") != 0.0
+            || metric(&metrics, "vllm:num_requests_running") != 0.0
+        {
+            assert!(Instant::now() < deadline, "blocks still held after the client left");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(metric(&metrics, "kandle_prefill_tokens_total") < prompt_tokens, "the prefill did not run to its end");
+    }
+}

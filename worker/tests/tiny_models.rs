@@ -8,6 +8,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use candle_core::{DType, Device, Tensor};
+use kandle_contract::engine::KvCacheMemory;
 use kandle_worker::api::request::SamplingOverrides;
 use kandle_worker::api::state::{AppState, HttpSettings};
 use kandle_worker::metrics::Metrics;
@@ -264,4 +265,127 @@ async fn thinking_budget_closes_reasoning_and_counts_it() {
 
     let (status, text) = served.chat(json!({"enable_thinking": false, "thinking_budget": 4})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+}
+
+/// Logits of a whole prompt run alone from an empty cache.
+fn alone(model: &kandle_worker::runtime::Model, tokens: &[u32]) -> Vec<f32> {
+    let cache = KvCache::new(model.config(), 4, 32, DType::F16, &Device::Cpu).expect("cache");
+    let blocks: Vec<u32> = (0..tokens.len().div_ceil(4) as u32).collect();
+    model.forward(&[step(tokens, 0, &blocks)], &cache).expect("forward").to_vec2::<f32>().expect("logits").remove(0)
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Every architecture: sequences at different positions (a decode, a whole
+/// prompt, the second chunk of another) in one forward pass get the logits
+/// each gets alone.
+#[test]
+fn batched_logits_equal_single_sequence_logits() {
+    for arch in ["llama", "mistral", "qwen2", "qwen3"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_checkpoint(dir.path(), arch, CHATML);
+        let loaded = model::load(dir.path(), None, None).expect("loads");
+        let model = &loaded.model;
+        let cache = KvCache::new(model.config(), 4, 32, DType::F16, &Device::Cpu).expect("cache");
+        let a: Vec<u32> = (1..10).collect();
+        let b: Vec<u32> = (20..27).collect();
+        let c: Vec<u32> = (40..53).collect();
+        model.forward(&[step(&a[..8], 0, &[9, 3, 17]), step(&c[..5], 0, &[2, 30, 11, 6])], &cache).expect("step 1");
+        let batched = model
+            .forward(&[step(&a[8..], 8, &[9, 3, 17]), step(&b, 0, &[25, 0]), step(&c[5..], 5, &[2, 30, 11, 6])], &cache)
+            .expect("step 2")
+            .to_vec2::<f32>()
+            .expect("logits");
+        for (name, tokens, got) in [("a", &a, &batched[0]), ("b", &b, &batched[1]), ("c", &c, &batched[2])] {
+            let diff = max_diff(got, &alone(model, tokens));
+            assert!(diff < 1e-3, "{arch} {name}: {diff}");
+        }
+    }
+}
+
+/// Runs `prompts` through an engine, all submitted at once; returns the texts.
+async fn generate(service: &ModelService, prompts: &[&str], max_tokens: usize) -> Vec<String> {
+    let mut receivers = Vec::new();
+    for p in prompts {
+        let request = kandle_worker::api::request::ChatRequest {
+            model: "tiny".into(),
+            messages: vec![json!({"role": "user", "content": p})],
+            max_tokens: Some(max_tokens),
+            n: 1,
+            sampling: SamplingOverrides { temperature: Some(0.0), logit_bias: banned(service), ..Default::default() },
+            ..Default::default()
+        };
+        let prepared = service.prepare(&request).expect("prepares");
+        service.engine.submit(prepared.request).expect("submits");
+        receivers.push(prepared.events);
+    }
+    let mut texts = Vec::new();
+    for mut rx in receivers {
+        let mut text = String::new();
+        while let Some(event) = rx.recv().await {
+            match event {
+                kandle_worker::engine::Event::Delta(d) => text.push_str(&d.content),
+                kandle_worker::engine::Event::Finished { .. } => break,
+                kandle_worker::engine::Event::Failed { message } => panic!("{message}"),
+            }
+        }
+        texts.push(text);
+    }
+    texts
+}
+
+/// End markers banned, so every completion runs to max_tokens.
+fn banned(service: &ModelService) -> Vec<(u32, f32)> {
+    ["<|im_end|>", "<|im_start|>", "</think>"]
+        .iter()
+        .filter_map(|t| service.tokenizer.token_to_id(t))
+        .map(|id| (id, -100.0))
+        .collect()
+}
+
+fn tiny_service(
+    dir: &Path,
+    kv_cache_memory: Option<KvCacheMemory>,
+    max_batch_tokens: usize,
+) -> (ModelService, Arc<Metrics>) {
+    let loaded = model::load(dir, None, None).expect("loads");
+    let metrics = Arc::new(Metrics::default());
+    let limits = EngineLimits {
+        max_batch_size: 4,
+        max_batch_tokens,
+        max_waiting: 8,
+        max_context: None,
+        kv_cache_memory,
+        prefix_cache: true,
+    };
+    let service = ModelService::start(loaded, limits, SamplingOverrides::default(), metrics.clone()).expect("engine");
+    (service, metrics)
+}
+
+fn metric(metrics: &Metrics, name: &str) -> f64 {
+    let text = metrics.encode().expect("metrics");
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+/// A KV pool too small for four sequences at once: the youngest are preempted
+/// and recomputed, and every output is what it is with room for all.
+#[tokio::test]
+async fn preemption_and_recompute_give_the_same_output() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_checkpoint(dir.path(), "llama", CHATML);
+    let prompts = ["Hi there", "Tell me more", "What is up?", "Bye now"];
+    let (roomy, _) = tiny_service(dir.path(), None, 64);
+    let want = generate(&roomy, &prompts, 24).await;
+    // Each sequence needs 3 blocks of 16 tokens; 6 blocks hold two at a time.
+    let block_bytes = 2 * LAYERS * 16 * KV_HEADS * HEAD_DIM * 2;
+    let (tight, metrics) = tiny_service(dir.path(), Some(KvCacheMemory::Bytes((6 * block_bytes) as u64)), 64);
+    let got = generate(&tight, &prompts, 24).await;
+    assert!(metric(&metrics, "kandle_preemptions_total") > 0.0, "the pool was meant to run dry");
+    assert_eq!(got, want);
 }

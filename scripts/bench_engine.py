@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""kandle-worker against llama-server on the same GGUF file, in one run.
+
+    python3 scripts/bench_engine.py [--runs 3] [--max-tokens 128] [--concurrency 1,4,8]
+
+Builds (once, cached in ~/.cache/kandle/llama-cpp) llama-server from the llama.cpp
+sources vendored in the llama-cpp-python sdist on PyPI, and kandle-worker in
+release mode; starts both on localhost; then, alternating between them, runs
+streaming chat completions at each concurrency (aggregate completion tokens
+per second, time to first token) and a prefill of a ~1000-token prompt (prompt
+tokens per second), with prefix caching off on both (kandle --no-prefix-cache,
+llama-server cache_prompt=false) and then on. Prints every figure with its
+ratio (kandle / llama.cpp), the CPU model and the llama.cpp version. Not part
+of CI: it takes minutes and wants an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import urllib.request
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CACHE = pathlib.Path(os.environ.get("KANDLE_BENCH_CACHE", pathlib.Path.home() / ".cache" / "kandle" / "llama-cpp"))
+TOPICS = [
+    "the history of the printing press", "how volcanoes form", "a day in the life of a lighthouse keeper",
+    "why the sky is blue", "the rules of chess", "how bread is baked", "the water cycle", "a trip to the moon",
+    "the life of honey bees", "how computers store numbers", "the first airplane flight", "how rivers shape valleys",
+]
+
+
+def log(*parts: object) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def cpu_model() -> str:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def cpu_flags() -> set[str]:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def build_llama_server() -> pathlib.Path:
+    binary = CACHE / "build" / "bin" / "llama-server"
+    if binary.exists():
+        return binary
+    CACHE.mkdir(parents=True, exist_ok=True)
+    sdists = sorted(CACHE.glob("llama_cpp_python-*.tar.gz"))
+    if not sdists:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
+                        "llama-cpp-python", "-d", str(CACHE)], check=True)
+        sdists = sorted(CACHE.glob("llama_cpp_python-*.tar.gz"))
+    src = CACHE / "src"
+    if not src.exists():
+        with tarfile.open(sdists[-1]) as tar:
+            tar.extractall(src, filter="data")
+    llama = next(src.glob("*/vendor/llama.cpp"))
+    if shutil.which("cmake") is None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "cmake"], check=True)
+    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+             "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"]
+    if "amx_tile" in cpu_flags():
+        # llama.cpp's AMX Q4_1 path crashes; keep it out of the native build.
+        flags.append("-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
+        flags.append("-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
+    build = CACHE / "build"
+    subprocess.run(["cmake", "-S", str(llama), "-B", str(build), *flags], check=True)
+    subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
+                   check=True)
+    return binary
+
+
+def build_kandle() -> pathlib.Path:
+    subprocess.run(["cargo", "build", "--release", "--locked", "-p", "kandle-worker"], cwd=ROOT, check=True)
+    return ROOT / "target" / "release" / "kandle-worker"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, name: str, args: list[str], port: int, extra: dict):
+        self.name, self.port, self.extra = name, port, extra
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200 and self.ready():
+                        return
+            except OSError:
+                pass
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {self.process.returncode}")
+            time.sleep(0.5)
+        raise RuntimeError(f"{name} did not become ready")
+
+    def ready(self) -> bool:
+        try:
+            self.chat([{"role": "user", "content": "hi"}], 1)
+            return True
+        except OSError:
+            return False
+
+    def chat(self, messages: list[dict], max_tokens: int) -> tuple[float, float, int, int]:
+        """Streams one completion: (seconds to first token, total seconds, prompt tokens, completion tokens)."""
+        body = {"model": "smollm2", "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+                "stream": True, "stream_options": {"include_usage": True}, **self.extra}
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/chat/completions",
+                                         data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        start = time.perf_counter()
+        first = None
+        usage = {}
+        with urllib.request.urlopen(request, timeout=600) as response:
+            for raw in response:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                for choice in chunk.get("choices", []):
+                    if first is None and (choice.get("delta", {}).get("content") or choice.get("finish_reason")):
+                        first = time.perf_counter() - start
+        total = time.perf_counter() - start
+        return first or total, total, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def concurrent(server: Server, clients: int, max_tokens: int, salt: int) -> dict:
+    results: list[tuple[float, float, int, int]] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        topic = TOPICS[(salt + i) % len(TOPICS)]
+        messages = [{"role": "user", "content": f"Request {salt}-{i}. Write a long, detailed essay about {topic}."}]
+        r = server.chat(messages, max_tokens)
+        with lock:
+            results.append(r)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    tokens = sum(r[3] for r in results)
+    return {"tok_s": tokens / wall, "ttft_p50": statistics.median(r[0] for r in results)}
+
+
+def prefill(server: Server, salt: int) -> float:
+    words = " ".join(f"{TOPICS[(salt + i) % len(TOPICS)]} {i}," for i in range(150))
+    messages = [{"role": "user", "content": f"Run {salt}. Summarize this list: {words}"}]
+    _, total, prompt_tokens, _ = server.chat(messages, 1)
+    return prompt_tokens / total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gguf", default=None, help="GGUF file (default: SmolLM2 from scripts/fetch-smollm2.sh)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--concurrency", default="1,4,8")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    args = parser.parse_args()
+    gguf = args.gguf or subprocess.run([str(ROOT / "scripts" / "fetch-smollm2.sh")], capture_output=True, text=True,
+                                       check=True).stdout.strip()
+    llama_bin = build_llama_server()
+    kandle_bin = build_kandle()
+    version = subprocess.run([str(llama_bin), "--version"], capture_output=True, text=True).stderr.strip()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    table: dict[tuple[str, str, str], list[float]] = {}
+
+    for caching in (False, True):
+        mode = "prefix cache on" if caching else "prefix cache off"
+        log(f"== {mode}")
+        kport, lport = free_port(), free_port()
+        kandle_args = [str(kandle_bin), "serve", "--model", gguf, "--served-model-name", "smollm2", "--no-auth",
+                       "--host", "127.0.0.1", "--port", str(kport), "--max-batch-size", "8",
+                       "--threads", str(args.threads), "--log-format", "text"]
+        if not caching:
+            kandle_args.append("--no-prefix-cache")
+        servers = [
+            Server("kandle", kandle_args, kport, {}),
+            Server("llama.cpp", [str(llama_bin), "-m", gguf, "--host", "127.0.0.1", "--port", str(lport), "-np", "8",
+                                 "-c", "8192", "-kvu", "-t", str(args.threads), "--jinja"], lport,
+                   {"cache_prompt": caching}),
+        ]
+        try:
+            for run in range(args.runs):
+                order = servers if run % 2 == 0 else servers[::-1]
+                for server in order:
+                    salt = run * 1000 + (0 if caching else 500)
+                    for c in levels:
+                        r = concurrent(server, c, args.max_tokens, salt + c)
+                        table.setdefault((mode, f"throughput c={c} (tok/s)", server.name), []).append(r["tok_s"])
+                        table.setdefault((mode, f"TTFT p50 c={c} (s)", server.name), []).append(r["ttft_p50"])
+                        log(f"run {run} {server.name} c={c}: {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50']:.3f} s")
+                    p = prefill(server, salt)
+                    table.setdefault((mode, "prefill ~1000 tokens (tok/s)", server.name), []).append(p)
+                    log(f"run {run} {server.name} prefill: {p:.1f} tok/s")
+        finally:
+            for server in servers:
+                server.stop()
+
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} cores), threads {args.threads}")
+    print(f"llama.cpp: {version.splitlines()[0] if version else 'unknown'}; model: {pathlib.Path(gguf).name}")
+    print(f"runs: {args.runs}, max_tokens {args.max_tokens}; medians; ratio = kandle / llama.cpp "
+          "(for TTFT lower is better)")
+    print()
+    print("| mode | figure | kandle | llama.cpp | ratio |")
+    print("|---|---|---|---|---|")
+    keys = sorted({(m, f) for m, f, _ in table}, key=lambda k: (k[0], k[1]))
+    for mode, figure in keys:
+        k = statistics.median(table[(mode, figure, "kandle")])
+        lc = statistics.median(table[(mode, figure, "llama.cpp")])
+        print(f"| {mode} | {figure} | {k:.3f} | {lc:.3f} | {k / lc:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The engine seen through the official openai SDK on SmolLM2: continuous
+batching, the prefix cache, shared prefill of n choices, KV-cache limits.
+
+Assertions are about behaviour and accounting, never about what the model says.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+import urllib.request
+
+import openai
+import pytest
+
+from conftest import Worker
+from test_worker_openai import client, metric
+
+# A long shared system prompt: several full KV blocks (16 tokens each).
+SYSTEM = "You are a careful assistant for a public library. " * 12
+
+
+def serve(smollm2, key_dir, *extra: str) -> Worker:
+    return Worker(
+        ["serve", "--model", str(smollm2), "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", "0",
+         "--api-keys-dir", str(key_dir), "--max-context", "2048", *extra]
+    ).wait_ready()
+
+
+@pytest.fixture(scope="module")
+def uncached(smollm2, key_dir):
+    w = serve(smollm2, key_dir, "--no-prefix-cache")
+    try:
+        yield w
+    finally:
+        w.stop()
+
+
+def ask(worker, question: str, **extra):
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+    params = {"max_tokens": 12, "temperature": 0, **extra}
+    return client(worker).chat.completions.create(model="smollm2", messages=messages, **params)
+
+
+def test_shared_system_prompt_is_served_from_the_prefix_cache(worker, uncached):
+    first = ask(worker, "Where are the atlases?")
+    second = ask(worker, "When does the library open?")
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached > 0, second.usage
+    assert cached % 16 == 0 and cached < second.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens <= cached
+    # The cache changes where the keys and values come from, not the answer.
+    again = ask(uncached, "When does the library open?")
+    assert again.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.choices[0].message.content == second.choices[0].message.content
+    assert metric(worker, "vllm:prefix_cache_hits_total") > 0
+    assert metric(worker, "vllm:prefix_cache_queries_total") >= metric(worker, "vllm:prefix_cache_hits_total")
+
+
+def test_n_choices_prefill_the_prompt_once(uncached):
+    before = metric(uncached, "kandle_prefill_tokens_total")
+    r = ask(uncached, "Recommend a book.", n=4, temperature=1.0, seed=3)
+    prefilled = metric(uncached, "kandle_prefill_tokens_total") - before
+    prompt = r.usage.prompt_tokens
+    assert len(r.choices) == 4
+    # The first choice computes the prompt; the others share its full blocks
+    # and compute only the partial last block.
+    assert prompt <= prefilled < prompt + 3 * 16, (prompt, prefilled)
+
+
+def test_cache_config_is_published(worker):
+    with urllib.request.urlopen(worker.base_url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    line = next(l for l in text.splitlines() if l.startswith("vllm:cache_config_info{"))
+    assert 'block_size="16"' in line and "num_gpu_blocks=" in line
+
+
+def test_concurrent_streams_share_forward_passes(worker):
+    """Eight requests at once are decoded together: some step carries several."""
+    before = metric(worker, "kandle_step_sequences_sum")
+    steps_before = metric(worker, "kandle_step_sequences_count")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: ask(worker, f"Question {i}: name a color.", max_tokens=8), range(8)))
+    assert all(a.choices[0].finish_reason in ("stop", "length") for a in answers)
+    sequences = metric(worker, "kandle_step_sequences_sum") - before
+    steps = metric(worker, "kandle_step_sequences_count") - steps_before
+    assert sequences / steps > 1.5, (sequences, steps)
+
+
+def test_prompt_larger_than_the_kv_cache_is_400(smollm2, key_dir):
+    w = serve(smollm2, key_dir, "--kv-cache-memory", "3Mi")
+    try:
+        with pytest.raises(openai.BadRequestError) as e:
+            client(w).chat.completions.create(
+                model="smollm2", messages=[{"role": "user", "content": "word " * 200}], max_tokens=4
+            )
+        assert e.value.code == "context_length_exceeded"
+        assert "KV cache" in e.value.message
+        small = client(w).chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=4)
+        assert small.choices[0].finish_reason in ("stop", "length")
+        # Usage by blocks returns to zero once requests are done.
+        deadline = time.monotonic() + 5
+        while metric(w, "vllm:kv_cache_usage_perc") != 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        w.stop()
