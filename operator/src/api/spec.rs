@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
-use kandle_contract::engine::{MAX_BATCH_SIZE, MAX_CONTEXT_LENGTH, THREADS};
+use kandle_contract::engine::{KV_CACHE_MEMORY_PATTERN, MAX_BATCH_SIZE, MAX_BATCH_TOKENS, MAX_CONTEXT_LENGTH, THREADS};
 use kandle_contract::source::PATTERN as SOURCE_URL;
 use kandle_contract::SamplingDefaults;
 use kube::{CustomResource, KubeSchema};
@@ -171,10 +171,30 @@ pub struct SecretReference {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct EngineSpec {
-    /// Sequences each worker decodes concurrently (default 8).
+    /// Sequences in one forward pass: how many requests' choices each worker
+    /// decodes together (default 8).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = *MAX_BATCH_SIZE.start(), max = *MAX_BATCH_SIZE.end()))]
     pub max_batch_size: Option<i32>,
+
+    /// Tokens in one forward pass: a decode token per running sequence, then
+    /// chunks of new prompts (default 256). A long prompt delays running streams
+    /// by at most one such step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = *MAX_BATCH_TOKENS.start(), max = *MAX_BATCH_TOKENS.end()))]
+    pub max_batch_tokens: Option<i32>,
+
+    /// Memory of the KV block pool: bytes as a quantity (`2Gi`, `512M`) or a
+    /// fraction of the container's memory limit (`0.25`). Default: enough for
+    /// maxBatchSize sequences of the whole context, at most a quarter of the limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = KV_CACHE_MEMORY_PATTERN))]
+    pub kv_cache_memory: Option<String>,
+
+    /// Reuse the KV blocks of prompt prefixes requests share (system prompts,
+    /// conversation history), and keep them after a request ends (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_cache: Option<bool>,
 
     /// Tokens per sequence, prompt and completion together; clipped to the model's own context.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -318,6 +318,15 @@ fn pod_template(
     if let Some(n) = engine.max_batch_size {
         args.extend(["--max-batch-size".into(), n.to_string()]);
     }
+    if let Some(n) = engine.max_batch_tokens {
+        args.extend(["--max-batch-tokens".into(), n.to_string()]);
+    }
+    if let Some(memory) = &engine.kv_cache_memory {
+        args.extend(["--kv-cache-memory".into(), memory.clone()]);
+    }
+    if engine.prefix_cache == Some(false) {
+        args.push("--no-prefix-cache".into());
+    }
     if let Some(n) = engine.threads {
         args.extend(["--threads".into(), n.to_string()]);
     }
@@ -604,6 +613,7 @@ mod tests {
         spec["model"] = json!("Qwen/Qwen3-0.6B");
         spec["aliases"] = json!(["gpt-4o-mini", "qwen"]);
         spec["engine"] = json!({"maxBatchSize": 4, "maxContextLength": 2048, "threads": 6,
+            "maxBatchTokens": 128, "kvCacheMemory": "2Gi", "prefixCache": false,
             "chatTemplate": "{{ messages }}", "defaults": {"temperature": 0.7, "top_p": 0.8}});
         let c = build(spec);
         assert_eq!(flag(&c, "--served-model-name").as_deref(), Some("Qwen/Qwen3-0.6B"));
@@ -612,6 +622,9 @@ mod tests {
         assert_eq!(flag(&c, "--max-batch-size").as_deref(), Some("4"));
         assert_eq!(flag(&c, "--max-context").as_deref(), Some("2048"));
         assert_eq!(flag(&c, "--threads").as_deref(), Some("6"));
+        assert_eq!(flag(&c, "--max-batch-tokens").as_deref(), Some("128"));
+        assert_eq!(flag(&c, "--kv-cache-memory").as_deref(), Some("2Gi"));
+        assert!(args(&c).contains(&"--no-prefix-cache".to_string()));
         assert_eq!(flag(&c, "--sampling-defaults").as_deref(), Some(r#"{"temperature":0.7,"topP":0.8}"#));
         assert_eq!(flag(&c, "--chat-template").as_deref(), Some("/etc/kandle/template/chat_template.jinja"));
         let template = c.deployment.spec.clone().and_then(|s| s.template.metadata).and_then(|m| m.annotations);
