@@ -121,6 +121,7 @@ impl BlockPool {
     /// One more reference to a block already referenced (or idle in the cache).
     pub fn share(&mut self, block: u32) {
         let b = block as usize;
+        debug_assert!(self.refs[b] > 0 || self.hash_of[b].is_some(), "share of a free block");
         if self.refs[b] == 0 {
             self.idle.remove(&self.idle_since[b]);
         }

@@ -141,7 +141,9 @@ impl Scheduler {
                 Waiting::Preempted(s) => (s.tokens.as_slice(), 1),
             };
             let fits_slots = self.occupancy() + slots <= self.config.max_batch_size || self.occupancy() == 0;
-            let needed = tokens.len().div_ceil(self.config.block_size) + 1;
+            // The prompt and the first token it yields (a prompt the service let
+            // through always fits the whole pool).
+            let needed = (tokens.len() + 1).div_ceil(self.config.block_size).min(self.pool.total());
             if !fits_slots || self.pool.available() < needed.saturating_sub(self.cached_blocks(tokens)) {
                 break;
             }
@@ -301,10 +303,11 @@ impl Scheduler {
                 None => self.metrics.time_to_first_token.observe((now - seq.enqueued).as_secs_f64()),
             }
         }
-        self.remove(finished);
+        // Forks first: they take references to blocks a finished parent releases.
         for (request_id, blocks) in forks {
             self.start_forks(request_id, &blocks);
         }
+        self.remove(finished);
     }
 
     /// Which running sequences feed how many tokens: decode tokens first, then

@@ -47,9 +47,22 @@ trait Row: Sync {
     fn axpy(&self, at: usize, w: f32, out: &mut [f32]);
 }
 
+/// Independent accumulators: the compiler keeps them in vector registers
+/// (a single running sum would be a serial chain it may not reorder).
+const LANES: usize = 8;
+
 impl<T: Copy + Into<f32> + Sync> Row for [T] {
     fn dot(&self, at: usize, q: &[f32]) -> f32 {
-        q.iter().zip(&self[at..at + q.len()]).map(|(a, b)| a * (*b).into()).sum()
+        let k = &self[at..at + q.len()];
+        let mut acc = [0f32; LANES];
+        let (q_body, q_tail) = q.split_at(q.len() - q.len() % LANES);
+        for (qc, kc) in q_body.chunks_exact(LANES).zip(k.chunks_exact(LANES)) {
+            for l in 0..LANES {
+                acc[l] += qc[l] * kc[l].into();
+            }
+        }
+        let tail: f32 = q_tail.iter().zip(&k[q_body.len()..]).map(|(a, b)| a * (*b).into()).sum();
+        acc.iter().sum::<f32>() + tail
     }
 
     fn axpy(&self, at: usize, w: f32, out: &mut [f32]) {

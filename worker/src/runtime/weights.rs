@@ -5,29 +5,54 @@ use std::io::{Read, Seek};
 use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::Content;
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::config::{Architecture, ModelConfig};
+use super::q4_1::{Level, PackedQ4_1};
 
 /// A projection `x Wᵀ (+ b)`.
 pub enum Linear {
-    Quantized { weight: QMatMul, bias: Option<Tensor> },
+    /// Q4_1 on the CPU: kandle's matrix-matrix kernel over repacked weights.
+    Q4_1 {
+        weight: PackedQ4_1,
+        bias: Option<Tensor>,
+    },
+    /// Other quantized types: candle's kernels.
+    Quantized {
+        weight: QMatMul,
+        bias: Option<Tensor>,
+    },
     Dense(candle_nn::Linear),
 }
 
 impl Linear {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Quantized { weight, bias } => {
-                let y = weight.forward(x)?;
-                match bias {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                }
+    /// A quantized projection, with kandle's own kernel where it has one.
+    fn quantized(weight: QTensor, bias: Option<Tensor>, device: &Device) -> Result<Self> {
+        if weight.dtype() == GgmlDType::Q4_1 && device.is_cpu() {
+            let (n, k) = weight.shape().dims2()?;
+            if let Some(packed) = PackedQ4_1::from_gguf(&weight.data()?, n, k, Level::detect()) {
+                return Ok(Self::Q4_1 { weight: packed, bias });
             }
-            Self::Dense(linear) => linear.forward(x),
+        }
+        Ok(Self::Quantized { weight: QMatMul::from_qtensor(weight)?, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (y, bias) = match self {
+            Self::Q4_1 { weight, bias } => {
+                let (rows, _) = x.dims2()?;
+                let input = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let (n, _) = weight.shape();
+                (Tensor::from_vec(weight.matmul(&input, rows), (rows, n), x.device())?, bias)
+            }
+            Self::Quantized { weight, bias } => (weight.forward(x)?, bias),
+            Self::Dense(linear) => return linear.forward(x),
+        };
+        match bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
         }
     }
 }
@@ -91,9 +116,9 @@ impl Weights {
         for i in 0..config.layers {
             let mut t = |suffix: &str| tensor(&format!("blk.{i}.{suffix}"));
             let mut linear = |name: &str, with_bias: bool| -> Result<Linear> {
-                let weight = QMatMul::from_qtensor(t(&format!("{name}.weight"))?)?;
+                let weight = t(&format!("{name}.weight"))?;
                 let bias = if with_bias { Some(t(&format!("{name}.bias"))?.dequantize(device)?) } else { None };
-                Ok(Linear::Quantized { weight, bias })
+                Linear::quantized(weight, bias, device)
             };
             let qkv_bias = config.architecture == Architecture::Qwen2;
             let (q, k, v, o) = (
