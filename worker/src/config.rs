@@ -127,6 +127,11 @@ pub struct ServeConfig {
     #[arg(long, env = "KANDLE_CHAT_TEMPLATE")]
     pub chat_template: Option<PathBuf>,
 
+    /// Quantize a safetensors checkpoint's linear layers at load (q8_0, q4_k);
+    /// without it weights run in the dtype they are stored in.
+    #[arg(long, env = "KANDLE_QUANTIZE", value_enum)]
+    pub quantize: Option<crate::model::Quantize>,
+
     /// Sampling defaults for requests that leave them out, as JSON, e.g.
     /// '{"temperature":0.7,"topP":0.8}'. Keys: temperature, topP, topK, minP,
     /// presencePenalty, frequencyPenalty, repetitionPenalty (or the request

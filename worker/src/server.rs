@@ -12,6 +12,7 @@ use crate::api::state::{AppState, HttpSettings};
 use crate::auth::KeyStore;
 use crate::config::ServeConfig;
 use crate::metrics::Metrics;
+use crate::model::LoadOptions;
 use crate::service::{EngineLimits, ModelService};
 
 const KEY_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
@@ -77,8 +78,9 @@ fn load(
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<ModelService> {
     let started = std::time::Instant::now();
-    let loaded = crate::model::load(&config.model, template, config.max_context)
-        .with_context(|| format!("loading {}", config.model.display()))?;
+    let options = LoadOptions { chat_template: template, context_limit: config.max_context, quantize: config.quantize };
+    let loaded =
+        crate::model::load(&config.model, &options).with_context(|| format!("loading {}", config.model.display()))?;
     tracing::info!(
         architecture = %loaded.info.architecture,
         quantization = %loaded.info.quantization,

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use kandle_worker::model::{self, LoadedModel, RenderOptions};
+use kandle_worker::model::{self, LoadOptions, LoadedModel, RenderOptions};
 use serde_json::json;
 
 fn smollm2() -> &'static LoadedModel {
@@ -13,7 +13,7 @@ fn smollm2() -> &'static LoadedModel {
         let path = std::env::var_os("KANDLE_TEST_GGUF")
             .map(PathBuf::from)
             .expect("KANDLE_TEST_GGUF must name SmolLM2-135M-Instruct.Q4_1.gguf (scripts/fetch-smollm2.sh prints it)");
-        model::load(&path, None, None).expect("SmolLM2 loads")
+        model::load(&path, &LoadOptions::default()).expect("SmolLM2 loads")
     })
 }
 
@@ -81,8 +81,15 @@ fn the_files_own_chat_template_is_used() {
 #[test]
 fn template_override_replaces_the_files() {
     let path = std::env::var_os("KANDLE_TEST_GGUF").map(PathBuf::from).expect("KANDLE_TEST_GGUF");
-    let model = model::load(&path, Some("{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}>"), Some(64))
-        .expect("loads");
+    let model = model::load(
+        &path,
+        &LoadOptions {
+            chat_template: Some("{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}>"),
+            context_limit: Some(64),
+            ..Default::default()
+        },
+    )
+    .expect("loads");
     let text = model.template.render(&[json!({"role": "user", "content": "Hi"})], &RenderOptions::default());
     assert_eq!(text.expect("renders"), "[user]Hi>");
 }
@@ -199,7 +206,8 @@ mod engine {
 
     fn service(max_batch_size: usize, max_batch_tokens: usize) -> (ModelService, Arc<Metrics>) {
         let path = std::env::var_os("KANDLE_TEST_GGUF").map(PathBuf::from).expect("KANDLE_TEST_GGUF");
-        let loaded = model::load(&path, None, Some(2048)).expect("loads");
+        let loaded =
+            model::load(&path, &LoadOptions { context_limit: Some(2048), ..Default::default() }).expect("loads");
         let metrics = Arc::new(Metrics::default());
         let limits = EngineLimits {
             max_batch_size,
@@ -309,4 +317,12 @@ mod engine {
         }
         assert!(metric(&metrics, "kandle_prefill_tokens_total") < prompt_tokens, "the prefill did not run to its end");
     }
+}
+
+#[test]
+fn quantize_is_refused_for_gguf_files() {
+    let path = std::env::var_os("KANDLE_TEST_GGUF").map(PathBuf::from).expect("KANDLE_TEST_GGUF");
+    let options = LoadOptions { quantize: Some(model::Quantize::Q8_0), ..Default::default() };
+    let error = model::load(&path, &options).expect_err("refused");
+    assert!(error.to_string().contains("--quantize applies to safetensors"), "{error}");
 }

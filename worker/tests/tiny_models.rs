@@ -12,7 +12,7 @@ use kandle_contract::engine::KvCacheMemory;
 use kandle_worker::api::request::SamplingOverrides;
 use kandle_worker::api::state::{AppState, HttpSettings};
 use kandle_worker::metrics::Metrics;
-use kandle_worker::model;
+use kandle_worker::model::{self, LoadOptions};
 use kandle_worker::runtime::{KvCache, StepSequence};
 use kandle_worker::service::{EngineLimits, ModelService};
 use serde_json::{json, Value};
@@ -135,7 +135,7 @@ fn each_architecture_loads_and_runs() {
     for arch in ["llama", "mistral", "qwen2", "qwen3"] {
         let dir = tempfile::tempdir().expect("tempdir");
         let parameters = write_checkpoint(dir.path(), arch, CHATML);
-        let loaded = model::load(dir.path(), None, None).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        let loaded = model::load(dir.path(), &LoadOptions::default()).unwrap_or_else(|e| panic!("{arch}: {e}"));
         assert_eq!(loaded.info.architecture, arch);
         assert_eq!(loaded.info.context_length, CONTEXT as u64);
         assert_eq!(loaded.info.quantization, "F32");
@@ -158,7 +158,7 @@ fn missing_tensor_is_an_error_not_a_panic() {
     let mut tensors = HashMap::new();
     tensors.insert("model.embed_tokens.weight".to_string(), random(&[8, HIDDEN]));
     candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).expect("save");
-    assert!(model::load(dir.path(), None, None).is_err());
+    assert!(model::load(dir.path(), &LoadOptions::default()).is_err());
 }
 
 /// Serves a checkpoint in-process and answers requests through the real router.
@@ -171,7 +171,7 @@ impl Served {
     fn new(arch: &str, template: &str) -> (Self, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("tempdir");
         write_checkpoint(dir.path(), arch, template);
-        let loaded = model::load(dir.path(), None, None).expect("loads");
+        let loaded = model::load(dir.path(), &LoadOptions::default()).expect("loads");
         // Random weights would stop at random; banning the end markers makes lengths exact.
         let mut ban = serde_json::Map::new();
         for t in ["<|im_end|>", "<|im_start|>", "</think>"] {
@@ -286,7 +286,7 @@ fn batched_logits_equal_single_sequence_logits() {
     for arch in ["llama", "mistral", "qwen2", "qwen3"] {
         let dir = tempfile::tempdir().expect("tempdir");
         write_checkpoint(dir.path(), arch, CHATML);
-        let loaded = model::load(dir.path(), None, None).expect("loads");
+        let loaded = model::load(dir.path(), &LoadOptions::default()).expect("loads");
         let model = &loaded.model;
         let cache = KvCache::new(model.config(), 4, 32, DType::F16, &Device::Cpu).expect("cache");
         let a: Vec<u32> = (1..10).collect();
@@ -350,7 +350,7 @@ fn tiny_service(
     kv_cache_memory: Option<KvCacheMemory>,
     max_batch_tokens: usize,
 ) -> (ModelService, Arc<Metrics>) {
-    let loaded = model::load(dir, None, None).expect("loads");
+    let loaded = model::load(dir, &LoadOptions::default()).expect("loads");
     let metrics = Arc::new(Metrics::default());
     let limits = EngineLimits {
         max_batch_size: 4,
@@ -388,4 +388,22 @@ async fn preemption_and_recompute_give_the_same_output() {
     let got = generate(&tight, &prompts, 24).await;
     assert!(metric(&metrics, "kandle_preemptions_total") > 0.0, "the pool was meant to run dry");
     assert_eq!(got, want);
+}
+
+/// `--quantize q8_0`: linear layers whose inner size is a multiple of 32 are
+/// quantized at load (here the down projection), the rest stay dense; the
+/// logits stay close to the unquantized model's.
+#[test]
+fn quantize_at_load() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_checkpoint(dir.path(), "qwen2", CHATML);
+    let dense = model::load(dir.path(), &LoadOptions::default()).expect("loads");
+    let options = LoadOptions { quantize: Some(model::Quantize::Q8_0), ..Default::default() };
+    let quantized = model::load(dir.path(), &options).expect("loads quantized");
+    assert_eq!(quantized.info.quantization, "Q8_0");
+    let tokens: Vec<u32> = (3..15).collect();
+    let (a, b) = (alone(&dense.model, &tokens), alone(&quantized.model, &tokens));
+    let dot: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!(dot / (norm(&a) * norm(&b)) > 0.99);
 }

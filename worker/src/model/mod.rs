@@ -62,24 +62,47 @@ impl std::fmt::Debug for LoadedModel {
     }
 }
 
+/// How to load a model.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions<'a> {
+    /// Replaces the model's chat template.
+    pub chat_template: Option<&'a str>,
+    /// Caps the tokens per sequence the model is prepared for.
+    pub context_limit: Option<usize>,
+    /// Quantizes a safetensors checkpoint's linear layers at load.
+    pub quantize: Option<Quantize>,
+}
+
+/// Weight formats a safetensors checkpoint can be quantized to at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Quantize {
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_k")]
+    Q4K,
+}
+
 /// Loads a `.gguf` file, or a directory holding either one GGUF file or a Hugging
-/// Face safetensors checkpoint. `template_override` replaces the model's template;
-/// `context_limit` caps the tokens per sequence the model is prepared for.
-pub fn load(
-    path: &Path,
-    template_override: Option<&str>,
-    context_limit: Option<usize>,
-) -> Result<LoadedModel, LoadError> {
+/// Face safetensors checkpoint.
+pub fn load(path: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadError> {
     let meta = std::fs::metadata(path).map_err(|e| LoadError::io(path, e))?;
+    let gguf = |file: &Path| {
+        if options.quantize.is_some() {
+            return Err(LoadError::Unsupported(
+                "--quantize applies to safetensors checkpoints; a GGUF file is quantized already".into(),
+            ));
+        }
+        gguf::load(file, options.chat_template, options.context_limit)
+    };
     if meta.is_file() {
-        return gguf::load(path, template_override, context_limit);
+        return gguf(path);
     }
     if path.join("config.json").is_file() {
-        return safetensors::load(path, template_override, context_limit);
+        return safetensors::load(path, options);
     }
     let ggufs = gguf_files_in(path)?;
     match ggufs.as_slice() {
-        [one] => gguf::load(one, template_override, context_limit),
+        [one] => gguf(one),
         [] => Err(LoadError::Format(format!("{} holds neither config.json nor a .gguf file", path.display()))),
         _ => Err(LoadError::Format(format!("{} holds several .gguf files; pass the one to serve", path.display()))),
     }

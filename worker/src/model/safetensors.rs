@@ -3,23 +3,22 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::GgmlDType;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device};
 use serde_json::Value as Json;
 
 use super::{
-    end_of_turn_ids, token_id, tokenizer, ChatTemplate, LoadError, LoadedModel, ModelInfo, SpecialTokens, CHATML,
+    end_of_turn_ids, token_id, tokenizer, ChatTemplate, LoadError, LoadOptions, LoadedModel, ModelInfo, Quantize,
+    SpecialTokens, CHATML,
 };
 use crate::runtime::config::ModelConfig;
 use crate::runtime::rope::inverse_frequencies;
 use crate::runtime::weights::Weights;
 use crate::runtime::Model;
 
-pub fn load(
-    dir: &Path,
-    template_override: Option<&str>,
-    context_limit: Option<usize>,
-) -> Result<LoadedModel, LoadError> {
+pub fn load(dir: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadError> {
+    let (template_override, context_limit) = (options.chat_template, options.context_limit);
     let config_text = read(&dir.join("config.json"))?;
     let config: Json = parse_json(&config_text, "config.json")?;
     let model_config = ModelConfig::from_hf(&config)?;
@@ -38,14 +37,22 @@ pub fn load(
         .and_then(|view| DType::try_from(view.dtype()).ok())
         .unwrap_or(DType::F32);
     let device = Device::Cpu;
-    let weights = Weights::from_safetensors(&tensors, &model_config, dtype, &device)
+    let quantize = options.quantize.map(|q| match q {
+        Quantize::Q8_0 => GgmlDType::Q8_0,
+        Quantize::Q4K => GgmlDType::Q4K,
+    });
+    let weights = Weights::from_safetensors(&tensors, &model_config, dtype, quantize, &device)
         .map_err(|e| LoadError::Format(format!("the {architecture} checkpoint does not match its config.json: {e}")))?;
     let inv_freq =
         inverse_frequencies(model_config.head_dim, model_config.rope_theta, model_config.llama3_scaling.as_ref(), None);
     let context_length = model_config.context as u64;
     let context = context_limit.map_or(model_config.context, |l| l.min(model_config.context));
     let model = Model::new(model_config, weights, &inv_freq, context, device)?;
-    let quantization = dtype_name(dtype).to_string();
+    let quantization = match options.quantize {
+        Some(Quantize::Q8_0) => "Q8_0".to_string(),
+        Some(Quantize::Q4K) => "Q4_K".to_string(),
+        None => dtype_name(dtype).to_string(),
+    };
 
     let tokenizer = tokenizer::from_file(&dir.join("tokenizer.json"))?;
     let tok_config: Json = match std::fs::read_to_string(dir.join("tokenizer_config.json")) {

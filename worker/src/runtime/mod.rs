@@ -8,7 +8,7 @@
 pub mod attention;
 pub mod config;
 pub mod kv_cache;
-pub mod q4_1;
+pub mod qmatmul;
 pub mod rope;
 pub mod weights;
 

@@ -10,13 +10,13 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::config::{Architecture, ModelConfig};
-use super::q4_1::{Level, PackedQ4_1};
+use super::qmatmul::{Format, Level, PackedWeights};
 
 /// A projection `x Wᵀ (+ b)`.
 pub enum Linear {
-    /// Q4_1 on the CPU: kandle's matrix-matrix kernel over repacked weights.
-    Q4_1 {
-        weight: PackedQ4_1,
+    /// Q4_1 and Q8_0 on the CPU: kandle's matrix-matrix kernel over repacked weights.
+    Packed {
+        weight: PackedWeights,
         bias: Option<Tensor>,
     },
     /// Other quantized types: candle's kernels.
@@ -30,18 +30,30 @@ pub enum Linear {
 impl Linear {
     /// A quantized projection, with kandle's own kernel where it has one.
     fn quantized(weight: QTensor, bias: Option<Tensor>, device: &Device) -> Result<Self> {
-        if weight.dtype() == GgmlDType::Q4_1 && device.is_cpu() {
-            let (n, k) = weight.shape().dims2()?;
-            if let Some(packed) = PackedQ4_1::from_gguf(&weight.data()?, n, k, Level::detect()) {
-                return Ok(Self::Q4_1 { weight: packed, bias });
-            }
+        match Self::quantized_from(&weight, device)? {
+            Some(Self::Packed { weight, .. }) => Ok(Self::Packed { weight, bias }),
+            _ => Ok(Self::Quantized { weight: QMatMul::from_qtensor(weight)?, bias }),
         }
-        Ok(Self::Quantized { weight: QMatMul::from_qtensor(weight)?, bias })
+    }
+
+    /// kandle's kernel over a copy of `weight`'s blocks, for the formats it reads on the CPU.
+    fn quantized_from(weight: &QTensor, device: &Device) -> Result<Option<Self>> {
+        let format = match weight.dtype() {
+            GgmlDType::Q4_1 => Format::Q4_1,
+            GgmlDType::Q8_0 => Format::Q8_0,
+            _ => return Ok(None),
+        };
+        if !device.is_cpu() {
+            return Ok(None);
+        }
+        let (n, k) = weight.shape().dims2()?;
+        let packed = PackedWeights::from_gguf(&weight.data()?, n, k, format, Level::detect());
+        Ok(packed.map(|weight| Self::Packed { weight, bias: None }))
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (y, bias) = match self {
-            Self::Q4_1 { weight, bias } => {
+            Self::Packed { weight, bias } => {
                 let (rows, _) = x.dims2()?;
                 let input = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 let (n, _) = weight.shape();
@@ -107,9 +119,13 @@ impl Weights {
         let mut tensor = |name: &str| content.tensor(reader, name, device);
         let embedding = Arc::new(tensor("token_embd.weight")?);
         let lm_head = match tensor("output.weight") {
-            Ok(t) => QMatMul::from_qtensor(t)?,
-            // Tied embeddings: the output projection is the embedding table.
-            Err(_) => QMatMul::from_arc(embedding.clone())?,
+            Ok(t) => Linear::quantized(t, None, device)?,
+            // Tied embeddings: the output projection is the embedding table
+            // (repacked for the kernel where it has one, else shared).
+            Err(_) => match Linear::quantized_from(&embedding, device)? {
+                Some(packed) => packed,
+                None => Linear::Quantized { weight: QMatMul::from_arc(embedding.clone())?, bias: None },
+            },
         };
         let norm = tensor("output_norm.weight")?.dequantize(device)?;
         let mut layers = Vec::with_capacity(config.layers);
@@ -148,26 +164,31 @@ impl Weights {
                 down,
             });
         }
-        Ok(Self {
-            embedding: Embedding::Quantized(embedding),
-            layers,
-            norm,
-            lm_head: Linear::Quantized { weight: lm_head, bias: None },
-            dtype: DType::F32,
-        })
+        Ok(Self { embedding: Embedding::Quantized(embedding), layers, norm, lm_head, dtype: DType::F32 })
     }
 
-    /// From a Hugging Face safetensors checkpoint, in `dtype` (the checkpoint's own).
+    /// From a Hugging Face safetensors checkpoint, in `dtype` (the checkpoint's
+    /// own), or with the linear layers quantized to `quantize` (activations then
+    /// run in f32; a layer whose inner size is not a multiple of the type's
+    /// block stays dense).
     pub fn from_safetensors(
         tensors: &MmapedSafetensors,
         config: &ModelConfig,
         dtype: DType,
+        quantize: Option<GgmlDType>,
         device: &Device,
     ) -> Result<Self> {
+        let dtype = if quantize.is_some() { DType::F32 } else { dtype };
         let get = |name: &str| tensors.load(name, device)?.to_dtype(dtype);
         let linear = |name: &str, with_bias: bool| -> Result<Linear> {
             let bias = if with_bias { Some(get(&format!("{name}.bias"))?) } else { None };
-            Ok(Linear::Dense(candle_nn::Linear::new(get(&format!("{name}.weight"))?, bias)))
+            let weight = get(&format!("{name}.weight"))?;
+            match quantize {
+                Some(q) if weight.dim(1)?.is_multiple_of(q.block_size()) => {
+                    Linear::quantized(QTensor::quantize(&weight, q)?, bias, device)
+                }
+                _ => Ok(Linear::Dense(candle_nn::Linear::new(weight, bias))),
+            }
         };
         let embedding = get("model.embed_tokens.weight")?;
         let lm_head = match get("lm_head.weight") {

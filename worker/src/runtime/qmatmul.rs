@@ -1,11 +1,12 @@
-//! A matrix-matrix kernel for GGUF Q4_1 weights: each weight block is unpacked
-//! once and used for every row of the step (a batch of decode tokens, or a
-//! prefill chunk), instead of once per row as a matrix-vector product would.
+//! A matrix-matrix kernel for GGUF Q4_1 and Q8_0 weights: each weight block is
+//! loaded once and used for every row of the step (a batch of decode tokens,
+//! or a prefill chunk), instead of once per row as a matrix-vector product would.
 //!
-//! Q4_1 stores 32 weights per block as `d * q + m` with 4-bit `q`. Activations
-//! are quantized per 32-value block to 8 bits (`x ≈ da * qa`, with
-//! `sa = da * Σ qa`), so a block's dot product is
-//! `dw * da * Σ q·qa + mw * sa`: an integer dot product and two scalings.
+//! Q4_1 stores 32 weights per block as `d * q + m` with 4-bit unsigned `q`;
+//! Q8_0 as `d * q` with 8-bit signed `q`. Activations are quantized per
+//! 32-value block to 8 bits (`x ≈ da * qa`, with `sa = da * Σ qa`), so a
+//! block's dot product is `dw * da * Σ q·qa (+ mw * sa)`: an integer dot
+//! product and one or two scalings.
 //!
 //! Weights are repacked once at load into separate arrays of scales, minimums
 //! and nibbles. The integer dot product has a scalar reference and an AVX2
@@ -16,8 +17,24 @@ use half::f16;
 use rayon::prelude::*;
 
 pub const BLOCK: usize = 32;
-/// Bytes of one GGUF Q4_1 block: f16 d, f16 m, 16 bytes of nibbles.
-const BLOCK_BYTES: usize = 20;
+
+/// The GGUF block formats the kernel reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// f16 d, f16 m, 16 bytes of nibbles.
+    Q4_1,
+    /// f16 d, 32 signed bytes.
+    Q8_0,
+}
+
+impl Format {
+    fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_1 => 20,
+            Self::Q8_0 => 34,
+        }
+    }
+}
 
 /// Which implementation of the block dot product runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,14 +65,16 @@ impl Level {
     }
 }
 
-/// A `[n, k]` Q4_1 weight matrix, repacked.
-pub struct PackedQ4_1 {
+/// A `[n, k]` quantized weight matrix, repacked.
+pub struct PackedWeights {
     n: usize,
     k: usize,
-    /// Per block (row-major over `[n, k / 32]`): scale and minimum.
+    format: Format,
+    /// Per block (row-major over `[n, k / 32]`): scale, and minimum (Q4_1 only).
     d: Vec<f32>,
     m: Vec<f32>,
-    /// Per block: 32 unsigned nibble values, one per byte, in element order.
+    /// Per block: 32 values, one per byte, in element order (Q4_1: unsigned
+    /// 0..15; Q8_0: the bits of signed bytes).
     q: Vec<u8>,
     level: Level,
 }
@@ -67,25 +86,30 @@ struct Quantized {
     s: Vec<f32>,
 }
 
-impl PackedQ4_1 {
-    /// From GGUF Q4_1 bytes of an `[n, k]` matrix (`k` a multiple of 32).
-    pub fn from_gguf(bytes: &[u8], n: usize, k: usize, level: Level) -> Option<Self> {
+impl PackedWeights {
+    /// From GGUF bytes of an `[n, k]` matrix (`k` a multiple of 32).
+    pub fn from_gguf(bytes: &[u8], n: usize, k: usize, format: Format, level: Level) -> Option<Self> {
         let blocks = n * k / BLOCK;
-        if !k.is_multiple_of(BLOCK) || bytes.len() != blocks * BLOCK_BYTES {
+        if !k.is_multiple_of(BLOCK) || bytes.len() != blocks * format.block_bytes() {
             return None;
         }
         let mut d = Vec::with_capacity(blocks);
-        let mut m = Vec::with_capacity(blocks);
+        let mut m = Vec::new();
         let mut q = Vec::with_capacity(blocks * BLOCK);
-        for block in bytes.chunks_exact(BLOCK_BYTES) {
+        for block in bytes.chunks_exact(format.block_bytes()) {
             d.push(f16::from_le_bytes([block[0], block[1]]).to_f32());
-            m.push(f16::from_le_bytes([block[2], block[3]]).to_f32());
-            let nibbles = &block[4..];
-            // Element j is the low nibble of byte j, element j + 16 its high nibble.
-            q.extend(nibbles.iter().map(|b| b & 0x0f));
-            q.extend(nibbles.iter().map(|b| b >> 4));
+            match format {
+                Format::Q4_1 => {
+                    m.push(f16::from_le_bytes([block[2], block[3]]).to_f32());
+                    let nibbles = &block[4..];
+                    // Element j is the low nibble of byte j, element j + 16 its high nibble.
+                    q.extend(nibbles.iter().map(|b| b & 0x0f));
+                    q.extend(nibbles.iter().map(|b| b >> 4));
+                }
+                Format::Q8_0 => q.extend_from_slice(&block[2..]),
+            }
         }
-        Some(Self { n, k, d, m, q, level })
+        Some(Self { n, k, format, d, m, q, level })
     }
 
     pub fn shape(&self) -> (usize, usize) {
@@ -105,13 +129,16 @@ impl PackedQ4_1 {
             for (c, col_out) in dst.chunks_mut(rows).enumerate() {
                 let w = (chunk * COLUMNS + c) * nb;
                 let column =
-                    Column { q: &self.q[w * BLOCK..(w + nb) * BLOCK], d: &self.d[w..w + nb], m: &self.m[w..w + nb] };
-                match self.level {
+                    Column { q: &self.q[w * BLOCK..(w + nb) * BLOCK], d: &self.d[w..w + nb], m: self.m.get(w..w + nb) };
+                match (self.level, self.format) {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: Level::Avx2 is only chosen (detect) or offered
                     // (available) when the CPU reports AVX2 and FMA.
-                    Level::Avx2 => unsafe { avx2::column(&column, &a, nb, col_out) },
-                    _ => column_scalar(&column, &a, nb, col_out),
+                    (Level::Avx2, Format::Q4_1) => unsafe { avx2::column::<false>(&column, &a, nb, col_out) },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as above.
+                    (Level::Avx2, Format::Q8_0) => unsafe { avx2::column::<true>(&column, &a, nb, col_out) },
+                    _ => column_scalar(&column, self.format, &a, nb, col_out),
                 }
             }
         });
@@ -124,22 +151,27 @@ impl PackedQ4_1 {
     }
 }
 
-/// One weight row (an output column): its blocks' nibbles, scales and minimums.
+/// One weight row (an output column): its blocks' values, scales and minimums.
 struct Column<'a> {
     q: &'a [u8],
     d: &'a [f32],
-    m: &'a [f32],
+    /// Q4_1 only.
+    m: Option<&'a [f32]>,
 }
 
 /// The reference every SIMD variant is tested against: one output column for
 /// every activation row.
-fn column_scalar(w: &Column<'_>, a: &Quantized, nb: usize, out: &mut [f32]) {
+fn column_scalar(w: &Column<'_>, format: Format, a: &Quantized, nb: usize, out: &mut [f32]) {
     for (row, o) in out.iter_mut().enumerate() {
         let mut sum = 0f32;
         for b in 0..nb {
             let ab = row * nb + b;
-            let dot = block_dot_scalar(&w.q[b * BLOCK..(b + 1) * BLOCK], &a.q[ab * BLOCK..(ab + 1) * BLOCK]);
-            sum += w.d[b] * a.d[ab] * dot as f32 + w.m[b] * a.s[ab];
+            let (wq, aq) = (&w.q[b * BLOCK..(b + 1) * BLOCK], &a.q[ab * BLOCK..(ab + 1) * BLOCK]);
+            let dot = match format {
+                Format::Q4_1 => block_dot_scalar(wq, aq),
+                Format::Q8_0 => wq.iter().zip(aq).map(|(w, a)| i32::from(*w as i8) * i32::from(*a)).sum(),
+            };
+            sum += w.d[b] * a.d[ab] * dot as f32 + w.m.map_or(0.0, |m| m[b] * a.s[ab]);
         }
         *o = sum;
     }
@@ -176,12 +208,13 @@ mod avx2 {
     use super::{Column, Quantized, BLOCK};
 
     /// One output column for every activation row; each weight block is loaded
-    /// once and multiplied with the block of every row.
+    /// once and multiplied with the block of every row. `SIGNED`: Q8_0 weights
+    /// (signed bytes), else Q4_1 (unsigned nibbles and a minimum).
     ///
     /// # Safety
     /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn column(w: &Column<'_>, a: &Quantized, nb: usize, out: &mut [f32]) {
+    pub unsafe fn column<const SIGNED: bool>(w: &Column<'_>, a: &Quantized, nb: usize, out: &mut [f32]) {
         /// Rows whose accumulators stay in registers while a weight block is reused.
         const TILE: usize = 8;
         let ones = _mm256_set1_epi16(1);
@@ -198,12 +231,20 @@ mod avx2 {
                     let aq = &a.q[ab * BLOCK..(ab + 1) * BLOCK];
                     // SAFETY: `aq` holds exactly 32 bytes.
                     let av = unsafe { _mm256_loadu_si256(aq.as_ptr().cast()) };
-                    // u8 × i8 pairs summed to i16 (at most 2 · 15 · 127: no
-                    // saturation), then pairs of i16 to i32, then scaled in f32.
-                    let dots = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, av), ones);
+                    // u8 × i8 pairs summed to i16, then pairs of i16 to i32,
+                    // then scaled in f32. Signed weights: |w| × (a with w's sign);
+                    // at most 2 · 127 · 127 (or 2 · 15 · 127): no saturation.
+                    let pairs = if SIGNED {
+                        _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(av, wv))
+                    } else {
+                        _mm256_maddubs_epi16(wv, av)
+                    };
+                    let dots = _mm256_madd_epi16(pairs, ones);
                     let scale = _mm256_set1_ps(w.d[b] * a.d[ab]);
                     acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), scale, acc[r]);
-                    minimums[r] += w.m[b] * a.s[ab];
+                    if let Some(m) = w.m {
+                        minimums[r] += m[b] * a.s[ab];
+                    }
                 }
             }
             for (r, o) in outs.iter_mut().enumerate() {
@@ -221,8 +262,8 @@ mod avx2 {
 mod tests {
     use super::*;
 
-    /// Random Q4_1 bytes for an `[n, k]` matrix, with their dequantized values.
-    fn random_weights(n: usize, k: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
+    /// Random GGUF bytes for an `[n, k]` matrix, with their dequantized values.
+    fn random_weights(format: Format, n: usize, k: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
         let mut state = seed;
         let mut next = || {
             state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -232,16 +273,27 @@ mod tests {
         let mut values = Vec::new();
         for _ in 0..n * k / BLOCK {
             let d = f16::from_f32((next() % 1000) as f32 / 50_000.0 + 1e-4);
-            let m = f16::from_f32(-((next() % 1000) as f32) / 20_000.0);
             bytes.extend(d.to_le_bytes());
-            bytes.extend(m.to_le_bytes());
-            let nibbles: Vec<u8> = (0..16).map(|_| (next() % 256) as u8).collect();
             let mut block = [0f32; BLOCK];
-            for (j, b) in nibbles.iter().enumerate() {
-                block[j] = d.to_f32() * f32::from(b & 0x0f) + m.to_f32();
-                block[j + 16] = d.to_f32() * f32::from(b >> 4) + m.to_f32();
+            match format {
+                Format::Q4_1 => {
+                    let m = f16::from_f32(-((next() % 1000) as f32) / 20_000.0);
+                    bytes.extend(m.to_le_bytes());
+                    let nibbles: Vec<u8> = (0..16).map(|_| (next() % 256) as u8).collect();
+                    for (j, b) in nibbles.iter().enumerate() {
+                        block[j] = d.to_f32() * f32::from(b & 0x0f) + m.to_f32();
+                        block[j + 16] = d.to_f32() * f32::from(b >> 4) + m.to_f32();
+                    }
+                    bytes.extend(nibbles);
+                }
+                Format::Q8_0 => {
+                    for v in block.iter_mut() {
+                        let q = (next() % 255) as i32 - 127;
+                        *v = d.to_f32() * q as f32;
+                        bytes.push(q as i8 as u8);
+                    }
+                }
             }
-            bytes.extend(nibbles);
             values.extend(block);
         }
         (bytes, values)
@@ -261,8 +313,9 @@ mod tests {
     /// quantization of the activations: 1% of the output's scale.
     #[test]
     fn matmul_matches_dequantized_f32_reference() {
-        for (n, k, rows) in [(576, 576, 1), (1536, 576, 7), (576, 1536, 3), (40, 64, 5)] {
-            let (bytes, w) = random_weights(n, k, (n * k + rows) as u64);
+        let shapes = [(576, 576, 1), (1536, 576, 7), (576, 1536, 3), (40, 64, 5), (24, 96, 9)];
+        for (format, (n, k, rows)) in [Format::Q4_1, Format::Q8_0].into_iter().flat_map(|f| shapes.map(|s| (f, s))) {
+            let (bytes, w) = random_weights(format, n, k, (n * k + rows) as u64);
             let x: Vec<f32> = (0..rows * k).map(|i| ((i * 7919 % 2003) as f32 / 1000.0) - 1.0).collect();
             let mut want = vec![0f32; rows * n];
             for r in 0..rows {
@@ -273,10 +326,10 @@ mod tests {
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
             let mut outputs = Vec::new();
             for level in Level::available() {
-                let packed = PackedQ4_1::from_gguf(&bytes, n, k, level).expect("packs");
+                let packed = PackedWeights::from_gguf(&bytes, n, k, format, level).expect("packs");
                 let got = packed.matmul(&x, rows);
                 let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                assert!(err / scale < 0.01, "{level:?} {n}x{k} rows {rows}: {err} of {scale}");
+                assert!(err / scale < 0.01, "{format:?} {level:?} {n}x{k} rows {rows}: {err} of {scale}");
                 outputs.push(got);
             }
             // The same integers at every level; only the f32 sums' order differs.
@@ -289,7 +342,8 @@ mod tests {
 
     #[test]
     fn refuses_bytes_of_the_wrong_size() {
-        assert!(PackedQ4_1::from_gguf(&[0; 19], 1, 32, Level::Scalar).is_none());
-        assert!(PackedQ4_1::from_gguf(&[0; 20], 1, 30, Level::Scalar).is_none());
+        assert!(PackedWeights::from_gguf(&[0; 19], 1, 32, Format::Q4_1, Level::Scalar).is_none());
+        assert!(PackedWeights::from_gguf(&[0; 20], 1, 30, Format::Q4_1, Level::Scalar).is_none());
+        assert!(PackedWeights::from_gguf(&[0; 20], 1, 32, Format::Q8_0, Level::Scalar).is_none());
     }
 }
