@@ -7,6 +7,8 @@ use std::sync::OnceLock;
 use kandle_worker::model::{self, LoadOptions, LoadedModel, RenderOptions};
 use serde_json::json;
 
+mod common;
+
 fn smollm2() -> &'static LoadedModel {
     static MODEL: OnceLock<LoadedModel> = OnceLock::new();
     MODEL.get_or_init(|| {
@@ -198,10 +200,10 @@ mod engine {
     use std::time::{Duration, Instant};
 
     use kandle_worker::api::request::{ChatRequest, SamplingOverrides};
-    use kandle_worker::engine::Event;
     use kandle_worker::metrics::Metrics;
     use kandle_worker::service::{EngineLimits, ModelService};
 
+    use super::common::{completions, metric};
     use super::*;
 
     fn service(max_batch_size: usize, max_batch_tokens: usize) -> (ModelService, Arc<Metrics>) {
@@ -233,37 +235,6 @@ mod engine {
         }
     }
 
-    async fn texts(service: &ModelService, requests: &[ChatRequest]) -> Vec<String> {
-        let mut receivers = Vec::new();
-        for r in requests {
-            let prepared = service.prepare(r).expect("prepares");
-            service.engine.submit(prepared.request).expect("submits");
-            receivers.push(prepared.events);
-        }
-        let mut out = Vec::new();
-        for mut rx in receivers {
-            let mut text = String::new();
-            while let Some(event) = rx.recv().await {
-                match event {
-                    Event::Delta(d) => text.push_str(&d.content),
-                    Event::Finished { .. } => break,
-                    Event::Failed { message } => panic!("{message}"),
-                }
-            }
-            out.push(text);
-        }
-        out
-    }
-
-    fn metric(metrics: &Metrics, name: &str) -> f64 {
-        let text = metrics.encode().expect("metrics");
-        text.lines()
-            .find(|l| l.starts_with(&format!("{name} ")))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name}"))
-    }
-
     /// Greedy completions of eight prompts of different lengths are the same
     /// decoded one at a time and all together in shared forward passes.
     #[tokio::test]
@@ -282,10 +253,10 @@ mod engine {
         let (one_at_a_time, _) = service(1, 256);
         let mut alone = Vec::new();
         for r in &requests {
-            alone.extend(texts(&one_at_a_time, std::slice::from_ref(r)).await);
+            alone.extend(completions(&one_at_a_time, std::slice::from_ref(r)).await);
         }
         let (batching, metrics) = service(8, 64);
-        let together = texts(&batching, &requests).await;
+        let together = completions(&batching, &requests).await;
         assert_eq!(together, alone);
         let (sum, count) =
             (metric(&metrics, "kandle_step_sequences_sum"), metric(&metrics, "kandle_step_sequences_count"));

@@ -9,7 +9,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use candle_core::{DType, Device, Tensor};
 use kandle_contract::engine::KvCacheMemory;
-use kandle_worker::api::request::SamplingOverrides;
+use kandle_worker::api::request::{ChatRequest, SamplingOverrides};
 use kandle_worker::api::state::{AppState, HttpSettings};
 use kandle_worker::metrics::Metrics;
 use kandle_worker::model::{self, LoadOptions};
@@ -21,6 +21,8 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 use tower::ServiceExt;
+
+mod common;
 
 const HIDDEN: usize = 16;
 const INTERMEDIATE: usize = 32;
@@ -305,35 +307,20 @@ fn batched_logits_equal_single_sequence_logits() {
     }
 }
 
-/// Runs `prompts` through an engine, all submitted at once; returns the texts.
+/// Greedy completions of `prompts`, all submitted at once.
 async fn generate(service: &ModelService, prompts: &[&str], max_tokens: usize) -> Vec<String> {
-    let mut receivers = Vec::new();
-    for p in prompts {
-        let request = kandle_worker::api::request::ChatRequest {
+    let requests: Vec<ChatRequest> = prompts
+        .iter()
+        .map(|p| ChatRequest {
             model: "tiny".into(),
             messages: vec![json!({"role": "user", "content": p})],
             max_tokens: Some(max_tokens),
             n: 1,
             sampling: SamplingOverrides { temperature: Some(0.0), logit_bias: banned(service), ..Default::default() },
             ..Default::default()
-        };
-        let prepared = service.prepare(&request).expect("prepares");
-        service.engine.submit(prepared.request).expect("submits");
-        receivers.push(prepared.events);
-    }
-    let mut texts = Vec::new();
-    for mut rx in receivers {
-        let mut text = String::new();
-        while let Some(event) = rx.recv().await {
-            match event {
-                kandle_worker::engine::Event::Delta(d) => text.push_str(&d.content),
-                kandle_worker::engine::Event::Finished { .. } => break,
-                kandle_worker::engine::Event::Failed { message } => panic!("{message}"),
-            }
-        }
-        texts.push(text);
-    }
-    texts
+        })
+        .collect();
+    common::completions(service, &requests).await
 }
 
 /// End markers banned, so every completion runs to max_tokens.
@@ -364,15 +351,6 @@ fn tiny_service(
     (service, metrics)
 }
 
-fn metric(metrics: &Metrics, name: &str) -> f64 {
-    let text = metrics.encode().expect("metrics");
-    text.lines()
-        .find(|l| l.starts_with(&format!("{name} ")))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
-}
-
 /// A KV pool too small for four sequences at once: the youngest are preempted
 /// and recomputed, and every output is what it is with room for all.
 #[tokio::test]
@@ -386,7 +364,7 @@ async fn preemption_and_recompute_give_the_same_output() {
     let block_bytes = 2 * LAYERS * 16 * KV_HEADS * HEAD_DIM * 2;
     let (tight, metrics) = tiny_service(dir.path(), Some(KvCacheMemory::Bytes((6 * block_bytes) as u64)), 64);
     let got = generate(&tight, &prompts, 24).await;
-    assert!(metric(&metrics, "kandle_preemptions_total") > 0.0, "the pool was meant to run dry");
+    assert!(common::metric(&metrics, "kandle_preemptions_total") > 0.0, "the pool was meant to run dry");
     assert_eq!(got, want);
 }
 
