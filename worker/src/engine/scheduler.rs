@@ -211,7 +211,10 @@ impl Scheduler {
             self.metrics.prefix_cache_queries.inc_by((usable * bs) as u64);
             for h in hashes {
                 match self.pool.lookup(h) {
-                    Some(block) => seq.blocks.push(block),
+                    Some(block) => {
+                        seq.blocks.push(block);
+                        seq.prefix_hash = h;
+                    }
                     None => break,
                 }
             }
@@ -227,8 +230,11 @@ impl Scheduler {
         let Some(at) = self.forks.iter().position(|f| f.request_id == request_id) else { return };
         let fork = self.forks.swap_remove(at);
         let bs = self.config.block_size;
+        // Every fork has the parent's prompt: one hash chain serves them all.
+        let Some(prompt) = fork.specs.first().map(|s| s.prompt.clone()) else { return };
+        let shared = (prompt.len().saturating_sub(1) / bs).min(parent_blocks.len());
+        let prefix_hash = prefix_hashes(&prompt[..shared * bs], bs).last().copied().unwrap_or(0);
         for spec in fork.specs {
-            let shared = (spec.prompt.len().saturating_sub(1) / bs).min(parent_blocks.len());
             let mut seq = Sequence::new(spec, self.admission());
             for &b in &parent_blocks[..shared] {
                 self.pool.share(b);
@@ -236,6 +242,7 @@ impl Scheduler {
             }
             seq.computed = shared * bs;
             seq.registered = shared;
+            seq.prefix_hash = prefix_hash;
             seq.cached_tokens = seq.computed;
             self.running.push(seq);
         }
@@ -384,6 +391,7 @@ impl Scheduler {
         self.metrics.preemptions.inc();
         seq.computed = 0;
         seq.registered = 0;
+        seq.prefix_hash = 0;
         let retry = seq.admitted != for_admitted;
         self.waiting.push_front(Waiting::Preempted(Box::new(seq)));
         retry
@@ -428,10 +436,9 @@ fn register_full_blocks(pool: &mut BlockPool, seq: &mut Sequence) {
         seq.registered = seq.registered.max(full);
         return;
     }
-    let mut hash = prefix_hashes(&seq.tokens[..seq.registered * bs], bs).last().copied().unwrap_or(0);
     for b in seq.registered..full {
-        hash = chain_hash(hash, &seq.tokens[b * bs..(b + 1) * bs]);
-        pool.register(seq.blocks[b], hash);
+        seq.prefix_hash = chain_hash(seq.prefix_hash, &seq.tokens[b * bs..(b + 1) * bs]);
+        pool.register(seq.blocks[b], seq.prefix_hash);
     }
     seq.registered = full;
 }

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
+use super::blocks::PrefixHash;
 use super::detokenizer::Detokenizer;
 use super::output::{OutputShaper, ReasoningMode, Shaped};
 use super::sampler::{Sampled, Sampler};
@@ -34,6 +35,9 @@ pub struct Sequence {
     pub blocks: Vec<u32>,
     /// Leading full blocks already offered to the prefix cache.
     pub registered: usize,
+    /// The prefix hash of the last of those blocks (0 before the first), so
+    /// each newly filled block chains from it instead of rehashing the prefix.
+    pub prefix_hash: PrefixHash,
     /// Prompt tokens that came from the prefix cache at admission.
     pub cached_tokens: usize,
     /// Tokens the engine appends without sampling (closing a reasoning block).
@@ -82,6 +86,7 @@ impl Sequence {
             computed: 0,
             blocks: Vec::new(),
             registered: 0,
+            prefix_hash: 0,
             cached_tokens: 0,
             forced: VecDeque::new(),
             max_tokens: spec.max_tokens,
