@@ -3,9 +3,9 @@
 #
 #   docker build -t kandle:dev .
 #
-# Release builds target x86-64-v3 (AVX2, FMA, F16C: Haswell and newer, Zen and
-# newer): candle picks its vector kernels at compile time, and a baseline x86-64
-# build decodes at about half the speed. Override with --build-arg TARGET_CPU=...
+# Release builds target baseline x86-64: the worker's kernels detect the CPU's
+# features at start-up (AVX2, AVX-VNNI, AVX-512 VNNI, else portable code), so
+# one image runs on any x86-64 node at that node's best.
 #
 # CUDA variant (for pods that request nvidia.com/gpu): build with
 #   --build-arg BUILDER=nvidia/cuda:12.6.3-devel-ubuntu24.04 \
@@ -18,14 +18,11 @@ ARG BUILDER=rust:1-bookworm
 ARG RUNTIME=gcr.io/distroless/cc-debian12:nonroot
 
 FROM ${BUILDER} AS build
-ARG TARGET_CPU=x86-64-v3
 ARG FEATURES=""
 WORKDIR /src
 COPY Cargo.toml Cargo.lock rustfmt.toml clippy.toml ./
-COPY .cargo .cargo
 COPY worker worker
 COPY operator operator
-ENV RUSTFLAGS="-C target-cpu=${TARGET_CPU}"
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bins ${FEATURES:+--features ${FEATURES}} \

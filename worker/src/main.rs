@@ -19,11 +19,12 @@ fn main() -> std::process::ExitCode {
             Ok(())
         }),
         Command::Serve(config) => {
-            if config.threads > 0 {
-                // candle's CPU kernels size their thread pools from this variable; it
-                // is set before any thread starts.
-                std::env::set_var("RAYON_NUM_THREADS", config.threads.to_string());
-            }
+            // kandle's own kernels run on a pool of this size; candle's (dense
+            // checkpoints, other GGUF types) size theirs from these variables,
+            // set before any thread starts.
+            let threads = if config.threads > 0 { config.threads } else { kandle_worker::resources::cpu_limit() };
+            std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+            std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
             tokio::runtime::Runtime::new()
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(kandle_worker::server::serve(config)))

@@ -78,7 +78,12 @@ fn load(
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<ModelService> {
     let started = std::time::Instant::now();
-    let options = LoadOptions { chat_template: template, context_limit: config.max_context, quantize: config.quantize };
+    let options = LoadOptions {
+        chat_template: template,
+        context_limit: config.max_context,
+        quantize: config.quantize,
+        threads: config.threads,
+    };
     let loaded =
         crate::model::load(&config.model, &options).with_context(|| format!("loading {}", config.model.display()))?;
     tracing::info!(
@@ -86,6 +91,8 @@ fn load(
         quantization = %loaded.info.quantization,
         parameters = loaded.info.parameters,
         context = loaded.info.context_length,
+        kernels = loaded.model.kernels(),
+        threads = loaded.model.threads(),
         seconds = started.elapsed().as_secs_f32(),
         "model loaded"
     );

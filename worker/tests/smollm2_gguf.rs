@@ -101,10 +101,11 @@ mod runtime {
     use std::io::BufReader;
 
     use candle_core::quantized::gguf_file::Content;
-    use candle_core::{DType, Device, Tensor};
+    use candle_core::{Device, Tensor};
     use candle_transformers::models::quantized_llama;
-    use kandle_worker::runtime::{KvCache, StepSequence};
+    use kandle_worker::runtime::StepSequence;
 
+    use super::common::forward;
     use super::*;
 
     fn prompt(text: &str) -> Vec<u32> {
@@ -121,15 +122,11 @@ mod runtime {
 
     /// The runtime's logits for a whole prompt, alone, from an empty cache.
     fn alone(tokens: &[u32]) -> Vec<f32> {
-        alone_in(tokens, DType::F16)
-    }
-
-    fn alone_in(tokens: &[u32], dtype: DType) -> Vec<f32> {
         let model = &smollm2().model;
-        let cache = KvCache::new(model.config(), 16, 64, dtype, &Device::Cpu).expect("cache");
+        let cache = model.kv_cache(16, 64).expect("cache");
         let blocks: Vec<u32> = (0..tokens.len().div_ceil(16) as u32).collect();
         let step = StepSequence { tokens: tokens.to_vec(), start: 0, blocks };
-        model.forward(&[step], &cache).expect("forward").to_vec2::<f32>().expect("logits").remove(0)
+        forward(model, &[step], &cache).remove(0)
     }
 
     /// kandle's forward pass agrees with candle's own quantized Llama on SmolLM2.
@@ -147,16 +144,10 @@ mod runtime {
         // one-ulp difference upstream (sums in another order, an f16 KV cache)
         // can flip a rounding and move single logits by a point or so; the
         // distribution and the model's choice stay the same.
-        for dtype in [DType::F32, DType::F16] {
-            let got = alone_in(&tokens, dtype);
-            let similarity = cosine(&got, &want);
-            assert!(
-                similarity > 0.995,
-                "{dtype:?}: cosine similarity {similarity}, max diff {}",
-                max_diff(&got, &want)
-            );
-            assert_eq!(argmax(&got), argmax(&want), "{dtype:?}");
-        }
+        let got = alone(&tokens);
+        let similarity = cosine(&got, &want);
+        assert!(similarity > 0.995, "cosine similarity {similarity}, max diff {}", max_diff(&got, &want));
+        assert_eq!(argmax(&got), argmax(&want));
     }
 
     fn cosine(a: &[f32], b: &[f32]) -> f32 {
@@ -170,7 +161,7 @@ mod runtime {
     #[test]
     fn batched_logits_equal_single_sequence_logits() {
         let model = &smollm2().model;
-        let cache = KvCache::new(model.config(), 16, 64, DType::F16, &Device::Cpu).expect("cache");
+        let cache = model.kv_cache(16, 64).expect("cache");
         let a = prompt("<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\nRed");
         let b = prompt("Once upon a time, in a land far away, there lived a");
         let c = prompt("1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19");
@@ -180,14 +171,14 @@ mod runtime {
             StepSequence { tokens: a[..a.len() - 1].to_vec(), start: 0, blocks: blocks_a.clone() },
             StepSequence { tokens: c[..10].to_vec(), start: 0, blocks: blocks_c.clone() },
         ];
-        model.forward(&first, &cache).expect("step 1");
+        forward(model, &first, &cache);
         // Step 2: a decodes its last token, b prefills whole, c prefills the rest.
         let second = [
             StepSequence { tokens: vec![a[a.len() - 1]], start: a.len() - 1, blocks: blocks_a },
             StepSequence { tokens: b.clone(), start: 0, blocks: blocks_b },
             StepSequence { tokens: c[10..].to_vec(), start: 10, blocks: blocks_c },
         ];
-        let batched = model.forward(&second, &cache).expect("step 2").to_vec2::<f32>().expect("logits");
+        let batched = forward(model, &second, &cache);
         for (name, tokens, got) in [("a", &a, &batched[0]), ("b", &b, &batched[1]), ("c", &c, &batched[2])] {
             let diff = max_diff(got, &alone(tokens));
             assert!(diff < 1e-3, "{name}: {diff}");

@@ -13,7 +13,7 @@ use kandle_worker::api::request::{ChatRequest, SamplingOverrides};
 use kandle_worker::api::state::{AppState, HttpSettings};
 use kandle_worker::metrics::Metrics;
 use kandle_worker::model::{self, LoadOptions};
-use kandle_worker::runtime::{KvCache, StepSequence};
+use kandle_worker::runtime::StepSequence;
 use kandle_worker::service::{EngineLimits, ModelService};
 use serde_json::{json, Value};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -24,8 +24,8 @@ use tower::ServiceExt;
 
 mod common;
 
-const HIDDEN: usize = 16;
-const INTERMEDIATE: usize = 32;
+const HIDDEN: usize = 32;
+const INTERMEDIATE: usize = 64;
 const LAYERS: usize = 2;
 const HEADS: usize = 2;
 const KV_HEADS: usize = 1;
@@ -143,11 +143,11 @@ fn each_architecture_loads_and_runs() {
         assert_eq!(loaded.info.quantization, "F32");
         assert_eq!(loaded.info.parameters, parameters, "{arch}");
         let vocab = loaded.tokenizer.get_vocab_size(true);
-        let cache = KvCache::new(loaded.model.config(), 4, 8, DType::F16, &Device::Cpu).expect("cache");
-        let prefill = loaded.model.forward(&[step(&[1, 2, 3], 0, &[0])], &cache).expect("prefill");
-        assert_eq!(prefill.dims(), [1, vocab], "{arch}");
-        let next = loaded.model.forward(&[step(&[4], 3, &[0])], &cache).expect("decode");
-        assert_eq!(next.dims(), [1, vocab], "{arch}");
+        let cache = loaded.model.kv_cache(4, 8).expect("cache");
+        let prefill = common::forward(&loaded.model, &[step(&[1, 2, 3], 0, &[0])], &cache);
+        assert_eq!((prefill.len(), prefill[0].len()), (1, vocab), "{arch}");
+        let next = common::forward(&loaded.model, &[step(&[4], 3, &[0])], &cache);
+        assert_eq!((next.len(), next[0].len()), (1, vocab), "{arch}");
         let im_end = loaded.tokenizer.token_to_id("<|im_end|>").expect("im_end");
         assert!(loaded.special.stop_ids.contains(&im_end), "{arch}");
     }
@@ -271,38 +271,41 @@ async fn thinking_budget_closes_reasoning_and_counts_it() {
 
 /// Logits of a whole prompt run alone from an empty cache.
 fn alone(model: &kandle_worker::runtime::Model, tokens: &[u32]) -> Vec<f32> {
-    let cache = KvCache::new(model.config(), 4, 32, DType::F16, &Device::Cpu).expect("cache");
+    let cache = model.kv_cache(4, 32).expect("cache");
     let blocks: Vec<u32> = (0..tokens.len().div_ceil(4) as u32).collect();
-    model.forward(&[step(tokens, 0, &blocks)], &cache).expect("forward").to_vec2::<f32>().expect("logits").remove(0)
+    common::forward(model, &[step(tokens, 0, &blocks)], &cache).remove(0)
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
-/// Every architecture: sequences at different positions (a decode, a whole
-/// prompt, the second chunk of another) in one forward pass get the logits
-/// each gets alone.
+/// Every architecture, dense (candle's tensor operations) and quantized at
+/// load (kandle's CPU kernels): sequences at different positions (a decode, a
+/// whole prompt, the second chunk of another) in one forward pass get the
+/// logits each gets alone.
 #[test]
 fn batched_logits_equal_single_sequence_logits() {
     for arch in ["llama", "mistral", "qwen2", "qwen3"] {
         let dir = tempfile::tempdir().expect("tempdir");
         write_checkpoint(dir.path(), arch, CHATML);
-        let loaded = model::load(dir.path(), &LoadOptions::default()).expect("loads");
-        let model = &loaded.model;
-        let cache = KvCache::new(model.config(), 4, 32, DType::F16, &Device::Cpu).expect("cache");
-        let a: Vec<u32> = (1..10).collect();
-        let b: Vec<u32> = (20..27).collect();
-        let c: Vec<u32> = (40..53).collect();
-        model.forward(&[step(&a[..8], 0, &[9, 3, 17]), step(&c[..5], 0, &[2, 30, 11, 6])], &cache).expect("step 1");
-        let batched = model
-            .forward(&[step(&a[8..], 8, &[9, 3, 17]), step(&b, 0, &[25, 0]), step(&c[5..], 5, &[2, 30, 11, 6])], &cache)
-            .expect("step 2")
-            .to_vec2::<f32>()
-            .expect("logits");
-        for (name, tokens, got) in [("a", &a, &batched[0]), ("b", &b, &batched[1]), ("c", &c, &batched[2])] {
-            let diff = max_diff(got, &alone(model, tokens));
-            assert!(diff < 1e-3, "{arch} {name}: {diff}");
+        let quantized = LoadOptions { quantize: Some(model::Quantize::Q8_0), ..Default::default() };
+        for options in [LoadOptions::default(), quantized] {
+            let loaded = model::load(dir.path(), &options).expect("loads");
+            let model = &loaded.model;
+            let kernels = model.kernels();
+            assert_eq!(kernels == "candle", options.quantize.is_none(), "{arch}: {kernels}");
+            let cache = model.kv_cache(4, 32).expect("cache");
+            let a: Vec<u32> = (1..10).collect();
+            let b: Vec<u32> = (20..27).collect();
+            let c: Vec<u32> = (40..53).collect();
+            common::forward(model, &[step(&a[..8], 0, &[9, 3, 17]), step(&c[..5], 0, &[2, 30, 11, 6])], &cache);
+            let second = [step(&a[8..], 8, &[9, 3, 17]), step(&b, 0, &[25, 0]), step(&c[5..], 5, &[2, 30, 11, 6])];
+            let batched = common::forward(model, &second, &cache);
+            for (name, tokens, got) in [("a", &a, &batched[0]), ("b", &b, &batched[1]), ("c", &c, &batched[2])] {
+                let diff = max_diff(got, &alone(model, tokens));
+                assert!(diff < 1e-3, "{arch} {kernels} {name}: {diff}");
+            }
         }
     }
 }

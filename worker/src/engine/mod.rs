@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 use crate::model::SpecialTokens;
-use crate::runtime::{KvCache, Model};
+use crate::runtime::Model;
 
 pub use output::ReasoningMode;
 pub use sampler::SamplingParams;
@@ -166,13 +166,7 @@ impl Engine {
     /// Allocates the KV cache and starts the engine thread. It runs until every
     /// handle is dropped.
     pub fn start(model: EngineModel, config: EngineConfig, metrics: Arc<Metrics>) -> Result<Self, StartError> {
-        let cache = KvCache::new(
-            model.model.config(),
-            config.block_size,
-            config.num_blocks,
-            candle_core::DType::F16,
-            model.model.device(),
-        )?;
+        let cache = model.model.kv_cache(config.block_size, config.num_blocks)?;
         metrics.set_cache_config(config.block_size, config.num_blocks);
         let (tx, rx) = std::sync::mpsc::channel();
         let load = Arc::new(Load { waiting: AtomicUsize::new(0), alive: AtomicBool::new(true) });

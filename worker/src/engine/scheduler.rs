@@ -19,7 +19,7 @@ use super::sampler::Sampler;
 use super::sequence::{Sequence, SequenceSpec, StepContext, StepOutcome};
 use super::{EngineConfig, EngineModel, Load, Queued};
 use crate::metrics::Metrics;
-use crate::runtime::{KvCache, StepSequence};
+use crate::runtime::{KvCache, Logits, StepSequence};
 
 /// The other choices of an `n > 1` request: admitted once the first choice has
 /// computed the prompt, sharing its full blocks instead of computing them again.
@@ -46,6 +46,8 @@ pub struct Scheduler {
     /// In admission order.
     running: Vec<Sequence>,
     forks: Vec<Fork>,
+    /// The last step's logits (a buffer reused by every step).
+    logits: Logits,
     next_request_id: u64,
     next_admission: u64,
 }
@@ -71,6 +73,7 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             forks: Vec::new(),
+            logits: Logits::default(),
             next_request_id: 0,
             next_admission: 0,
         }
@@ -267,19 +270,17 @@ impl Scheduler {
             .collect();
         let prefill: usize = plan.iter().filter(|&&(i, _)| self.running[i].pending() > 1).map(|&(_, n)| n).sum();
         self.metrics.observe_step(inputs.len(), inputs.iter().map(|s| s.tokens.len()).sum(), prefill);
-        let (model, cache) = (&self.model.model, &self.cache);
+        let (model, cache, logits) = (&self.model.model, &self.cache, &mut self.logits);
         // A bug in one step fails that step's sequences, not the engine.
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            model.forward(&inputs, cache).and_then(|logits| logits.to_vec2::<f32>())
-        }));
-        let logits = match result {
-            Ok(Ok(logits)) => logits,
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&inputs, cache, logits)));
+        match result {
+            Ok(Ok(())) => {}
             Ok(Err(e)) => return self.fail_step(&plan, &format!("forward pass failed: {e}")),
             Err(_) => return self.fail_step(&plan, "forward pass panicked"),
         };
         let mut finished = Vec::new();
         let mut forks = Vec::new();
-        for (&(i, n), mut row) in plan.iter().zip(logits) {
+        for (r, &(i, n)) in plan.iter().enumerate() {
             let Some(seq) = self.running.get_mut(i) else { continue };
             seq.computed += n;
             register_full_blocks(&mut self.pool, seq);
@@ -290,7 +291,8 @@ impl Scheduler {
                 forks.push((seq.request_id, seq.blocks.clone()));
             }
             let ctx = StepContext { tokenizer: &self.model.tokenizer, stop_ids: &self.model.special.stop_ids };
-            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| seq.accept(&mut row, &ctx)));
+            let row = self.logits.row_mut(r);
+            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| seq.accept(row, &ctx)));
             match outcome {
                 Ok(Ok(StepOutcome::Running)) => {}
                 Ok(Ok(StepOutcome::Finished)) => finished.push(i),

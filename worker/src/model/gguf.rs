@@ -9,17 +9,16 @@ use candle_core::quantized::GgmlDType;
 use candle_core::Device;
 
 use super::gguf_meta::Metadata;
-use super::{end_of_turn_ids, tokenizer, ChatTemplate, LoadError, LoadedModel, ModelInfo, SpecialTokens, CHATML};
+use super::{
+    end_of_turn_ids, tokenizer, ChatTemplate, LoadError, LoadOptions, LoadedModel, ModelInfo, SpecialTokens, CHATML,
+};
 use crate::runtime::config::{Architecture, ModelConfig, RopeStyle, SUPPORTED};
 use crate::runtime::rope::inverse_frequencies;
 use crate::runtime::weights::Weights;
 use crate::runtime::Model;
 
-pub fn load(
-    path: &Path,
-    template_override: Option<&str>,
-    context_limit: Option<usize>,
-) -> Result<LoadedModel, LoadError> {
+pub fn load(path: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadError> {
+    let (template_override, context_limit) = (options.chat_template, options.context_limit);
     let file = File::open(path).map_err(|e| LoadError::io(path, e))?;
     let mut reader = BufReader::new(file);
     let content = Content::read(&mut reader)
@@ -71,7 +70,7 @@ pub fn load(
     let inv_freq = inverse_frequencies(config.head_dim, config.rope_theta, None, factors.as_deref());
     let weights = Weights::from_gguf(&content, &mut reader, &config, &device)?;
     let context = context_limit.map_or(config.context, |l| l.min(config.context));
-    let model = Model::new(config, weights, &inv_freq, context, device)?;
+    let model = Model::new(config, weights, &inv_freq, context, device, options.resolved_threads())?;
     Ok(LoadedModel { info, model, tokenizer, template, special })
 }
 

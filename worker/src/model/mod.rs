@@ -71,6 +71,19 @@ pub struct LoadOptions<'a> {
     pub context_limit: Option<usize>,
     /// Quantizes a safetensors checkpoint's linear layers at load.
     pub quantize: Option<Quantize>,
+    /// Compute threads of the forward pass; 0: the CPUs this process may use.
+    pub threads: usize,
+}
+
+impl LoadOptions<'_> {
+    /// The compute threads to start: as asked, else the container's CPU quota.
+    pub fn resolved_threads(&self) -> usize {
+        if self.threads > 0 {
+            self.threads
+        } else {
+            crate::resources::cpu_limit()
+        }
+    }
 }
 
 /// Weight formats a safetensors checkpoint can be quantized to at load.
@@ -92,7 +105,7 @@ pub fn load(path: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadE
                 "--quantize applies to safetensors checkpoints; a GGUF file is quantized already".into(),
             ));
         }
-        gguf::load(file, options.chat_template, options.context_limit)
+        gguf::load(file, options)
     };
     if meta.is_file() {
         return gguf(path);

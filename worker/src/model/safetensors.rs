@@ -47,7 +47,7 @@ pub fn load(dir: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadEr
         inverse_frequencies(model_config.head_dim, model_config.rope_theta, model_config.llama3_scaling.as_ref(), None);
     let context_length = model_config.context as u64;
     let context = context_limit.map_or(model_config.context, |l| l.min(model_config.context));
-    let model = Model::new(model_config, weights, &inv_freq, context, device)?;
+    let model = Model::new(model_config, weights, &inv_freq, context, device, options.resolved_threads())?;
     let quantization = match options.quantize {
         Some(Quantize::Q8_0) => "Q8_0".to_string(),
         Some(Quantize::Q4K) => "Q4_K".to_string(),

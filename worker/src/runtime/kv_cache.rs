@@ -4,6 +4,9 @@
 //! `table[p / block_size] * block_size + p % block_size`. Nothing is copied
 //! when a sequence grows, and grouped-query heads read the shared key/value
 //! heads in place.
+//!
+//! The CPU forward pass keeps the pools in plain f16 buffers it writes from its
+//! own threads; other devices (and the tensor forward pass) keep candle tensors.
 
 use std::sync::Arc;
 
@@ -12,12 +15,18 @@ use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Result, Tensor}
 use half::{bf16, f16};
 
 use super::config::ModelConfig;
+use super::pool::Shared;
 
 pub struct KvCache {
     block_size: usize,
     num_blocks: usize,
-    /// Per layer: keys and values, each `[num_blocks * block_size, kv_heads, head_dim]`.
-    layers: Vec<(Tensor, Tensor)>,
+    store: Store,
+}
+
+/// Per layer: keys and values, each `[num_blocks * block_size, kv_heads, head_dim]`.
+enum Store {
+    Tensors(Vec<(Tensor, Tensor)>),
+    Host(Vec<(Shared<f16>, Shared<f16>)>),
 }
 
 impl KvCache {
@@ -37,7 +46,19 @@ impl KvCache {
         let layers = (0..config.layers)
             .map(|_| Ok((Tensor::zeros(shape, dtype, device)?, Tensor::zeros(shape, dtype, device)?)))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { block_size, num_blocks, layers })
+        Ok(Self { block_size, num_blocks, store: Store::Tensors(layers) })
+    }
+
+    /// f16 pools in host memory, for the CPU forward pass.
+    pub fn new_host(config: &ModelConfig, block_size: usize, num_blocks: usize) -> Self {
+        let len = num_blocks * block_size * config.kv_heads * config.head_dim;
+        let pool = || {
+            let mut buffer = Shared::new();
+            buffer.resize(len);
+            buffer
+        };
+        let layers = (0..config.layers).map(|_| (pool(), pool())).collect();
+        Self { block_size, num_blocks, store: Store::Host(layers) }
     }
 
     pub fn block_size(&self) -> usize {
@@ -48,16 +69,26 @@ impl KvCache {
         self.num_blocks
     }
 
-    /// Keys and values of one layer.
-    pub fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
-        let (k, v) = &self.layers[layer];
-        (k, v)
+    /// Keys and values of one layer, as tensors.
+    pub fn layer(&self, layer: usize) -> Result<(&Tensor, &Tensor)> {
+        match &self.store {
+            Store::Tensors(layers) => Ok((&layers[layer].0, &layers[layer].1)),
+            Store::Host(_) => candle_core::bail!("this KV cache is the CPU forward pass's"),
+        }
+    }
+
+    /// Keys and values of one layer, in host memory.
+    pub fn host_layer(&self, layer: usize) -> Option<(&Shared<f16>, &Shared<f16>)> {
+        match &self.store {
+            Store::Host(layers) => Some((&layers[layer].0, &layers[layer].1)),
+            Store::Tensors(_) => None,
+        }
     }
 
     /// Stores the keys and values of a step's tokens (`[tokens, kv_heads, head_dim]`)
     /// in their slots.
     pub fn write(&self, layer: usize, k: &Tensor, v: &Tensor, slots: &Arc<[u32]>) -> Result<()> {
-        let (k_cache, v_cache) = self.layer(layer);
+        let (k_cache, v_cache) = self.layer(layer)?;
         let op = WriteSlots { slots: slots.clone() };
         k_cache.inplace_op2(&k.contiguous()?, &op)?;
         v_cache.inplace_op2(&v.contiguous()?, &op)

@@ -7,7 +7,9 @@
 
 pub mod attention;
 pub mod config;
+mod cpu;
 pub mod kv_cache;
+pub mod pool;
 pub mod qmatmul;
 pub mod rope;
 pub mod weights;
@@ -18,7 +20,10 @@ use candle_core::{DType, Device, Result, Tensor};
 
 pub use attention::{AttentionPlan, SequenceSlice};
 pub use config::{Architecture, ModelConfig, RopeStyle};
+use cpu::CpuModel;
 pub use kv_cache::KvCache;
+use pool::{Pool, Shared};
+use qmatmul::Level;
 use rope::Rope;
 use weights::Weights;
 
@@ -33,55 +38,144 @@ pub struct StepSequence {
     pub blocks: Vec<u32>,
 }
 
+/// The logits of a step: one row of `vocab` values per sequence, in a buffer
+/// reused from step to step.
+#[derive(Default)]
+pub struct Logits {
+    values: Shared<f32>,
+    rows: usize,
+    vocab: usize,
+}
+
+impl Logits {
+    fn resize(&mut self, rows: usize, vocab: usize) {
+        self.values.resize(rows * vocab);
+        self.rows = rows;
+        self.vocab = vocab;
+    }
+
+    fn shared(&self) -> &Shared<f32> {
+        &self.values
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.values.as_slice()[i * self.vocab..(i + 1) * self.vocab]
+    }
+
+    /// Row `i`, for the sampler to adjust in place.
+    pub fn row_mut(&mut self, i: usize) -> &mut [f32] {
+        let vocab = self.vocab;
+        &mut self.values.as_mut_slice()[i * vocab..(i + 1) * vocab]
+    }
+}
+
+/// How the forward pass runs.
+enum Backend {
+    /// kandle's CPU kernels on its own thread pool: quantized weights on the CPU.
+    Cpu(Box<CpuModel>),
+    /// candle tensor operations (plus two custom ops): other devices, dense
+    /// weights, and GGUF types kandle has no kernel for.
+    Tensors { weights: Weights, rope: Rope },
+}
+
 pub struct Model {
     config: ModelConfig,
-    weights: Weights,
-    rope: Rope,
+    backend: Backend,
+    pool: Pool,
     device: Device,
 }
 
 impl Model {
-    /// `context`: the longest sequence the model will run (rotary tables cover it).
+    /// `context`: the longest sequence the model will run (rotary tables cover
+    /// it); `threads`: the compute threads of the forward pass.
     pub fn new(
         config: ModelConfig,
         weights: Weights,
         inv_freq: &[f64],
         context: usize,
         device: Device,
+        threads: usize,
     ) -> Result<Self> {
-        let rope = Rope::new(inv_freq, context, config.rope_style, weights.dtype, &device)?;
-        Ok(Self { config, weights, rope, device })
+        let pool = Pool::new(threads)?;
+        let backend = match weights.into_cpu(&device)? {
+            Ok(cpu) => Backend::Cpu(Box::new(CpuModel::new(config.clone(), cpu, inv_freq, context, Level::detect()))),
+            Err(weights) => {
+                let rope = Rope::new(inv_freq, context, config.rope_style, weights.dtype, &device)?;
+                Backend::Tensors { weights, rope }
+            }
+        };
+        Ok(Self { config, backend, pool, device })
     }
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }
 
-    /// The dtype activations (and dense weights) run in.
-    pub fn dtype(&self) -> DType {
-        self.weights.dtype
-    }
-
     pub fn device(&self) -> &Device {
         &self.device
     }
 
+    /// The compute threads of the forward pass.
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
+    /// The kernels the forward pass runs (`/ready` and the start-up log): the
+    /// CPU dispatch level, or candle's tensor operations.
+    pub fn kernels(&self) -> &'static str {
+        match &self.backend {
+            Backend::Cpu(cpu) => cpu.level().name(),
+            Backend::Tensors { .. } => "candle",
+        }
+    }
+
+    /// A KV cache of `num_blocks` blocks of `block_size` tokens, of the kind this
+    /// model's forward pass reads.
+    pub fn kv_cache(&self, block_size: usize, num_blocks: usize) -> Result<KvCache> {
+        match &self.backend {
+            Backend::Cpu(_) => Ok(KvCache::new_host(&self.config, block_size, num_blocks)),
+            Backend::Tensors { .. } => KvCache::new(&self.config, block_size, num_blocks, DType::F16, &self.device),
+        }
+    }
+
     /// Runs one step: every sequence's tokens at their positions, their keys and
-    /// values written to their blocks. Returns the logits of each sequence's last
-    /// token, `[sequences, vocab]` in f32.
-    pub fn forward(&self, sequences: &[StepSequence], cache: &KvCache) -> Result<Tensor> {
+    /// values written to their blocks. Leaves the logits of each sequence's last
+    /// token in `logits`, one row per sequence.
+    pub fn forward(&self, sequences: &[StepSequence], cache: &KvCache, logits: &mut Logits) -> Result<()> {
+        let context = match &self.backend {
+            Backend::Cpu(cpu) => cpu.context(),
+            Backend::Tensors { rope, .. } => rope.context(),
+        };
+        let (plan, tokens) = self.plan(sequences, context, cache.block_size())?;
+        match &self.backend {
+            Backend::Cpu(cpu) => cpu.forward(&self.pool, &plan, &tokens, cache, logits),
+            Backend::Tensors { weights, rope } => {
+                let values = self.device.with_context(|| self.forward_tensors(weights, rope, &plan, &tokens, cache))?;
+                let (rows, vocab) = values.dims2()?;
+                logits.resize(rows, vocab);
+                logits.values.as_mut_slice().copy_from_slice(&values.flatten_all()?.to_vec1::<f32>()?);
+                Ok(())
+            }
+        }
+    }
+
+    /// Where each sequence's tokens go in the step, checked against the context
+    /// and its blocks.
+    fn plan(&self, sequences: &[StepSequence], context: usize, block: usize) -> Result<(AttentionPlan, Vec<u32>)> {
         let cfg = &self.config;
-        let block = cache.block_size();
-        let (mut tokens, mut positions, mut slots, mut last) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut tokens = Vec::new();
         let mut plan = Vec::with_capacity(sequences.len());
         for seq in sequences {
             let end = seq.start + seq.tokens.len();
-            if seq.tokens.is_empty() || end > self.rope.context() || seq.blocks.len() * block < end {
+            if seq.tokens.is_empty() || end > context || seq.blocks.len() * block < end {
                 candle_core::bail!(
-                    "a step sequence of {} tokens at {} does not fit (context {}, {} blocks)",
+                    "a step sequence of {} tokens at {} does not fit (context {context}, {} blocks)",
                     seq.tokens.len(),
                     seq.start,
-                    self.rope.context(),
                     seq.blocks.len()
                 );
             }
@@ -92,49 +186,68 @@ impl Model {
                 blocks: seq.blocks.clone(),
             });
             tokens.extend_from_slice(&seq.tokens);
-            for p in seq.start..end {
-                positions.push(p as u32);
-                slots.push(seq.blocks[p / block] * block as u32 + (p % block) as u32);
-            }
-            last.push((tokens.len() - 1) as u32);
         }
-        let n = tokens.len();
-        let plan = Arc::new(AttentionPlan {
+        let plan = AttentionPlan {
             sequences: plan,
             block_size: block,
             heads: cfg.heads,
             kv_heads: cfg.kv_heads,
             head_dim: cfg.head_dim,
-        });
-        let slots: Arc<[u32]> = slots.into();
-        let tokens = Tensor::new(tokens.as_slice(), &self.device)?;
-        let positions = Tensor::new(positions.as_slice(), &self.device)?;
-        let dtype = self.weights.dtype;
-        let eps = cfg.rms_eps as f32;
+        };
+        Ok((plan, tokens))
+    }
 
-        let mut x = self.weights.embedding.rows(&tokens, dtype)?;
-        for (i, layer) in self.weights.layers.iter().enumerate() {
+    /// The forward pass in candle tensor operations: `[sequences, vocab]` f32.
+    fn forward_tensors(
+        &self,
+        weights: &Weights,
+        rope: &Rope,
+        plan: &AttentionPlan,
+        tokens: &[u32],
+        cache: &KvCache,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let block = plan.block_size;
+        let (mut positions, mut slots, mut last) = (Vec::new(), Vec::new(), Vec::new());
+        for seq in &plan.sequences {
+            for p in seq.context_len - seq.query_len..seq.context_len {
+                positions.push(p as u32);
+                slots.push(seq.blocks[p / block] * block as u32 + (p % block) as u32);
+            }
+            last.push((seq.query_start + seq.query_len - 1) as u32);
+        }
+        let n = tokens.len();
+        let plan = Arc::new(plan.clone());
+        let slots: Arc<[u32]> = slots.into();
+        let tokens = Tensor::new(tokens, &self.device)?;
+        let positions = Tensor::new(positions.as_slice(), &self.device)?;
+        let dtype = weights.dtype;
+        let eps = cfg.rms_eps as f32;
+        let pool = &self.pool;
+
+        let mut x = weights.embedding.rows(&tokens, dtype)?;
+        for (i, layer) in weights.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let mut q = layer.q.forward(&h)?.reshape((n, cfg.heads, cfg.head_dim))?;
-            let mut k = layer.k.forward(&h)?.reshape((n, cfg.kv_heads, cfg.head_dim))?;
-            let v = layer.v.forward(&h)?.reshape((n, cfg.kv_heads, cfg.head_dim))?;
+            let mut q = layer.q.forward(&h, pool)?.reshape((n, cfg.heads, cfg.head_dim))?;
+            let mut k = layer.k.forward(&h, pool)?.reshape((n, cfg.kv_heads, cfg.head_dim))?;
+            let v = layer.v.forward(&h, pool)?.reshape((n, cfg.kv_heads, cfg.head_dim))?;
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 q = candle_nn::ops::rms_norm(&q.contiguous()?, qn, eps)?;
                 k = candle_nn::ops::rms_norm(&k.contiguous()?, kn, eps)?;
             }
-            let q = self.rope.apply(&q, &positions)?;
-            let k = self.rope.apply(&k, &positions)?;
-            let (k_cache, v_cache) = cache.layer(i);
+            let q = rope.apply(&q, &positions)?;
+            let k = rope.apply(&k, &positions)?;
+            let (k_cache, v_cache) = cache.layer(i)?;
             cache.write(i, &k, &v, &slots)?;
             let attn = attention::paged_attention(&q, k_cache, v_cache, &plan)?;
             let attn = attn.to_dtype(dtype)?.reshape((n, cfg.heads * cfg.head_dim))?;
-            x = (x + layer.o.forward(&attn)?)?;
+            x = (x + layer.o.forward(&attn, pool)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let gated = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
-            x = (x + layer.down.forward(&gated)?)?;
+            let gated = (candle_nn::ops::silu(&layer.gate.forward(&h, pool)?)? * layer.up.forward(&h, pool)?)?;
+            x = (x + layer.down.forward(&gated, pool)?)?;
         }
         let last = Tensor::new(last.as_slice(), &self.device)?;
-        let x = candle_nn::ops::rms_norm(&x.index_select(&last, 0)?, &self.weights.norm, eps)?;
-        self.weights.lm_head.forward(&x)?.to_dtype(DType::F32)
+        let x = candle_nn::ops::rms_norm(&x.index_select(&last, 0)?, &weights.norm, eps)?;
+        weights.lm_head.forward(&x, pool)?.to_dtype(DType::F32)
     }
 }

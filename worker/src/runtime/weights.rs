@@ -10,13 +10,15 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::config::{Architecture, ModelConfig};
-use super::qmatmul::{Format, Level, PackedWeights};
+use super::cpu::{CpuLayer, CpuWeights};
+use super::pool::{Pool, Shared};
+use super::qmatmul::{Activations, Format, Level, Output, PackedWeights};
 
 /// A projection `x Wᵀ (+ b)`.
 pub enum Linear {
-    /// Q4_1 and Q8_0 on the CPU: kandle's matrix-matrix kernel over repacked weights.
+    /// GGUF types kandle has kernels for, on the CPU: repacked weights.
     Packed {
-        weight: PackedWeights,
+        weight: Arc<PackedWeights>,
         bias: Option<Tensor>,
     },
     /// Other quantized types: candle's kernels.
@@ -30,34 +32,29 @@ pub enum Linear {
 impl Linear {
     /// A quantized projection, with kandle's own kernel where it has one.
     fn quantized(weight: QTensor, bias: Option<Tensor>, device: &Device) -> Result<Self> {
-        match Self::quantized_from(&weight, device)? {
-            Some(Self::Packed { weight, .. }) => Ok(Self::Packed { weight, bias }),
-            _ => Ok(Self::Quantized { weight: QMatMul::from_qtensor(weight)?, bias }),
+        match packed(&weight, device)? {
+            Some(packed) => Ok(Self::Packed { weight: Arc::new(packed), bias }),
+            None => Ok(Self::Quantized { weight: QMatMul::from_qtensor(weight)?, bias }),
         }
     }
 
-    /// kandle's kernel over a copy of `weight`'s blocks, for the formats it reads on the CPU.
-    fn quantized_from(weight: &QTensor, device: &Device) -> Result<Option<Self>> {
-        let format = match weight.dtype() {
-            GgmlDType::Q4_1 => Format::Q4_1,
-            GgmlDType::Q8_0 => Format::Q8_0,
-            _ => return Ok(None),
-        };
-        if !device.is_cpu() {
-            return Ok(None);
-        }
-        let (n, k) = weight.shape().dims2()?;
-        let packed = PackedWeights::from_gguf(&weight.data()?, n, k, format, Level::detect());
-        Ok(packed.map(|weight| Self::Packed { weight, bias: None }))
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x Wᵀ (+ b)`; kandle's kernels run on `pool`.
+    pub fn forward(&self, x: &Tensor, pool: &Pool) -> Result<Tensor> {
         let (y, bias) = match self {
             Self::Packed { weight, bias } => {
-                let (rows, _) = x.dims2()?;
+                let (rows, k) = x.dims2()?;
                 let input = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 let (n, _) = weight.shape();
-                (Tensor::from_vec(weight.matmul(&input, rows), (rows, n), x.device())?, bias)
+                let mut a = Activations::new();
+                a.quantize(&input, rows, k);
+                let mut out = Shared::new();
+                out.resize(rows * n);
+                let output = Output { data: &out, stride: n, offset: 0, add: false };
+                pool.run(&|w| {
+                    // SAFETY: each thread writes its own columns; nothing writes the activations.
+                    unsafe { weight.matmul(&a, w.share(n, 4), &output) }
+                });
+                (Tensor::from_slice(out.as_slice(), (rows, n), x.device())?, bias)
             }
             Self::Quantized { weight, bias } => (weight.forward(x)?, bias),
             Self::Dense(linear) => return linear.forward(x),
@@ -67,10 +64,36 @@ impl Linear {
             None => Ok(y),
         }
     }
+
+    /// The repacked weights, when kandle's kernels run this projection.
+    fn packed(&self) -> Option<&Arc<PackedWeights>> {
+        match self {
+            Self::Packed { weight, .. } => Some(weight),
+            _ => None,
+        }
+    }
+
+    fn bias(&self) -> Option<&Tensor> {
+        match self {
+            Self::Packed { bias, .. } | Self::Quantized { bias, .. } => bias.as_ref(),
+            Self::Dense(linear) => linear.bias(),
+        }
+    }
+}
+
+/// `weight` repacked for kandle's kernels, where it has one for the type and device.
+fn packed(weight: &QTensor, device: &Device) -> Result<Option<PackedWeights>> {
+    let Some(format) = Format::from_ggml(weight.dtype()) else { return Ok(None) };
+    if !device.is_cpu() {
+        return Ok(None);
+    }
+    let (n, k) = weight.shape().dims2()?;
+    Ok(PackedWeights::from_gguf(&weight.data()?, n, k, format, Level::detect()))
 }
 
 /// The token-embedding table; quantized tables give up only the rows a step needs.
 pub enum Embedding {
+    Packed(Arc<PackedWeights>),
     Quantized(Arc<QTensor>),
     Dense(Tensor),
 }
@@ -78,6 +101,19 @@ pub enum Embedding {
 impl Embedding {
     pub fn rows(&self, ids: &Tensor, dtype: DType) -> Result<Tensor> {
         match self {
+            Self::Packed(table) => {
+                let device = ids.device();
+                let ids = ids.to_vec1::<u32>()?;
+                let (vocab, hidden) = table.shape();
+                let mut values = vec![0f32; ids.len() * hidden];
+                for (id, row) in ids.iter().zip(values.chunks_exact_mut(hidden)) {
+                    if *id as usize >= vocab {
+                        candle_core::bail!("token {id} is outside the vocabulary of {vocab}");
+                    }
+                    table.dequantize_row(*id as usize, row);
+                }
+                Tensor::from_vec(values, (ids.len(), hidden), device)?.to_dtype(dtype)
+            }
             Self::Quantized(table) => table.embedding(ids)?.to_dtype(dtype),
             Self::Dense(table) => table.index_select(ids, 0),
         }
@@ -117,15 +153,21 @@ impl Weights {
         device: &Device,
     ) -> Result<Self> {
         let mut tensor = |name: &str| content.tensor(reader, name, device);
-        let embedding = Arc::new(tensor("token_embd.weight")?);
+        let table = tensor("token_embd.weight")?;
+        // Tied embeddings: the output projection is the embedding table, shared.
+        let (embedding, tied) = match packed(&table, device)? {
+            Some(p) => {
+                let p = Arc::new(p);
+                (Embedding::Packed(p.clone()), Linear::Packed { weight: p, bias: None })
+            }
+            None => {
+                let q = Arc::new(table);
+                (Embedding::Quantized(q.clone()), Linear::Quantized { weight: QMatMul::from_arc(q)?, bias: None })
+            }
+        };
         let lm_head = match tensor("output.weight") {
             Ok(t) => Linear::quantized(t, None, device)?,
-            // Tied embeddings: the output projection is the embedding table
-            // (repacked for the kernel where it has one, else shared).
-            Err(_) => match Linear::quantized_from(&embedding, device)? {
-                Some(packed) => packed,
-                None => Linear::Quantized { weight: QMatMul::from_arc(embedding.clone())?, bias: None },
-            },
+            Err(_) => tied,
         };
         let norm = tensor("output_norm.weight")?.dequantize(device)?;
         let mut layers = Vec::with_capacity(config.layers);
@@ -164,7 +206,7 @@ impl Weights {
                 down,
             });
         }
-        Ok(Self { embedding: Embedding::Quantized(embedding), layers, norm, lm_head, dtype: DType::F32 })
+        Ok(Self { embedding, layers, norm, lm_head, dtype: DType::F32 })
     }
 
     /// From a Hugging Face safetensors checkpoint, in `dtype` (the checkpoint's
@@ -190,10 +232,23 @@ impl Weights {
                 _ => Ok(Linear::Dense(candle_nn::Linear::new(weight, bias))),
             }
         };
-        let embedding = get("model.embed_tokens.weight")?;
-        let lm_head = match get("lm_head.weight") {
-            Ok(w) => w,
-            Err(_) => embedding.clone(),
+        let table = get("model.embed_tokens.weight")?;
+        // Quantized checkpoints run the embedding table and the output layer
+        // through the same kernels as the other layers, where the sizes allow.
+        let packed_table = match quantize {
+            Some(q) if table.dim(1)?.is_multiple_of(q.block_size()) => packed(&QTensor::quantize(&table, q)?, device)?,
+            _ => None,
+        };
+        let (embedding, tied) = match packed_table {
+            Some(p) => {
+                let p = Arc::new(p);
+                (Embedding::Packed(p.clone()), Linear::Packed { weight: p, bias: None })
+            }
+            None => (Embedding::Dense(table.clone()), Linear::Dense(candle_nn::Linear::new(table, None))),
+        };
+        let lm_head = match tensors.get("lm_head.weight") {
+            Ok(_) => linear("lm_head", false)?,
+            Err(_) => tied,
         };
         let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
@@ -221,12 +276,52 @@ impl Weights {
                 down: linear(&format!("{p}.mlp.down_proj"), false)?,
             });
         }
-        Ok(Self {
-            embedding: Embedding::Dense(embedding),
+        Ok(Self { embedding, layers, norm: get("model.norm.weight")?, lm_head, dtype })
+    }
+}
+
+impl Weights {
+    /// The weights in the CPU forward pass's form, when it can run them: every
+    /// projection and the embedding table repacked for kandle's kernels, on the
+    /// CPU. Otherwise the weights come back unchanged.
+    pub fn into_cpu(self, device: &Device) -> Result<std::result::Result<CpuWeights, Self>> {
+        let Embedding::Packed(embedding) = &self.embedding else { return Ok(Err(self)) };
+        let all_packed = self.lm_head.packed().is_some()
+            && self
+                .layers
+                .iter()
+                .all(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down].iter().all(|p| p.packed().is_some()));
+        if !device.is_cpu() || !all_packed {
+            return Ok(Err(self));
+        }
+        let values = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        let take = |l: &Linear| l.packed().cloned().ok_or_else(|| candle_core::Error::Msg("not repacked".into()));
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let qkv_bias = match (l.q.bias(), l.k.bias(), l.v.bias()) {
+                (Some(q), Some(k), Some(v)) => Some([values(q)?, values(k)?, values(v)?].concat()),
+                _ => None,
+            };
+            let qk_norm = match (&l.q_norm, &l.k_norm) {
+                (Some(q), Some(k)) => Some((values(q)?, values(k)?)),
+                _ => None,
+            };
+            layers.push(CpuLayer {
+                attn_norm: values(&l.attn_norm)?,
+                qkv: [take(&l.q)?, take(&l.k)?, take(&l.v)?],
+                qkv_bias,
+                qk_norm,
+                o: take(&l.o)?,
+                ffn_norm: values(&l.ffn_norm)?,
+                gate_up: [take(&l.gate)?, take(&l.up)?],
+                down: take(&l.down)?,
+            });
+        }
+        Ok(Ok(CpuWeights {
+            embedding: embedding.clone(),
             layers,
-            norm: get("model.norm.weight")?,
-            lm_head: Linear::Dense(candle_nn::Linear::new(lm_head, None)),
-            dtype,
-        })
+            norm: values(&self.norm)?,
+            lm_head: take(&self.lm_head)?,
+        }))
     }
 }

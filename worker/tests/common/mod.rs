@@ -4,6 +4,7 @@
 use kandle_worker::api::request::ChatRequest;
 use kandle_worker::engine::Event;
 use kandle_worker::metrics::Metrics;
+use kandle_worker::runtime::{KvCache, Logits, Model, StepSequence};
 use kandle_worker::service::ModelService;
 
 /// Submits every request at once (so the engine may batch them) and returns
@@ -38,4 +39,11 @@ pub fn metric(metrics: &Metrics, name: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+/// One forward step; the logits of each sequence.
+pub fn forward(model: &Model, steps: &[StepSequence], cache: &KvCache) -> Vec<Vec<f32>> {
+    let mut logits = Logits::default();
+    model.forward(steps, cache, &mut logits).expect("forward");
+    (0..logits.rows()).map(|i| logits.row(i).to_vec()).collect()
 }

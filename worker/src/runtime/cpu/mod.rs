@@ -1,0 +1,313 @@
+//! The CPU forward pass: the whole step runs as one dispatch of the thread
+//! pool, its phases (norm and quantize, projections, rotary + KV write,
+//! attention, ...) separated by barriers. Every buffer lives in a scratch set
+//! reused from step to step, so a steady stream of steps allocates nothing.
+//!
+//! Work is split so that no two threads write the same element: projections
+//! by output columns (q, k and v in one phase reading one quantized input, as
+//! gate and up do), rows by token, attention by (token, head).
+
+mod ops;
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::Result;
+
+use super::attention::AttentionPlan;
+use super::config::{ModelConfig, RopeStyle};
+use super::kv_cache::KvCache;
+use super::pool::{Pool, Shared, Worker};
+use super::qmatmul::{Activations, Level, Output, PackedWeights};
+use super::Logits;
+
+pub struct CpuLayer {
+    pub attn_norm: Vec<f32>,
+    /// q, k and v.
+    pub qkv: [Arc<PackedWeights>; 3],
+    /// Qwen2: the biases of q, k and v, concatenated.
+    pub qkv_bias: Option<Vec<f32>>,
+    /// Qwen3: per-head norms of q and k.
+    pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+    pub o: Arc<PackedWeights>,
+    pub ffn_norm: Vec<f32>,
+    /// gate and up.
+    pub gate_up: [Arc<PackedWeights>; 2],
+    pub down: Arc<PackedWeights>,
+}
+
+pub struct CpuWeights {
+    pub embedding: Arc<PackedWeights>,
+    pub layers: Vec<CpuLayer>,
+    pub norm: Vec<f32>,
+    pub lm_head: Arc<PackedWeights>,
+}
+
+pub struct CpuModel {
+    config: ModelConfig,
+    weights: CpuWeights,
+    /// `[context, head_dim / 2]` each.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    context: usize,
+    level: Level,
+    scratch: Mutex<Scratch>,
+}
+
+/// The step's buffers (see the module comment).
+#[derive(Default)]
+struct Scratch {
+    x: Shared<f32>,
+    normed: Shared<f32>,
+    input: Activations,
+    qkv: Shared<f32>,
+    attn: Shared<f32>,
+    attn_input: Activations,
+    gate_up: Shared<f32>,
+    mid: Shared<f32>,
+    mid_input: Activations,
+    last_input: Activations,
+    scores: Shared<f32>,
+    positions: Vec<usize>,
+    slots: Vec<usize>,
+    /// Per token: its sequence in the plan.
+    owners: Vec<usize>,
+    last: Vec<usize>,
+}
+
+impl CpuModel {
+    pub fn new(config: ModelConfig, weights: CpuWeights, inv_freq: &[f64], context: usize, level: Level) -> Self {
+        let half = inv_freq.len();
+        let (mut cos, mut sin) = (Vec::with_capacity(context * half), Vec::with_capacity(context * half));
+        for pos in 0..context {
+            for f in inv_freq {
+                let angle = (pos as f64 * f) as f32;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Self { config, weights, cos, sin, context, level, scratch: Mutex::default() }
+    }
+
+    pub fn context(&self) -> usize {
+        self.context
+    }
+
+    pub fn level(&self) -> Level {
+        self.level
+    }
+
+    /// Runs one step (see [`super::Model::forward`]) on `pool`.
+    pub fn forward(
+        &self,
+        pool: &Pool,
+        plan: &AttentionPlan,
+        tokens: &[u32],
+        cache: &KvCache,
+        logits: &mut Logits,
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let (hidden, hd) = (cfg.hidden, cfg.head_dim);
+        let (q_width, kv_width) = (cfg.heads * hd, cfg.kv_heads * hd);
+        let qkv_width = q_width + 2 * kv_width;
+        let inter = cfg.intermediate;
+        let n = tokens.len();
+        let rows = plan.sequences.len();
+        let vocab = self.weights.lm_head.shape().0;
+        if cache.host_layer(0).is_none() {
+            candle_core::bail!("the CPU forward pass needs a host KV cache");
+        }
+        if let Some(bad) = tokens.iter().find(|t| **t as usize >= self.weights.embedding.shape().0) {
+            candle_core::bail!("token {bad} is outside the vocabulary");
+        }
+        let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let s = &mut *guard;
+        s.positions.clear();
+        s.slots.clear();
+        s.owners.clear();
+        s.last.clear();
+        for (i, seq) in plan.sequences.iter().enumerate() {
+            for p in seq.context_len - seq.query_len..seq.context_len {
+                s.positions.push(p);
+                s.slots.push(seq.blocks[p / plan.block_size] as usize * plan.block_size + p % plan.block_size);
+                s.owners.push(i);
+            }
+            s.last.push(seq.query_start + seq.query_len - 1);
+        }
+        let longest = plan.sequences.iter().map(|q| q.context_len).max().unwrap_or(0);
+        s.x.resize(n * hidden);
+        s.normed.resize(n * hidden);
+        s.input.prepare(n, hidden);
+        s.qkv.resize(n * qkv_width);
+        s.attn.resize(n * q_width);
+        s.attn_input.prepare(n, q_width);
+        s.gate_up.resize(n * 2 * inter);
+        s.mid.resize(n * inter);
+        s.mid_input.prepare(n, inter);
+        s.last_input.prepare(rows, hidden);
+        s.scores.resize(pool.threads() * longest);
+        logits.resize(rows, vocab);
+        let s = &*s;
+        let eps = cfg.rms_eps as f32;
+        let level = self.level;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let half = hd / 2;
+        let interleaved = cfg.rope_style == RopeStyle::Interleaved;
+        let logits_out = logits.shared();
+
+        pool.run(&|w: &Worker<'_>| {
+            let my_rows = w.share(n, 1);
+            for t in my_rows.clone() {
+                // SAFETY: rows are split between threads.
+                let x = unsafe { s.x.get_mut(t * hidden..(t + 1) * hidden) };
+                self.weights.embedding.dequantize_row(tokens[t] as usize, x);
+            }
+            w.barrier();
+            for (i, layer) in self.weights.layers.iter().enumerate() {
+                self.norm_rows(w, s, &layer.attn_norm, eps, &my_rows);
+                w.barrier();
+                let mut offset = 0;
+                for part in &layer.qkv {
+                    let cols = w.share(part.shape().0, 4);
+                    // SAFETY: each thread writes its own columns of `qkv`; the
+                    // input was written before the barrier.
+                    unsafe {
+                        part.matmul(&s.input, cols, &Output { data: &s.qkv, stride: qkv_width, offset, add: false })
+                    };
+                    offset += part.shape().0;
+                }
+                w.barrier();
+                let (k_cache, v_cache) = cache.host_layer(i).expect("checked above");
+                for t in my_rows.clone() {
+                    // SAFETY: rows are split between threads; a token's KV slot is its own.
+                    let row = unsafe { s.qkv.get_mut(t * qkv_width..(t + 1) * qkv_width) };
+                    if let Some(bias) = &layer.qkv_bias {
+                        row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+                    }
+                    let (q, kv) = row.split_at_mut(q_width);
+                    let (k, v) = kv.split_at_mut(kv_width);
+                    let p = s.positions[t];
+                    let (cos, sin) = (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half]);
+                    for (heads, norm) in
+                        [(q, layer.qk_norm.as_ref().map(|n| &n.0)), (&mut *k, layer.qk_norm.as_ref().map(|n| &n.1))]
+                    {
+                        for head in heads.chunks_exact_mut(hd) {
+                            if let Some(norm) = norm {
+                                ops::rms_norm_in_place(head, norm, eps);
+                            }
+                            ops::rotate(head, cos, sin, interleaved);
+                        }
+                    }
+                    let slot = s.slots[t] * kv_width;
+                    // SAFETY: no two tokens of a step share a slot, and nothing
+                    // reads the cache until the barrier below.
+                    unsafe {
+                        ops::store_f16(level, k, k_cache.get_mut(slot..slot + kv_width));
+                        ops::store_f16(level, v, v_cache.get_mut(slot..slot + kv_width));
+                    }
+                }
+                w.barrier();
+                // Attention: (token, head) items dealt round-robin (later tokens of
+                // a prefill chunk attend over more positions).
+                // SAFETY: each thread has its own stretch of `scores`.
+                let scores = unsafe { s.scores.get_mut(w.index * longest..(w.index + 1) * longest) };
+                // SAFETY: the cache was written before the barrier; nothing writes it now.
+                let (keys, values) = unsafe { (k_cache.get(0..k_cache.len()), v_cache.get(0..v_cache.len())) };
+                let group = cfg.heads / cfg.kv_heads;
+                for item in (w.index..n * cfg.heads).step_by(w.count) {
+                    let (t, h) = (item / cfg.heads, item % cfg.heads);
+                    let seq = &plan.sequences[s.owners[t]];
+                    // SAFETY: the q and output of (t, h) are this thread's alone.
+                    let (q, out) = unsafe {
+                        (
+                            s.qkv.get(t * qkv_width + h * hd..t * qkv_width + (h + 1) * hd),
+                            s.attn.get_mut(t * q_width + h * hd..t * q_width + (h + 1) * hd),
+                        )
+                    };
+                    let kv_head = (h / group) * hd;
+                    let row = |j: usize| {
+                        let slot = seq.blocks[j / plan.block_size] as usize * plan.block_size + j % plan.block_size;
+                        let at = slot * kv_width + kv_head;
+                        (&keys[at..at + hd], &values[at..at + hd])
+                    };
+                    ops::attend(level, q, s.positions[t] + 1, scale, row, scores, out);
+                }
+                w.barrier();
+                for t in my_rows.clone() {
+                    // SAFETY: rows are split between threads; attention finished at the barrier.
+                    unsafe { s.attn_input.quantize_rows(t..t + 1, s.attn.get(t * q_width..(t + 1) * q_width)) };
+                }
+                w.barrier();
+                let cols = w.share(hidden, 4);
+                // SAFETY: own columns of `x`; the input is complete.
+                unsafe {
+                    layer.o.matmul(&s.attn_input, cols, &Output { data: &s.x, stride: hidden, offset: 0, add: true })
+                };
+                w.barrier();
+                self.norm_rows(w, s, &layer.ffn_norm, eps, &my_rows);
+                w.barrier();
+                let mut offset = 0;
+                for part in &layer.gate_up {
+                    let cols = w.share(inter, 4);
+                    // SAFETY: own columns of `gate_up`.
+                    unsafe {
+                        part.matmul(&s.input, cols, &Output { data: &s.gate_up, stride: 2 * inter, offset, add: false })
+                    };
+                    offset += inter;
+                }
+                w.barrier();
+                for t in my_rows.clone() {
+                    // SAFETY: rows are split between threads.
+                    unsafe {
+                        let gu = s.gate_up.get(t * 2 * inter..(t + 1) * 2 * inter);
+                        let mid = s.mid.get_mut(t * inter..(t + 1) * inter);
+                        ops::silu_mul(&gu[..inter], &gu[inter..], mid);
+                        s.mid_input.quantize_rows(t..t + 1, mid);
+                    }
+                }
+                w.barrier();
+                let cols = w.share(hidden, 4);
+                // SAFETY: own columns of `x`.
+                unsafe {
+                    layer.down.matmul(&s.mid_input, cols, &Output { data: &s.x, stride: hidden, offset: 0, add: true })
+                };
+                w.barrier();
+            }
+            // The last token of each sequence: final norm, then the output layer.
+            for r in w.share(rows, 1) {
+                // SAFETY: rows are split between threads; the layers are done.
+                unsafe {
+                    let t = s.last[r];
+                    let normed = s.normed.get_mut(r * hidden..(r + 1) * hidden);
+                    ops::rms_norm(s.x.get(t * hidden..(t + 1) * hidden), &self.weights.norm, eps, normed);
+                    s.last_input.quantize_rows(r..r + 1, normed);
+                }
+            }
+            w.barrier();
+            let cols = w.share(vocab, 4);
+            // SAFETY: own columns of the logits.
+            unsafe {
+                self.weights.lm_head.matmul(
+                    &s.last_input,
+                    cols,
+                    &Output { data: logits_out, stride: vocab, offset: 0, add: false },
+                )
+            };
+        });
+        Ok(())
+    }
+
+    /// RMS-norms this thread's rows of `x` into `normed` and quantizes them as
+    /// the next projections' input.
+    fn norm_rows(&self, _w: &Worker<'_>, s: &Scratch, weight: &[f32], eps: f32, rows: &std::ops::Range<usize>) {
+        let hidden = self.config.hidden;
+        for t in rows.clone() {
+            // SAFETY: rows are split between threads; `x` is complete at the barrier before.
+            unsafe {
+                let x = s.x.get(t * hidden..(t + 1) * hidden);
+                let normed = s.normed.get_mut(t * hidden..(t + 1) * hidden);
+                ops::rms_norm(x, weight, eps, normed);
+                s.input.quantize_rows(t..t + 1, normed);
+            }
+        }
+    }
+}

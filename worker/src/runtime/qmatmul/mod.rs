@@ -1,0 +1,404 @@
+//! Quantized matrix multiplication: `[rows, k]` f32 activations times the
+//! transpose of a `[n, k]` GGUF-quantized weight matrix.
+//!
+//! Weights are repacked once at load (see [`formats`]) into 32-value blocks of
+//! small unsigned integers with a scale and an offset, stored column by column
+//! (an output column's blocks are contiguous). Activations are quantized once
+//! per layer input to signed bytes per 32-value block (`x ≈ da * qa`) and
+//! reused by every projection that reads that input. A block's contribution is
+//! then `dw * da * Σ u·qa + m * da * Σ qa`: one integer dot product of unsigned
+//! by signed bytes (what x86's `vpmaddubsw` and VNNI's `vpdpbusd` compute), a
+//! scaling, and an offset term summed once per output.
+//!
+//! Output tiles of a few rows by a few columns keep their accumulators in
+//! registers, so each weight block is loaded once for every row of the tile;
+//! large steps go through the rows in chunks that stay in L1. The integer dot
+//! product has a scalar reference and x86 variants chosen at start-up by CPU
+//! feature detection ([`Level`]); tests hold every variant to the reference.
+
+pub mod formats;
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use std::ops::Range;
+
+pub use formats::Format;
+use formats::Storage;
+
+use super::pool::Shared;
+
+pub const BLOCK: usize = 32;
+
+/// Which implementation of the kernels runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// Portable Rust, the reference.
+    Scalar,
+    /// AVX2 + FMA + F16C: `vpmaddubsw` + `vpmaddwd`.
+    Avx2,
+    /// AVX-VNNI (VEX, 256-bit `vpdpbusd`): Alder Lake and later, Zen 5.
+    AvxVnni,
+    /// AVX-512 F/BW/VL + VNNI (EVEX `vpdpbusd`, 32 vector registers): Ice Lake,
+    /// Sapphire Rapids, Zen 4 and later.
+    Avx512Vnni,
+}
+
+impl Level {
+    /// The best level this CPU runs.
+    pub fn detect() -> Self {
+        Self::available().into_iter().max().unwrap_or(Self::Scalar)
+    }
+
+    /// Every level this CPU runs (tests force each).
+    pub fn available() -> Vec<Self> {
+        let mut levels = vec![Self::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            // F16C: the attention kernels read the f16 KV cache at these levels.
+            if has!("avx2") && has!("fma") && has!("f16c") {
+                levels.push(Self::Avx2);
+                if has!("avxvnni") {
+                    levels.push(Self::AvxVnni);
+                }
+                if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni") {
+                    levels.push(Self::Avx512Vnni);
+                }
+            }
+        }
+        levels
+    }
+
+    /// The name `/ready` and the start-up log report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Scalar => "scalar",
+            Self::Avx2 => "avx2",
+            Self::AvxVnni => "avx-vnni",
+            Self::Avx512Vnni => "avx512-vnni",
+        }
+    }
+}
+
+/// Activations of `rows` rows of `k` values, quantized per 32-value block.
+#[derive(Default)]
+pub struct Activations {
+    rows: usize,
+    k: usize,
+    /// Signed bytes, row-major.
+    q: Shared<i8>,
+    /// Per block: the scale.
+    d: Shared<f32>,
+    /// Per block: `d * Σ q`, and the same per half block (for Q6_K's offsets).
+    s32: Shared<f32>,
+    s16: Shared<f32>,
+}
+
+impl Activations {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sizes the buffers for `rows` rows of `k` values (a multiple of 32);
+    /// allocates only when they grow.
+    pub fn prepare(&mut self, rows: usize, k: usize) {
+        assert!(k.is_multiple_of(BLOCK), "activations of {k} values are not whole blocks");
+        let blocks = rows * k / BLOCK;
+        self.rows = rows;
+        self.k = k;
+        self.q.resize(rows * k);
+        self.d.resize(blocks);
+        self.s32.resize(blocks);
+        self.s16.resize(2 * blocks);
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Quantizes `x` (`rows.len()` rows of `k`) into `rows`.
+    ///
+    /// # Safety
+    /// No other thread reads or writes these rows' data during the call.
+    pub unsafe fn quantize_rows(&self, rows: Range<usize>, x: &[f32]) {
+        let (k, nb) = (self.k, self.k / BLOCK);
+        assert_eq!(x.len(), rows.len() * k, "quantize_rows: {} values for {rows:?} rows of {k}", x.len());
+        // SAFETY: the caller gives this thread these rows alone.
+        let (q, d, s32, s16) = unsafe {
+            (
+                self.q.get_mut(rows.start * k..rows.end * k),
+                self.d.get_mut(rows.start * nb..rows.end * nb),
+                self.s32.get_mut(rows.start * nb..rows.end * nb),
+                self.s16.get_mut(2 * rows.start * nb..2 * rows.end * nb),
+            )
+        };
+        for (b, (xs, qs)) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).enumerate() {
+            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = amax / 127.0;
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            let mut halves = [0i32; 2];
+            for (j, (q, v)) in qs.iter_mut().zip(xs).enumerate() {
+                *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                halves[j / 16] += i32::from(*q);
+            }
+            d[b] = scale;
+            s32[b] = scale * (halves[0] + halves[1]) as f32;
+            s16[2 * b] = scale * halves[0] as f32;
+            s16[2 * b + 1] = scale * halves[1] as f32;
+        }
+    }
+
+    /// Sizes and quantizes every row on this thread.
+    pub fn quantize(&mut self, x: &[f32], rows: usize, k: usize) {
+        self.prepare(rows, k);
+        // SAFETY: `&mut self`: no other thread can reach the buffers.
+        unsafe { self.quantize_rows(0..rows, x) }
+    }
+
+    /// The buffers, for the kernels.
+    ///
+    /// # Safety
+    /// No thread writes the activations while the view lives.
+    unsafe fn view(&self) -> ActivationView<'_> {
+        let blocks = self.rows * self.k / BLOCK;
+        // SAFETY: whole buffers, read-only; the caller rules out writers.
+        unsafe {
+            ActivationView {
+                nb: self.k / BLOCK,
+                q: self.q.get(0..self.rows * self.k),
+                d: self.d.get(0..blocks),
+                s32: self.s32.get(0..blocks),
+                s16: self.s16.get(0..2 * blocks),
+            }
+        }
+    }
+}
+
+/// Read-only activations, as the kernels see them.
+struct ActivationView<'a> {
+    nb: usize,
+    q: &'a [i8],
+    d: &'a [f32],
+    s32: &'a [f32],
+    s16: &'a [f32],
+}
+
+/// A `[n, k]` quantized weight matrix, repacked for the kernels.
+pub struct PackedWeights {
+    n: usize,
+    k: usize,
+    nb: usize,
+    format: Format,
+    /// Values: 16 (nibbles) or 32 (bytes) per block, column by column.
+    q: Vec<u8>,
+    /// Per block (two per block for Q6_K): scale and offset.
+    d: Vec<f32>,
+    m: Vec<f32>,
+    level: Level,
+}
+
+/// Where a matmul's output goes: element `(row, col)` of the product is
+/// `data[row * stride + offset + col]`, stored or (`add`) added.
+pub struct Output<'a> {
+    pub data: &'a Shared<f32>,
+    pub stride: usize,
+    pub offset: usize,
+    pub add: bool,
+}
+
+impl PackedWeights {
+    /// From the GGUF bytes of an `[n, k]` matrix; `None` when they do not make one.
+    pub fn from_gguf(bytes: &[u8], n: usize, k: usize, format: Format, level: Level) -> Option<Self> {
+        let per_block = format.block_values();
+        if n == 0 || !k.is_multiple_of(per_block) || bytes.len() != n * k / per_block * format.block_bytes() {
+            return None;
+        }
+        let (nb, spb) = (k / BLOCK, format.scales_per_block());
+        let packed_bytes = if format.storage() == Storage::Nibbles { 16 } else { 32 };
+        let mut q = Vec::with_capacity(n * nb * packed_bytes);
+        let (mut d, mut m) = (Vec::with_capacity(n * nb * spb), Vec::with_capacity(n * nb * spb));
+        let mut blocks = Vec::with_capacity(per_block / BLOCK);
+        for gguf_block in bytes.chunks_exact(format.block_bytes()) {
+            blocks.clear();
+            formats::decode(format, gguf_block, &mut blocks);
+            for block in &blocks {
+                match format.storage() {
+                    Storage::Nibbles => q.extend((0..16).map(|j| block.u[j] | (block.u[j + 16] << 4))),
+                    Storage::Bytes => q.extend_from_slice(&block.u),
+                }
+                d.extend_from_slice(&block.d[..spb]);
+                m.extend_from_slice(&block.m[..spb]);
+            }
+        }
+        Some(Self { n, k, nb, format, q, d, m, level })
+    }
+
+    /// `[n, k]`.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// Value `j` of block `blk`.
+    fn value(&self, blk: usize, j: usize) -> u8 {
+        match self.format.storage() {
+            Storage::Nibbles => {
+                let byte = self.q[blk * 16 + j % 16];
+                if j < 16 {
+                    byte & 0x0f
+                } else {
+                    byte >> 4
+                }
+            }
+            Storage::Bytes => self.q[blk * BLOCK + j],
+        }
+    }
+
+    /// Row `index` of the `[n, k]` matrix in f32 (an embedding lookup).
+    pub fn dequantize_row(&self, index: usize, out: &mut [f32]) {
+        assert!(index < self.n && out.len() == self.k, "row {index} of {}x{}", self.n, self.k);
+        let spb = self.format.scales_per_block();
+        for (b, values) in out.chunks_exact_mut(BLOCK).enumerate() {
+            let blk = index * self.nb + b;
+            for (j, v) in values.iter_mut().enumerate() {
+                let u = self.value(blk, j);
+                let h = if spb == 2 { j / 16 } else { 0 };
+                *v = self.d[blk * spb + h] * f32::from(u) + self.m[blk * spb + h];
+            }
+        }
+    }
+
+    /// Columns `cols` of `a × Wᵀ` into `out`.
+    ///
+    /// # Safety
+    /// No other thread reads or writes the output elements of these columns,
+    /// nor writes the activations, during the call.
+    pub unsafe fn matmul(&self, a: &Activations, cols: Range<usize>, out: &Output<'_>) {
+        assert_eq!(a.k, self.k, "activations of {} values for weights of {}", a.k, self.k);
+        assert!(cols.end <= self.n, "columns {cols:?} of {}", self.n);
+        assert!(
+            a.rows == 0 || (a.rows - 1) * out.stride + out.offset + cols.end <= out.data.len(),
+            "the output does not hold {} rows",
+            a.rows
+        );
+        // SAFETY: the caller rules out writers of the activations.
+        let view = unsafe { a.view() };
+        // Rows in chunks whose activations stay in L1 while the columns pass.
+        const ROW_CHUNK: usize = 32;
+        for chunk in (0..a.rows).step_by(ROW_CHUNK) {
+            let chunk_end = (chunk + ROW_CHUNK).min(a.rows);
+            let mut row = chunk;
+            while row < chunk_end {
+                let left = chunk_end - row;
+                // SAFETY: forwarded from the caller.
+                row += unsafe {
+                    match left {
+                        1 => self.columns::<1, 4>(&view, row, cols.clone(), out),
+                        2 => self.columns::<2, 4>(&view, row, cols.clone(), out),
+                        3 => self.columns::<3, 2>(&view, row, cols.clone(), out),
+                        _ => self.columns::<4, 2>(&view, row, cols.clone(), out),
+                    }
+                };
+            }
+        }
+    }
+
+    /// Rows `row..row + R` of columns `cols`, `C` columns per tile (then one at
+    /// a time). Returns `R`.
+    ///
+    /// # Safety
+    /// As for [`PackedWeights::matmul`]; `row + R <= a.rows`, `cols.end <= n`.
+    unsafe fn columns<const R: usize, const C: usize>(
+        &self,
+        a: &ActivationView<'_>,
+        row: usize,
+        cols: Range<usize>,
+        out: &Output<'_>,
+    ) -> usize {
+        let mut col = cols.start;
+        while col < cols.end {
+            if cols.end - col >= C {
+                let mut tile = [[0f32; C]; R];
+                self.tile::<R, C>(a, row, col, &mut tile);
+                // SAFETY: forwarded from the caller.
+                unsafe { store(out, row, col, &tile) };
+                col += C;
+            } else {
+                let mut tile = [[0f32; 1]; R];
+                self.tile::<R, 1>(a, row, col, &mut tile);
+                // SAFETY: forwarded from the caller.
+                unsafe { store(out, row, col, &tile) };
+                col += 1;
+            }
+        }
+        R
+    }
+
+    /// One `R × C` tile at the chosen level.
+    fn tile<const R: usize, const C: usize>(
+        &self,
+        a: &ActivationView<'_>,
+        row: usize,
+        col: usize,
+        out: &mut [[f32; C]; R],
+    ) {
+        assert!(col + C <= self.n && (row + R) * a.nb <= a.d.len(), "tile outside the matrices");
+        match self.level {
+            Level::Scalar => scalar::tile(self, a, row, col, out),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: a level other than Scalar exists only when `Level::available`
+            // found the CPU features its kernels are compiled for; the tile is in
+            // bounds (asserted above).
+            level => unsafe { x86::tile(level, self, a, row, col, out) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => scalar::tile(self, a, row, col, out),
+        }
+    }
+
+    /// A copy at another level (tests force each level on the same weights).
+    #[cfg(test)]
+    fn at_level(&self, level: Level) -> Self {
+        Self { q: self.q.clone(), d: self.d.clone(), m: self.m.clone(), level, ..*self }
+    }
+}
+
+/// Writes (or adds) a finished tile.
+///
+/// # Safety
+/// No other thread touches these output elements.
+unsafe fn store<const R: usize, const C: usize>(out: &Output<'_>, row: usize, col: usize, tile: &[[f32; C]; R]) {
+    for (r, values) in tile.iter().enumerate() {
+        let at = (row + r) * out.stride + out.offset + col;
+        // SAFETY: the caller gives this thread these elements.
+        let dst = unsafe { out.data.get_mut(at..at + C) };
+        if out.add {
+            dst.iter_mut().zip(values).for_each(|(d, v)| *d += v);
+        } else {
+            dst.copy_from_slice(values);
+        }
+    }
+}
+
+/// `Σ m · s` over a column's blocks: the offset term of one output.
+fn offsets(m: &[f32], s: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (m_body, m_tail) = m.split_at(m.len() - m.len() % 8);
+    for (mc, sc) in m_body.chunks_exact(8).zip(s.chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += mc[l] * sc[l];
+        }
+    }
+    let tail: f32 = m_tail.iter().zip(&s[m_body.len()..]).map(|(a, b)| a * b).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests;

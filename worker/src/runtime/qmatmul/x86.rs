@@ -1,0 +1,181 @@
+//! x86 variants of the tile kernel. One body, instantiated per level with the
+//! level's CPU features enabled (so its intrinsics inline), differing only in
+//! the integer dot product of a weight block with an activation block:
+//!
+//! - AVX2: `vpmaddubsw` (u8 × i8 pairs to i16) then `vpmaddwd` (pairs to i32).
+//!   Q8_0's repacked values reach 255, which could saturate the i16 pairs, so
+//!   that level multiplies the signed values instead (`|w| × sign(w)·a`) and
+//!   leaves out the offset the repacking added.
+//! - AVX-VNNI and AVX-512 VNNI: `vpdpbusd` (u8 × i8 quadruples straight to
+//!   i32, no intermediate saturation), VEX or EVEX encoded; the EVEX level also
+//!   has 32 vector registers for larger tiles.
+//!
+//! Lane `i` of a block's 8 i32 sums holds values `4i..4i + 4`, so lanes 0–3
+//! cover the first 16 values and 4–7 the last 16: Q6_K's two scales per block
+//! are one vector `[lo ×4, hi ×4]`.
+
+use super::formats::Storage;
+use super::{ActivationView, Level, PackedWeights};
+
+/// One `R × C` output tile at `level`.
+///
+/// # Safety
+/// The CPU has `level`'s features (`Level::available` lists it), and the tile
+/// is inside the weights and activations.
+pub(super) unsafe fn tile<const R: usize, const C: usize>(
+    level: Level,
+    w: &PackedWeights,
+    a: &ActivationView<'_>,
+    row: usize,
+    col: usize,
+    out: &mut [[f32; C]; R],
+) {
+    let nibbles = w.format.storage() == Storage::Nibbles;
+    let pair = w.format.scales_per_block() == 2;
+    let wide = w.format.wide();
+    macro_rules! at {
+        ($level:ident) => {
+            // SAFETY: forwarded from the caller. Nibble formats have one scale
+            // per block and values below 16, so the flags cover every format.
+            unsafe {
+                match (nibbles, pair, wide) {
+                    (true, _, _) => $level::tile::<R, C, true, false, false>(w, a, row, col, out),
+                    (false, true, _) => $level::tile::<R, C, false, true, false>(w, a, row, col, out),
+                    (false, false, true) => $level::tile::<R, C, false, false, true>(w, a, row, col, out),
+                    (false, false, false) => $level::tile::<R, C, false, false, false>(w, a, row, col, out),
+                }
+            }
+        };
+    }
+    match level {
+        Level::Avx2 => at!(avx2),
+        Level::AvxVnni => at!(avx_vnni),
+        Level::Avx512Vnni => at!(avx512_vnni),
+        Level::Scalar => super::scalar::tile(w, a, row, col, out),
+    }
+}
+
+/// The tile body; the enclosing module supplies `dot::<WIDE>(weights, activations)`.
+macro_rules! tile_kernel {
+    ($features:literal, $signed_wide:literal) => {
+        /// # Safety
+        /// The CPU has this module's features; the tile is inside the matrices.
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn tile<
+            const R: usize,
+            const C: usize,
+            const NIBBLES: bool,
+            const PAIR: bool,
+            const WIDE: bool,
+        >(
+            w: &PackedWeights,
+            a: &ActivationView<'_>,
+            row: usize,
+            col: usize,
+            out: &mut [[f32; C]; R],
+        ) {
+            let nb = w.nb;
+            let (wq, wd, aq, ad) = (w.q.as_ptr(), w.d.as_ptr(), a.q.as_ptr(), a.d.as_ptr());
+            let low = _mm_set1_epi8(0x0f);
+            let mut acc = [[_mm256_setzero_ps(); C]; R];
+            for b in 0..nb {
+                let mut wv = [_mm256_setzero_si256(); C];
+                let mut ws = [_mm256_setzero_ps(); C];
+                for c in 0..C {
+                    let blk = (col + c) * nb + b;
+                    // SAFETY: block `blk` of a column below `n` is inside `q`
+                    // (16 or 32 bytes per block) and `d` (1 or 2 per block).
+                    unsafe {
+                        wv[c] = if NIBBLES {
+                            let packed = _mm_loadu_si128(wq.add(blk * 16).cast());
+                            let lo = _mm_and_si128(packed, low);
+                            let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
+                            _mm256_set_m128i(hi, lo)
+                        } else {
+                            _mm256_loadu_si256(wq.add(blk * BLOCK).cast())
+                        };
+                        ws[c] = if PAIR {
+                            _mm256_set_m128(_mm_set1_ps(*wd.add(2 * blk + 1)), _mm_set1_ps(*wd.add(2 * blk)))
+                        } else {
+                            _mm256_set1_ps(*wd.add(blk))
+                        };
+                    }
+                }
+                for r in 0..R {
+                    let ab = (row + r) * nb + b;
+                    // SAFETY: block `ab` of a row below `rows` is inside the activations.
+                    let (av, da) =
+                        unsafe { (_mm256_loadu_si256(aq.add(ab * BLOCK).cast()), _mm256_set1_ps(*ad.add(ab))) };
+                    for c in 0..C {
+                        let dots = _mm256_cvtepi32_ps(dot::<WIDE>(wv[c], av));
+                        acc[r][c] = _mm256_fmadd_ps(_mm256_mul_ps(dots, da), ws[c], acc[r][c]);
+                    }
+                }
+            }
+            for r in 0..R {
+                for c in 0..C {
+                    let v = acc[r][c];
+                    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+                    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0b01));
+                    let offset = if WIDE && $signed_wide { 0.0 } else { offset_term(w, a, row + r, col + c) };
+                    out[r][c] = _mm_cvtss_f32(s) + offset;
+                }
+            }
+        }
+    };
+}
+
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::super::scalar::offset_term;
+    use super::super::{ActivationView, PackedWeights, BLOCK};
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn dot<const WIDE: bool>(w: __m256i, a: __m256i) -> __m256i {
+        let pairs = if WIDE {
+            // Back to signed values, then |w| × (a with w's sign): at most
+            // 2 · 128 · 127 per pair, inside i16.
+            let q = _mm256_xor_si256(w, _mm256_set1_epi8(-128));
+            _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(a, q))
+        } else {
+            // Values below 64: at most 2 · 63 · 127 per pair.
+            _mm256_maddubs_epi16(w, a)
+        };
+        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+    }
+
+    tile_kernel!("avx2,fma", true);
+}
+
+mod avx_vnni {
+    use std::arch::x86_64::*;
+
+    use super::super::scalar::offset_term;
+    use super::super::{ActivationView, PackedWeights, BLOCK};
+
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    #[inline]
+    fn dot<const WIDE: bool>(w: __m256i, a: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w, a)
+    }
+
+    tile_kernel!("avx2,fma,avxvnni", false);
+}
+
+mod avx512_vnni {
+    use std::arch::x86_64::*;
+
+    use super::super::scalar::offset_term;
+    use super::super::{ActivationView, PackedWeights, BLOCK};
+
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    fn dot<const WIDE: bool>(w: __m256i, a: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a)
+    }
+
+    tile_kernel!("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni", false);
+}
