@@ -104,6 +104,30 @@ pub fn attend<'a>(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if level >= Level::Avx2 {
+        // SAFETY: every level from Avx2 up requires AVX2, FMA and F16C; the
+        // head size is the kernel's.
+        match q.len() {
+            64 => return unsafe { x86::attend::<8>(q, len, scale, row, scores, out) },
+            128 => return unsafe { x86::attend::<16>(q, len, scale, row, scores, out) },
+            _ => {}
+        }
+    }
+    attend_reference(level, q, len, scale, row, scores, out)
+}
+
+/// [`attend`] one row at a time through the dot and axpy kernels (any head size).
+#[allow(clippy::too_many_arguments)]
+fn attend_reference<'a>(
+    level: Level,
+    q: &[f32],
+    len: usize,
+    scale: f32,
+    row: impl Fn(usize) -> (&'a [f16], &'a [f16]),
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
     let scores = &mut scores[..len];
     let mut max = f32::NEG_INFINITY;
     for (j, s) in scores.iter_mut().enumerate() {
@@ -149,6 +173,73 @@ mod x86 {
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0b01));
         let tail: f32 = q[body..].iter().zip(&k[body..]).map(|(a, b)| a * b.to_f32()).sum();
         _mm_cvtss_f32(s) + tail
+    }
+
+    /// Attention of one query head of `8 * D8` values over `len` positions,
+    /// the query and the output held in registers.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `q`, `out` and every row hold `8 * D8`
+    /// values; `scores` holds `len`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn attend<'a, const D8: usize>(
+        q: &[f32],
+        len: usize,
+        scale: f32,
+        row: impl Fn(usize) -> (&'a [f16], &'a [f16]),
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let dim = 8 * D8;
+        assert!(q.len() == dim && out.len() == dim && scores.len() >= len);
+        let mut qv = [_mm256_setzero_ps(); D8];
+        for (i, v) in qv.iter_mut().enumerate() {
+            // SAFETY: `8 * i + 8 <= dim == q.len()`.
+            *v = unsafe { _mm256_loadu_ps(q.as_ptr().add(8 * i)) };
+        }
+        let mut max = f32::NEG_INFINITY;
+        for (j, score) in scores[..len].iter_mut().enumerate() {
+            let k = row(j).0;
+            assert_eq!(k.len(), dim);
+            let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            for i in (0..D8).step_by(2) {
+                // SAFETY: `8 * i + 16 <= dim == k.len()` (D8 is even).
+                unsafe {
+                    a0 = _mm256_fmadd_ps(qv[i], _mm256_cvtph_ps(_mm_loadu_si128(k.as_ptr().add(8 * i).cast())), a0);
+                    a1 = _mm256_fmadd_ps(
+                        qv[i + 1],
+                        _mm256_cvtph_ps(_mm_loadu_si128(k.as_ptr().add(8 * i + 8).cast())),
+                        a1,
+                    );
+                }
+            }
+            let v = _mm256_add_ps(a0, a1);
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0b01));
+            *score = _mm_cvtss_f32(s) * scale;
+            max = max.max(*score);
+        }
+        let mut sum = 0f32;
+        for s in scores[..len].iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        let mut ov = [_mm256_setzero_ps(); D8];
+        for (j, p) in scores[..len].iter().enumerate() {
+            let v = row(j).1;
+            assert_eq!(v.len(), dim);
+            let p = _mm256_set1_ps(p * inv);
+            for (i, o) in ov.iter_mut().enumerate() {
+                // SAFETY: `8 * i + 8 <= dim == v.len()`.
+                *o = unsafe { _mm256_fmadd_ps(p, _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(8 * i).cast())), *o) };
+            }
+        }
+        for (i, o) in ov.iter().enumerate() {
+            // SAFETY: `8 * i + 8 <= dim == out.len()`.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(8 * i), *o) };
+        }
     }
 
     /// # Safety
@@ -216,6 +307,31 @@ mod tests {
                 let mut stored = vec![f16::ZERO; n];
                 store_f16(level, &q, &mut stored);
                 assert_eq!(stored, want_store, "{level:?} store {n}");
+            }
+        }
+    }
+
+    /// The register kernel of each head size against the row-at-a-time
+    /// reference with the scalar kernels, over rows scattered in a cache.
+    #[test]
+    fn attention_kernels_match_the_reference_at_every_level() {
+        for dim in [64, 128, 40] {
+            let len = 37;
+            let cache: Vec<f16> = values(2 * 50 * dim, 5).iter().map(|v| f16::from_f32(*v)).collect();
+            // Position j lives in slot (j * 7) % 50: keys first, values after.
+            let row = |j: usize| {
+                let at = (j * 7 % 50) * dim;
+                (&cache[at..at + dim], &cache[50 * dim + at..50 * dim + at + dim])
+            };
+            let q = values(dim, 9);
+            let mut scores = vec![0f32; len];
+            let mut want = vec![0f32; dim];
+            attend_reference(Level::Scalar, &q, len, 0.125, row, &mut scores, &mut want);
+            for level in Level::available() {
+                let mut got = vec![0f32; dim];
+                attend(level, &q, len, 0.125, row, &mut scores, &mut got);
+                let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(diff < 1e-5, "{level:?} head {dim}: {diff}");
             }
         }
     }

@@ -8,7 +8,8 @@
 //! reused by every projection that reads that input. A block's contribution is
 //! then `dw * da * Σ u·qa + m * da * Σ qa`: one integer dot product of unsigned
 //! by signed bytes (what x86's `vpmaddubsw` and VNNI's `vpdpbusd` compute), a
-//! scaling, and an offset term summed once per output.
+//! scaling, and an offset term (`da * Σ qa` is computed once per activation
+//! block).
 //!
 //! Output tiles of a few rows by a few columns keep their accumulators in
 //! registers, so each weight block is loaded once for every row of the tile;
@@ -90,9 +91,11 @@ pub struct Activations {
     q: Shared<i8>,
     /// Per block: the scale.
     d: Shared<f32>,
-    /// Per block: `d * Σ q`, and the same per half block (for Q6_K's offsets).
-    s32: Shared<f32>,
-    s16: Shared<f32>,
+    /// Per block, 8 lanes: `d * Σ q` over the first 16 values in lane 0, over
+    /// the last 16 in lane 4, zeros elsewhere: multiplied lane by lane with a
+    /// block's offsets (`[m ×8]`, or Q6_K's `[m_lo ×4, m_hi ×4]`) and summed,
+    /// the block's offset term.
+    s: Shared<f32>,
 }
 
 impl Activations {
@@ -109,8 +112,7 @@ impl Activations {
         self.k = k;
         self.q.resize(rows * k);
         self.d.resize(blocks);
-        self.s32.resize(blocks);
-        self.s16.resize(2 * blocks);
+        self.s.resize(8 * blocks);
     }
 
     pub fn rows(&self) -> usize {
@@ -129,12 +131,11 @@ impl Activations {
         let (k, nb) = (self.k, self.k / BLOCK);
         assert_eq!(x.len(), rows.len() * k, "quantize_rows: {} values for {rows:?} rows of {k}", x.len());
         // SAFETY: the caller gives this thread these rows alone.
-        let (q, d, s32, s16) = unsafe {
+        let (q, d, s) = unsafe {
             (
                 self.q.get_mut(rows.start * k..rows.end * k),
                 self.d.get_mut(rows.start * nb..rows.end * nb),
-                self.s32.get_mut(rows.start * nb..rows.end * nb),
-                self.s16.get_mut(2 * rows.start * nb..2 * rows.end * nb),
+                self.s.get_mut(8 * rows.start * nb..8 * rows.end * nb),
             )
         };
         for (b, (xs, qs)) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).enumerate() {
@@ -147,9 +148,10 @@ impl Activations {
                 halves[j / 16] += i32::from(*q);
             }
             d[b] = scale;
-            s32[b] = scale * (halves[0] + halves[1]) as f32;
-            s16[2 * b] = scale * halves[0] as f32;
-            s16[2 * b + 1] = scale * halves[1] as f32;
+            let lanes = &mut s[8 * b..8 * b + 8];
+            lanes.fill(0.0);
+            lanes[0] = scale * halves[0] as f32;
+            lanes[4] = scale * halves[1] as f32;
         }
     }
 
@@ -172,8 +174,7 @@ impl Activations {
                 nb: self.k / BLOCK,
                 q: self.q.get(0..self.rows * self.k),
                 d: self.d.get(0..blocks),
-                s32: self.s32.get(0..blocks),
-                s16: self.s16.get(0..2 * blocks),
+                s: self.s.get(0..8 * blocks),
             }
         }
     }
@@ -184,8 +185,7 @@ struct ActivationView<'a> {
     nb: usize,
     q: &'a [i8],
     d: &'a [f32],
-    s32: &'a [f32],
-    s16: &'a [f32],
+    s: &'a [f32],
 }
 
 /// A `[n, k]` quantized weight matrix, repacked for the kernels.
@@ -385,19 +385,6 @@ unsafe fn store<const R: usize, const C: usize>(out: &Output<'_>, row: usize, co
             dst.copy_from_slice(values);
         }
     }
-}
-
-/// `Σ m · s` over a column's blocks: the offset term of one output.
-fn offsets(m: &[f32], s: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (m_body, m_tail) = m.split_at(m.len() - m.len() % 8);
-    for (mc, sc) in m_body.chunks_exact(8).zip(s.chunks_exact(8)) {
-        for l in 0..8 {
-            acc[l] += mc[l] * sc[l];
-        }
-    }
-    let tail: f32 = m_tail.iter().zip(&s[m_body.len()..]).map(|(a, b)| a * b).sum();
-    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

@@ -1,16 +1,6 @@
 //! The reference kernel every SIMD variant is tested against.
 
-use super::{offsets, ActivationView, PackedWeights, BLOCK};
-
-/// The offset term of output `(row, col)`.
-pub(super) fn offset_term(w: &PackedWeights, a: &ActivationView<'_>, row: usize, col: usize) -> f32 {
-    let spb = w.format.scales_per_block();
-    let per_column = w.nb * spb;
-    let m = &w.m[col * per_column..(col + 1) * per_column];
-    let s =
-        if spb == 2 { &a.s16[row * per_column..(row + 1) * per_column] } else { &a.s32[row * w.nb..(row + 1) * w.nb] };
-    offsets(m, s)
-}
+use super::{ActivationView, PackedWeights, BLOCK};
 
 pub(super) fn tile<const R: usize, const C: usize>(
     w: &PackedWeights,
@@ -31,13 +21,11 @@ pub(super) fn tile<const R: usize, const C: usize>(
                 for (j, q) in qa.iter().enumerate() {
                     dots[j / 16] += i32::from(w.value(blk, j)) * i32::from(*q);
                 }
-                sum += if spb == 2 {
-                    a.d[ab] * (w.d[2 * blk] * dots[0] as f32 + w.d[2 * blk + 1] * dots[1] as f32)
-                } else {
-                    a.d[ab] * w.d[blk] * (dots[0] + dots[1]) as f32
-                };
+                let (lo, hi) = if spb == 2 { (2 * blk, 2 * blk + 1) } else { (blk, blk) };
+                sum += a.d[ab] * (w.d[lo] * dots[0] as f32 + w.d[hi] * dots[1] as f32);
+                sum += w.m[lo] * a.s[8 * ab] + w.m[hi] * a.s[8 * ab + 4];
             }
-            *o = sum + offset_term(w, a, row, col);
+            *o = sum;
         }
     }
 }

@@ -75,12 +75,17 @@ macro_rules! tile_kernel {
             out: &mut [[f32; C]; R],
         ) {
             let nb = w.nb;
-            let (wq, wd, aq, ad) = (w.q.as_ptr(), w.d.as_ptr(), a.q.as_ptr(), a.d.as_ptr());
+            let (wq, wd, wm) = (w.q.as_ptr(), w.d.as_ptr(), w.m.as_ptr());
+            let (aq, ad, sums) = (a.q.as_ptr(), a.d.as_ptr(), a.s.as_ptr());
+            // Offsets go into the sums, except where the AVX2 level multiplied
+            // Q8_0's signed values (the offset is then already accounted for).
+            let offsets = !(WIDE && $signed_wide);
             let low = _mm_set1_epi8(0x0f);
             let mut acc = [[_mm256_setzero_ps(); C]; R];
             for b in 0..nb {
                 let mut wv = [_mm256_setzero_si256(); C];
                 let mut ws = [_mm256_setzero_ps(); C];
+                let mut ms = [_mm256_setzero_ps(); C];
                 for c in 0..C {
                     let blk = (col + c) * nb + b;
                     // SAFETY: block `blk` of a column below `n` is inside `q`
@@ -94,21 +99,32 @@ macro_rules! tile_kernel {
                         } else {
                             _mm256_loadu_si256(wq.add(blk * BLOCK).cast())
                         };
-                        ws[c] = if PAIR {
-                            _mm256_set_m128(_mm_set1_ps(*wd.add(2 * blk + 1)), _mm_set1_ps(*wd.add(2 * blk)))
+                        (ws[c], ms[c]) = if PAIR {
+                            (
+                                _mm256_set_m128(_mm_set1_ps(*wd.add(2 * blk + 1)), _mm_set1_ps(*wd.add(2 * blk))),
+                                _mm256_set_m128(_mm_set1_ps(*wm.add(2 * blk + 1)), _mm_set1_ps(*wm.add(2 * blk))),
+                            )
                         } else {
-                            _mm256_set1_ps(*wd.add(blk))
+                            (_mm256_set1_ps(*wd.add(blk)), _mm256_set1_ps(*wm.add(blk)))
                         };
                     }
                 }
                 for r in 0..R {
                     let ab = (row + r) * nb + b;
                     // SAFETY: block `ab` of a row below `rows` is inside the activations.
-                    let (av, da) =
-                        unsafe { (_mm256_loadu_si256(aq.add(ab * BLOCK).cast()), _mm256_set1_ps(*ad.add(ab))) };
+                    let (av, da, sv) = unsafe {
+                        (
+                            _mm256_loadu_si256(aq.add(ab * BLOCK).cast()),
+                            _mm256_set1_ps(*ad.add(ab)),
+                            _mm256_loadu_ps(sums.add(8 * ab)),
+                        )
+                    };
                     for c in 0..C {
                         let dots = _mm256_cvtepi32_ps(dot::<WIDE>(wv[c], av));
                         acc[r][c] = _mm256_fmadd_ps(_mm256_mul_ps(dots, da), ws[c], acc[r][c]);
+                        if offsets {
+                            acc[r][c] = _mm256_fmadd_ps(ms[c], sv, acc[r][c]);
+                        }
                     }
                 }
             }
@@ -118,8 +134,7 @@ macro_rules! tile_kernel {
                     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
                     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
                     let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0b01));
-                    let offset = if WIDE && $signed_wide { 0.0 } else { offset_term(w, a, row + r, col + c) };
-                    out[r][c] = _mm_cvtss_f32(s) + offset;
+                    out[r][c] = _mm_cvtss_f32(s);
                 }
             }
         }
@@ -129,7 +144,6 @@ macro_rules! tile_kernel {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::super::scalar::offset_term;
     use super::super::{ActivationView, PackedWeights, BLOCK};
 
     #[target_feature(enable = "avx2,fma")]
@@ -153,7 +167,6 @@ mod avx2 {
 mod avx_vnni {
     use std::arch::x86_64::*;
 
-    use super::super::scalar::offset_term;
     use super::super::{ActivationView, PackedWeights, BLOCK};
 
     #[target_feature(enable = "avx2,fma,avxvnni")]
@@ -168,7 +181,6 @@ mod avx_vnni {
 mod avx512_vnni {
     use std::arch::x86_64::*;
 
-    use super::super::scalar::offset_term;
     use super::super::{ActivationView, PackedWeights, BLOCK};
 
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
