@@ -129,21 +129,26 @@ fn attend_reference<'a>(
     out: &mut [f32],
 ) {
     let scores = &mut scores[..len];
-    let mut max = f32::NEG_INFINITY;
     for (j, s) in scores.iter_mut().enumerate() {
         *s = dot_f16(level, q, row(j).0) * scale;
-        max = max.max(*s);
     }
+    softmax(scores);
+    out.fill(0.0);
+    for (j, p) in scores.iter().enumerate() {
+        axpy_f16(level, *p, row(j).1, out);
+    }
+}
+
+/// Scores to probabilities, in place.
+fn softmax(scores: &mut [f32]) {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;
     for s in scores.iter_mut() {
         *s = (*s - max).exp();
         sum += *s;
     }
-    out.fill(0.0);
     let inv = 1.0 / sum;
-    for (j, s) in scores.iter().enumerate() {
-        axpy_f16(level, s * inv, row(j).1, out);
-    }
+    scores.iter_mut().for_each(|s| *s *= inv);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -197,7 +202,6 @@ mod x86 {
             // SAFETY: `8 * i + 8 <= dim == q.len()`.
             *v = unsafe { _mm256_loadu_ps(q.as_ptr().add(8 * i)) };
         }
-        let mut max = f32::NEG_INFINITY;
         for (j, score) in scores[..len].iter_mut().enumerate() {
             let k = row(j).0;
             assert_eq!(k.len(), dim);
@@ -218,19 +222,13 @@ mod x86 {
             let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
             let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0b01));
             *score = _mm_cvtss_f32(s) * scale;
-            max = max.max(*score);
         }
-        let mut sum = 0f32;
-        for s in scores[..len].iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
+        super::softmax(&mut scores[..len]);
         let mut ov = [_mm256_setzero_ps(); D8];
         for (j, p) in scores[..len].iter().enumerate() {
             let v = row(j).1;
             assert_eq!(v.len(), dim);
-            let p = _mm256_set1_ps(p * inv);
+            let p = _mm256_set1_ps(*p);
             for (i, o) in ov.iter_mut().enumerate() {
                 // SAFETY: `8 * i + 8 <= dim == v.len()`.
                 *o = unsafe { _mm256_fmadd_ps(p, _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(8 * i).cast())), *o) };
