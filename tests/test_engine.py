@@ -7,6 +7,7 @@ Assertions are about behaviour and accounting, never about what the model says.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import time
 import urllib.request
 
@@ -106,3 +107,16 @@ def test_prompt_larger_than_the_kv_cache_is_400(smollm2, key_dir):
             time.sleep(0.05)
     finally:
         w.stop()
+
+
+def test_ready_reports_the_kernels_and_threads(smollm2, key_dir):
+    w = serve(smollm2, key_dir, "--threads", "1")
+    try:
+        with urllib.request.urlopen(w.base_url + "/ready", timeout=5) as r:
+            ready = json.load(r)
+    finally:
+        w.stop()
+    # A Q4_1 GGUF runs on kandle's CPU kernels at the best level this CPU has.
+    assert ready["compute"]["kernels"] in {"scalar", "avx2", "avx-vnni", "avx512-vnni"}, ready
+    assert ready["compute"]["threads"] == 1
+    assert ready["model"]["quantization"] == "Q4_1"

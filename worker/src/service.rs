@@ -23,6 +23,8 @@ const MEDIUM_EFFORT_BUDGET: usize = 2048;
 
 pub struct ModelService {
     pub info: ModelInfo,
+    /// How the forward pass runs, as `/ready` reports it.
+    pub compute: Compute,
     pub engine: Engine,
     pub tokenizer: Arc<tokenizers::Tokenizer>,
     pub template: ChatTemplate,
@@ -32,6 +34,15 @@ pub struct ModelService {
     /// Tokens the whole KV cache holds: no sequence can be longer.
     pub kv_capacity: usize,
     pub defaults: SamplingOverrides,
+}
+
+/// The forward pass's kernels and threads.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Compute {
+    /// The CPU dispatch level of kandle's kernels (`avx512-vnni`, `avx-vnni`,
+    /// `avx2`, `scalar`), or `candle` where candle's operations run the model.
+    pub kernels: &'static str,
+    pub threads: usize,
 }
 
 /// A request ready for the engine, and the channel its events arrive on.
@@ -100,6 +111,7 @@ impl ModelService {
             "KV cache: {num_blocks} blocks x {BLOCK_SIZE} tokens (f16)"
         );
         let tokenizer = Arc::new(loaded.tokenizer);
+        let compute = Compute { kernels: loaded.model.kernels(), threads: loaded.model.threads() };
         let engine = Engine::start(
             EngineModel { model: loaded.model, tokenizer: tokenizer.clone(), special: loaded.special.clone() },
             EngineConfig {
@@ -115,6 +127,7 @@ impl ModelService {
         )?;
         Ok(Self {
             info: loaded.info,
+            compute,
             engine,
             tokenizer,
             template: loaded.template,
