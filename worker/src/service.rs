@@ -39,7 +39,7 @@ pub struct ModelService {
 /// The forward pass's kernels and threads.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Compute {
-    /// The CPU dispatch level of kandle's kernels (`avx512-vnni`, `avx-vnni`,
+    /// The CPU dispatch level of kandle's kernels (`avx512-vnni`, `avx-vnni`, `avx512`,
     /// `avx2`, `scalar`), or `candle` where candle's operations run the model.
     pub kernels: &'static str,
     pub threads: usize,

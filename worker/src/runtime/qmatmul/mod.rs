@@ -2,8 +2,9 @@
 //! transpose of a `[n, k]` GGUF-quantized weight matrix.
 //!
 //! Weights are repacked once at load (see [`formats`]) into 32-value blocks of
-//! small unsigned integers with a scale and an offset, stored column by column
-//! (an output column's blocks are contiguous). Activations are quantized once
+//! small unsigned integers with a scale and an offset, interleaved by groups
+//! of four columns (block `b` of the four, then block `b + 1`), so a tile of
+//! four columns streams one array of values and one of scales. Activations are quantized once
 //! per layer input to signed bytes per 32-value block (`x ≈ da * qa`) and
 //! reused by every projection that reads that input. A block's contribution is
 //! then `dw * da * Σ u·qa + m * da * Σ qa`: one integer dot product of unsigned
@@ -24,6 +25,8 @@ mod x86;
 
 use std::ops::Range;
 
+use half::f16;
+
 pub use formats::Format;
 use formats::Storage;
 
@@ -38,7 +41,10 @@ pub enum Level {
     Scalar,
     /// AVX2 + FMA + F16C: `vpmaddubsw` + `vpmaddwd`.
     Avx2,
-    /// AVX-VNNI (VEX, 256-bit `vpdpbusd`): Alder Lake and later, Zen 5.
+    /// AVX-512 F/BW/VL: AVX2's instructions with 32 vector registers
+    /// (larger tiles): Skylake-SP and Cascade Lake without VNNI use it.
+    Avx512,
+    /// AVX-VNNI (VEX, 256-bit `vpdpbusd`): Alder Lake and later.
     AvxVnni,
     /// AVX-512 F/BW/VL + VNNI (EVEX `vpdpbusd`, 32 vector registers): Ice Lake,
     /// Sapphire Rapids, Zen 4 and later.
@@ -60,10 +66,14 @@ impl Level {
             // F16C: the attention kernels read the f16 KV cache at these levels.
             if has!("avx2") && has!("fma") && has!("f16c") {
                 levels.push(Self::Avx2);
+                let avx512 = has!("avx512f") && has!("avx512bw") && has!("avx512vl");
+                if avx512 {
+                    levels.push(Self::Avx512);
+                }
                 if has!("avxvnni") {
                     levels.push(Self::AvxVnni);
                 }
-                if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni") {
+                if avx512 && has!("avx512vnni") {
                     levels.push(Self::Avx512Vnni);
                 }
             }
@@ -71,11 +81,17 @@ impl Level {
         levels
     }
 
+    /// Whether the level has 32 vector registers (room for 4 × 4 tiles).
+    fn wide_tiles(self) -> bool {
+        matches!(self, Self::Avx512 | Self::Avx512Vnni)
+    }
+
     /// The name `/ready` and the start-up log report.
     pub fn name(self) -> &'static str {
         match self {
             Self::Scalar => "scalar",
             Self::Avx2 => "avx2",
+            Self::Avx512 => "avx512",
             Self::AvxVnni => "avx-vnni",
             Self::Avx512Vnni => "avx512-vnni",
         }
@@ -194,12 +210,41 @@ pub struct PackedWeights {
     k: usize,
     nb: usize,
     format: Format,
-    /// Values: 16 (nibbles) or 32 (bytes) per block, column by column.
+    /// Values: 16 (nibbles) or 32 (bytes) per block, in [`slot`] order.
     q: Vec<u8>,
-    /// Per block (two per block for Q6_K): scale and offset.
-    d: Vec<f32>,
-    m: Vec<f32>,
+    scales: Scales,
     level: Level,
+}
+
+/// Per block (two per block for Q6_K): scale and offset.
+#[derive(Clone)]
+enum Scales {
+    /// The f16 pairs of the formats that store them so (and whose offsets are
+    /// the stored minimum or a power of two times the scale, so exact in f16):
+    /// 4 bytes a block, what matrix-vector products mostly stream.
+    Half(Vec<[f16; 2]>),
+    /// K-quants: the super block's scale times the sub-block's, in f32.
+    Full { d: Vec<f32>, m: Vec<f32> },
+}
+
+impl Scales {
+    /// Scale and offset `i` (block `i`, or half block `i` for Q6_K).
+    fn get(&self, i: usize) -> (f32, f32) {
+        match self {
+            Self::Half(dm) => (dm[i][0].to_f32(), dm[i][1].to_f32()),
+            Self::Full { d, m } => (d[i], m[i]),
+        }
+    }
+}
+
+/// Columns whose blocks are stored interleaved: block `b` of the group's
+/// columns lie side by side (a 4-column tile streams one array), then block `b + 1`.
+pub const GROUP: usize = 4;
+
+/// The storage slot of block `b` of column `col`, of a matrix of `nb` blocks
+/// per column (the last group padded to whole).
+fn slot(nb: usize, col: usize, b: usize) -> usize {
+    ((col / GROUP) * nb + b) * GROUP + col % GROUP
 }
 
 /// Where a matmul's output goes: element `(row, col)` of the product is
@@ -220,22 +265,32 @@ impl PackedWeights {
         }
         let (nb, spb) = (k / BLOCK, format.scales_per_block());
         let packed_bytes = if format.storage() == Storage::Nibbles { 16 } else { 32 };
-        let mut q = Vec::with_capacity(n * nb * packed_bytes);
-        let (mut d, mut m) = (Vec::with_capacity(n * nb * spb), Vec::with_capacity(n * nb * spb));
+        let slots = n.div_ceil(GROUP) * GROUP * nb;
+        let mut q = vec![0u8; slots * packed_bytes];
+        let (mut d, mut m) = (vec![0f32; slots * spb], vec![0f32; slots * spb]);
         let mut blocks = Vec::with_capacity(per_block / BLOCK);
+        let mut next = 0;
         for gguf_block in bytes.chunks_exact(format.block_bytes()) {
             blocks.clear();
             formats::decode(format, gguf_block, &mut blocks);
             for block in &blocks {
+                let slot = slot(nb, next / nb, next % nb);
+                next += 1;
+                let values = &mut q[slot * packed_bytes..(slot + 1) * packed_bytes];
                 match format.storage() {
-                    Storage::Nibbles => q.extend((0..16).map(|j| block.u[j] | (block.u[j + 16] << 4))),
-                    Storage::Bytes => q.extend_from_slice(&block.u),
+                    Storage::Nibbles => {
+                        values.iter_mut().enumerate().for_each(|(j, v)| *v = block.u[j] | (block.u[j + 16] << 4))
+                    }
+                    Storage::Bytes => values.copy_from_slice(&block.u),
                 }
-                d.extend_from_slice(&block.d[..spb]);
-                m.extend_from_slice(&block.m[..spb]);
+                d[slot * spb..(slot + 1) * spb].copy_from_slice(&block.d[..spb]);
+                m[slot * spb..(slot + 1) * spb].copy_from_slice(&block.m[..spb]);
             }
         }
-        Some(Self { n, k, nb, format, q, d, m, level })
+        let half: Vec<[f16; 2]> = d.iter().zip(&m).map(|(d, m)| [f16::from_f32(*d), f16::from_f32(*m)]).collect();
+        let exact = half.iter().zip(d.iter().zip(&m)).all(|(h, (d, m))| h[0].to_f32() == *d && h[1].to_f32() == *m);
+        let scales = if format.block_values() == BLOCK && exact { Scales::Half(half) } else { Scales::Full { d, m } };
+        Some(Self { n, k, nb, format, q, scales, level })
     }
 
     /// `[n, k]`.
@@ -267,11 +322,12 @@ impl PackedWeights {
         assert!(index < self.n && out.len() == self.k, "row {index} of {}x{}", self.n, self.k);
         let spb = self.format.scales_per_block();
         for (b, values) in out.chunks_exact_mut(BLOCK).enumerate() {
-            let blk = index * self.nb + b;
+            let blk = slot(self.nb, index, b);
             for (j, v) in values.iter_mut().enumerate() {
                 let u = self.value(blk, j);
                 let h = if spb == 2 { j / 16 } else { 0 };
-                *v = self.d[blk * spb + h] * f32::from(u) + self.m[blk * spb + h];
+                let (d, m) = self.scales.get(blk * spb + h);
+                *v = d * f32::from(u) + m;
             }
         }
     }
@@ -303,7 +359,9 @@ impl PackedWeights {
                     match left {
                         1 => self.columns::<1, 4>(&view, row, cols.clone(), out),
                         2 => self.columns::<2, 4>(&view, row, cols.clone(), out),
+                        3 if self.level.wide_tiles() => self.columns::<3, 4>(&view, row, cols.clone(), out),
                         3 => self.columns::<3, 2>(&view, row, cols.clone(), out),
+                        _ if self.level.wide_tiles() => self.columns::<4, 4>(&view, row, cols.clone(), out),
                         _ => self.columns::<4, 2>(&view, row, cols.clone(), out),
                     }
                 };
@@ -366,7 +424,7 @@ impl PackedWeights {
     /// A copy at another level (tests force each level on the same weights).
     #[cfg(test)]
     fn at_level(&self, level: Level) -> Self {
-        Self { q: self.q.clone(), d: self.d.clone(), m: self.m.clone(), level, ..*self }
+        Self { q: self.q.clone(), scales: self.scales.clone(), level, ..*self }
     }
 }
 

@@ -1,6 +1,6 @@
 //! The reference kernel every SIMD variant is tested against.
 
-use super::{ActivationView, PackedWeights, BLOCK};
+use super::{slot, ActivationView, PackedWeights, BLOCK};
 
 pub(super) fn tile<const R: usize, const C: usize>(
     w: &PackedWeights,
@@ -15,15 +15,16 @@ pub(super) fn tile<const R: usize, const C: usize>(
             let (row, col) = (row + r, col + c);
             let mut sum = 0f32;
             for b in 0..nb {
-                let (blk, ab) = (col * nb + b, row * nb + b);
+                let (blk, ab) = (slot(nb, col, b), row * nb + b);
                 let qa = &a.q[ab * BLOCK..(ab + 1) * BLOCK];
                 let mut dots = [0i32; 2];
                 for (j, q) in qa.iter().enumerate() {
                     dots[j / 16] += i32::from(w.value(blk, j)) * i32::from(*q);
                 }
                 let (lo, hi) = if spb == 2 { (2 * blk, 2 * blk + 1) } else { (blk, blk) };
-                sum += a.d[ab] * (w.d[lo] * dots[0] as f32 + w.d[hi] * dots[1] as f32);
-                sum += w.m[lo] * a.s[8 * ab] + w.m[hi] * a.s[8 * ab + 4];
+                let ((d_lo, m_lo), (d_hi, m_hi)) = (w.scales.get(lo), w.scales.get(hi));
+                sum += a.d[ab] * (d_lo * dots[0] as f32 + d_hi * dots[1] as f32);
+                sum += m_lo * a.s[8 * ab] + m_hi * a.s[8 * ab + 4];
             }
             *o = sum;
         }

@@ -6,6 +6,8 @@
 //!   Q8_0's repacked values reach 255, which could saturate the i16 pairs, so
 //!   that level multiplies the signed values instead (`|w| × sign(w)·a`) and
 //!   leaves out the offset the repacking added.
+//! - AVX-512 (F/BW/VL): the same with EVEX encodings and 32 vector registers,
+//!   which take larger tiles.
 //! - AVX-VNNI and AVX-512 VNNI: `vpdpbusd` (u8 × i8 quadruples straight to
 //!   i32, no intermediate saturation), VEX or EVEX encoded; the EVEX level also
 //!   has 32 vector registers for larger tiles.
@@ -15,7 +17,7 @@
 //! are one vector `[lo ×4, hi ×4]`.
 
 use super::formats::Storage;
-use super::{ActivationView, Level, PackedWeights};
+use super::{ActivationView, Level, PackedWeights, Scales};
 
 /// One `R × C` output tile at `level`.
 ///
@@ -33,22 +35,30 @@ pub(super) unsafe fn tile<const R: usize, const C: usize>(
     let nibbles = w.format.storage() == Storage::Nibbles;
     let pair = w.format.scales_per_block() == 2;
     let wide = w.format.wide();
+    let half = matches!(w.scales, Scales::Half(_));
     macro_rules! at {
         ($level:ident) => {
             // SAFETY: forwarded from the caller. Nibble formats have one scale
-            // per block and values below 16, so the flags cover every format.
+            // per block and values below 16; Q6_K (pair) has f32 scales; Q8_0
+            // (wide) is stored in bytes: the flags cover every format.
             unsafe {
-                match (nibbles, pair, wide) {
-                    (true, _, _) => $level::tile::<R, C, true, false, false>(w, a, row, col, out),
-                    (false, true, _) => $level::tile::<R, C, false, true, false>(w, a, row, col, out),
-                    (false, false, true) => $level::tile::<R, C, false, false, true>(w, a, row, col, out),
-                    (false, false, false) => $level::tile::<R, C, false, false, false>(w, a, row, col, out),
+                match (nibbles, pair, wide, half) {
+                    (true, _, _, true) => $level::tile::<R, C, true, false, false, true>(w, a, row, col, out),
+                    (true, _, _, false) => $level::tile::<R, C, true, false, false, false>(w, a, row, col, out),
+                    (false, true, _, _) => $level::tile::<R, C, false, true, false, false>(w, a, row, col, out),
+                    (false, false, true, true) => $level::tile::<R, C, false, false, true, true>(w, a, row, col, out),
+                    (false, false, true, false) => $level::tile::<R, C, false, false, true, false>(w, a, row, col, out),
+                    (false, false, false, true) => $level::tile::<R, C, false, false, false, true>(w, a, row, col, out),
+                    (false, false, false, false) => {
+                        $level::tile::<R, C, false, false, false, false>(w, a, row, col, out)
+                    }
                 }
             }
         };
     }
     match level {
         Level::Avx2 => at!(avx2),
+        Level::Avx512 => at!(avx512),
         Level::AvxVnni => at!(avx_vnni),
         Level::Avx512Vnni => at!(avx512_vnni),
         Level::Scalar => super::scalar::tile(w, a, row, col, out),
@@ -67,6 +77,7 @@ macro_rules! tile_kernel {
             const NIBBLES: bool,
             const PAIR: bool,
             const WIDE: bool,
+            const HALF: bool,
         >(
             w: &PackedWeights,
             a: &ActivationView<'_>,
@@ -75,7 +86,11 @@ macro_rules! tile_kernel {
             out: &mut [[f32; C]; R],
         ) {
             let nb = w.nb;
-            let (wq, wd, wm) = (w.q.as_ptr(), w.d.as_ptr(), w.m.as_ptr());
+            let (wq, wd, wm, wdm) = match &w.scales {
+                Scales::Half(dm) => (w.q.as_ptr(), std::ptr::null(), std::ptr::null(), dm.as_ptr().cast::<i32>()),
+                Scales::Full { d, m } => (w.q.as_ptr(), d.as_ptr(), m.as_ptr(), std::ptr::null()),
+            };
+            assert_eq!(HALF, !wdm.is_null(), "the scales are the kernel's");
             let (aq, ad, sums) = (a.q.as_ptr(), a.d.as_ptr(), a.s.as_ptr());
             // Offsets go into the sums, except where the AVX2 level multiplied
             // Q8_0's signed values (the offset is then already accounted for).
@@ -87,9 +102,10 @@ macro_rules! tile_kernel {
                 let mut ws = [_mm256_setzero_ps(); C];
                 let mut ms = [_mm256_setzero_ps(); C];
                 for c in 0..C {
-                    let blk = (col + c) * nb + b;
-                    // SAFETY: block `blk` of a column below `n` is inside `q`
-                    // (16 or 32 bytes per block) and `d` (1 or 2 per block).
+                    let blk = slot(nb, col + c, b);
+                    // SAFETY: the slot of a block of a column below `n` is inside `q`
+                    // (16 or 32 bytes per block) and the scales (one pair, or
+                    // two of `d` and `m` per block).
                     unsafe {
                         wv[c] = if NIBBLES {
                             let packed = _mm_loadu_si128(wq.add(blk * 16).cast());
@@ -99,7 +115,11 @@ macro_rules! tile_kernel {
                         } else {
                             _mm256_loadu_si256(wq.add(blk * BLOCK).cast())
                         };
-                        (ws[c], ms[c]) = if PAIR {
+                        (ws[c], ms[c]) = if HALF {
+                            // [d, m, 0, 0] from the block's two f16.
+                            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(wdm.add(blk).read_unaligned()));
+                            (_mm256_broadcastss_ps(dm), _mm256_broadcastss_ps(_mm_movehdup_ps(dm)))
+                        } else if PAIR {
                             (
                                 _mm256_set_m128(_mm_set1_ps(*wd.add(2 * blk + 1)), _mm_set1_ps(*wd.add(2 * blk))),
                                 _mm256_set_m128(_mm_set1_ps(*wm.add(2 * blk + 1)), _mm_set1_ps(*wm.add(2 * blk))),
@@ -144,11 +164,17 @@ macro_rules! tile_kernel {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::super::{ActivationView, PackedWeights, BLOCK};
+    use super::super::{slot, ActivationView, PackedWeights, Scales, BLOCK};
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     fn dot<const WIDE: bool>(w: __m256i, a: __m256i) -> __m256i {
+        maddubs_dot::<WIDE>(w, a)
+    }
+
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(super) fn maddubs_dot<const WIDE: bool>(w: __m256i, a: __m256i) -> __m256i {
         let pairs = if WIDE {
             // Back to signed values, then |w| × (a with w's sign): at most
             // 2 · 128 · 127 per pair, inside i16.
@@ -161,33 +187,48 @@ mod avx2 {
         _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
     }
 
-    tile_kernel!("avx2,fma", true);
+    tile_kernel!("avx2,fma,f16c", true);
+}
+
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::super::{slot, ActivationView, PackedWeights, Scales, BLOCK};
+
+    /// As AVX2's, with the EVEX encodings and 32 vector registers.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+    #[inline]
+    fn dot<const WIDE: bool>(w: __m256i, a: __m256i) -> __m256i {
+        super::avx2::maddubs_dot::<WIDE>(w, a)
+    }
+
+    tile_kernel!("avx2,fma,f16c,avx512f,avx512bw,avx512vl", true);
 }
 
 mod avx_vnni {
     use std::arch::x86_64::*;
 
-    use super::super::{ActivationView, PackedWeights, BLOCK};
+    use super::super::{slot, ActivationView, PackedWeights, Scales, BLOCK};
 
-    #[target_feature(enable = "avx2,fma,avxvnni")]
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
     #[inline]
     fn dot<const WIDE: bool>(w: __m256i, a: __m256i) -> __m256i {
         _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w, a)
     }
 
-    tile_kernel!("avx2,fma,avxvnni", false);
+    tile_kernel!("avx2,fma,f16c,avxvnni", false);
 }
 
 mod avx512_vnni {
     use std::arch::x86_64::*;
 
-    use super::super::{ActivationView, PackedWeights, BLOCK};
+    use super::super::{slot, ActivationView, PackedWeights, Scales, BLOCK};
 
-    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     #[inline]
     fn dot<const WIDE: bool>(w: __m256i, a: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a)
     }
 
-    tile_kernel!("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni", false);
+    tile_kernel!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", false);
 }
