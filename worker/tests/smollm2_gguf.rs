@@ -150,6 +150,54 @@ mod runtime {
         assert_eq!(argmax(&got), argmax(&want));
     }
 
+    /// Greedy answers to a fixed prompt set, token by token, against candle's
+    /// quantized Llama (the kernels the worker ran before its own): the same
+    /// tokens, or, where the two part, their two choices were within 1.0 of each
+    /// other in both sets of logits (a near tie that 8-bit activation rounding
+    /// can flip).
+    #[test]
+    fn greedy_answers_match_the_previous_kernels() {
+        let path = std::env::var_os("KANDLE_TEST_GGUF").map(PathBuf::from).expect("KANDLE_TEST_GGUF");
+        let model = &smollm2().model;
+        let prompts = [
+            "What is the capital of France?",
+            "Write a haiku about the sea.",
+            "List three prime numbers.",
+            "Explain what a thread pool is in one sentence.",
+        ];
+        let (mut same, mut total) = (0, 0);
+        for question in prompts {
+            let mut reader = BufReader::new(File::open(&path).expect("open"));
+            let content = Content::read(&mut reader).expect("gguf");
+            let mut reference =
+                quantized_llama::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).expect("ref");
+            let mut tokens = prompt(&format!("<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"));
+            let cache = model.kv_cache(16, 64).expect("cache");
+            let blocks: Vec<u32> = (0..64).collect();
+            let mut step = StepSequence { tokens: tokens.clone(), start: 0, blocks };
+            let mut fed = 0;
+            for _ in 0..24 {
+                let ours = forward(model, std::slice::from_ref(&step), &cache).remove(0);
+                let input = Tensor::new(&tokens[fed..], &Device::Cpu).expect("t").unsqueeze(0).expect("batch");
+                let theirs = reference.forward(&input, fed).expect("forward").flatten_all().expect("flat");
+                let theirs = theirs.to_vec1::<f32>().expect("logits");
+                fed = tokens.len();
+                let (a, b) = (argmax(&ours), argmax(&theirs));
+                total += 1;
+                if a != b {
+                    let close = |l: &[f32]| (l[a] - l[b]).abs() <= 1.0;
+                    assert!(close(&ours) && close(&theirs), "{question:?}: {a} vs {b} after {same} equal tokens");
+                    break;
+                }
+                same += 1;
+                step = StepSequence { tokens: vec![a as u32], start: tokens.len(), blocks: step.blocks };
+                tokens.push(a as u32);
+            }
+        }
+        eprintln!("{same} of {total} greedy tokens equal to candle's");
+        assert!(same * 2 > total, "{same} of {total}");
+    }
+
     fn cosine(a: &[f32], b: &[f32]) -> f32 {
         let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
         let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
