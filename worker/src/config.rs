@@ -119,7 +119,8 @@ pub struct ServeConfig {
     #[arg(long, env = "KANDLE_MAX_WAITING", default_value_t = 64)]
     pub max_waiting: usize,
 
-    /// CPU threads for inference; 0 uses every core available to the process.
+    /// Compute threads of the forward pass; 0: the container's CPU quota (cgroup
+    /// cpu.max), else every core the process may run on.
     #[arg(long, env = "KANDLE_THREADS", default_value_t = 0, value_parser = in_range(engine::THREADS))]
     pub threads: usize,
 

@@ -1,9 +1,15 @@
 //! The forward pass kandle owns: a Llama-family model run over a batch of
 //! sequences at different positions in one call. Linear layers run once over
 //! every token of the step; attention runs per sequence over its own blocks of
-//! the paged KV cache. Tensors live on the device chosen at start-up; the two
-//! operations candle lacks (writing KV slots, paged attention) are candle custom
-//! ops, so another device adds kernels, not a new design.
+//! the paged KV cache.
+//!
+//! Two backends run it. Quantized weights of the types kandle has kernels for
+//! run on the CPU forward pass ([`cpu`]: one thread-pool dispatch per step,
+//! [`qmatmul`] kernels chosen by CPU feature detection). Everything else
+//! (other devices, dense checkpoints, other GGUF types) runs as candle tensor
+//! operations on the model's device; the two operations candle lacks (writing
+//! KV slots, paged attention) are candle custom ops there, so another device
+//! adds kernels, not a new design.
 
 pub mod attention;
 pub mod config;
