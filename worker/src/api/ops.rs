@@ -23,7 +23,9 @@ pub async fn health(State(state): State<AppState>) -> Response {
 pub async fn ready(State(state): State<AppState>) -> Response {
     match state.model() {
         Ok(service) if !service.engine.is_alive() => ApiError::engine_stopped().into_response(),
-        Ok(service) => Json(json!({"status": "ready", "model": service.info, "compute": service.compute})).into_response(),
+        Ok(service) => {
+            Json(json!({"status": "ready", "model": service.info, "compute": service.compute})).into_response()
+        }
         Err(e) => e.into_response(),
     }
 }
