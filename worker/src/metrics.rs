@@ -23,6 +23,8 @@ pub struct Metrics {
     pub completion_tokens: Counter,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
+    /// Time to compute one token's grammar mask (structured output).
+    pub grammar_mask: Histogram,
     pub queue_depth: Gauge,
     pub batch_size: Gauge,
     /// Prompt tokens looked up in the prefix cache, and found there.
@@ -72,6 +74,12 @@ impl Default for Metrics {
             "kandle_inter_token_latency_seconds",
             "Time between consecutive tokens of a sequence",
             inter_token_latency.clone(),
+        );
+        let grammar_mask = Histogram::new(exponential_buckets(0.000_01, 2.0, 16));
+        registry.register(
+            "kandle_grammar_mask_seconds",
+            "Time to compute one token's grammar mask for structured output",
+            grammar_mask.clone(),
         );
         let queue_depth = Gauge::default();
         registry.register("kandle_queue_depth", "Requests waiting for a batch slot", queue_depth.clone());
@@ -124,6 +132,7 @@ impl Default for Metrics {
             completion_tokens,
             time_to_first_token,
             inter_token_latency,
+            grammar_mask,
             queue_depth,
             batch_size,
             prefix_cache_queries,

@@ -9,6 +9,7 @@ use crate::api::error::ApiError;
 use crate::api::request::{ChatRequest, SamplingOverrides, ToolChoice};
 use kandle_contract::engine::KvCacheMemory;
 
+use crate::engine::grammar::Grammars;
 use crate::engine::{Engine, EngineConfig, EngineModel, Event, GenerateRequest, ReasoningMode, StartError};
 use crate::metrics::Metrics;
 use crate::model::{ChatTemplate, LoadedModel, ModelInfo, RenderOptions, SpecialTokens};
@@ -25,6 +26,8 @@ pub struct ModelService {
     pub info: ModelInfo,
     /// How the forward pass runs, as `/ready` reports it.
     pub compute: Compute,
+    /// Matchers for `response_format` (none when llguidance cannot read the tokenizer).
+    pub grammars: Option<Grammars>,
     pub engine: Engine,
     pub tokenizer: Arc<tokenizers::Tokenizer>,
     pub template: ChatTemplate,
@@ -112,6 +115,15 @@ impl ModelService {
         );
         let tokenizer = Arc::new(loaded.tokenizer);
         let compute = Compute { kernels: loaded.model.kernels(), threads: loaded.model.threads() };
+        let end = loaded.special.stop_ids.first().copied();
+        let grammars = match end.map(|end| Grammars::new(tokenizer.clone(), end)) {
+            Some(Ok(grammars)) => Some(grammars),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "structured output unavailable: the tokenizer cannot be read as a grammar vocabulary");
+                None
+            }
+            None => None,
+        };
         let engine = Engine::start(
             EngineModel { model: loaded.model, tokenizer: tokenizer.clone(), special: loaded.special.clone() },
             EngineConfig {
@@ -128,6 +140,7 @@ impl ModelService {
         Ok(Self {
             info: loaded.info,
             compute,
+            grammars,
             engine,
             tokenizer,
             template: loaded.template,
@@ -178,6 +191,18 @@ impl ModelService {
             }
         }
         let max_tokens = self.completion_budget(prompt.len(), req.max_tokens)?;
+        let constraint = match (&req.response_format, &self.grammars) {
+            (None, _) => None,
+            (Some(format), Some(grammars)) => Some(grammars.constraint(format).map_err(|e| {
+                ApiError::invalid("response_format", format!("The response_format cannot be enforced: {e}"))
+            })?),
+            (Some(_), None) => {
+                return Err(ApiError::unsupported(
+                    "response_format",
+                    "Structured output is not available for this model's tokenizer.",
+                ))
+            }
+        };
         let (tx, events) = mpsc::unbounded_channel();
         Ok(Prepared {
             prompt_tokens: prompt.len(),
@@ -188,6 +213,7 @@ impl ModelService {
                 stop: req.stop.clone(),
                 n: req.n,
                 reasoning,
+                constraint,
                 events: tx,
             },
             events,

@@ -6,6 +6,7 @@ use kandle_contract::SamplingDefaults;
 use serde_json::{Map, Value as Json};
 
 use super::error::ApiError;
+use crate::engine::grammar::OutputFormat;
 use crate::engine::SamplingParams;
 
 pub const MAX_N: u64 = 8;
@@ -32,6 +33,8 @@ pub struct ChatRequest {
     pub enable_thinking: Option<bool>,
     pub thinking_budget: Option<usize>,
     pub reasoning_effort: Option<String>,
+    /// `response_format` other than text: the output is constrained to it.
+    pub response_format: Option<OutputFormat>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -125,7 +128,7 @@ pub fn parse(body: &[u8], vocab_size: usize) -> Result<ChatRequest, ApiError> {
     let enable_thinking = f.bool("enable_thinking")?;
     let thinking_budget = f.uint("thinking_budget", 1, u64::from(u32::MAX))?.map(|v| v as usize);
     let reasoning_effort = f.one_of("reasoning_effort", &["none", "minimal", "low", "medium", "high"])?;
-    parse_response_format(&mut f)?;
+    let response_format = parse_response_format(&mut f)?;
     reject_unavailable(&mut f)?;
 
     if let Some(key) = f.obj.keys().next() {
@@ -149,6 +152,7 @@ pub fn parse(body: &[u8], vocab_size: usize) -> Result<ChatRequest, ApiError> {
         enable_thinking,
         thinking_budget,
         reasoning_effort,
+        response_format,
     })
 }
 
@@ -318,18 +322,71 @@ fn parse_tool_choice(f: &mut Fields, has_tools: bool) -> Result<ToolChoice, ApiE
     }
 }
 
-fn parse_response_format(f: &mut Fields) -> Result<(), ApiError> {
+/// `text` (or none): free text. `json_object`: any JSON object.
+/// `json_schema`: `{"name", "schema", "strict", "description"}`; the schema is
+/// compiled when the request is prepared (an unsupported or invalid schema is
+/// a 400 naming `response_format`). With `strict: true` unknown schema keywords
+/// are errors; otherwise they are ignored.
+fn parse_response_format(f: &mut Fields) -> Result<Option<OutputFormat>, ApiError> {
     let format = match f.take("response_format") {
-        None | Some(Json::Null) => return Ok(()),
+        None | Some(Json::Null) => return Ok(None),
         Some(Json::Object(format)) => format,
         Some(other) => return Err(ApiError::wrong_type("response_format", "an object", &other)),
     };
-    match format.get("type").and_then(Json::as_str) {
-        Some("text") => Ok(()),
-        Some(kind @ ("json_object" | "json_schema")) => Err(ApiError::unsupported(
+    let kind = format.get("type").and_then(Json::as_str);
+    let check_keys = |allowed: &[&str]| match format.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(key) => Err(ApiError::invalid(
             "response_format",
-            format!("response_format type '{kind}' is not supported by this server yet; use 'text'."),
+            format!("Unrecognized field '{key}' in response_format of type '{}'.", kind.unwrap_or_default()),
         )),
+        None => Ok(()),
+    };
+    match kind {
+        Some("text") => check_keys(&["type"]).map(|()| None),
+        Some("json_object") => check_keys(&["type"]).map(|()| Some(OutputFormat::JsonObject)),
+        Some("json_schema") => {
+            check_keys(&["type", "json_schema"])?;
+            let Some(Json::Object(spec)) = format.get("json_schema") else {
+                return Err(ApiError::invalid(
+                    "response_format.json_schema",
+                    "response_format of type 'json_schema' needs a 'json_schema' object.",
+                ));
+            };
+            if let Some(key) = spec.keys().find(|k| !["name", "schema", "strict", "description"].contains(&k.as_str()))
+            {
+                return Err(ApiError::invalid(
+                    "response_format.json_schema",
+                    format!("Unrecognized field '{key}' in response_format.json_schema."),
+                ));
+            }
+            match spec.get("name") {
+                Some(Json::String(name))
+                    if !name.is_empty()
+                        && name.len() <= 64
+                        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') => {}
+                _ => {
+                    return Err(ApiError::invalid(
+                        "response_format.json_schema.name",
+                        "response_format.json_schema.name must be 1 to 64 letters, digits, '_' or '-'.",
+                    ))
+                }
+            }
+            let strict = match spec.get("strict") {
+                None | Some(Json::Null) => false,
+                Some(Json::Bool(b)) => *b,
+                Some(other) => {
+                    return Err(ApiError::wrong_type("response_format.json_schema.strict", "a boolean", other))
+                }
+            };
+            let schema = match spec.get("schema") {
+                None | Some(Json::Null) => serde_json::json!({}),
+                Some(Json::Object(schema)) => Json::Object(schema.clone()),
+                Some(other) => {
+                    return Err(ApiError::wrong_type("response_format.json_schema.schema", "an object", other))
+                }
+            };
+            Ok(Some(OutputFormat::JsonSchema { schema, strict }))
+        }
         _ => Err(ApiError::invalid(
             "response_format.type",
             "response_format.type must be one of 'text', 'json_object', 'json_schema'.",
@@ -575,8 +632,21 @@ mod tests {
             (json!({"enable_thinking": "on"}), "enable_thinking"),
             (json!({"thinking_budget": 0}), "thinking_budget"),
             (json!({"reasoning_effort": "max"}), "reasoning_effort"),
-            (json!({"response_format": {"type": "json_object"}}), "response_format"),
-            (json!({"response_format": {"type": "json_schema", "json_schema": {}}}), "response_format"),
+            (json!({"response_format": {"type": "json_object", "schema": {}}}), "response_format"),
+            (json!({"response_format": {"type": "yaml"}}), "response_format.type"),
+            (json!({"response_format": {"type": "json_schema", "json_schema": []}}), "response_format.json_schema"),
+            (
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 3}}}),
+                "response_format.json_schema.schema",
+            ),
+            (
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "strict": "yes"}}}),
+                "response_format.json_schema.strict",
+            ),
+            (
+                json!({"response_format": {"type": "json_schema", "json_schema": {}}}),
+                "response_format.json_schema.name",
+            ),
             (json!({"response_format": {"type": "yaml"}}), "response_format.type"),
             (json!({"response_format": "json"}), "response_format"),
             (json!({"modalities": ["text", "audio"]}), "modalities"),

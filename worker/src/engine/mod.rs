@@ -7,6 +7,7 @@
 
 mod blocks;
 mod detokenizer;
+pub mod grammar;
 mod output;
 mod sampler;
 mod scheduler;
@@ -36,6 +37,8 @@ pub struct GenerateRequest {
     /// Number of choices; each is its own sequence.
     pub n: usize,
     pub reasoning: ReasoningMode,
+    /// The output format the sampler enforces (each choice its own copy).
+    pub constraint: Option<grammar::Constraint>,
     pub events: mpsc::UnboundedSender<Event>,
 }
 

@@ -184,6 +184,7 @@ impl Scheduler {
                 prompt: r.prompt.clone(),
                 sampler: Sampler::new(r.sampling.clone(), &r.prompt, index as u64),
                 reasoning: r.reasoning,
+                constraint: r.constraint.clone(),
                 stop: r.stop.clone(),
                 max_tokens: r.max_tokens,
                 events: r.events.clone(),
@@ -293,6 +294,9 @@ impl Scheduler {
             let ctx = StepContext { tokenizer: &self.model.tokenizer, stop_ids: &self.model.special.stop_ids };
             let row = self.logits.row_mut(r);
             let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| seq.accept(row, &ctx)));
+            if let Some(took) = seq.mask_time {
+                self.metrics.grammar_mask.observe(took.as_secs_f64());
+            }
             match outcome {
                 Ok(Ok(StepOutcome::Running)) => {}
                 Ok(Ok(StepOutcome::Finished)) => finished.push(i),

@@ -4,12 +4,13 @@
 //! feeds their pending tokens to a batched forward pass.
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
 use super::blocks::PrefixHash;
 use super::detokenizer::Detokenizer;
+use super::grammar::Constraint;
 use super::output::{OutputShaper, ReasoningMode, Shaped};
 use super::sampler::{Sampled, Sampler};
 use super::{ChoiceUsage, Delta, Event, FinishReason, TokenLogprob};
@@ -42,6 +43,11 @@ pub struct Sequence {
     pub cached_tokens: usize,
     /// Tokens the engine appends without sampling (closing a reasoning block).
     forced: VecDeque<u32>,
+    /// The output format's matcher: masks the logits of answer tokens
+    /// (reasoning is not constrained).
+    constraint: Option<Constraint>,
+    /// How long the last token's grammar mask took (for the metrics).
+    pub mask_time: Option<Duration>,
     max_tokens: usize,
     thinking_budget: Option<usize>,
     usage: ChoiceUsage,
@@ -61,6 +67,7 @@ pub struct SequenceSpec {
     pub prompt: Vec<u32>,
     pub sampler: Sampler,
     pub reasoning: ReasoningMode,
+    pub constraint: Option<Constraint>,
     pub stop: Vec<String>,
     pub max_tokens: usize,
     pub events: mpsc::UnboundedSender<Event>,
@@ -89,6 +96,8 @@ impl Sequence {
             prefix_hash: 0,
             cached_tokens: 0,
             forced: VecDeque::new(),
+            constraint: spec.constraint,
+            mask_time: None,
             max_tokens: spec.max_tokens,
             thinking_budget,
             usage: ChoiceUsage::default(),
@@ -110,10 +119,20 @@ impl Sequence {
     /// Handles the logits of the last token once every token is in the cache:
     /// samples (or takes a forced token) and emits what it adds to the output.
     pub fn accept(&mut self, logits: &mut [f32], ctx: &StepContext<'_>) -> Result<StepOutcome, String> {
+        let constrained = self.forced.is_empty() && !self.shaper.in_reasoning();
+        self.mask_time = None;
+        if let (true, Some(constraint)) = (constrained, &mut self.constraint) {
+            self.mask_time = Some(constraint.mask(logits)?);
+        }
         let sampled = match self.forced.pop_front() {
             Some(token) => Sampled { token, logprob: 0.0, top: Vec::new() },
             None => self.sampler.sample(logits),
         };
+        if let (true, Some(constraint)) = (constrained, &mut self.constraint) {
+            if !ctx.stop_ids.contains(&sampled.token) {
+                constraint.advance(sampled.token)?;
+            }
+        }
         self.usage.completion_tokens += 1;
         let was_reasoning = self.shaper.in_reasoning();
         if was_reasoning {
