@@ -208,7 +208,11 @@ def test_unknown_model_is_404(worker):
          "response_format"),
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"enable_search": True}, "enable_search"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+         "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}],
+          "tool_choice": "required"}, "tools"),
         ({"frobnicate": 1}, "frobnicate"),
     ],
 )

@@ -10,6 +10,8 @@ use crate::api::request::{ChatRequest, SamplingOverrides, ToolChoice};
 use kandle_contract::engine::KvCacheMemory;
 
 use crate::engine::grammar::Grammars;
+use crate::engine::tool_calls::ToolFormat;
+use crate::engine::tool_prompt;
 use crate::engine::{Engine, EngineConfig, EngineModel, Event, GenerateRequest, ReasoningMode, StartError};
 use crate::metrics::Metrics;
 use crate::model::{ChatTemplate, LoadedModel, ModelInfo, RenderOptions, SpecialTokens};
@@ -51,6 +53,8 @@ pub struct Compute {
 /// A request ready for the engine, and the channel its events arrive on.
 pub struct Prepared {
     pub prompt_tokens: usize,
+    /// How the answer's tool calls are written, when tools were offered.
+    pub tool_format: Option<ToolFormat>,
     pub request: GenerateRequest,
     pub events: mpsc::UnboundedReceiver<Event>,
 }
@@ -159,17 +163,37 @@ impl ModelService {
     /// CPU-bound: call it off the async workers.
     pub fn prepare(&self, req: &ChatRequest) -> Result<Prepared, ApiError> {
         let reasoning = self.reasoning_mode(req)?;
-        let tools = match req.tool_choice {
+        let offered = match req.tool_choice {
             ToolChoice::None => None,
-            ToolChoice::Auto => req.tools.as_deref(),
+            _ => req.tools.as_deref(),
         };
-        if tools.is_some() {
-            let message = if self.template.features().tools {
-                "Tool calling is not supported by this server yet; send tool_choice 'none' or omit 'tools'."
-            } else {
-                "This model's chat template does not support tools."
-            };
-            return Err(ApiError::unsupported("tools", message));
+        // Templates that render tools get them; for the others kandle describes
+        // them in the system message and asks for bare JSON calls.
+        let native = self.template.features().tools;
+        let fallback;
+        let (messages, tools, mut tool_format) = match offered {
+            None => (req.messages.as_slice(), None, None),
+            Some(tools) if native => (req.messages.as_slice(), Some(tools), Some(self.template.features().tool_format)),
+            Some(tools) => {
+                fallback = tool_prompt::with_tools(&req.messages, tools);
+                (fallback.as_slice(), None, Some(ToolFormat::Generic))
+            }
+        };
+        // `required` and named choices are constrained from the first token to
+        // bare JSON calls, whatever the template's own format.
+        let call_format = match (&req.tool_choice, offered) {
+            (ToolChoice::Required, Some(tools)) => Some(tool_prompt::calls_format(tools, None)),
+            (ToolChoice::Named(name), Some(tools)) => Some(tool_prompt::calls_format(tools, Some(name))),
+            _ => None,
+        };
+        if call_format.is_some() {
+            tool_format = Some(ToolFormat::Generic);
+            if req.response_format.is_some() {
+                return Err(ApiError::invalid(
+                    "response_format",
+                    "response_format cannot be combined with tool_choice 'required' or a named function.",
+                ));
+            }
         }
         let options = RenderOptions {
             tools,
@@ -178,7 +202,7 @@ impl ModelService {
         };
         let text = self
             .template
-            .render(&req.messages, &options)
+            .render(messages, &options)
             .map_err(|e| ApiError::invalid("messages", format!("The chat template rejected the messages: {e}")))?;
         let encoding = self
             .tokenizer
@@ -191,21 +215,28 @@ impl ModelService {
             }
         }
         let max_tokens = self.completion_budget(prompt.len(), req.max_tokens)?;
-        let constraint = match (&req.response_format, &self.grammars) {
+        let (format, param) = match (&call_format, &req.response_format) {
+            (Some(calls), _) => (Some(calls), "tools"),
+            (None, format) => (format.as_ref(), "response_format"),
+        };
+        let constraint = match (format, &self.grammars) {
             (None, _) => None,
-            (Some(format), Some(grammars)) => Some(grammars.constraint(format).map_err(|e| {
-                ApiError::invalid("response_format", format!("The response_format cannot be enforced: {e}"))
-            })?),
+            (Some(format), Some(grammars)) => Some(
+                grammars
+                    .constraint(format)
+                    .map_err(|e| ApiError::invalid(param, format!("The {param} cannot be enforced: {e}")))?,
+            ),
             (Some(_), None) => {
                 return Err(ApiError::unsupported(
-                    "response_format",
-                    "Structured output is not available for this model's tokenizer.",
+                    param,
+                    "Constrained output is not available for this model's tokenizer.",
                 ))
             }
         };
         let (tx, events) = mpsc::unbounded_channel();
         Ok(Prepared {
             prompt_tokens: prompt.len(),
+            tool_format,
             request: GenerateRequest {
                 prompt,
                 sampling: req.sampling.resolve(&self.defaults, req.logprobs),

@@ -16,9 +16,10 @@ use super::error::ApiError;
 use super::request::{self, ChatRequest};
 use super::response::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChoiceLogprobs, ChunkChoice, ChunkDelta, Envelope,
-    LogprobEntry, Usage,
+    LogprobEntry, ToolCallOut, Usage,
 };
 use super::state::AppState;
+use crate::engine::tool_calls::{Piece, ToolCall, ToolCallParser, ToolFormat};
 use crate::engine::{Event, FinishReason, SubmitError};
 
 /// How a chat path wraps its answers.
@@ -68,7 +69,7 @@ async fn run(state: AppState, body: Body, flavor: Flavor) -> Result<Response, Ap
             .await
             .map_err(|e| ApiError::internal(format!("prompt preparation failed: {e}")))??
     };
-    let meta = ResponseMeta::new(&req, prepared.prompt_tokens);
+    let meta = ResponseMeta::new(&req, prepared.prompt_tokens, prepared.tool_format);
     service.engine.submit(prepared.request).map_err(|e| match e {
         SubmitError::Overloaded => ApiError::overloaded(),
         SubmitError::Stopped => ApiError::internal(e.to_string()),
@@ -101,10 +102,12 @@ struct ResponseMeta {
     prompt_tokens: usize,
     include_usage: bool,
     logprobs: bool,
+    /// How tool calls are written in the answer, when tools were offered.
+    tool_format: Option<ToolFormat>,
 }
 
 impl ResponseMeta {
-    fn new(req: &ChatRequest, prompt_tokens: usize) -> Self {
+    fn new(req: &ChatRequest, prompt_tokens: usize, tool_format: Option<ToolFormat>) -> Self {
         Self {
             id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
             created: super::unix_now(),
@@ -114,7 +117,31 @@ impl ResponseMeta {
             prompt_tokens,
             include_usage: req.include_usage,
             logprobs: req.logprobs.is_some(),
+            tool_format,
         }
+    }
+}
+
+/// An answer's content split into text and tool calls.
+fn split_calls(format: ToolFormat, content: &str) -> (String, Vec<ToolCall>) {
+    let mut parser = ToolCallParser::new(format);
+    let mut pieces = parser.push(content);
+    pieces.extend(parser.finish());
+    let (mut text, mut calls) = (String::new(), Vec::new());
+    for piece in pieces {
+        match piece {
+            Piece::Content(t) => text.push_str(&t),
+            Piece::Call(call) => calls.push(call),
+        }
+    }
+    (text, calls)
+}
+
+/// `tool_calls` when a finished answer made calls.
+fn finish_reason(reason: FinishReason, called: bool) -> &'static str {
+    match reason {
+        FinishReason::Stop if called => "tool_calls",
+        other => other.as_str(),
     }
 }
 
@@ -171,15 +198,24 @@ async fn collect(
         choices: choices
             .into_iter()
             .enumerate()
-            .map(|(index, c)| Choice {
-                index,
-                message: AssistantMessage {
-                    role: "assistant",
-                    content: Some(c.content),
-                    reasoning_content: (!c.reasoning.is_empty()).then_some(c.reasoning),
-                },
-                finish_reason: c.finish.unwrap_or(FinishReason::Stop).as_str(),
-                logprobs: meta.logprobs.then_some(ChoiceLogprobs { content: c.logprobs }),
+            .map(|(index, c)| {
+                let (content, calls) = match meta.tool_format {
+                    Some(format) => split_calls(format, &c.content),
+                    None => (c.content, Vec::new()),
+                };
+                let called = !calls.is_empty();
+                Choice {
+                    index,
+                    message: AssistantMessage {
+                        role: "assistant",
+                        content: (!called || !content.trim().is_empty()).then_some(content),
+                        reasoning_content: (!c.reasoning.is_empty()).then_some(c.reasoning),
+                        tool_calls: called
+                            .then(|| calls.into_iter().map(|call| ToolCallOut::new(call, None)).collect()),
+                    },
+                    finish_reason: finish_reason(c.finish.unwrap_or(FinishReason::Stop), called),
+                    logprobs: meta.logprobs.then_some(ChoiceLogprobs { content: c.logprobs }),
+                }
             })
             .collect(),
         usage: Usage::new(meta.prompt_tokens, completion_tokens, reasoning_tokens, cached_tokens),
@@ -197,6 +233,10 @@ struct StreamState {
     reasoning_tokens: usize,
     cached_tokens: usize,
     done: bool,
+    /// Per choice: its tool-call parser (when tools were offered), and how
+    /// many calls it has streamed.
+    parsers: Vec<Option<ToolCallParser>>,
+    calls: Vec<usize>,
 }
 
 fn stream(
@@ -205,6 +245,7 @@ fn stream(
     events: mpsc::UnboundedReceiver<Event>,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let open = meta.n;
+    let meta_format = meta.tool_format;
     let mut s = StreamState {
         state,
         meta,
@@ -215,6 +256,8 @@ fn stream(
         reasoning_tokens: 0,
         cached_tokens: 0,
         done: false,
+        parsers: (0..open).map(|_| meta_format.map(ToolCallParser::new)).collect(),
+        calls: vec![0; open],
     };
     for index in 0..s.meta.n {
         let delta = ChunkDelta { role: Some("assistant"), content: Some(String::new()), ..Default::default() };
@@ -253,20 +296,44 @@ impl StreamState {
     async fn advance(&mut self) {
         match self.events.recv().await {
             Some(Event::Delta(d)) => {
-                let delta = ChunkDelta {
-                    role: None,
-                    content: (!d.content.is_empty()).then_some(d.content),
-                    reasoning_content: (!d.reasoning.is_empty()).then_some(d.reasoning),
-                };
-                let logprobs = self
+                let mut deltas = Vec::new();
+                if !d.reasoning.is_empty() {
+                    deltas.push(ChunkDelta { reasoning_content: Some(d.reasoning), ..Default::default() });
+                }
+                match self.parsers.get_mut(d.index).and_then(Option::as_mut) {
+                    Some(parser) => {
+                        let pieces = parser.push(&d.content);
+                        deltas.extend(self.pieces(d.index, pieces));
+                    }
+                    None if !d.content.is_empty() => {
+                        deltas.push(ChunkDelta { content: Some(d.content), ..Default::default() })
+                    }
+                    None => {}
+                }
+                let mut logprobs = self
                     .meta
                     .logprobs
                     .then(|| ChoiceLogprobs { content: d.logprobs.iter().map(LogprobEntry::from).collect() });
-                let event =
-                    self.chunk(vec![ChunkChoice { index: d.index, delta, logprobs, finish_reason: None }], None);
-                self.queued.push_back(event);
+                if deltas.is_empty() && logprobs.is_some() {
+                    deltas.push(ChunkDelta::default());
+                }
+                for delta in deltas {
+                    let logprobs = logprobs.take();
+                    let event =
+                        self.chunk(vec![ChunkChoice { index: d.index, delta, logprobs, finish_reason: None }], None);
+                    self.queued.push_back(event);
+                }
             }
             Some(Event::Finished { index, reason, usage }) => {
+                if let Some(parser) = self.parsers.get_mut(index).and_then(Option::take) {
+                    let pieces = parser.finish();
+                    for delta in self.pieces(index, pieces) {
+                        let event =
+                            self.chunk(vec![ChunkChoice { index, delta, logprobs: None, finish_reason: None }], None);
+                        self.queued.push_back(event);
+                    }
+                }
+                let called = self.calls.get(index).is_some_and(|n| *n > 0);
                 self.completion_tokens += usage.completion_tokens;
                 self.reasoning_tokens += usage.reasoning_tokens;
                 if index == 0 {
@@ -276,7 +343,7 @@ impl StreamState {
                     index,
                     delta: ChunkDelta::default(),
                     logprobs: None,
-                    finish_reason: Some(reason.as_str()),
+                    finish_reason: Some(finish_reason(reason, called)),
                 };
                 let event = self.chunk(vec![last], None);
                 self.queued.push_back(event);
@@ -300,6 +367,22 @@ impl StreamState {
             Some(Event::Failed { message }) => self.fail(ApiError::internal(message)),
             None => self.fail(ApiError::internal("the inference engine stopped")),
         }
+    }
+
+    /// Parsed pieces of a choice's content as deltas: text, or a whole call
+    /// (its index, id and name, and its arguments in one piece).
+    fn pieces(&mut self, index: usize, pieces: Vec<Piece>) -> Vec<ChunkDelta> {
+        pieces
+            .into_iter()
+            .map(|piece| match piece {
+                Piece::Content(text) => ChunkDelta { content: Some(text), ..Default::default() },
+                Piece::Call(call) => {
+                    let position = self.calls[index];
+                    self.calls[index] += 1;
+                    ChunkDelta { tool_calls: Some(vec![ToolCallOut::new(call, Some(position))]), ..Default::default() }
+                }
+            })
+            .collect()
     }
 
     /// An error after the stream started travels as an SSE event with an `error` object.

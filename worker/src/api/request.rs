@@ -30,6 +30,8 @@ pub struct ChatRequest {
     pub logprobs: Option<usize>,
     pub tools: Option<Vec<Json>>,
     pub tool_choice: ToolChoice,
+    /// Several calls in one answer (default true).
+    pub parallel_tool_calls: bool,
     pub enable_thinking: Option<bool>,
     pub thinking_budget: Option<usize>,
     pub reasoning_effort: Option<String>,
@@ -37,11 +39,17 @@ pub struct ChatRequest {
     pub response_format: Option<OutputFormat>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum ToolChoice {
+    /// Text or calls, as the model chooses.
     #[default]
     Auto,
+    /// No tools offered.
     None,
+    /// At least one call, of any offered tool.
+    Required,
+    /// A call of this function.
+    Named(String),
 }
 
 /// Sampling values given in a request (or in the model's defaults).
@@ -120,10 +128,8 @@ pub fn parse(body: &[u8], vocab_size: usize) -> Result<ChatRequest, ApiError> {
     let include_usage = parse_stream_options(&mut f, stream)?;
     let logprobs = parse_logprobs(&mut f)?;
     let tools = parse_tools(&mut f)?;
-    let tool_choice = parse_tool_choice(&mut f, tools.is_some())?;
-    if let Some(parallel) = f.take("parallel_tool_calls") {
-        expect_bool("parallel_tool_calls", &parallel)?;
-    }
+    let tool_choice = parse_tool_choice(&mut f, tools.as_deref())?;
+    let parallel_tool_calls = f.bool("parallel_tool_calls")?.unwrap_or(true);
     f.string("user")?;
     let enable_thinking = f.bool("enable_thinking")?;
     let thinking_budget = f.uint("thinking_budget", 1, u64::from(u32::MAX))?.map(|v| v as usize);
@@ -133,9 +139,6 @@ pub fn parse(body: &[u8], vocab_size: usize) -> Result<ChatRequest, ApiError> {
 
     if let Some(key) = f.obj.keys().next() {
         return Err(ApiError::unknown_param(key));
-    }
-    if n > 1 && tools.is_some() {
-        return Err(ApiError::invalid("n", "n must be 1 when tools are given."));
     }
     Ok(ChatRequest {
         model,
@@ -149,6 +152,7 @@ pub fn parse(body: &[u8], vocab_size: usize) -> Result<ChatRequest, ApiError> {
         logprobs,
         tools,
         tool_choice,
+        parallel_tool_calls,
         enable_thinking,
         thinking_budget,
         reasoning_effort,
@@ -299,26 +303,40 @@ fn valid_function_name(name: &str) -> bool {
     (1..=64).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
-fn parse_tool_choice(f: &mut Fields, has_tools: bool) -> Result<ToolChoice, ApiError> {
-    match f.take("tool_choice") {
-        None | Some(Json::Null) => Ok(ToolChoice::Auto),
+fn parse_tool_choice(f: &mut Fields, tools: Option<&[Json]>) -> Result<ToolChoice, ApiError> {
+    let choice = match f.take("tool_choice") {
+        None | Some(Json::Null) => return Ok(ToolChoice::Auto),
         Some(Json::String(s)) => match s.as_str() {
-            "auto" => Ok(ToolChoice::Auto),
-            "none" => Ok(ToolChoice::None),
-            "required" => Err(ApiError::unsupported(
-                "tool_choice",
-                "tool_choice 'required' is not supported by this server; use 'auto' or 'none'.",
-            )),
-            other => Err(ApiError::invalid("tool_choice", format!("Invalid 'tool_choice': `{other}`."))),
+            "auto" => ToolChoice::Auto,
+            "none" => ToolChoice::None,
+            "required" => ToolChoice::Required,
+            other => return Err(ApiError::invalid("tool_choice", format!("Invalid 'tool_choice': `{other}`."))),
         },
-        Some(Json::Object(_)) if !has_tools => {
-            Err(ApiError::invalid("tool_choice", "A named tool_choice needs 'tools'."))
+        Some(Json::Object(choice)) => {
+            let name = match (choice.get("type").and_then(Json::as_str), choice.get("function")) {
+                (Some("function"), Some(function)) => function.get("name").and_then(Json::as_str),
+                _ => None,
+            };
+            let Some(name) = name else {
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    "A named tool_choice is {\"type\": \"function\", \"function\": {\"name\": ...}}.",
+                ));
+            };
+            ToolChoice::Named(name.to_string())
         }
-        Some(Json::Object(_)) => Err(ApiError::unsupported(
-            "tool_choice",
-            "Forcing a named function is not supported by this server; use 'auto' or 'none'.",
-        )),
-        Some(other) => Err(ApiError::wrong_type("tool_choice", "a string or an object", &other)),
+        Some(other) => return Err(ApiError::wrong_type("tool_choice", "a string or an object", &other)),
+    };
+    match (&choice, tools) {
+        (ToolChoice::Required | ToolChoice::Named(_), None) => {
+            Err(ApiError::invalid("tool_choice", "tool_choice 'required' or a named function needs 'tools'."))
+        }
+        (ToolChoice::Named(name), Some(tools))
+            if !tools.iter().any(|t| t.pointer("/function/name").and_then(Json::as_str) == Some(name)) =>
+        {
+            Err(ApiError::invalid("tool_choice", format!("tool_choice names '{name}', which is not among the tools.")))
+        }
+        _ => Ok(choice),
     }
 }
 
@@ -662,7 +680,14 @@ mod tests {
             (json!({"search_options": 3}), "search_options"),
             (json!({"metadata": {"a": 1}}), "metadata"),
             (json!({"service_tier": "flex"}), "service_tier"),
-            (json!({"n": 2, "tools": [{"type": "function", "function": {"name": "f"}}]}), "n"),
+            (json!({"tool_choice": "required"}), "tool_choice"),
+            (json!({"tool_choice": {"type": "function"}}), "tool_choice"),
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "f"}}],
+                       "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+                "tool_choice",
+            ),
+            (json!({"parallel_tool_calls": "yes"}), "parallel_tool_calls"),
             (json!({"best_of": 2}), "best_of"),
             (json!({"messages": []}), "messages"),
             (json!({"messages": [1]}), "messages[0]"),

@@ -26,9 +26,41 @@ pub struct Choice {
 #[derive(Debug, Serialize)]
 pub struct AssistantMessage {
     pub role: &'static str,
+    /// `null` when the answer is only tool calls.
     pub content: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
+}
+
+/// A tool call of an answer; streamed with its position among the choice's calls.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCallOut {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionCall {
+    pub name: String,
+    /// JSON text.
+    pub arguments: String,
+}
+
+impl ToolCallOut {
+    pub fn new(call: crate::engine::tool_calls::ToolCall, index: Option<usize>) -> Self {
+        Self {
+            index,
+            id: format!("call_{}", uuid::Uuid::new_v4().simple()),
+            kind: "function",
+            function: FunctionCall { name: call.name, arguments: call.arguments },
+        }
+    }
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -131,6 +163,8 @@ pub struct ChunkDelta {
     pub content: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
 }
 
 #[derive(Debug, Serialize)]

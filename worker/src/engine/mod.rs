@@ -13,6 +13,8 @@ mod sampler;
 mod scheduler;
 mod sequence;
 mod stop;
+pub mod tool_calls;
+pub mod tool_prompt;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -5,6 +5,7 @@ use minijinja::{context, Environment, Error as JinjaError, ErrorKind};
 use serde_json::Value as Json;
 
 use super::LoadError;
+use crate::engine::tool_calls::ToolFormat;
 
 const TEMPLATE_NAME: &str = "chat";
 
@@ -16,6 +17,8 @@ pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + messa
 pub struct TemplateFeatures {
     /// The template renders a `tools` list.
     pub tools: bool,
+    /// How the template's model writes tool calls.
+    pub tool_format: ToolFormat,
     /// The template knows `<think>` blocks (a reasoning model).
     pub thinking: bool,
 }
@@ -58,6 +61,7 @@ impl ChatTemplate {
             .map_err(|e| LoadError::Format(format!("chat template does not parse: {e}")))?;
         let features = TemplateFeatures {
             tools: source.contains("tools"),
+            tool_format: ToolFormat::of_template(source),
             thinking: source.contains("<think>") || source.contains("enable_thinking"),
         };
         Ok(Self { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string(), features })
