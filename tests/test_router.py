@@ -111,6 +111,27 @@ def test_streams_pass_through_unbuffered(fleet):
     assert arrivals[-1] - arrivals[1] > 0.3, arrivals[-1] - arrivals[1]
 
 
+def test_tool_calls_and_structured_output_pass_through(fleet):
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999}},
+        "required": ["id"], "additionalProperties": False}}}
+    named = {"type": "function", "function": {"name": "lookup"}}
+    for stream in (False, True):
+        r = client(fleet["router"], KEY_A).chat.completions.create(
+            model="gpt-4o-mini", messages=HELLO, tools=[tool], tool_choice=named, max_tokens=40, stream=stream)
+        if stream:
+            deltas = [d for c in r for ch in c.choices for d in (ch.delta.tool_calls or [])]
+            assert [d.function.name for d in deltas] == ["lookup"]
+            assert isinstance(json.loads(deltas[0].function.arguments)["id"], int)
+        else:
+            assert r.choices[0].finish_reason == "tool_calls"
+            assert r.choices[0].message.tool_calls[0].function.name == "lookup"
+    obj = client(fleet["router"], KEY_A).chat.completions.create(
+        model="smollm2", messages=HELLO, max_tokens=60, response_format={"type": "json_object"})
+    if obj.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(obj.choices[0].message.content), dict)
+
+
 def test_client_that_leaves_stops_the_workers_generation(fleet):
     stream = client(fleet["router"], KEY_A).chat.completions.create(
         model="smollm2", messages=HELLO, max_tokens=2000, stream=True, logit_bias=NO_EOS
