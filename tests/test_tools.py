@@ -53,13 +53,27 @@ def test_a_named_tool_choice_is_always_a_valid_call_of_that_function(worker):
 
 def test_required_makes_at_least_one_call_of_an_offered_tool(worker):
     for seed in range(3):
-        r = ask(worker, tool_choice="required", temperature=1.0, seed=seed, n=2)
+        r = ask(worker, tool_choice="required", temperature=1.0, seed=seed, n=2, parallel_tool_calls=False)
         for choice in r.choices:
             assert choice.finish_reason == "tool_calls", choice
-            assert choice.message.tool_calls
-            for call in choice.message.tool_calls:
-                assert call.function.name in {"get_weather", "get_time"}
-                assert isinstance(json.loads(call.function.arguments), dict)
+            (call,) = choice.message.tool_calls
+            assert call.function.name in {"get_weather", "get_time"}
+            assert isinstance(json.loads(call.function.arguments), dict)
+
+
+def test_parallel_calls_are_one_per_line_and_each_valid(worker):
+    # A 135M model may go on calling until max_tokens cuts it: the complete
+    # calls are still reported, the cut one is not.
+    r = ask(worker, tool_choice="required", temperature=1.0, seed=7, max_tokens=200)
+    choice = r.choices[0]
+    assert choice.finish_reason in {"tool_calls", "length"}
+    assert choice.message.tool_calls
+    for call in choice.message.tool_calls:
+        args = json.loads(call.function.arguments)
+        if call.function.name == "get_weather":
+            jsonschema.validate(args, WEATHER_PARAMS)
+        else:
+            assert call.function.name == "get_time" and isinstance(args, dict)
 
 
 def test_a_streamed_call_reassembles_to_the_non_streamed_one(worker):

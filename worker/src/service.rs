@@ -182,8 +182,10 @@ impl ModelService {
         // `required` and named choices are constrained from the first token to
         // bare JSON calls, whatever the template's own format.
         let call_format = match (&req.tool_choice, offered) {
-            (ToolChoice::Required, Some(tools)) => Some(tool_prompt::calls_format(tools, None)),
-            (ToolChoice::Named(name), Some(tools)) => Some(tool_prompt::calls_format(tools, Some(name))),
+            (ToolChoice::Required, Some(tools)) => {
+                Some(tool_prompt::calls_format(tools, None, req.parallel_tool_calls))
+            }
+            (ToolChoice::Named(name), Some(tools)) => Some(tool_prompt::calls_format(tools, Some(name), false)),
             _ => None,
         };
         if call_format.is_some() {

@@ -21,6 +21,9 @@ pub enum OutputFormat {
     /// JSON valid against `schema` (`response_format: json_schema`); `strict`:
     /// keywords the grammar cannot enforce are errors, else ignored.
     JsonSchema { schema: Json, strict: bool },
+    /// One or more JSON values valid against `schema`, one per line (several
+    /// tool calls in one answer).
+    JsonLines { schema: Json },
 }
 
 /// The model's vocabulary as llguidance sees it; builds a matcher per request.
@@ -67,6 +70,7 @@ impl Grammars {
         let (mut schema, strict) = match format {
             OutputFormat::JsonObject => (serde_json::json!({"type": "object"}), true),
             OutputFormat::JsonSchema { schema, strict } => (schema.clone(), *strict),
+            OutputFormat::JsonLines { schema } => (schema.clone(), true),
         };
         // One line, with the separators `json.dumps` writes: no whitespace
         // between values for a model to repeat forever.
@@ -80,7 +84,12 @@ impl Grammars {
                 })
             });
         }
-        let grammar = TopLevelGrammar::from_json_schema(schema);
+        let grammar = match format {
+            OutputFormat::JsonLines { .. } => {
+                TopLevelGrammar::from_lark(format!("start: value (\"\\n\" value)*\nvalue: %json {schema}"))
+            }
+            _ => TopLevelGrammar::from_json_schema(schema),
+        };
         let parser = self.factory.create_parser(grammar).map_err(|e| e.to_string())?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(error) = matcher.get_error() {
@@ -187,6 +196,42 @@ mod tests {
         let value: Json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
         assert!(value["n"].as_i64().is_some_and(|n| (0..=99).contains(&n)), "{value}");
         assert!(value["ok"].is_boolean() && (value["color"] == "red" || value["color"] == "green"), "{value}");
+    }
+
+    /// JSON lines: one value, or several one per line, each valid.
+    #[test]
+    fn json_lines_take_one_or_more_values() {
+        let tokenizer = byte_tokenizer();
+        let end = tokenizer.token_to_id("<end>").expect("end token");
+        let grammars = Grammars::new(tokenizer.clone(), end).expect("grammars");
+        let schema = serde_json::json!({"type": "object", "properties": {"n": {"type": "integer"}},
+            "required": ["n"], "additionalProperties": false});
+        let format = OutputFormat::JsonLines { schema };
+        let ids = |text: &str| tokenizer.encode(text, false).expect("encode").get_ids().to_vec();
+        for (text, valid) in [
+            ("{\"n\": 1}", true),
+            ("{\"n\": 1}\n{\"n\": 22}", true),
+            ("{\"n\": 1}{\"n\": 2}", false),
+            ("{\"n\": \"x\"}", false),
+        ] {
+            let mut constraint = grammars.constraint(&format).expect("constraint");
+            let mut ok = true;
+            for token in ids(text) {
+                let mut logits = vec![0f32; tokenizer.get_vocab_size(true)];
+                constraint.mask(&mut logits).expect("mask");
+                ok &= logits[token as usize].is_finite();
+                if !ok {
+                    break;
+                }
+                constraint.advance(token).expect("advance");
+            }
+            assert_eq!(ok, valid, "{text}");
+            if valid {
+                let mut logits = vec![0f32; tokenizer.get_vocab_size(true)];
+                constraint.mask(&mut logits).expect("mask");
+                assert!(logits[end as usize].is_finite(), "{text}: may end");
+            }
+        }
     }
 
     #[test]

@@ -62,9 +62,10 @@ fn written_calls(message: &Json) -> Json {
     message
 }
 
-/// The output of a forced call: one JSON object naming an offered tool (or
-/// `name`) with arguments valid against its parameters.
-pub fn calls_format(tools: &[Json], name: Option<&str>) -> OutputFormat {
+/// The output of a forced call: a JSON object naming an offered tool (or
+/// `name`) with arguments valid against its parameters; several, one per line,
+/// when `parallel` and no name is forced.
+pub fn calls_format(tools: &[Json], name: Option<&str>, parallel: bool) -> OutputFormat {
     let choices: Vec<Json> = tools
         .iter()
         .filter_map(|t| t.get("function"))
@@ -81,7 +82,12 @@ pub fn calls_format(tools: &[Json], name: Option<&str>) -> OutputFormat {
             })
         })
         .collect();
-    OutputFormat::JsonSchema { schema: json!({"anyOf": choices}), strict: true }
+    let schema = json!({"anyOf": choices});
+    if parallel && name.is_none() {
+        OutputFormat::JsonLines { schema }
+    } else {
+        OutputFormat::JsonSchema { schema, strict: true }
+    }
 }
 
 #[cfg(test)]
@@ -118,14 +124,15 @@ mod tests {
 
     #[test]
     fn a_named_call_allows_only_that_tool() {
-        let OutputFormat::JsonSchema { schema, strict } = calls_format(&tools(), Some("time")) else {
+        let OutputFormat::JsonSchema { schema, strict } = calls_format(&tools(), Some("time"), true) else {
             panic!("a schema")
         };
         assert!(strict);
         let choices = schema["anyOf"].as_array().expect("choices");
         assert_eq!(choices.len(), 1);
         assert_eq!(choices[0]["properties"]["name"]["const"], "time");
-        let OutputFormat::JsonSchema { schema, .. } = calls_format(&tools(), None) else { panic!("a schema") };
+        let OutputFormat::JsonSchema { schema, .. } = calls_format(&tools(), None, false) else { panic!("one call") };
         assert_eq!(schema["anyOf"].as_array().map(Vec::len), Some(2));
+        assert!(matches!(calls_format(&tools(), None, true), OutputFormat::JsonLines { .. }), "several calls");
     }
 }
