@@ -11,7 +11,19 @@ import jsonschema
 import openai
 import pytest
 
+from test_engine import serve
 from test_worker_openai import client
+
+
+@pytest.fixture(scope="module")
+def worker(smollm2, key_dir):
+    """A worker of this module's own, so its prefix cache does not reach other modules' tests."""
+    w = serve(smollm2, key_dir)
+    try:
+        yield w
+    finally:
+        w.stop()
+
 
 WEATHER_PARAMS = {
     "type": "object",
