@@ -137,3 +137,20 @@ def test_bad_tool_requests_are_400_naming_the_param(worker, extra, param):
     with pytest.raises(openai.BadRequestError) as e:
         ask(worker, **extra)
     assert e.value.body["param"] == param
+
+
+def test_auto_answers_are_text_or_valid_calls(worker):
+    # With kandle's generic prompt, `auto` is constrained too: an answer that
+    # opens a call is a valid call of an offered tool; anything else is text.
+    for seed in range(6):
+        choice = ask(worker, temperature=1.0, seed=seed, max_tokens=80).choices[0]
+        if choice.message.tool_calls:
+            assert choice.finish_reason in {"tool_calls", "length"}
+            for call in choice.message.tool_calls:
+                args = json.loads(call.function.arguments)
+                if call.function.name == "get_weather":
+                    jsonschema.validate(args, WEATHER_PARAMS)
+                else:
+                    assert call.function.name == "get_time" and isinstance(args, dict)
+        else:
+            assert not (choice.message.content or "").lstrip().startswith("{")

@@ -180,17 +180,20 @@ impl ModelService {
             }
         };
         // `required` and named choices are constrained from the first token to
-        // bare JSON calls, whatever the template's own format.
+        // bare JSON calls, whatever the template's own format. With kandle's
+        // generic prompt, `auto` is too: free text, or calls that parse.
+        let several = req.parallel_tool_calls;
         let call_format = match (&req.tool_choice, offered) {
-            (ToolChoice::Required, Some(tools)) => {
-                Some(tool_prompt::calls_format(tools, None, req.parallel_tool_calls))
+            (ToolChoice::Required, Some(tools)) => Some(tool_prompt::calls_format(tools, None, several, false)),
+            (ToolChoice::Named(name), Some(tools)) => Some(tool_prompt::calls_format(tools, Some(name), false, false)),
+            (ToolChoice::Auto, Some(tools)) if !native && req.response_format.is_none() => {
+                Some(tool_prompt::calls_format(tools, None, several, true))
             }
-            (ToolChoice::Named(name), Some(tools)) => Some(tool_prompt::calls_format(tools, Some(name), false)),
             _ => None,
         };
         if call_format.is_some() {
             tool_format = Some(ToolFormat::Generic);
-            if req.response_format.is_some() {
+            if req.response_format.is_some() && req.tool_choice != ToolChoice::Auto {
                 return Err(ApiError::invalid(
                     "response_format",
                     "response_format cannot be combined with tool_choice 'required' or a named function.",

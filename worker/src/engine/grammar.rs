@@ -21,9 +21,10 @@ pub enum OutputFormat {
     /// JSON valid against `schema` (`response_format: json_schema`); `strict`:
     /// keywords the grammar cannot enforce are errors, else ignored.
     JsonSchema { schema: Json, strict: bool },
-    /// One or more JSON values valid against `schema`, one per line (several
-    /// tool calls in one answer).
-    JsonLines { schema: Json },
+    /// Tool calls: a JSON value valid against `schema`, or (`several`) one or
+    /// more, one per line; or (`or_text`) free text whose first non-blank
+    /// character is not `{`, or nothing.
+    Calls { schema: Json, several: bool, or_text: bool },
 }
 
 /// The model's vocabulary as llguidance sees it; builds a matcher per request.
@@ -70,7 +71,7 @@ impl Grammars {
         let (mut schema, strict) = match format {
             OutputFormat::JsonObject => (serde_json::json!({"type": "object"}), true),
             OutputFormat::JsonSchema { schema, strict } => (schema.clone(), *strict),
-            OutputFormat::JsonLines { schema } => (schema.clone(), true),
+            OutputFormat::Calls { schema, .. } => (schema.clone(), true),
         };
         // One line, with the separators `json.dumps` writes: no whitespace
         // between values for a model to repeat forever.
@@ -85,8 +86,12 @@ impl Grammars {
             });
         }
         let grammar = match format {
-            OutputFormat::JsonLines { .. } => {
-                TopLevelGrammar::from_lark(format!("start: value (\"\\n\" value)*\nvalue: %json {schema}"))
+            OutputFormat::Calls { several, or_text, .. } => {
+                let calls = if *several { "value (\"\\n\" value)*" } else { "value" };
+                let start = if *or_text { "(calls | TEXT)?" } else { "calls" };
+                TopLevelGrammar::from_lark(format!(
+                    "start: {start}\ncalls: {calls}\nvalue: %json {schema}\nTEXT: /\\s*[^{{\\s][\\s\\S]*/"
+                ))
             }
             _ => TopLevelGrammar::from_json_schema(schema),
         };
@@ -198,21 +203,30 @@ mod tests {
         assert!(value["ok"].is_boolean() && (value["color"] == "red" || value["color"] == "green"), "{value}");
     }
 
-    /// JSON lines: one value, or several one per line, each valid.
+    /// Calls: one value, or several one per line, each valid; with text, also
+    /// anything that does not open a value.
     #[test]
-    fn json_lines_take_one_or_more_values() {
+    fn calls_take_one_or_more_values_or_text() {
         let tokenizer = byte_tokenizer();
         let end = tokenizer.token_to_id("<end>").expect("end token");
         let grammars = Grammars::new(tokenizer.clone(), end).expect("grammars");
         let schema = serde_json::json!({"type": "object", "properties": {"n": {"type": "integer"}},
             "required": ["n"], "additionalProperties": false});
-        let format = OutputFormat::JsonLines { schema };
         let ids = |text: &str| tokenizer.encode(text, false).expect("encode").get_ids().to_vec();
-        for (text, valid) in [
-            ("{\"n\": 1}", true),
-            ("{\"n\": 1}\n{\"n\": 22}", true),
-            ("{\"n\": 1}{\"n\": 2}", false),
-            ("{\"n\": \"x\"}", false),
+        let calls = |several, or_text| OutputFormat::Calls { schema: schema.clone(), several, or_text };
+        for (format, text, valid) in [
+            (calls(true, false), "{\"n\": 1}", true),
+            (calls(true, false), "{\"n\": 1}\n{\"n\": 22}", true),
+            (calls(false, false), "{\"n\": 1}\n{\"n\": 22}", false),
+            (calls(true, false), "{\"n\": 1}{\"n\": 2}", false),
+            (calls(true, false), "{\"n\": \"x\"}", false),
+            (calls(true, false), "Hello {", false),
+            (calls(true, true), "Hello {", true),
+            (calls(true, true), "{\"n\": 1}\n{\"n\": 22}", true),
+            (calls(false, true), "{\"n\": \"x\"}", false),
+            (calls(false, true), "", true),
+            (calls(false, true), " \n{\"n\": 1}", false),
+            (calls(false, true), " \nHi", true),
         ] {
             let mut constraint = grammars.constraint(&format).expect("constraint");
             let mut ok = true;
@@ -225,7 +239,7 @@ mod tests {
                 }
                 constraint.advance(token).expect("advance");
             }
-            assert_eq!(ok, valid, "{text}");
+            assert_eq!(ok, valid, "{format:?}: {text}");
             if valid {
                 let mut logits = vec![0f32; tokenizer.get_vocab_size(true)];
                 constraint.mask(&mut logits).expect("mask");

@@ -62,10 +62,10 @@ fn written_calls(message: &Json) -> Json {
     message
 }
 
-/// The output of a forced call: a JSON object naming an offered tool (or
+/// Calls in the generic format: JSON objects naming an offered tool (or only
 /// `name`) with arguments valid against its parameters; several, one per line,
-/// when `parallel` and no name is forced.
-pub fn calls_format(tools: &[Json], name: Option<&str>, parallel: bool) -> OutputFormat {
+/// when `several`; or free text instead, when `or_text` (`tool_choice: auto`).
+pub fn calls_format(tools: &[Json], name: Option<&str>, several: bool, or_text: bool) -> OutputFormat {
     let choices: Vec<Json> = tools
         .iter()
         .filter_map(|t| t.get("function"))
@@ -82,12 +82,7 @@ pub fn calls_format(tools: &[Json], name: Option<&str>, parallel: bool) -> Outpu
             })
         })
         .collect();
-    let schema = json!({"anyOf": choices});
-    if parallel && name.is_none() {
-        OutputFormat::JsonLines { schema }
-    } else {
-        OutputFormat::JsonSchema { schema, strict: true }
-    }
+    OutputFormat::Calls { schema: json!({"anyOf": choices}), several, or_text }
 }
 
 #[cfg(test)]
@@ -124,15 +119,13 @@ mod tests {
 
     #[test]
     fn a_named_call_allows_only_that_tool() {
-        let OutputFormat::JsonSchema { schema, strict } = calls_format(&tools(), Some("time"), true) else {
-            panic!("a schema")
+        let OutputFormat::Calls { schema, .. } = calls_format(&tools(), Some("time"), false, false) else {
+            panic!("calls")
         };
-        assert!(strict);
         let choices = schema["anyOf"].as_array().expect("choices");
         assert_eq!(choices.len(), 1);
         assert_eq!(choices[0]["properties"]["name"]["const"], "time");
-        let OutputFormat::JsonSchema { schema, .. } = calls_format(&tools(), None, false) else { panic!("one call") };
+        let OutputFormat::Calls { schema, .. } = calls_format(&tools(), None, true, true) else { panic!("calls") };
         assert_eq!(schema["anyOf"].as_array().map(Vec::len), Some(2));
-        assert!(matches!(calls_format(&tools(), None, true), OutputFormat::JsonLines { .. }), "several calls");
     }
 }
