@@ -46,6 +46,14 @@ ASK = [{"role": "user", "content": "What will the weather be in Paris this week?
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
 
+def assert_valid_call(call):
+    args = json.loads(call.function.arguments)
+    if call.function.name == "get_weather":
+        jsonschema.validate(args, WEATHER_PARAMS)
+    else:
+        assert call.function.name == "get_time" and isinstance(args, dict)
+
+
 def ask(worker, **extra):
     params = {"model": "smollm2", "messages": ASK, "tools": TOOLS, "max_tokens": 120, **extra}
     return client(worker).chat.completions.create(**params)
@@ -81,11 +89,7 @@ def test_parallel_calls_are_one_per_line_and_each_valid(worker):
     assert choice.finish_reason in {"tool_calls", "length"}
     assert choice.message.tool_calls
     for call in choice.message.tool_calls:
-        args = json.loads(call.function.arguments)
-        if call.function.name == "get_weather":
-            jsonschema.validate(args, WEATHER_PARAMS)
-        else:
-            assert call.function.name == "get_time" and isinstance(args, dict)
+        assert_valid_call(call)
 
 
 def test_a_streamed_call_reassembles_to_the_non_streamed_one(worker):
@@ -147,10 +151,6 @@ def test_auto_answers_are_text_or_valid_calls(worker):
         if choice.message.tool_calls:
             assert choice.finish_reason in {"tool_calls", "length"}
             for call in choice.message.tool_calls:
-                args = json.loads(call.function.arguments)
-                if call.function.name == "get_weather":
-                    jsonschema.validate(args, WEATHER_PARAMS)
-                else:
-                    assert call.function.name == "get_time" and isinstance(args, dict)
+                assert_valid_call(call)
         else:
             assert not (choice.message.content or "").lstrip().startswith("{")
