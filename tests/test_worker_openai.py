@@ -363,3 +363,39 @@ def test_refuses_to_start_without_keys(smollm2, tmp_path):
     assert w.proc.wait(timeout=30) != 0
     w.join_logs()
     assert any("no API keys" in line for line in w.logs), w.logs
+
+
+def test_every_request_gets_one_access_line_without_the_key(worker):
+    def lines(request_id):
+        found = []
+        for line in worker.logs:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("fields", {}).get("request_id") == request_id:
+                found.append(record["fields"])
+        return found
+
+    c = client(worker)
+    r = c.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=5,
+                                  extra_headers={"x-request-id": "access-plain"})
+    stream = c.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=5, stream=True,
+                                       extra_headers={"x-request-id": "access-stream"})
+    streamed = sum(1 for _ in stream)
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="nope", messages=HELLO, extra_headers={"x-request-id": "access-404"})
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not all(lines(i) for i in ("access-plain", "access-stream", "access-404")):
+        time.sleep(0.05)
+    (plain,) = lines("access-plain")
+    assert plain["path"] == "/v1/chat/completions" and plain["status"] == 200 and plain["method"] == "POST"
+    assert plain["prompt_tokens"] == r.usage.prompt_tokens
+    assert plain["completion_tokens"] == r.usage.completion_tokens
+    assert plain["duration_ms"] > 0
+    (streamed_line,) = lines("access-stream")
+    assert streamed_line["status"] == 200 and streamed_line["finished"] is True and streamed > 1
+    assert 0 < streamed_line["completion_tokens"] <= 5
+    (missing,) = lines("access-404")
+    assert missing["status"] == 404
+    assert not any("sk-test-primary" in line for line in worker.logs)

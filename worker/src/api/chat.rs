@@ -8,10 +8,11 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use futures::Stream;
 use tokio::sync::mpsc;
 
+use super::access_log::TokenTally;
 use super::error::ApiError;
 use super::request::{self, ChatRequest};
 use super::response::{
@@ -31,16 +32,16 @@ pub enum Flavor {
     Envelope,
 }
 
-pub async fn openai(State(state): State<AppState>, body: Body) -> Response {
-    respond(state, body, Flavor::OpenAi).await
+pub async fn openai(State(state): State<AppState>, Extension(tally): Extension<TokenTally>, body: Body) -> Response {
+    respond(state, tally, body, Flavor::OpenAi).await
 }
 
-pub async fn envelope(State(state): State<AppState>, body: Body) -> Response {
-    respond(state, body, Flavor::Envelope).await
+pub async fn envelope(State(state): State<AppState>, Extension(tally): Extension<TokenTally>, body: Body) -> Response {
+    respond(state, tally, body, Flavor::Envelope).await
 }
 
-async fn respond(state: AppState, body: Body, flavor: Flavor) -> Response {
-    match run(state, body, flavor).await {
+async fn respond(state: AppState, tally: TokenTally, body: Body, flavor: Flavor) -> Response {
+    match run(state, tally, body, flavor).await {
         Ok(response) => response,
         Err(e) if flavor == Flavor::Envelope => e.decorate(
             Json(Envelope::<()> {
@@ -55,7 +56,7 @@ async fn respond(state: AppState, body: Body, flavor: Flavor) -> Response {
     }
 }
 
-async fn run(state: AppState, body: Body, flavor: Flavor) -> Result<Response, ApiError> {
+async fn run(state: AppState, tally: TokenTally, body: Body, flavor: Flavor) -> Result<Response, ApiError> {
     let limit = state.settings().max_body_bytes;
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| ApiError::body_too_large(limit))?;
     let service = state.model()?;
@@ -75,10 +76,12 @@ async fn run(state: AppState, body: Body, flavor: Flavor) -> Result<Response, Ap
         SubmitError::Stopped => ApiError::internal(e.to_string()),
     })?;
     state.metrics().prompt_tokens.inc_by(prepared.prompt_tokens as u64);
+    tally.prompt(prepared.prompt_tokens);
     if req.stream {
-        Ok(stream(state, meta, prepared.events).into_response())
+        Ok(stream(state, meta, prepared.events, tally).into_response())
     } else {
         let completion = collect(&state, meta, prepared.events).await?;
+        tally.completion(completion.usage.completion_tokens);
         Ok(match flavor {
             Flavor::OpenAi => Json(completion).into_response(),
             Flavor::Envelope => Json(Envelope {
@@ -237,12 +240,15 @@ struct StreamState {
     /// many calls it has streamed.
     parsers: Vec<Option<ToolCallParser>>,
     calls: Vec<usize>,
+    /// The access log's token counts.
+    tally: TokenTally,
 }
 
 fn stream(
     state: AppState,
     meta: ResponseMeta,
     events: mpsc::UnboundedReceiver<Event>,
+    tally: TokenTally,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let open = meta.n;
     let meta_format = meta.tool_format;
@@ -258,6 +264,7 @@ fn stream(
         done: false,
         parsers: (0..open).map(|_| meta_format.map(ToolCallParser::new)).collect(),
         calls: vec![0; open],
+        tally,
     };
     for index in 0..s.meta.n {
         let delta = ChunkDelta { role: Some("assistant"), content: Some(String::new()), ..Default::default() };
@@ -335,6 +342,7 @@ impl StreamState {
                 }
                 let called = self.calls.get(index).is_some_and(|n| *n > 0);
                 self.completion_tokens += usage.completion_tokens;
+                self.tally.completion(self.completion_tokens);
                 self.reasoning_tokens += usage.reasoning_tokens;
                 if index == 0 {
                     self.cached_tokens = usage.cached_tokens;

@@ -1,5 +1,6 @@
 //! The OpenAI-compatible HTTP API: routes, middleware, request and response types.
 
+mod access_log;
 pub mod chat;
 pub mod error;
 mod messages;
@@ -37,6 +38,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .fallback(|req: Request| async move { ApiError::not_found_path(req.uri().path()) })
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(middleware::from_fn(access_log::access_log))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .with_state(state)
