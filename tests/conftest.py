@@ -157,3 +157,22 @@ def worker(smollm2, key_dir):
         yield w.wait_ready()
     finally:
         w.stop()
+
+
+@pytest.fixture(scope="module")
+def module_worker(smollm2, key_dir):
+    """A worker of the requesting module's own: its prefix cache does not reach
+    other modules' tests (the session `worker` serves those)."""
+    w = serve(smollm2, key_dir)
+    try:
+        yield w
+    finally:
+        w.stop()
+
+
+def serve(smollm2, key_dir, *extra: str) -> Worker:
+    """A ready worker serving SmolLM2 as `smollm2` with the test key, and `extra` flags."""
+    return Worker(
+        ["serve", "--model", str(smollm2), "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", "0",
+         "--api-keys-dir", str(key_dir), "--max-context", "2048", *extra]
+    ).wait_ready()

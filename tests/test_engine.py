@@ -14,18 +14,11 @@ import urllib.request
 import openai
 import pytest
 
-from conftest import Worker
+from conftest import serve
 from test_worker_openai import client, metric
 
 # A long shared system prompt: several full KV blocks (16 tokens each).
 SYSTEM = "You are a careful assistant for a public library. " * 12
-
-
-def serve(smollm2, key_dir, *extra: str) -> Worker:
-    return Worker(
-        ["serve", "--model", str(smollm2), "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", "0",
-         "--api-keys-dir", str(key_dir), "--max-context", "2048", *extra]
-    ).wait_ready()
 
 
 @pytest.fixture(scope="module")

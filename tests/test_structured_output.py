@@ -13,19 +13,7 @@ import jsonschema
 import openai
 import pytest
 
-from test_engine import serve
 from test_worker_openai import client, metric
-
-
-
-@pytest.fixture(scope="module")
-def worker(smollm2, key_dir):
-    """A worker of this module's own, so its prefix cache does not reach other modules' tests."""
-    w = serve(smollm2, key_dir)
-    try:
-        yield w
-    finally:
-        w.stop()
 
 
 PERSON = {
@@ -53,9 +41,9 @@ def person_format(strict: bool = True) -> dict:
     return {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": strict}}
 
 
-def test_json_schema_output_always_parses_and_validates(worker):
+def test_json_schema_output_always_parses_and_validates(module_worker):
     def one(seed: int):
-        return client(worker).chat.completions.create(
+        return client(module_worker).chat.completions.create(
             model="smollm2", messages=ASK, max_tokens=300, temperature=1.0, seed=seed, response_format=person_format()
         )
 
@@ -65,12 +53,12 @@ def test_json_schema_output_always_parses_and_validates(worker):
         choice = r.choices[0]
         assert choice.finish_reason == "stop", choice
         jsonschema.validate(json.loads(choice.message.content), PERSON)
-    assert metric(worker, "kandle_grammar_mask_seconds_count") > 0
+    assert metric(module_worker, "kandle_grammar_mask_seconds_count") > 0
 
 
-def test_json_object_output_is_an_object(worker):
+def test_json_object_output_is_an_object(module_worker):
     for seed in range(4):
-        r = client(worker).chat.completions.create(
+        r = client(module_worker).chat.completions.create(
             model="smollm2", messages=ASK, max_tokens=200, temperature=0.8, seed=seed,
             response_format={"type": "json_object"},
         )
@@ -82,17 +70,17 @@ def test_json_object_output_is_an_object(worker):
             assert r.choices[0].message.content.startswith("{")
 
 
-def test_streamed_constrained_output_equals_the_non_streamed_one(worker):
+def test_streamed_constrained_output_equals_the_non_streamed_one(module_worker):
     params = dict(model="smollm2", messages=ASK, max_tokens=300, temperature=0, response_format=person_format())
-    whole = client(worker).chat.completions.create(**params).choices[0].message.content
-    stream = client(worker).chat.completions.create(stream=True, **params)
+    whole = client(module_worker).chat.completions.create(**params).choices[0].message.content
+    stream = client(module_worker).chat.completions.create(stream=True, **params)
     streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert streamed == whole
     jsonschema.validate(json.loads(streamed), PERSON)
 
 
-def test_choices_and_logprobs_keep_working_under_a_schema(worker):
-    r = client(worker).chat.completions.create(
+def test_choices_and_logprobs_keep_working_under_a_schema(module_worker):
+    r = client(module_worker).chat.completions.create(
         model="smollm2", messages=ASK, max_tokens=300, temperature=1.0, seed=3, n=3, logprobs=True, top_logprobs=2,
         response_format=person_format(),
     )
@@ -111,9 +99,9 @@ def test_choices_and_logprobs_keep_working_under_a_schema(worker):
         {"type": "array", "items": {"type": "integer"}, "uniqueItems": True},
     ],
 )
-def test_schemas_that_cannot_be_enforced_are_400_naming_response_format(worker, schema):
+def test_schemas_that_cannot_be_enforced_are_400_naming_response_format(module_worker, schema):
     with pytest.raises(openai.BadRequestError) as e:
-        client(worker).chat.completions.create(
+        client(module_worker).chat.completions.create(
             model="smollm2", messages=ASK, max_tokens=5,
             response_format={"type": "json_schema", "json_schema": {"name": "bad", "schema": schema, "strict": True}},
         )

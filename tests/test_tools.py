@@ -11,18 +11,7 @@ import jsonschema
 import openai
 import pytest
 
-from test_engine import serve
 from test_worker_openai import client
-
-
-@pytest.fixture(scope="module")
-def worker(smollm2, key_dir):
-    """A worker of this module's own, so its prefix cache does not reach other modules' tests."""
-    w = serve(smollm2, key_dir)
-    try:
-        yield w
-    finally:
-        w.stop()
 
 
 WEATHER_PARAMS = {
@@ -54,14 +43,14 @@ def assert_valid_call(call):
         assert call.function.name == "get_time" and isinstance(args, dict)
 
 
-def ask(worker, **extra):
+def ask(module_worker, **extra):
     params = {"model": "smollm2", "messages": ASK, "tools": TOOLS, "max_tokens": 120, **extra}
-    return client(worker).chat.completions.create(**params)
+    return client(module_worker).chat.completions.create(**params)
 
 
-def test_a_named_tool_choice_is_always_a_valid_call_of_that_function(worker):
+def test_a_named_tool_choice_is_always_a_valid_call_of_that_function(module_worker):
     for seed in range(5):
-        r = ask(worker, tool_choice=NAMED, temperature=1.0, seed=seed)
+        r = ask(module_worker, tool_choice=NAMED, temperature=1.0, seed=seed)
         choice = r.choices[0]
         assert choice.finish_reason == "tool_calls", choice
         assert choice.message.content is None
@@ -71,9 +60,9 @@ def test_a_named_tool_choice_is_always_a_valid_call_of_that_function(worker):
         jsonschema.validate(json.loads(call.function.arguments), WEATHER_PARAMS)
 
 
-def test_required_makes_at_least_one_call_of_an_offered_tool(worker):
+def test_required_makes_at_least_one_call_of_an_offered_tool(module_worker):
     for seed in range(3):
-        r = ask(worker, tool_choice="required", temperature=1.0, seed=seed, n=2, parallel_tool_calls=False)
+        r = ask(module_worker, tool_choice="required", temperature=1.0, seed=seed, n=2, parallel_tool_calls=False)
         for choice in r.choices:
             assert choice.finish_reason == "tool_calls", choice
             (call,) = choice.message.tool_calls
@@ -81,10 +70,10 @@ def test_required_makes_at_least_one_call_of_an_offered_tool(worker):
             assert isinstance(json.loads(call.function.arguments), dict)
 
 
-def test_parallel_calls_are_one_per_line_and_each_valid(worker):
+def test_parallel_calls_are_one_per_line_and_each_valid(module_worker):
     # A 135M model may go on calling until max_tokens cuts it: the complete
     # calls are still reported, the cut one is not.
-    r = ask(worker, tool_choice="required", temperature=1.0, seed=7, max_tokens=200)
+    r = ask(module_worker, tool_choice="required", temperature=1.0, seed=7, max_tokens=200)
     choice = r.choices[0]
     assert choice.finish_reason in {"tool_calls", "length"}
     assert choice.message.tool_calls
@@ -92,9 +81,9 @@ def test_parallel_calls_are_one_per_line_and_each_valid(worker):
         assert_valid_call(call)
 
 
-def test_a_streamed_call_reassembles_to_the_non_streamed_one(worker):
-    whole = ask(worker, tool_choice=NAMED, temperature=0).choices[0]
-    stream = ask(worker, tool_choice=NAMED, temperature=0, stream=True)
+def test_a_streamed_call_reassembles_to_the_non_streamed_one(module_worker):
+    whole = ask(module_worker, tool_choice=NAMED, temperature=0).choices[0]
+    stream = ask(module_worker, tool_choice=NAMED, temperature=0, stream=True)
     calls: dict[int, dict] = {}
     finish = None
     for chunk in stream:
@@ -112,20 +101,20 @@ def test_a_streamed_call_reassembles_to_the_non_streamed_one(worker):
     ]
 
 
-def test_a_tool_result_round_trip_is_accepted(worker):
-    first = ask(worker, tool_choice=NAMED, temperature=0).choices[0].message
+def test_a_tool_result_round_trip_is_accepted(module_worker):
+    first = ask(module_worker, tool_choice=NAMED, temperature=0).choices[0].message
     call = first.tool_calls[0]
     messages = ASK + [
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
         {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C all week."},
     ]
-    r = client(worker).chat.completions.create(model="smollm2", messages=messages, tools=TOOLS, max_tokens=20)
+    r = client(module_worker).chat.completions.create(model="smollm2", messages=messages, tools=TOOLS, max_tokens=20)
     assert r.choices[0].finish_reason in {"stop", "length", "tool_calls"}
 
 
-def test_tool_choice_none_offers_no_tools(worker):
-    r = ask(worker, tool_choice="none", temperature=0, max_tokens=10)
+def test_tool_choice_none_offers_no_tools(module_worker):
+    r = ask(module_worker, tool_choice="none", temperature=0, max_tokens=10)
     assert r.choices[0].message.tool_calls is None
     assert r.choices[0].finish_reason in {"stop", "length"}
 
@@ -137,17 +126,17 @@ def test_tool_choice_none_offers_no_tools(worker):
         ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
     ],
 )
-def test_bad_tool_requests_are_400_naming_the_param(worker, extra, param):
+def test_bad_tool_requests_are_400_naming_the_param(module_worker, extra, param):
     with pytest.raises(openai.BadRequestError) as e:
-        ask(worker, **extra)
+        ask(module_worker, **extra)
     assert e.value.body["param"] == param
 
 
-def test_auto_answers_are_text_or_valid_calls(worker):
+def test_auto_answers_are_text_or_valid_calls(module_worker):
     # With kandle's generic prompt, `auto` is constrained too: an answer that
     # opens a call is a valid call of an offered tool; anything else is text.
     for seed in range(6):
-        choice = ask(worker, temperature=1.0, seed=seed, max_tokens=80).choices[0]
+        choice = ask(module_worker, temperature=1.0, seed=seed, max_tokens=80).choices[0]
         if choice.message.tool_calls:
             assert choice.finish_reason in {"tool_calls", "length"}
             for call in choice.message.tool_calls:
