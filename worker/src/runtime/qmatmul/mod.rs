@@ -287,9 +287,17 @@ impl PackedWeights {
                 m[slot * spb..(slot + 1) * spb].copy_from_slice(&block.m[..spb]);
             }
         }
-        let half: Vec<[f16; 2]> = d.iter().zip(&m).map(|(d, m)| [f16::from_f32(*d), f16::from_f32(*m)]).collect();
-        let exact = half.iter().zip(d.iter().zip(&m)).all(|(h, (d, m))| h[0].to_f32() == *d && h[1].to_f32() == *m);
-        let scales = if format.block_values() == BLOCK && exact { Scales::Half(half) } else { Scales::Full { d, m } };
+        // K-quants' folded scales are rarely exact in f16: they stay f32 without trying.
+        let half = (format.block_values() == BLOCK)
+            .then(|| d.iter().zip(&m).map(|(d, m)| [f16::from_f32(*d), f16::from_f32(*m)]).collect::<Vec<_>>());
+        let scales = match half {
+            Some(half)
+                if half.iter().zip(d.iter().zip(&m)).all(|(h, (d, m))| h[0].to_f32() == *d && h[1].to_f32() == *m) =>
+            {
+                Scales::Half(half)
+            }
+            _ => Scales::Full { d, m },
+        };
         Some(Self { n, k, nb, format, q, scales, level })
     }
 
