@@ -11,6 +11,7 @@ use kandle_contract::engine::KvCacheMemory;
 
 use crate::engine::grammar::Grammars;
 use crate::engine::tool_calls::ToolFormat;
+use crate::engine::tool_grammar::{self, CallChoice};
 use crate::engine::tool_prompt;
 use crate::engine::{Engine, EngineConfig, EngineModel, Event, GenerateRequest, ReasoningMode, StartError};
 use crate::metrics::Metrics;
@@ -171,7 +172,7 @@ impl ModelService {
         // them in the system message and asks for bare JSON calls.
         let native = self.template.features().tools;
         let fallback;
-        let (messages, tools, mut tool_format) = match offered {
+        let (messages, tools, tool_format) = match offered {
             None => (req.messages.as_slice(), None, None),
             Some(tools) if native => (req.messages.as_slice(), Some(tools), Some(self.template.features().tool_format)),
             Some(tools) => {
@@ -179,27 +180,34 @@ impl ModelService {
                 (fallback.as_slice(), None, Some(ToolFormat::Generic))
             }
         };
-        // `required` and named choices are constrained from the first token to
-        // bare JSON calls, whatever the template's own format. With kandle's
-        // generic prompt, `auto` is too: free text, or calls that parse.
-        let several = req.parallel_tool_calls;
-        let call_format = match (&req.tool_choice, offered) {
-            (ToolChoice::Required, Some(tools)) => Some(tool_prompt::calls_format(tools, None, several, false)),
-            (ToolChoice::Named(name), Some(tools)) => Some(tool_prompt::calls_format(tools, Some(name), false, false)),
-            (ToolChoice::Auto, Some(tools)) if !native && req.response_format.is_none() => {
-                Some(tool_prompt::calls_format(tools, None, several, true))
+        // Calls are constrained in the format the model was taught (kandle's
+        // generic one without a template format): `required` and named choices
+        // from the first token, `auto` from the call's opener on.
+        let style = tool_format.unwrap_or(ToolFormat::Generic);
+        let choice = match &req.tool_choice {
+            ToolChoice::Required => Some(CallChoice::Required),
+            ToolChoice::Named(name) => Some(CallChoice::Named(name)),
+            ToolChoice::Auto if req.response_format.is_none() => Some(CallChoice::Auto),
+            ToolChoice::Auto | ToolChoice::None => None,
+        };
+        if choice.is_some_and(|c| c != CallChoice::Auto) && req.response_format.is_some() {
+            return Err(ApiError::invalid(
+                "response_format",
+                "response_format cannot be combined with tool_choice 'required' or a named function.",
+            ));
+        }
+        let shown: Vec<(u32, String)> = match offered {
+            Some(_) => style.markers().iter().filter_map(|m| Some((self.special_id(m)?, m.to_string()))).collect(),
+            None => Vec::new(),
+        };
+        let call_grammar = match (offered, choice) {
+            (Some(tools), Some(choice)) => {
+                Some(tool_grammar::call_grammar(style, tools, choice, req.parallel_tool_calls, |marker| {
+                    shown.iter().find(|(_, m)| m == marker).map(|(id, _)| *id)
+                }))
             }
             _ => None,
         };
-        if call_format.is_some() {
-            tool_format = Some(ToolFormat::Generic);
-            if req.response_format.is_some() && req.tool_choice != ToolChoice::Auto {
-                return Err(ApiError::invalid(
-                    "response_format",
-                    "response_format cannot be combined with tool_choice 'required' or a named function.",
-                ));
-            }
-        }
         let options = RenderOptions {
             tools,
             enable_thinking: self.template.features().thinking.then_some(matches!(reasoning, ReasoningMode::On { .. })),
@@ -220,22 +228,28 @@ impl ModelService {
             }
         }
         let max_tokens = self.completion_budget(prompt.len(), req.max_tokens)?;
-        let (format, param) = match (&call_format, &req.response_format) {
-            (Some(calls), _) => (Some(calls), "tools"),
-            (None, format) => (format.as_ref(), "response_format"),
-        };
-        let constraint = match (format, &self.grammars) {
-            (None, _) => None,
-            (Some(format), Some(grammars)) => Some(
-                grammars
-                    .constraint(format)
-                    .map_err(|e| ApiError::invalid(param, format!("The {param} cannot be enforced: {e}")))?,
-            ),
-            (Some(_), None) => {
+        let constraint = match (call_grammar, &req.response_format, &self.grammars) {
+            (None, None, _) => None,
+            (Some(calls), _, Some(grammars)) => {
+                let constraint = grammars
+                    .constraint(&calls.format)
+                    .map_err(|e| ApiError::invalid("tools", format!("The tools cannot be enforced: {e}")))?;
+                Some(match calls.opener {
+                    Some(opener) => constraint.after(opener),
+                    None => constraint,
+                })
+            }
+            // Without a grammar engine, `auto` calls are only parsed.
+            (Some(_), _, None) if choice == Some(CallChoice::Auto) => None,
+            (None, Some(format), Some(grammars)) => Some(grammars.constraint(format).map_err(|e| {
+                ApiError::invalid("response_format", format!("The response_format cannot be enforced: {e}"))
+            })?),
+            (Some(_), _, None) | (None, Some(_), None) => {
+                let param = if choice.is_some() { "tools" } else { "response_format" };
                 return Err(ApiError::unsupported(
                     param,
                     "Constrained output is not available for this model's tokenizer.",
-                ))
+                ));
             }
         };
         let (tx, events) = mpsc::unbounded_channel();
@@ -250,10 +264,17 @@ impl ModelService {
                 n: req.n,
                 reasoning,
                 constraint,
+                shown,
                 events: tx,
             },
             events,
         })
+    }
+
+    /// The id of `text` when the tokenizer holds it as one special token.
+    fn special_id(&self, text: &str) -> Option<u32> {
+        let id = self.tokenizer.token_to_id(text)?;
+        self.tokenizer.get_added_tokens_decoder().get(&id).is_some_and(|t| t.special).then_some(id)
     }
 
     fn completion_budget(&self, prompt: usize, requested: Option<usize>) -> Result<usize, ApiError> {

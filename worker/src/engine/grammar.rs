@@ -2,8 +2,11 @@
 //! object) becomes an llguidance matcher per sequence. Before each sampling
 //! step the matcher's token mask sends every token the grammar forbids to
 //! minus infinity (so log-probabilities are those of the constrained
-//! distribution); each accepted token advances it. Once the grammar is
-//! complete only the end-of-sequence token remains allowed.
+//! distribution); each accepted token advances it, and text the grammar
+//! forces next is appended as tokens without sampling. Once the grammar is
+//! complete only the end-of-sequence token remains allowed. A lazy constraint
+//! (tool calls in `auto` mode) waits, unmasked, until the output writes its
+//! opener, and constrains what follows.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,7 +14,7 @@ use std::time::{Duration, Instant};
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{InferenceCapabilities, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory};
-use serde_json::Value as Json;
+use serde_json::{json, Value as Json};
 
 /// What a request constrains its output to.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,10 +24,25 @@ pub enum OutputFormat {
     /// JSON valid against `schema` (`response_format: json_schema`); `strict`:
     /// keywords the grammar cannot enforce are errors, else ignored.
     JsonSchema { schema: Json, strict: bool },
-    /// Tool calls: a JSON value valid against `schema`, or (`several`) one or
-    /// more, one per line; or (`or_text`) free text whose first non-blank
-    /// character is not `{`, or nothing.
-    Calls { schema: Json, several: bool, or_text: bool },
+    /// A lark grammar (tool calls); its `%json` values come from [`one_line`].
+    Lark(String),
+}
+
+/// `schema` for JSON on one line, with the separators `json.dumps` writes and
+/// no other whitespace (nothing for a model to repeat forever); `strict`:
+/// keywords the grammar cannot enforce are errors.
+pub fn one_line(mut schema: Json, strict: bool) -> Json {
+    if let Some(object) = schema.as_object_mut() {
+        object.entry("x-guidance").or_insert_with(|| {
+            serde_json::json!({
+                "whitespace_flexible": false,
+                "item_separator": ", ",
+                "key_separator": ": ",
+                "lenient": !strict,
+            })
+        });
+    }
+    schema
 }
 
 /// The model's vocabulary as llguidance sees it; builds a matcher per request.
@@ -68,40 +86,35 @@ impl Grammars {
 
     /// A fresh matcher for `format`, or why the format cannot be enforced.
     pub fn constraint(&self, format: &OutputFormat) -> Result<Constraint, String> {
-        let (mut schema, strict) = match format {
-            OutputFormat::JsonObject => (serde_json::json!({"type": "object"}), true),
-            OutputFormat::JsonSchema { schema, strict } => (schema.clone(), *strict),
-            OutputFormat::Calls { schema, .. } => (schema.clone(), true),
-        };
-        // One line, with the separators `json.dumps` writes: no whitespace
-        // between values for a model to repeat forever.
-        if let Some(object) = schema.as_object_mut() {
-            object.entry("x-guidance").or_insert_with(|| {
-                serde_json::json!({
-                    "whitespace_flexible": false,
-                    "item_separator": ", ",
-                    "key_separator": ": ",
-                    "lenient": !strict,
-                })
-            });
-        }
         let grammar = match format {
-            OutputFormat::Calls { several, or_text, .. } => {
-                let calls = if *several { "value (\"\\n\" value)*" } else { "value" };
-                let start = if *or_text { "(calls | TEXT)?" } else { "calls" };
-                TopLevelGrammar::from_lark(format!(
-                    "start: {start}\ncalls: {calls}\nvalue: %json {schema}\nTEXT: /\\s*[^{{\\s][\\s\\S]*/"
-                ))
+            OutputFormat::JsonObject => TopLevelGrammar::from_json_schema(one_line(json!({"type": "object"}), true)),
+            OutputFormat::JsonSchema { schema, strict } => {
+                TopLevelGrammar::from_json_schema(one_line(schema.clone(), *strict))
             }
-            _ => TopLevelGrammar::from_json_schema(schema),
+            OutputFormat::Lark(lark) => TopLevelGrammar::from_lark(lark.clone()),
         };
         let parser = self.factory.create_parser(grammar).map_err(|e| e.to_string())?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(error) = matcher.get_error() {
             return Err(error);
         }
-        Ok(Constraint { matcher: Box::new(matcher) })
+        Ok(Constraint { matcher: Box::new(matcher), phase: Phase::Active })
     }
+}
+
+/// Whether a constraint masks yet.
+#[derive(Debug, Clone)]
+enum Phase {
+    /// Lazy: the output is free until it writes `opener` (`seen` holds the
+    /// end of the output that could be its start).
+    Waiting {
+        opener: String,
+        seen: String,
+    },
+    Active,
+    /// The text after the opener did not fit the grammar: unconstrained from
+    /// there (the call is then given back as content).
+    Off,
 }
 
 /// One sequence's matcher.
@@ -109,11 +122,15 @@ impl Grammars {
 pub struct Constraint {
     /// Boxed: a matcher is large, and requests move through queues.
     matcher: Box<Matcher>,
+    phase: Phase,
 }
 
 impl std::fmt::Debug for Constraint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Constraint").field("stopped", &self.matcher.is_stopped()).finish_non_exhaustive()
+        f.debug_struct("Constraint")
+            .field("phase", &self.phase)
+            .field("stopped", &self.matcher.is_stopped())
+            .finish_non_exhaustive()
     }
 }
 
@@ -133,21 +150,68 @@ impl Constraint {
         Ok(took)
     }
 
-    /// Advances past a sampled token (one the mask allowed).
-    pub fn advance(&mut self, token: u32) -> Result<(), String> {
-        if self.matcher.is_stopped() {
-            return Ok(());
+    /// Lazy from now: no mask until the output writes `opener`; the grammar
+    /// then constrains the text after it.
+    pub fn after(mut self, opener: &str) -> Self {
+        self.phase = Phase::Waiting { opener: opener.to_string(), seen: String::new() };
+        self
+    }
+
+    /// Whether the next token is masked.
+    pub fn active(&self) -> bool {
+        matches!(self.phase, Phase::Active)
+    }
+
+    /// Advances past an accepted token (one the mask allowed, when active);
+    /// `text` is what it added to the output.
+    pub fn advance(&mut self, token: u32, text: &str) -> Result<(), String> {
+        match &mut self.phase {
+            Phase::Active if self.matcher.is_stopped() => Ok(()),
+            Phase::Active => self.matcher.consume_token(token).map_err(|e| format!("grammar: {e}")),
+            Phase::Off => Ok(()),
+            Phase::Waiting { opener, seen } => {
+                seen.push_str(text);
+                let Some(at) = seen.find(opener.as_str()) else {
+                    // Keep only what could still be the start of the opener.
+                    let keep = seen.len().saturating_sub(opener.len());
+                    let cut = (keep..=seen.len()).find(|&i| seen.is_char_boundary(i)).unwrap_or(seen.len());
+                    seen.drain(..cut);
+                    return Ok(());
+                };
+                let rest = seen[at + opener.len()..].to_string();
+                self.phase = Phase::Active;
+                if !rest.is_empty() && !self.consume_text(&rest) {
+                    self.phase = Phase::Off;
+                }
+                Ok(())
+            }
         }
-        self.matcher.consume_token(token).map_err(|e| format!("grammar: {e}"))
+    }
+
+    /// Consumes text the output already holds past the opener; false when
+    /// the grammar does not accept it.
+    fn consume_text(&mut self, text: &str) -> bool {
+        let Ok(env) = self.matcher.tok_env() else { return false };
+        let tokens = env.tokenize_bytes(text.as_bytes());
+        self.matcher.consume_tokens(&tokens).is_ok() && !self.matcher.is_error()
+    }
+
+    /// Tokens the grammar allows no alternative to now, consumed: the caller
+    /// appends them without sampling.
+    pub fn fast_forward(&mut self) -> Vec<u32> {
+        if !self.active() || self.matcher.is_stopped() {
+            return Vec::new();
+        }
+        self.matcher.consume_ff_tokens()
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    /// A byte-level vocabulary: one token per byte plus an end token.
-    fn byte_tokenizer() -> Arc<tokenizers::Tokenizer> {
+    /// A byte-level vocabulary: one token per byte, an end token and `specials`.
+    pub(crate) fn byte_tokenizer(specials: &[&str]) -> tokenizers::Tokenizer {
         use tokenizers::models::bpe::BPE;
         use tokenizers::pre_tokenizers::byte_level::ByteLevel;
         let vocab: tokenizers::models::bpe::Vocab =
@@ -156,8 +220,11 @@ mod tests {
         let mut tokenizer = tokenizers::Tokenizer::new(bpe);
         tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, false, false)));
         tokenizer.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
-        tokenizer.add_special_tokens(vec![tokenizers::AddedToken::from("<end>", true)]).expect("specials");
-        Arc::new(tokenizer)
+        let specials = std::iter::once("<end>").chain(specials.iter().copied());
+        tokenizer
+            .add_special_tokens(specials.map(|t| tokenizers::AddedToken::from(t, true)).collect::<Vec<_>>())
+            .expect("specials");
+        tokenizer
     }
 
     /// Greedy decoding under the mask with logits that prefer the wrong bytes
@@ -165,7 +232,7 @@ mod tests {
     /// schema is bounded: logits this adversarial would write digits forever.)
     #[test]
     fn the_mask_keeps_output_inside_the_schema() {
-        let tokenizer = byte_tokenizer();
+        let tokenizer = Arc::new(byte_tokenizer(&[]));
         let vocab = tokenizer.get_vocab_size(true);
         let end = tokenizer.token_to_id("<end>").expect("end token");
         let grammars = Grammars::new(tokenizer.clone(), end).expect("grammars");
@@ -194,7 +261,7 @@ mod tests {
                 break;
             }
             assert!(step < 199, "no end after 200 tokens: {out:?}");
-            constraint.advance(token).expect("advance");
+            constraint.advance(token, "").expect("advance");
             out.push(token);
         }
         let text = tokenizer.decode(&out, false).expect("decode");
@@ -203,54 +270,51 @@ mod tests {
         assert!(value["ok"].is_boolean() && (value["color"] == "red" || value["color"] == "green"), "{value}");
     }
 
-    /// Calls: one value, or several one per line, each valid; with text, also
-    /// anything that does not open a value.
+    /// Text the grammar fixes comes back as tokens to append without sampling.
     #[test]
-    fn calls_take_one_or_more_values_or_text() {
-        let tokenizer = byte_tokenizer();
+    fn forced_text_is_fast_forwarded() {
+        let tokenizer = Arc::new(byte_tokenizer(&[]));
         let end = tokenizer.token_to_id("<end>").expect("end token");
         let grammars = Grammars::new(tokenizer.clone(), end).expect("grammars");
-        let schema = serde_json::json!({"type": "object", "properties": {"n": {"type": "integer"}},
-            "required": ["n"], "additionalProperties": false});
-        let ids = |text: &str| tokenizer.encode(text, false).expect("encode").get_ids().to_vec();
-        let calls = |several, or_text| OutputFormat::Calls { schema: schema.clone(), several, or_text };
-        for (format, text, valid) in [
-            (calls(true, false), "{\"n\": 1}", true),
-            (calls(true, false), "{\"n\": 1}\n{\"n\": 22}", true),
-            (calls(false, false), "{\"n\": 1}\n{\"n\": 22}", false),
-            (calls(true, false), "{\"n\": 1}{\"n\": 2}", false),
-            (calls(true, false), "{\"n\": \"x\"}", false),
-            (calls(true, false), "Hello {", false),
-            (calls(true, true), "Hello {", true),
-            (calls(true, true), "{\"n\": 1}\n{\"n\": 22}", true),
-            (calls(false, true), "{\"n\": \"x\"}", false),
-            (calls(false, true), "", true),
-            (calls(false, true), " \n{\"n\": 1}", false),
-            (calls(false, true), " \nHi", true),
-        ] {
-            let mut constraint = grammars.constraint(&format).expect("constraint");
-            let mut ok = true;
-            for token in ids(text) {
-                let mut logits = vec![0f32; tokenizer.get_vocab_size(true)];
-                constraint.mask(&mut logits).expect("mask");
-                ok &= logits[token as usize].is_finite();
-                if !ok {
-                    break;
-                }
-                constraint.advance(token).expect("advance");
-            }
-            assert_eq!(ok, valid, "{format:?}: {text}");
-            if valid {
-                let mut logits = vec![0f32; tokenizer.get_vocab_size(true)];
-                constraint.mask(&mut logits).expect("mask");
-                assert!(logits[end as usize].is_finite(), "{text}: may end");
-            }
+        let schema = json!({"type": "object", "properties": {"color": {"const": "red"}, "n": {"type": "integer"}},
+            "required": ["color", "n"], "additionalProperties": false});
+        let mut constraint = grammars.constraint(&OutputFormat::JsonSchema { schema, strict: true }).expect("c");
+        let forced = constraint.fast_forward();
+        assert_eq!(tokenizer.decode(&forced, false).expect("decode"), "{\"color\": \"red\", \"n\": ");
+        let mut logits = vec![0f32; tokenizer.get_vocab_size(true)];
+        constraint.mask(&mut logits).expect("mask");
+        let digit = tokenizer.token_to_id("7").expect("7");
+        assert!(logits[digit as usize].is_finite() && !logits[end as usize].is_finite());
+    }
+
+    /// A lazy constraint masks nothing until the opener, then takes the text
+    /// after it (even inside the token that wrote the opener); text that does
+    /// not fit switches it off.
+    #[test]
+    fn a_lazy_constraint_starts_after_its_opener() {
+        let tokenizer = Arc::new(byte_tokenizer(&[]));
+        let end = tokenizer.token_to_id("<end>").expect("end token");
+        let grammars = Grammars::new(tokenizer.clone(), end).expect("grammars");
+        let format = OutputFormat::Lark("start: \"(\" /[0-9]+/ \")\"".into());
+        let lazy = grammars.constraint(&format).expect("constraint").after("<go>");
+        let mut on = lazy.clone();
+        for piece in ["Well <", "g", "o>(1"] {
+            assert!(!on.active());
+            on.advance(0, piece).expect("advance");
         }
+        assert!(on.active());
+        let mut logits = vec![0f32; tokenizer.get_vocab_size(true)];
+        on.mask(&mut logits).expect("mask");
+        let allowed = |text: &str| logits[tokenizer.token_to_id(text).expect("byte") as usize].is_finite();
+        assert!(allowed("2") && allowed(")") && !allowed("(") && !allowed("x"));
+        let mut off = lazy;
+        off.advance(0, "<go>x").expect("advance");
+        assert!(!off.active());
     }
 
     #[test]
     fn a_schema_llguidance_cannot_compile_is_an_error() {
-        let tokenizer = byte_tokenizer();
+        let tokenizer = Arc::new(byte_tokenizer(&[]));
         let end = tokenizer.token_to_id("<end>").expect("end token");
         let grammars = Grammars::new(tokenizer, end).expect("grammars");
         let bad = serde_json::json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}});

@@ -14,6 +14,7 @@ mod scheduler;
 mod sequence;
 mod stop;
 pub mod tool_calls;
+pub mod tool_grammar;
 pub mod tool_prompt;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -41,6 +42,9 @@ pub struct GenerateRequest {
     pub reasoning: ReasoningMode,
     /// The output format the sampler enforces (each choice its own copy).
     pub constraint: Option<grammar::Constraint>,
+    /// Special tokens written into the output as their text (tool-call
+    /// markers), where other special tokens are left out.
+    pub shown: Vec<(u32, String)>,
     pub events: mpsc::UnboundedSender<Event>,
 }
 

@@ -85,6 +85,17 @@ impl Sampler {
         self.params.logprobs.is_some()
     }
 
+    /// A token taken without sampling (one the engine or the grammar forces):
+    /// the only possible token, so its log-probability is 0.
+    pub fn forced(&mut self, token: u32) -> Sampled {
+        self.record(token);
+        let top = match self.params.logprobs {
+            Some(n) if n > 0 => vec![(token, 0.0)],
+            _ => Vec::new(),
+        };
+        Sampled { token, logprob: 0.0, top }
+    }
+
     pub fn sample(&mut self, logits: &mut [f32]) -> Sampled {
         self.adjust(logits);
         let token = if self.params.temperature <= 0.0 { argmax(logits) } else { self.draw(logits) };

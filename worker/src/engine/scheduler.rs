@@ -30,7 +30,7 @@ struct Fork {
 
 /// Waiting for admission: a new request, or a preempted sequence to recompute.
 enum Waiting {
-    Request(Queued),
+    Request(Box<Queued>),
     Preempted(Box<Sequence>),
 }
 
@@ -83,13 +83,13 @@ impl Scheduler {
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {
                 match self.rx.recv() {
-                    Ok(q) => self.waiting.push_back(Waiting::Request(q)),
+                    Ok(q) => self.waiting.push_back(Waiting::Request(Box::new(q))),
                     Err(_) => return,
                 }
             }
             loop {
                 match self.rx.try_recv() {
-                    Ok(q) => self.waiting.push_back(Waiting::Request(q)),
+                    Ok(q) => self.waiting.push_back(Waiting::Request(Box::new(q))),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) if self.running.is_empty() && self.waiting.is_empty() => return,
                     Err(TryRecvError::Disconnected) => break,
@@ -151,7 +151,7 @@ impl Scheduler {
                 break;
             }
             match self.waiting.pop_front() {
-                Some(Waiting::Request(q)) => self.start_request(q),
+                Some(Waiting::Request(q)) => self.start_request(*q),
                 Some(Waiting::Preempted(mut s)) => {
                     self.attach_cached_prefix(&mut s);
                     self.running.push(*s);
@@ -185,6 +185,7 @@ impl Scheduler {
                 sampler: Sampler::new(r.sampling.clone(), &r.prompt, index as u64),
                 reasoning: r.reasoning,
                 constraint: r.constraint.clone(),
+                shown: r.shown.clone(),
                 stop: r.stop.clone(),
                 max_tokens: r.max_tokens,
                 events: r.events.clone(),

@@ -46,6 +46,8 @@ pub struct Sequence {
     /// The output format's matcher: masks the logits of answer tokens
     /// (reasoning is not constrained).
     constraint: Option<Constraint>,
+    /// Special tokens written into the output as their text.
+    shown: Vec<(u32, String)>,
     /// How long the last token's grammar mask took (for the metrics).
     pub mask_time: Option<Duration>,
     max_tokens: usize,
@@ -68,6 +70,7 @@ pub struct SequenceSpec {
     pub sampler: Sampler,
     pub reasoning: ReasoningMode,
     pub constraint: Option<Constraint>,
+    pub shown: Vec<(u32, String)>,
     pub stop: Vec<String>,
     pub max_tokens: usize,
     pub events: mpsc::UnboundedSender<Event>,
@@ -97,6 +100,7 @@ impl Sequence {
             cached_tokens: 0,
             forced: VecDeque::new(),
             constraint: spec.constraint,
+            shown: spec.shown,
             mask_time: None,
             max_tokens: spec.max_tokens,
             thinking_budget,
@@ -118,21 +122,36 @@ impl Sequence {
 
     /// Handles the logits of the last token once every token is in the cache:
     /// samples (or takes a forced token) and emits what it adds to the output.
+    /// Tokens the grammar forces after it are appended too; the next step
+    /// computes them as one chunk.
     pub fn accept(&mut self, logits: &mut [f32], ctx: &StepContext<'_>) -> Result<StepOutcome, String> {
-        let constrained = self.forced.is_empty() && !self.shaper.in_reasoning();
+        let forced = self.forced.pop_front();
+        let guided = forced.is_none() && !self.shaper.in_reasoning();
         self.mask_time = None;
-        if let (true, Some(constraint)) = (constrained, &mut self.constraint) {
+        if let (true, Some(constraint)) = (guided, self.constraint.as_mut().filter(|c| c.active())) {
             self.mask_time = Some(constraint.mask(logits)?);
         }
-        let sampled = match self.forced.pop_front() {
-            Some(token) => Sampled { token, logprob: 0.0, top: Vec::new() },
+        let sampled = match forced {
+            Some(token) => self.sampler.forced(token),
             None => self.sampler.sample(logits),
         };
-        if let (true, Some(constraint)) = (constrained, &mut self.constraint) {
-            if !ctx.stop_ids.contains(&sampled.token) {
-                constraint.advance(sampled.token)?;
+        let mut outcome = self.take(sampled, guided, ctx)?;
+        if guided {
+            let fixed = self.constraint.as_mut().map(Constraint::fast_forward).unwrap_or_default();
+            for token in fixed {
+                if matches!(outcome, StepOutcome::Finished) {
+                    break;
+                }
+                let sampled = self.sampler.forced(token);
+                outcome = self.take(sampled, false, ctx)?;
             }
         }
+        Ok(outcome)
+    }
+
+    /// Appends one token to the output; `guided`: the constraint (when there
+    /// is one) has not seen it yet.
+    fn take(&mut self, sampled: Sampled, guided: bool, ctx: &StepContext<'_>) -> Result<StepOutcome, String> {
         self.usage.completion_tokens += 1;
         let was_reasoning = self.shaper.in_reasoning();
         if was_reasoning {
@@ -147,7 +166,13 @@ impl Sequence {
             return Ok(self.finish(rest, FinishReason::Stop));
         }
 
-        let text = self.detokenizer.push(ctx.tokenizer, sampled.token)?;
+        let mut text = self.detokenizer.push(ctx.tokenizer, sampled.token)?;
+        if let Some((_, shown)) = self.shown.iter().find(|(id, _)| *id == sampled.token) {
+            text.push_str(shown);
+        }
+        if let (true, Some(constraint)) = (guided, &mut self.constraint) {
+            constraint.advance(sampled.token, &text)?;
+        }
         let shaped = self.shaper.push(&text);
         // Reasoning tokens carry no log-probabilities.
         let logprobs = (self.sampler.reports_logprobs() && !was_reasoning).then(|| ctx.describe(&sampled));

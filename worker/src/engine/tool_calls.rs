@@ -23,6 +23,16 @@ pub enum ToolFormat {
 }
 
 impl ToolFormat {
+    /// The markers this format writes around calls.
+    pub fn markers(self) -> &'static [&'static str] {
+        match self {
+            Self::Hermes => &[HERMES_OPEN, HERMES_CLOSE],
+            Self::Llama3 => &[PYTHON_TAG],
+            Self::Mistral => &[MISTRAL_OPEN],
+            Self::Generic => &[],
+        }
+    }
+
     /// The format a chat template that renders tools teaches its model, by the
     /// markers it writes.
     pub fn of_template(source: &str) -> Self {

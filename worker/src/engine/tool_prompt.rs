@@ -1,10 +1,8 @@
 //! Tools for models whose chat template has no place for them: kandle's
 //! generic tool prompt in the system message, earlier calls written back as the
-//! JSON the prompt asks for, and the grammar of a forced call.
+//! JSON the prompt asks for (`tool_grammar` constrains calls to it).
 
 use serde_json::{json, Value as Json};
-
-use super::grammar::OutputFormat;
 
 /// `messages` with the tools described in the system message (merged into
 /// the first one, or a new one first) and earlier assistant calls as JSON text.
@@ -62,29 +60,6 @@ fn written_calls(message: &Json) -> Json {
     message
 }
 
-/// Calls in the generic format: JSON objects naming an offered tool (or only
-/// `name`) with arguments valid against its parameters; several, one per line,
-/// when `several`; or free text instead, when `or_text` (`tool_choice: auto`).
-pub fn calls_format(tools: &[Json], name: Option<&str>, several: bool, or_text: bool) -> OutputFormat {
-    let choices: Vec<Json> = tools
-        .iter()
-        .filter_map(|t| t.get("function"))
-        .filter(|f| name.is_none_or(|n| f.get("name").and_then(Json::as_str) == Some(n)))
-        .map(|f| {
-            json!({
-                "type": "object",
-                "properties": {
-                    "name": {"const": f.get("name").cloned().unwrap_or(Json::Null)},
-                    "arguments": f.get("parameters").cloned().unwrap_or_else(|| json!({"type": "object"})),
-                },
-                "required": ["name", "arguments"],
-                "additionalProperties": false,
-            })
-        })
-        .collect();
-    OutputFormat::Calls { schema: json!({"anyOf": choices}), several, or_text }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,17 +90,5 @@ mod tests {
         assert_eq!(out[3], messages[3]);
         let without_system = with_tools(&messages[1..2], &tools());
         assert_eq!(without_system[0]["role"], "system");
-    }
-
-    #[test]
-    fn a_named_call_allows_only_that_tool() {
-        let OutputFormat::Calls { schema, .. } = calls_format(&tools(), Some("time"), false, false) else {
-            panic!("calls")
-        };
-        let choices = schema["anyOf"].as_array().expect("choices");
-        assert_eq!(choices.len(), 1);
-        assert_eq!(choices[0]["properties"]["name"]["const"], "time");
-        let OutputFormat::Calls { schema, .. } = calls_format(&tools(), None, true, true) else { panic!("calls") };
-        assert_eq!(schema["anyOf"].as_array().map(Vec::len), Some(2));
     }
 }
