@@ -10,8 +10,12 @@ streaming chat completions at each concurrency (aggregate completion tokens
 per second, time to first token) and a prefill of a ~1000-token prompt (prompt
 tokens per second), with prefix caching off on both (kandle --no-prefix-cache,
 llama-server cache_prompt=false) and then on. Prints every figure with its
-ratio (kandle / llama.cpp), the CPU model and the llama.cpp version. Not part
-of CI: it takes minutes and wants an otherwise idle machine.
+ratio (kandle / llama.cpp), the CPU model and the llama.cpp version. With
+--json-schema it also runs the concurrency levels with a `response_format`
+json_schema on both (constrained decoding: kandle's llguidance matcher,
+llama.cpp's grammar sampler), prefix cache off, to compare with the
+unconstrained figures of the same run. Not part of CI: it takes minutes and
+wants an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -37,6 +41,21 @@ TOPICS = [
     "why the sky is blue", "the rules of chess", "how bread is baked", "the water cycle", "a trip to the moon",
     "the life of honey bees", "how computers store numbers", "the first airplane flight", "how rivers shape valleys",
 ]
+
+
+# A bounded answer: the essay prompts fill it with text, as they would unconstrained.
+ESSAY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 80},
+        "sections": {"type": "array", "maxItems": 4, "items": {
+            "type": "object",
+            "properties": {"heading": {"type": "string", "maxLength": 60}, "text": {"type": "string", "maxLength": 600}},
+            "required": ["heading", "text"], "additionalProperties": False}},
+    },
+    "required": ["title", "sections"],
+    "additionalProperties": False,
+}
 
 
 def log(*parts: object) -> None:
@@ -175,6 +194,16 @@ def concurrent(server: Server, clients: int, max_tokens: int, salt: int) -> dict
     return {"tok_s": tokens / wall, "ttft_p50": statistics.median(r[0] for r in results)}
 
 
+def grammar_mask_ms(port: int) -> float:
+    """Mean time of kandle's grammar mask per masked token, from its metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith("kandle_grammar_mask_seconds_sum") or line.startswith("kandle_grammar_mask_seconds_count")}
+    count = values.get("kandle_grammar_mask_seconds_count", 0.0)
+    return 1000 * values.get("kandle_grammar_mask_seconds_sum", 0.0) / count if count else 0.0
+
+
 def prefill(server: Server, salt: int) -> float:
     words = " ".join(f"{TOPICS[(salt + i) % len(TOPICS)]} {i}," for i in range(150))
     messages = [{"role": "user", "content": f"Run {salt}. Summarize this list: {words}"}]
@@ -189,6 +218,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--concurrency", default="1,4,8")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--json-schema", action="store_true", help="also run constrained to a JSON schema")
     args = parser.parse_args()
     gguf = args.gguf or subprocess.run([str(ROOT / "scripts" / "fetch-smollm2.sh")], capture_output=True, text=True,
                                        check=True).stdout.strip()
@@ -198,8 +228,14 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     table: dict[tuple[str, str, str], list[float]] = {}
 
-    for caching in (False, True):
+    modes = [(False, None), (True, None)]
+    if args.json_schema:
+        modes.append((False, {"type": "json_schema", "json_schema": {"name": "essay", "schema": ESSAY_SCHEMA}}))
+    for caching, response_format in modes:
         mode = "prefix cache on" if caching else "prefix cache off"
+        constrained = {"response_format": response_format} if response_format else {}
+        if response_format:
+            mode = "json_schema, " + mode
         log(f"== {mode}")
         kport, lport = free_port(), free_port()
         kandle_args = [str(kandle_bin), "serve", "--model", gguf, "--served-model-name", "smollm2", "--no-auth",
@@ -208,10 +244,10 @@ def main() -> None:
         if not caching:
             kandle_args.append("--no-prefix-cache")
         servers = [
-            Server("kandle", kandle_args, kport, {}),
+            Server("kandle", kandle_args, kport, constrained),
             Server("llama.cpp", [str(llama_bin), "-m", gguf, "--host", "127.0.0.1", "--port", str(lport), "-np", "8",
                                  "-c", "8192", "-kvu", "-t", str(args.threads), "--jinja"], lport,
-                   {"cache_prompt": caching}),
+                   {"cache_prompt": caching, **constrained}),
         ]
         try:
             for run in range(args.runs):
@@ -223,9 +259,15 @@ def main() -> None:
                         table.setdefault((mode, f"throughput c={c} (tok/s)", server.name), []).append(r["tok_s"])
                         table.setdefault((mode, f"TTFT p50 c={c} (s)", server.name), []).append(r["ttft_p50"])
                         log(f"run {run} {server.name} c={c}: {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50']:.3f} s")
+                    if response_format:
+                        continue
                     p = prefill(server, salt)
                     table.setdefault((mode, "prefill ~1000 tokens (tok/s)", server.name), []).append(p)
                     log(f"run {run} {server.name} prefill: {p:.1f} tok/s")
+            if response_format:
+                mask_ms = grammar_mask_ms(kport)
+                log(f"kandle grammar mask: {mask_ms:.3f} ms per masked token")
+                table.setdefault((mode, "grammar mask per token (ms)", "kandle"), []).append(mask_ms)
         finally:
             for server in servers:
                 server.stop()
@@ -240,6 +282,9 @@ def main() -> None:
     keys = sorted({(m, f) for m, f, _ in table}, key=lambda k: (k[0], k[1]))
     for mode, figure in keys:
         k = statistics.median(table[(mode, figure, "kandle")])
+        if (mode, figure, "llama.cpp") not in table:
+            print(f"| {mode} | {figure} | {k:.3f} | | |")
+            continue
         lc = statistics.median(table[(mode, figure, "llama.cpp")])
         print(f"| {mode} | {figure} | {k:.3f} | {lc:.3f} | {k / lc:.2f} |")
 

@@ -10,7 +10,7 @@ use crate::api::request::{ChatRequest, SamplingOverrides, ToolChoice};
 use kandle_contract::engine::KvCacheMemory;
 
 use crate::engine::grammar::Grammars;
-use crate::engine::tool_calls::ToolFormat;
+use crate::engine::tool_calls::{CallReading, ToolFormat};
 use crate::engine::tool_grammar::{self, CallChoice};
 use crate::engine::tool_prompt;
 use crate::engine::{Engine, EngineConfig, EngineModel, Event, GenerateRequest, ReasoningMode, StartError};
@@ -54,8 +54,8 @@ pub struct Compute {
 /// A request ready for the engine, and the channel its events arrive on.
 pub struct Prepared {
     pub prompt_tokens: usize,
-    /// How the answer's tool calls are written, when tools were offered.
-    pub tool_format: Option<ToolFormat>,
+    /// How the answer's tool calls are read, when tools were offered.
+    pub calls: Option<CallReading>,
     pub request: GenerateRequest,
     pub events: mpsc::UnboundedReceiver<Event>,
 }
@@ -255,7 +255,7 @@ impl ModelService {
         let (tx, events) = mpsc::unbounded_channel();
         Ok(Prepared {
             prompt_tokens: prompt.len(),
-            tool_format,
+            calls: tool_format.map(|format| CallReading { format, constrained: constraint.is_some() }),
             request: GenerateRequest {
                 prompt,
                 sampling: req.sampling.resolve(&self.defaults, req.logprobs),

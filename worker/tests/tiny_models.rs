@@ -30,11 +30,22 @@ const LAYERS: usize = 2;
 const HEADS: usize = 2;
 const KV_HEADS: usize = 1;
 const HEAD_DIM: usize = HIDDEN / HEADS;
-const CONTEXT: usize = 64;
-const SPECIALS: [(&str, bool); 4] =
-    [("<|im_start|>", true), ("<|im_end|>", true), ("<think>", false), ("</think>", false)];
+const CONTEXT: usize = 128;
+const SPECIALS: [(&str, bool); 6] = [
+    ("<|im_start|>", true),
+    ("<|im_end|>", true),
+    ("<think>", false),
+    ("</think>", false),
+    ("<tool_call>", false),
+    ("</tool_call>", false),
+];
 
 const CHATML: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
+{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+/// ChatML that takes tools, as Qwen's templates do (its model answers with
+/// Hermes `<tool_call>` blocks).
+const HERMES: &str = "{% if tools %}<|im_start|>system\nT<|im_end|>\n{% endif %}\
+{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
 {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 const THINKING: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
 {% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}";
@@ -167,6 +178,7 @@ fn missing_tensor_is_an_error_not_a_panic() {
 struct Served {
     router: axum::Router,
     ban: Value,
+    tokenizer: Tokenizer,
 }
 
 impl Served {
@@ -180,6 +192,7 @@ impl Served {
             let id = loaded.tokenizer.token_to_id(t).expect("special");
             ban.insert(id.to_string(), json!(-100));
         }
+        let loaded_tokenizer = loaded.tokenizer.clone();
         let metrics = Arc::new(Metrics::default());
         let state = AppState::new(
             HttpSettings {
@@ -200,13 +213,18 @@ impl Served {
             prefix_cache: true,
         };
         state.set_model(ModelService::start(loaded, limits, SamplingOverrides::default(), metrics).expect("engine"));
-        (Self { router: kandle_worker::api::router(state), ban: Value::Object(ban) }, dir)
+        let tokenizer = loaded_tokenizer;
+        (Self { router: kandle_worker::api::router(state), ban: Value::Object(ban), tokenizer }, dir)
     }
 
     async fn chat(&self, mut body: Value) -> (StatusCode, String) {
         body["model"] = json!("tiny");
         body["messages"] = json!([{"role": "user", "content": "Hi there"}]);
-        body["logit_bias"] = self.ban.clone();
+        let mut bias = self.ban.clone();
+        if let (Some(all), Some(more)) = (bias.as_object_mut(), body["logit_bias"].as_object()) {
+            all.extend(more.clone());
+        }
+        body["logit_bias"] = bias;
         let request = Request::post("/v1/chat/completions")
             .header("content-type", "application/json")
             .body(Body::from(body.to_string()))
@@ -215,6 +233,10 @@ impl Served {
         let status = response.status();
         let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.expect("body");
         (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    fn special_id(&self, token: &str) -> u32 {
+        self.tokenizer.token_to_id(token).expect("token")
     }
 
     async fn chat_json(&self, body: Value) -> Value {
@@ -267,6 +289,63 @@ async fn thinking_budget_closes_reasoning_and_counts_it() {
 
     let (status, text) = served.chat(json!({"enable_thinking": false, "thinking_budget": 4})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+}
+
+/// A template in the Hermes format: calls are constrained in that format
+/// (`<tool_call>` opener included) for named, required and — once the model
+/// writes the opener — auto choices; arguments stream as fragments and
+/// reassemble to the non-streamed call.
+#[tokio::test]
+async fn hermes_template_calls_are_constrained_and_streamed() {
+    let (served, _dir) = Served::new("qwen2", HERMES);
+    let parameters = json!({"type": "object", "properties": {"c": {"enum": ["r", "g"]},
+        "n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["c", "n"], "additionalProperties": false});
+    let tools = json!([{"type": "function", "function": {"name": "f", "parameters": parameters}},
+        {"type": "function", "function": {"name": "g"}}]);
+    let valid = |call: &Value, name: &str| {
+        assert_eq!(call["type"], "function", "{call}");
+        assert!(call["id"].as_str().is_some_and(|id| id.starts_with("call_")), "{call}");
+        assert_eq!(call["function"]["name"], name, "{call}");
+        let arguments: Value =
+            serde_json::from_str(call["function"]["arguments"].as_str().expect("arguments")).expect("arguments json");
+        assert!(["r", "g"].contains(&arguments["c"].as_str().expect("c")), "{arguments}");
+        assert!((0..=9).contains(&arguments["n"].as_i64().expect("n")), "{arguments}");
+    };
+    let named = json!({"type": "function", "function": {"name": "f"}});
+    let tool_call = served.special_id("<tool_call>");
+    for (choice, bias) in [(named.clone(), json!({})), (json!("auto"), json!({tool_call.to_string(): 100}))] {
+        for seed in 0..3 {
+            let body = json!({"tools": tools, "tool_choice": choice, "seed": seed, "max_tokens": 60,
+                "parallel_tool_calls": false, "logit_bias": bias});
+            let r = served.chat_json(body).await;
+            let choice = &r["choices"][0];
+            assert_eq!(choice["finish_reason"], "tool_calls", "{r}");
+            assert!(choice["message"]["content"].is_null(), "{r}");
+            let calls = choice["message"]["tool_calls"].as_array().expect("calls");
+            assert_eq!(calls.len(), 1, "{r}");
+            valid(&calls[0], "f");
+        }
+    }
+
+    let body = json!({"tools": tools, "tool_choice": named, "seed": 7, "max_tokens": 60});
+    let whole = served.chat_json(body.clone()).await;
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let (status, text) = served.chat(streamed).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let deltas: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str::<Value>(d).expect("chunk"))
+        .flat_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert!(deltas.len() > 2, "the arguments arrive in fragments: {text}");
+    assert!(deltas[0]["id"].is_string() && deltas[0]["function"]["name"] == "f", "{text}");
+    assert!(deltas[1..].iter().all(|d| d["id"].is_null() && d["function"]["name"].is_null()), "{text}");
+    let arguments: String = deltas.iter().filter_map(|d| d["function"]["arguments"].as_str()).collect();
+    assert_eq!(arguments, whole["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"], "{text}");
+    assert!(text.contains(r#""finish_reason":"tool_calls""#), "{text}");
 }
 
 /// Logits of a whole prompt run alone from an empty cache.

@@ -20,7 +20,7 @@ use super::response::{
     LogprobEntry, ToolCallOut, Usage,
 };
 use super::state::AppState;
-use crate::engine::tool_calls::{Piece, ToolCall, ToolCallParser, ToolFormat};
+use crate::engine::tool_calls::{CallReading, Piece, ToolCall, ToolCallParser};
 use crate::engine::{Event, FinishReason, SubmitError};
 
 /// How a chat path wraps its answers.
@@ -70,7 +70,7 @@ async fn run(state: AppState, tally: TokenTally, body: Body, flavor: Flavor) -> 
             .await
             .map_err(|e| ApiError::internal(format!("prompt preparation failed: {e}")))??
     };
-    let meta = ResponseMeta::new(&req, prepared.prompt_tokens, prepared.tool_format);
+    let meta = ResponseMeta::new(&req, prepared.prompt_tokens, prepared.calls);
     service.engine.submit(prepared.request).map_err(|e| match e {
         SubmitError::Overloaded => ApiError::overloaded(),
         SubmitError::Stopped => ApiError::internal(e.to_string()),
@@ -105,12 +105,12 @@ struct ResponseMeta {
     prompt_tokens: usize,
     include_usage: bool,
     logprobs: bool,
-    /// How tool calls are written in the answer, when tools were offered.
-    tool_format: Option<ToolFormat>,
+    /// How tool calls are read from the answer, when tools were offered.
+    calls: Option<CallReading>,
 }
 
 impl ResponseMeta {
-    fn new(req: &ChatRequest, prompt_tokens: usize, tool_format: Option<ToolFormat>) -> Self {
+    fn new(req: &ChatRequest, prompt_tokens: usize, calls: Option<CallReading>) -> Self {
         Self {
             id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
             created: super::unix_now(),
@@ -120,24 +120,9 @@ impl ResponseMeta {
             prompt_tokens,
             include_usage: req.include_usage,
             logprobs: req.logprobs.is_some(),
-            tool_format,
+            calls,
         }
     }
-}
-
-/// An answer's content split into text and tool calls.
-fn split_calls(format: ToolFormat, content: &str) -> (String, Vec<ToolCall>) {
-    let mut parser = ToolCallParser::new(format);
-    let mut pieces = parser.push(content);
-    pieces.extend(parser.finish());
-    let (mut text, mut calls) = (String::new(), Vec::new());
-    for piece in pieces {
-        match piece {
-            Piece::Content(t) => text.push_str(&t),
-            Piece::Call(call) => calls.push(call),
-        }
-    }
-    (text, calls)
 }
 
 /// `tool_calls` when a finished answer made calls.
@@ -202,8 +187,8 @@ async fn collect(
             .into_iter()
             .enumerate()
             .map(|(index, c)| {
-                let (content, calls) = match meta.tool_format {
-                    Some(format) => split_calls(format, &c.content),
+                let (content, calls) = match meta.calls {
+                    Some(reading) => reading.split(&c.content),
                     None => (c.content, Vec::new()),
                 };
                 let called = !calls.is_empty();
@@ -251,7 +236,7 @@ fn stream(
     tally: TokenTally,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let open = meta.n;
-    let meta_format = meta.tool_format;
+    let reading = meta.calls;
     let mut s = StreamState {
         state,
         meta,
@@ -262,7 +247,7 @@ fn stream(
         reasoning_tokens: 0,
         cached_tokens: 0,
         done: false,
-        parsers: (0..open).map(|_| meta_format.map(ToolCallParser::new)).collect(),
+        parsers: (0..open).map(|_| reading.map(CallReading::parser)).collect(),
         calls: vec![0; open],
         tally,
     };
@@ -377,18 +362,24 @@ impl StreamState {
         }
     }
 
-    /// Parsed pieces of a choice's content as deltas: text, or a whole call
-    /// (its index, id and name, and its arguments in one piece).
+    /// Parsed pieces of a choice's content as deltas: text; a call's index,
+    /// id and name (with its whole arguments, or none yet); argument fragments.
     fn pieces(&mut self, index: usize, pieces: Vec<Piece>) -> Vec<ChunkDelta> {
+        let calls = |call| ChunkDelta { tool_calls: Some(vec![call]), ..Default::default() };
         pieces
             .into_iter()
             .map(|piece| match piece {
                 Piece::Content(text) => ChunkDelta { content: Some(text), ..Default::default() },
                 Piece::Call(call) => {
-                    let position = self.calls[index];
                     self.calls[index] += 1;
-                    ChunkDelta { tool_calls: Some(vec![ToolCallOut::new(call, Some(position))]), ..Default::default() }
+                    calls(ToolCallOut::new(call, Some(self.calls[index] - 1)))
                 }
+                Piece::CallStart { name } => {
+                    self.calls[index] += 1;
+                    let call = ToolCall { name, arguments: String::new() };
+                    calls(ToolCallOut::new(call, Some(self.calls[index] - 1)))
+                }
+                Piece::Arguments(text) => calls(ToolCallOut::fragment(self.calls[index].saturating_sub(1), text)),
             })
             .collect()
     }

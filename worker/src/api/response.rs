@@ -34,21 +34,24 @@ pub struct AssistantMessage {
     pub tool_calls: Option<Vec<ToolCallOut>>,
 }
 
-/// A tool call of an answer; streamed with its position among the choice's calls.
+/// A tool call of an answer; streamed with its position among the choice's
+/// calls, first with its id and name, then as fragments of its arguments.
 #[derive(Debug, Clone, Serialize)]
 pub struct ToolCallOut {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub index: Option<usize>,
-    pub id: String,
-    #[serde(rename = "type")]
-    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
     pub function: FunctionCall,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct FunctionCall {
-    pub name: String,
-    /// JSON text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// JSON text (or the next piece of it).
     pub arguments: String,
 }
 
@@ -56,10 +59,15 @@ impl ToolCallOut {
     pub fn new(call: crate::engine::tool_calls::ToolCall, index: Option<usize>) -> Self {
         Self {
             index,
-            id: format!("call_{}", uuid::Uuid::new_v4().simple()),
-            kind: "function",
-            function: FunctionCall { name: call.name, arguments: call.arguments },
+            id: Some(format!("call_{}", uuid::Uuid::new_v4().simple())),
+            kind: Some("function"),
+            function: FunctionCall { name: Some(call.name), arguments: call.arguments },
         }
+    }
+
+    /// More of the arguments of the choice's call at `index`.
+    pub fn fragment(index: usize, arguments: String) -> Self {
+        Self { index: Some(index), id: None, kind: None, function: FunctionCall { name: None, arguments } }
     }
 }
 

@@ -10,6 +10,10 @@
 //! - Mistral: `[TOOL_CALLS]` then a JSON array of `{"name", "arguments"}`.
 //! - Generic (kandle's prompt for templates without tools): the output is one
 //!   JSON object `{"name": .., "arguments": {..}}`, or several in a row.
+//!
+//! A streaming parser (for calls the grammar constrains, so written
+//! `{"name": "..", "arguments": {..}}` on one line) also gives each call's
+//! name as soon as its arguments start, then the arguments piece by piece.
 
 use serde_json::Value as Json;
 
@@ -46,6 +50,31 @@ impl ToolFormat {
     }
 }
 
+/// How a response reads the calls of an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallReading {
+    pub format: ToolFormat,
+    /// The grammar constrains the calls: they are streamed as they come.
+    pub constrained: bool,
+}
+
+impl CallReading {
+    pub fn parser(self) -> ToolCallParser {
+        match self.constrained {
+            true => ToolCallParser::streaming(self.format),
+            false => ToolCallParser::new(self.format),
+        }
+    }
+
+    /// An answer's content split into text and calls.
+    pub fn split(self, content: &str) -> (String, Vec<ToolCall>) {
+        let mut parser = self.parser();
+        let mut pieces = parser.push(content);
+        pieces.extend(parser.finish());
+        assemble(pieces)
+    }
+}
+
 /// One parsed call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ToolCall {
@@ -58,7 +87,32 @@ pub struct ToolCall {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Piece {
     Content(String),
+    /// A whole call.
     Call(ToolCall),
+    /// A call whose arguments follow in [`Piece::Arguments`] (streaming parser).
+    CallStart {
+        name: String,
+    },
+    /// More of the last started call's arguments (JSON text).
+    Arguments(String),
+}
+
+/// The text and the calls of whole pieces.
+pub fn assemble(pieces: Vec<Piece>) -> (String, Vec<ToolCall>) {
+    let (mut text, mut calls) = (String::new(), Vec::<ToolCall>::new());
+    for piece in pieces {
+        match piece {
+            Piece::Content(t) => text.push_str(&t),
+            Piece::Call(call) => calls.push(call),
+            Piece::CallStart { name } => calls.push(ToolCall { name, arguments: String::new() }),
+            Piece::Arguments(more) => {
+                if let Some(call) = calls.last_mut() {
+                    call.arguments.push_str(&more);
+                }
+            }
+        }
+    }
+    (text, calls)
 }
 
 const HERMES_OPEN: &str = "<tool_call>";
@@ -117,6 +171,92 @@ enum State {
     Plain,
 }
 
+/// Where a streaming parser is inside the calls after an opener.
+#[derive(Debug, Default)]
+enum Scan {
+    /// Before a call object.
+    #[default]
+    Between,
+    /// A call object's text up to the start of its arguments.
+    Head(String),
+    /// Inside the arguments.
+    Arguments(JsonEnd),
+    /// After the arguments, until the call object closes.
+    Tail,
+    /// Not the constrained layout: the calls are given whole when they end.
+    Off,
+}
+
+/// A streaming parser's view of the calls after one opener.
+#[derive(Debug, Default)]
+struct CallScan {
+    scan: Scan,
+    /// Calls already given as [`Piece::CallStart`].
+    started: usize,
+}
+
+/// How far a call object's start matches `{"name": "<name>", "<key>": {`.
+enum Head {
+    Partial,
+    Done(String),
+    No,
+}
+
+fn head(text: &str) -> Head {
+    const NAME: &str = "{\"name\": \"";
+    let Some(rest) = text.strip_prefix(NAME) else {
+        return if NAME.starts_with(text) { Head::Partial } else { Head::No };
+    };
+    let Some(end) = rest.find('"') else {
+        return if rest.contains('\\') { Head::No } else { Head::Partial };
+    };
+    let (name, after) = (&rest[..end], &rest[end + 1..]);
+    if name.contains('\\') || name.is_empty() {
+        return Head::No;
+    }
+    let keys = [", \"arguments\": {", ", \"parameters\": {"];
+    if keys.contains(&after) {
+        Head::Done(name.to_string())
+    } else if keys.iter().any(|k| k.starts_with(after)) {
+        Head::Partial
+    } else {
+        Head::No
+    }
+}
+
+impl CallScan {
+    fn feed(&mut self, c: char, out: &mut Vec<Piece>) {
+        match &mut self.scan {
+            Scan::Between if c == '{' => self.scan = Scan::Head("{".into()),
+            Scan::Between | Scan::Off => {}
+            Scan::Head(text) => {
+                text.push(c);
+                match head(text) {
+                    Head::Partial => {}
+                    Head::No => self.scan = Scan::Off,
+                    Head::Done(name) => {
+                        out.push(Piece::CallStart { name });
+                        out.push(Piece::Arguments("{".into()));
+                        let mut json = JsonEnd::default();
+                        json.feed('{');
+                        self.scan = Scan::Arguments(json);
+                        self.started += 1;
+                    }
+                }
+            }
+            Scan::Arguments(json) => {
+                out.push(Piece::Arguments(c.to_string()));
+                if json.feed(c) {
+                    self.scan = Scan::Tail;
+                }
+            }
+            Scan::Tail => {
+                self.scan = if c == '}' { Scan::Between } else { Scan::Off };
+            }
+        }
+    }
+}
+
 /// Splits streamed output into content and calls.
 #[derive(Debug)]
 pub struct ToolCallParser {
@@ -124,11 +264,38 @@ pub struct ToolCallParser {
     state: State,
     /// Text not yet known to be content or the start of an opener.
     pending: String,
+    /// Streaming parsers: the calls after the current opener.
+    scan: Option<CallScan>,
+    streaming: bool,
 }
 
 impl ToolCallParser {
+    /// A parser that gives each call whole once it ends.
     pub fn new(format: ToolFormat) -> Self {
-        Self { format, state: State::Text, pending: String::new() }
+        Self { format, state: State::Text, pending: String::new(), scan: None, streaming: false }
+    }
+
+    /// A parser that gives a call's name as its arguments start, then the
+    /// arguments as they come (for calls the grammar constrains).
+    pub fn streaming(format: ToolFormat) -> Self {
+        Self { streaming: true, ..Self::new(format) }
+    }
+
+    /// Enters a call whose raw text so far is `raw`.
+    fn open_call(&mut self, raw: String, json: JsonEnd, out: &mut Vec<Piece>) {
+        if self.streaming {
+            let body = match self.format {
+                ToolFormat::Hermes => &raw[HERMES_OPEN.len()..],
+                ToolFormat::Mistral => &raw[MISTRAL_OPEN.len()..],
+                ToolFormat::Llama3 | ToolFormat::Generic => raw.trim_start().trim_start_matches(PYTHON_TAG),
+            };
+            let mut scan = CallScan::default();
+            for c in body.chars() {
+                scan.feed(c, out);
+            }
+            self.scan = Some(scan);
+        }
+        self.state = State::Call { raw, json };
     }
 
     /// Feeds the next piece of output; returns what it completes.
@@ -145,7 +312,10 @@ impl ToolCallParser {
     /// that never closed included).
     pub fn finish(mut self) -> Vec<Piece> {
         let mut out = Vec::new();
+        let streamed = self.scan.take().is_some_and(|s| s.started > 0);
         let rest = match std::mem::replace(&mut self.state, State::Plain) {
+            // A call cut short after it started streaming stays a call.
+            State::Call { .. } if streamed => String::new(),
             State::Call { raw, .. } | State::Between { raw } => raw,
             State::Text | State::Plain => String::new(),
         };
@@ -170,7 +340,7 @@ impl ToolCallParser {
                                 out.push(Piece::Content(before));
                             }
                             let raw = std::mem::take(&mut self.pending);
-                            self.state = State::Call { raw, json: JsonEnd::default() };
+                            self.open_call(raw, JsonEnd::default(), out);
                         }
                     }
                     ToolFormat::Llama3 | ToolFormat::Generic => {
@@ -182,7 +352,7 @@ impl ToolCallParser {
                             if !tagged {
                                 json.feed('{');
                             }
-                            self.state = State::Call { raw, json };
+                            self.open_call(raw, json, out);
                         } else if !(trimmed.is_empty()
                             || self.format == ToolFormat::Llama3 && PYTHON_TAG.starts_with(trimmed))
                         {
@@ -193,6 +363,9 @@ impl ToolCallParser {
             }
             State::Call { raw, json } => {
                 raw.push(c);
+                if let Some(scan) = &mut self.scan {
+                    scan.feed(c, out);
+                }
                 let done = match self.format {
                     ToolFormat::Hermes => raw.ends_with(HERMES_CLOSE),
                     _ => json.feed(c),
@@ -208,7 +381,7 @@ impl ToolCallParser {
                     let mut json = JsonEnd::default();
                     json.feed('{');
                     let raw = std::mem::take(raw);
-                    self.state = State::Call { raw, json };
+                    self.open_call(raw, json, out);
                 } else if !(c == ';' || c.is_whitespace()) {
                     // Text after the calls: the rest is content.
                     self.pending.push_str(&std::mem::take(raw));
@@ -234,9 +407,11 @@ impl ToolCallParser {
             Ok(item @ Json::Object(_)) if self.format != ToolFormat::Mistral => call_of(&item).map(|c| vec![c]),
             _ => None,
         };
-        match calls {
+        // Calls already streamed are not given again.
+        let started = self.scan.take().map_or(0, |s| s.started);
+        match calls.or_else(|| (started > 0).then(Vec::new)) {
             Some(calls) => {
-                out.extend(calls.into_iter().map(Piece::Call));
+                out.extend(calls.into_iter().skip(started).map(Piece::Call));
                 match self.format {
                     ToolFormat::Hermes | ToolFormat::Mistral => State::Text,
                     ToolFormat::Llama3 | ToolFormat::Generic => State::Between { raw: String::new() },
@@ -300,6 +475,7 @@ fn merge(pieces: Vec<Piece>) -> Vec<Piece> {
     for piece in pieces {
         match (out.last_mut(), piece) {
             (Some(Piece::Content(text)), Piece::Content(more)) => text.push_str(&more),
+            (Some(Piece::Arguments(text)), Piece::Arguments(more)) => text.push_str(&more),
             (_, Piece::Content(more)) if more.is_empty() => {}
             (_, piece) => out.push(piece),
         }
@@ -311,8 +487,8 @@ fn merge(pieces: Vec<Piece>) -> Vec<Piece> {
 mod tests {
     use super::*;
 
-    fn whole(format: ToolFormat, text: &str) -> Vec<Piece> {
-        let mut parser = ToolCallParser::new(format);
+    fn whole(parser: fn(ToolFormat) -> ToolCallParser, format: ToolFormat, text: &str) -> Vec<Piece> {
+        let mut parser = parser(format);
         let mut pieces = parser.push(text);
         pieces.extend(parser.finish());
         merge(pieces)
@@ -320,21 +496,25 @@ mod tests {
 
     /// The same output fed in two pieces split at every character boundary,
     /// and one character at a time, gives the same content and calls.
-    fn same_split_anywhere(format: ToolFormat, text: &str) -> Vec<Piece> {
-        let want = whole(format, text);
+    fn split_anywhere(parser: fn(ToolFormat) -> ToolCallParser, format: ToolFormat, text: &str) -> Vec<Piece> {
+        let want = whole(parser, format, text);
         let bounds: Vec<usize> = text.char_indices().map(|(i, _)| i).chain([text.len()]).collect();
         for at in bounds {
-            let mut parser = ToolCallParser::new(format);
-            let mut pieces = parser.push(&text[..at]);
-            pieces.extend(parser.push(&text[at..]));
-            pieces.extend(parser.finish());
+            let mut p = parser(format);
+            let mut pieces = p.push(&text[..at]);
+            pieces.extend(p.push(&text[at..]));
+            pieces.extend(p.finish());
             assert_eq!(merge(pieces), want, "{format:?} split at {at}: {text:?}");
         }
-        let mut parser = ToolCallParser::new(format);
-        let mut pieces: Vec<Piece> = text.chars().flat_map(|c| parser.push(&c.to_string())).collect();
-        pieces.extend(parser.finish());
+        let mut p = parser(format);
+        let mut pieces: Vec<Piece> = text.chars().flat_map(|c| p.push(&c.to_string())).collect();
+        pieces.extend(p.finish());
         assert_eq!(merge(pieces), want, "{format:?} char by char");
         want
+    }
+
+    fn same_split_anywhere(format: ToolFormat, text: &str) -> Vec<Piece> {
+        split_anywhere(ToolCallParser::new, format, text)
     }
 
     fn call(name: &str, arguments: &str) -> Piece {
@@ -403,5 +583,54 @@ mod tests {
     fn text_after_generic_calls_is_content() {
         let got = same_split_anywhere(ToolFormat::Generic, "{\"name\": \"f\"} and more");
         assert_eq!(got, vec![call("f", "{}"), Piece::Content(" and more".into())]);
+    }
+
+    fn start(name: &str) -> Piece {
+        Piece::CallStart { name: name.into() }
+    }
+
+    fn arguments(text: &str) -> Piece {
+        Piece::Arguments(text.into())
+    }
+
+    /// Constrained calls stream: the name once the arguments start, then the
+    /// arguments as written; the pieces assemble to the calls.
+    #[test]
+    fn streaming_gives_the_name_first_then_argument_fragments() {
+        use ToolFormat::*;
+        let content = |t: &str| Piece::Content(t.into());
+        for (format, text, want) in [
+            (
+                Hermes,
+                "Hi <tool_call>\n{\"name\": \"w\", \"arguments\": {\"city\": \"P }\"}}\n</tool_call>",
+                vec![content("Hi "), start("w"), arguments(r#"{"city": "P }"}"#)],
+            ),
+            (
+                Mistral,
+                "[TOOL_CALLS][{\"name\": \"a\", \"arguments\": {\"x\": [1]}}, {\"name\": \"b\", \"arguments\": {}}]",
+                vec![start("a"), arguments(r#"{"x": [1]}"#), start("b"), arguments("{}")],
+            ),
+            (
+                Llama3,
+                "{\"name\": \"s\", \"parameters\": {\"q\": 1}}; {\"name\": \"t\", \"parameters\": {}}",
+                vec![start("s"), arguments(r#"{"q": 1}"#), start("t"), arguments("{}")],
+            ),
+            (
+                Generic,
+                "{\"name\": \"f\", \"arguments\": {\"n\": 2}}\n{\"name\": \"g\", \"arguments\": {}}",
+                vec![start("f"), arguments(r#"{"n": 2}"#), start("g"), arguments("{}")],
+            ),
+            // Not the constrained layout: the call is given whole when it ends.
+            (Generic, "{\"arguments\": {\"n\": 1}, \"name\": \"f\"}", vec![call("f", r#"{"n":1}"#)]),
+            // Cut short (max_tokens) after it started: still a call.
+            (Hermes, "<tool_call>\n{\"name\": \"w\", \"arguments\": {\"ci", vec![start("w"), arguments("{\"ci")]),
+        ] {
+            assert_eq!(split_anywhere(ToolCallParser::streaming, format, text), want, "{format:?}: {text}");
+        }
+        let mut parser = ToolCallParser::streaming(Generic);
+        assert_eq!(parser.push("{\"name\": \"f\", \"arguments\": "), vec![]);
+        assert_eq!(parser.push("{\"n"), vec![start("f"), arguments("{\"n")]);
+        let (text, calls) = assemble(vec![content("a"), start("f"), arguments("{\"n\""), arguments(": 1}")]);
+        assert_eq!((text.as_str(), calls), ("a", vec![ToolCall { name: "f".into(), arguments: "{\"n\": 1}".into() }]));
     }
 }
