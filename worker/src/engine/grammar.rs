@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::SimpleVob;
 use llguidance::toktrie::{InferenceCapabilities, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory};
 use serde_json::{json, Value as Json};
@@ -98,7 +99,7 @@ impl Grammars {
         if let Some(error) = matcher.get_error() {
             return Err(error);
         }
-        Ok(Constraint { matcher: Box::new(matcher), phase: Phase::Active })
+        Ok(Constraint { matcher: Box::new(matcher), phase: Phase::Active, prepared: None })
     }
 }
 
@@ -123,6 +124,9 @@ pub struct Constraint {
     /// Boxed: a matcher is large, and requests move through queues.
     matcher: Box<Matcher>,
     phase: Phase,
+    /// The next token's mask (what the grammar allows, or why it failed)
+    /// and how long it took, computed ahead.
+    prepared: Option<(Result<SimpleVob, String>, Duration)>,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -135,12 +139,23 @@ impl std::fmt::Debug for Constraint {
 }
 
 impl Constraint {
-    /// Sends every token the grammar forbids now to minus infinity; returns
-    /// how long computing the mask took.
-    pub fn mask(&mut self, logits: &mut [f32]) -> Result<Duration, String> {
+    /// Computes the mask of the next token ahead of [`Constraint::mask`],
+    /// so that it can run while the forward pass computes the logits.
+    pub fn prepare(&mut self) {
         let started = Instant::now();
-        let allowed = self.matcher.compute_mask_or_eos().map_err(|e| format!("grammar: {e}"))?;
-        let took = started.elapsed();
+        let allowed = self.matcher.compute_mask_or_eos().map_err(|e| format!("grammar: {e}"));
+        self.prepared = Some((allowed, started.elapsed()));
+    }
+
+    /// Sends every token the grammar forbids now to minus infinity (with the
+    /// prepared mask, else one computed now); returns how long computing the
+    /// mask took.
+    pub fn mask(&mut self, logits: &mut [f32]) -> Result<Duration, String> {
+        if self.prepared.is_none() {
+            self.prepare();
+        }
+        let Some((allowed, took)) = self.prepared.take() else { return Err("grammar: no mask".into()) };
+        let allowed = allowed?;
         let known = allowed.len().min(logits.len());
         for (token, logit) in logits.iter_mut().enumerate() {
             if token >= known || !allowed.is_allowed(token as TokenId) {
@@ -165,6 +180,7 @@ impl Constraint {
     /// Advances past an accepted token (one the mask allowed, when active);
     /// `text` is what it added to the output.
     pub fn advance(&mut self, token: u32, text: &str) -> Result<(), String> {
+        self.prepared = None;
         match &mut self.phase {
             Phase::Active if self.matcher.is_stopped() => Ok(()),
             Phase::Active => self.matcher.consume_token(token).map_err(|e| format!("grammar: {e}")),
@@ -202,6 +218,7 @@ impl Constraint {
         if !self.active() || self.matcher.is_stopped() {
             return Vec::new();
         }
+        self.prepared = None;
         self.matcher.consume_ff_tokens()
     }
 }

@@ -273,8 +273,31 @@ impl Scheduler {
         let prefill: usize = plan.iter().filter(|&&(i, _)| self.running[i].pending() > 1).map(|&(_, n)| n).sum();
         self.metrics.observe_step(inputs.len(), inputs.iter().map(|s| s.tokens.len()).sum(), prefill);
         let (model, cache, logits) = (&self.model.model, &self.cache, &mut self.logits);
+        // Grammar masks of the sequences whose logits this step yields are
+        // computed on another thread while the forward pass runs.
+        let masked: Vec<usize> = plan
+            .iter()
+            .filter(|&&(i, n)| self.running.get(i).is_some_and(|s| s.pending() == n && s.masked()))
+            .map(|&(i, _)| i)
+            .collect();
+        let running = &mut self.running;
         // A bug in one step fails that step's sequences, not the engine.
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&inputs, cache, logits)));
+        let result = std::thread::scope(|scope| {
+            if !masked.is_empty() {
+                // A panic here would end the scope with it: the mask is then
+                // computed again (and the panic caught) in `accept`.
+                scope.spawn(|| {
+                    let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        for (i, seq) in running.iter_mut().enumerate() {
+                            if masked.contains(&i) {
+                                seq.prepare_mask();
+                            }
+                        }
+                    }));
+                });
+            }
+            std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&inputs, cache, logits)))
+        });
         match result {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return self.fail_step(&plan, &format!("forward pass failed: {e}")),

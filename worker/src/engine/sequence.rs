@@ -120,6 +120,21 @@ impl Sequence {
         self.tokens.len() - self.computed
     }
 
+    /// Computes the grammar mask the next [`Sequence::accept`] applies, when
+    /// there is one (run while the forward pass computes the logits).
+    pub fn prepare_mask(&mut self) {
+        if self.masked() {
+            if let Some(constraint) = self.constraint.as_mut() {
+                constraint.prepare();
+            }
+        }
+    }
+
+    /// Whether the next token is masked by a grammar.
+    pub fn masked(&self) -> bool {
+        self.forced.is_empty() && !self.shaper.in_reasoning() && self.constraint.as_ref().is_some_and(|c| c.active())
+    }
+
     /// Handles the logits of the last token once every token is in the cache:
     /// samples (or takes a forced token) and emits what it adds to the output.
     /// Tokens the grammar forces after it are appended too; the next step
