@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import subprocess
 import time
 import urllib.request
 
 import openai
 import pytest
 
-from conftest import serve
+from conftest import serve, worker_binary
 from test_worker_openai import client, metric
 
 # A long shared system prompt: several full KV blocks (16 tokens each).
@@ -102,6 +103,18 @@ def test_prompt_larger_than_the_kv_cache_is_400(smollm2, key_dir):
         w.stop()
 
 
+def test_a_gpu_this_build_cannot_open_is_a_clear_start_up_error(smollm2):
+    # This build has no CUDA (`auto` takes the CPU); asking for a GPU fails
+    # at start-up, before serving, and says why; a device that is not one is a
+    # usage error.
+    for device, why in (("cuda", "built without CUDA"), ("cuda:1", "built without CUDA"),
+                        ("gpu", "expected auto, cpu, cuda or cuda:N")):
+        run = subprocess.run([str(worker_binary()), "serve", "--model", str(smollm2), "--no-auth", "--port", "0",
+                              "--device", device], capture_output=True, text=True, timeout=120)
+        assert run.returncode != 0, run
+        assert why in run.stderr + run.stdout, run
+
+
 def test_ready_reports_the_kernels_and_threads(smollm2, key_dir):
     w = serve(smollm2, key_dir, "--threads", "1")
     try:
@@ -112,4 +125,5 @@ def test_ready_reports_the_kernels_and_threads(smollm2, key_dir):
     # A Q4_1 GGUF runs on kandle's CPU kernels at the best level this CPU has.
     assert ready["compute"]["kernels"] in {"scalar", "avx2", "avx512", "avx-vnni", "avx512-vnni"}, ready
     assert ready["compute"]["threads"] == 1
+    assert ready["compute"]["device"] == "cpu", ready
     assert ready["model"]["quantization"] == "Q4_1"

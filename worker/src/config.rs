@@ -105,9 +105,11 @@ pub struct ServeConfig {
     #[arg(long, env = "KANDLE_MAX_BATCH_TOKENS", default_value_t = 256, value_parser = in_range(engine::MAX_BATCH_TOKENS))]
     pub max_batch_tokens: usize,
 
-    /// Memory of the KV block pool: bytes (2Gi, 512M) or a fraction of the
-    /// container's memory limit (0.25). Default: enough for --max-batch-size
-    /// sequences of the whole context, at most a quarter of the memory limit.
+    /// Memory of the KV block pool: bytes (2Gi, 512M) or a fraction (0.25) of
+    /// the container's memory limit, on a GPU of the device memory free after
+    /// loading the weights. Default: enough for --max-batch-size sequences of
+    /// the whole context, at most a quarter of the memory limit (on a GPU, 90%
+    /// of the free device memory).
     #[arg(long, env = "KANDLE_KV_CACHE_MEMORY", value_parser = engine::KvCacheMemory::parse)]
     pub kv_cache_memory: Option<engine::KvCacheMemory>,
 
@@ -123,6 +125,11 @@ pub struct ServeConfig {
     /// cpu.max), else every core the process may run on.
     #[arg(long, env = "KANDLE_THREADS", default_value_t = 0, value_parser = in_range(engine::THREADS))]
     pub threads: usize,
+
+    /// Where the model runs: auto (the first GPU this process can see in a CUDA
+    /// build, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, env = "KANDLE_DEVICE", default_value = "auto")]
+    pub device: crate::runtime::device::DeviceChoice,
 
     /// A Jinja file replacing the model's chat template.
     #[arg(long, env = "KANDLE_CHAT_TEMPLATE")]

@@ -83,6 +83,7 @@ fn load(
         context_limit: config.max_context,
         quantize: config.quantize,
         threads: config.threads,
+        device: config.device,
     };
     let loaded =
         crate::model::load(&config.model, &options).with_context(|| format!("loading {}", config.model.display()))?;

@@ -49,6 +49,8 @@ pub struct Compute {
     /// `avx2`, `scalar`), or `candle` where candle's operations run the model.
     pub kernels: &'static str,
     pub threads: usize,
+    /// Where the model runs: `cpu`, `cuda:N`.
+    pub device: String,
 }
 
 /// A request ready for the engine, and the channel its events arrive on.
@@ -71,22 +73,37 @@ pub struct EngineLimits {
     pub prefix_cache: bool,
 }
 
-/// How many KV blocks the memory budget buys: what `--kv-cache-memory` says,
-/// else enough for `max_batch_size` sequences of the whole context, at most a
-/// quarter of the memory limit.
+/// The memory a KV cache is sized from: the container's memory limit (CPU), or
+/// the device memory free after loading the weights (GPU).
+#[derive(Debug, Clone, Copy)]
+pub struct KvMemory {
+    pub limit: u64,
+    /// The most of `limit` the cache takes when `--kv-cache-memory` is not set.
+    pub default_share: f64,
+}
+
+/// Of the container's memory: activations, weights and the server need the rest.
+const CPU_DEFAULT_SHARE: f64 = 0.25;
+/// Of the free device memory after the weights: activations need the rest.
+const GPU_DEFAULT_SHARE: f64 = 0.9;
+
+/// How many KV blocks the memory budget buys: what `--kv-cache-memory` says
+/// (bytes, or a fraction of the memory limit), else enough for
+/// `max_batch_size` sequences of the whole context, at most the default share.
 pub fn kv_blocks(
     config: &ModelConfig,
     limits: &EngineLimits,
     max_context: usize,
-    memory_limit: u64,
+    memory: KvMemory,
 ) -> Result<usize, StartError> {
+    let memory_limit = memory.limit;
     let per_block = KvCache::bytes_per_block(config, BLOCK_SIZE, candle_core::DType::F16) as u64;
     let budget = match limits.kv_cache_memory {
         Some(KvCacheMemory::Bytes(b)) => b,
         Some(KvCacheMemory::Fraction(f)) => (memory_limit as f64 * f) as u64,
         None => {
             let wanted = (limits.max_batch_size * max_context.div_ceil(BLOCK_SIZE)) as u64 * per_block;
-            wanted.min(memory_limit / 4)
+            wanted.min((memory_limit as f64 * memory.default_share) as u64)
         }
     };
     let blocks = (budget / per_block.max(1)) as usize;
@@ -108,7 +125,12 @@ impl ModelService {
     ) -> Result<Self, StartError> {
         let model_context = usize::try_from(loaded.info.context_length).unwrap_or(usize::MAX);
         let max_context = limits.max_context.map_or(model_context, |m| m.min(model_context));
-        let num_blocks = kv_blocks(loaded.model.config(), &limits, max_context, crate::resources::memory_limit())?;
+        // On a GPU the cache takes the device memory the weights left free.
+        let memory = match crate::runtime::device::free_memory(loaded.model.device()) {
+            Some(free) => KvMemory { limit: free, default_share: GPU_DEFAULT_SHARE },
+            None => KvMemory { limit: crate::resources::memory_limit(), default_share: CPU_DEFAULT_SHARE },
+        };
+        let num_blocks = kv_blocks(loaded.model.config(), &limits, max_context, memory)?;
         let per_block = KvCache::bytes_per_block(loaded.model.config(), BLOCK_SIZE, candle_core::DType::F16);
         tracing::info!(
             blocks = num_blocks,
@@ -119,7 +141,11 @@ impl ModelService {
             "KV cache: {num_blocks} blocks x {BLOCK_SIZE} tokens (f16)"
         );
         let tokenizer = Arc::new(loaded.tokenizer);
-        let compute = Compute { kernels: loaded.model.kernels(), threads: loaded.model.threads() };
+        let compute = Compute {
+            kernels: loaded.model.kernels(),
+            threads: loaded.model.threads(),
+            device: crate::runtime::device::name(loaded.model.device()),
+        };
         let end = loaded.special.stop_ids.first().copied();
         let grammars = match end.map(|end| Grammars::new(tokenizer.clone(), end)) {
             Some(Ok(grammars)) => Some(grammars),

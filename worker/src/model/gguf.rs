@@ -6,7 +6,6 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::GgmlDType;
-use candle_core::Device;
 
 use super::gguf_meta::Metadata;
 use super::{
@@ -62,7 +61,7 @@ pub fn load(path: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadE
     let bos_text = special.bos.as_ref().map(|(_, t)| t.as_str()).unwrap_or("");
     let template = ChatTemplate::new(&source, bos_text, &special.eos_text)?;
 
-    let device = Device::Cpu;
+    let device = options.open_device()?;
     let factors = match content.tensor(&mut reader, "rope_freqs.weight", &device) {
         Ok(t) => Some(t.dequantize(&device)?.to_vec1::<f32>()?),
         Err(_) => None,

@@ -73,6 +73,8 @@ pub struct LoadOptions<'a> {
     pub quantize: Option<Quantize>,
     /// Compute threads of the forward pass; 0: the CPUs this process may use.
     pub threads: usize,
+    /// Where the model runs.
+    pub device: crate::runtime::device::DeviceChoice,
 }
 
 impl LoadOptions<'_> {
@@ -83,6 +85,13 @@ impl LoadOptions<'_> {
         } else {
             crate::resources::cpu_limit()
         }
+    }
+
+    /// Opens the device the model is loaded on.
+    pub fn open_device(&self) -> Result<candle_core::Device, LoadError> {
+        let device = self.device.open().map_err(LoadError::Unsupported)?;
+        tracing::info!(device = %crate::runtime::device::name(&device), choice = %self.device, "device");
+        Ok(device)
     }
 }
 

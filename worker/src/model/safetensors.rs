@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::GgmlDType;
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device};
+use candle_core::DType;
 use serde_json::Value as Json;
 
 use super::{
@@ -36,7 +36,7 @@ pub fn load(dir: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadEr
         .ok()
         .and_then(|view| DType::try_from(view.dtype()).ok())
         .unwrap_or(DType::F32);
-    let device = Device::Cpu;
+    let device = options.open_device()?;
     let quantize = options.quantize.map(|q| match q {
         Quantize::Q8_0 => GgmlDType::Q8_0,
         Quantize::Q4K => GgmlDType::Q4K,

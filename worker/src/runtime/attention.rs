@@ -1,10 +1,13 @@
 //! Causal attention of a step's query tokens over each sequence's own KV
-//! blocks, read in place from the paged cache (no gather, no copy per step).
+//! blocks. On the CPU a custom op reads the blocks in place from the paged
+//! cache (no gather, no copy per step); on other devices (CUDA) each
+//! sequence's rows are gathered on the device by slot and attended in candle
+//! operations, the same math.
 
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Where one sequence's tokens are in a step.
@@ -30,11 +33,68 @@ pub struct AttentionPlan {
     pub head_dim: usize,
 }
 
-/// `q`: `[tokens, heads, head_dim]` (f32); the caches: `[slots, kv_heads, head_dim]`.
+/// `q`: `[tokens, heads, head_dim]`; the caches: `[slots, kv_heads, head_dim]`.
 /// Returns `[tokens, heads, head_dim]` in f32.
 pub fn paged_attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, plan: &Arc<AttentionPlan>) -> Result<Tensor> {
-    let q = q.to_dtype(candle_core::DType::F32)?.contiguous()?;
-    q.apply_op3_no_bwd(k_cache, v_cache, &PagedAttention { plan: plan.clone() })
+    let q = q.to_dtype(DType::F32)?.contiguous()?;
+    check(plan, q.dims(), k_cache.dims()[0])?;
+    if k_cache.device().is_cpu() {
+        return q.apply_op3_no_bwd(k_cache, v_cache, &PagedAttention { plan: plan.clone() });
+    }
+    gathered_attention(&q, k_cache, v_cache, plan)
+}
+
+/// Each sequence's cache rows gathered by slot, then attended.
+fn gathered_attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, plan: &AttentionPlan) -> Result<Tensor> {
+    let block = plan.block_size;
+    let group = plan.heads / plan.kv_heads.max(1);
+    let mut outs = Vec::with_capacity(plan.sequences.len());
+    for seq in &plan.sequences {
+        let rows: Vec<u32> =
+            (0..seq.context_len).map(|p| seq.blocks[p / block] * block as u32 + (p % block) as u32).collect();
+        let rows = Tensor::new(rows.as_slice(), q.device())?;
+        let k = k_cache.index_select(&rows, 0)?.to_dtype(DType::F32)?;
+        let v = v_cache.index_select(&rows, 0)?.to_dtype(DType::F32)?;
+        let q = q.narrow(0, seq.query_start, seq.query_len)?;
+        outs.push(causal_attention(&q, &k, &v, seq.context_len - seq.query_len, group)?);
+    }
+    Tensor::cat(&outs, 0)
+}
+
+/// Causal softmax attention of one sequence: `q` `[t, heads, d]` (the first at
+/// position `first`) over `k`, `v` `[n, kv_heads, d]`, query head `h` reading
+/// key/value head `h / group`.
+fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, first: usize, group: usize) -> Result<Tensor> {
+    let (t, h, d) = q.dims3()?;
+    let (n, kv_heads, _) = k.dims3()?;
+    let repeat = |x: &Tensor| x.unsqueeze(2)?.expand((n, kv_heads, group, d))?.reshape((n, h, d));
+    let (k, v) = (repeat(k)?, repeat(v)?);
+    let (q, k, v) =
+        (q.transpose(0, 1)?.contiguous()?, k.transpose(0, 1)?.contiguous()?, v.transpose(0, 1)?.contiguous()?);
+    let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
+    let mask: Vec<f32> =
+        (0..t).flat_map(|i| (0..n).map(move |j| if j <= first + i { 0.0 } else { f32::NEG_INFINITY })).collect();
+    let mask = Tensor::from_vec(mask, (t, n), q.device())?;
+    let weights = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+    weights.matmul(&v)?.transpose(0, 1)?.contiguous()
+}
+
+/// The plan fits `q` (its dims) and a cache of `slots` rows.
+fn check(p: &AttentionPlan, q: &[usize], slots: usize) -> Result<()> {
+    let tokens: usize = p.sequences.iter().map(|s| s.query_len).sum();
+    if q != [tokens, p.heads, p.head_dim] {
+        candle_core::bail!("paged attention: q is {q:?}, the plan has {tokens} tokens");
+    }
+    for seq in &p.sequences {
+        let needed = seq.context_len.div_ceil(p.block_size);
+        if seq.query_len > seq.context_len || seq.blocks.len() < needed {
+            candle_core::bail!("paged attention: {seq:?} does not fit its blocks");
+        }
+        if seq.blocks.iter().any(|b| (*b as usize + 1) * p.block_size > slots) {
+            candle_core::bail!("paged attention: a block of {seq:?} is outside the cache");
+        }
+    }
+    Ok(())
 }
 
 struct PagedAttention {
@@ -108,25 +168,6 @@ impl PagedAttention {
         });
         out
     }
-
-    fn check(&self, q: &Layout, k: &Layout) -> Result<()> {
-        let p = &*self.plan;
-        let tokens: usize = p.sequences.iter().map(|s| s.query_len).sum();
-        if q.dims() != [tokens, p.heads, p.head_dim] {
-            candle_core::bail!("paged attention: q is {:?}, the plan has {tokens} tokens", q.dims());
-        }
-        let slots = k.dims()[0];
-        for seq in &p.sequences {
-            let needed = seq.context_len.div_ceil(p.block_size);
-            if seq.query_len > seq.context_len || seq.blocks.len() < needed {
-                candle_core::bail!("paged attention: {seq:?} does not fit its blocks");
-            }
-            if seq.blocks.iter().any(|b| (*b as usize + 1) * p.block_size > slots) {
-                candle_core::bail!("paged attention: a block of {seq:?} is outside the cache");
-            }
-        }
-        Ok(())
-    }
 }
 
 impl CustomOp3 for PagedAttention {
@@ -143,7 +184,7 @@ impl CustomOp3 for PagedAttention {
         v: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.check(lq, lk)?;
+        check(&self.plan, lq.dims(), lk.dims()[0])?;
         let (Some((q0, q1)), Some((k0, k1)), Some((v0, v1))) =
             (lq.contiguous_offsets(), lk.contiguous_offsets(), lv.contiguous_offsets())
         else {
@@ -163,28 +204,9 @@ impl CustomOp3 for PagedAttention {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device, D};
+    use candle_core::Device;
 
     use super::*;
-
-    /// Reference: plain causal softmax attention of one sequence, with the
-    /// key/value heads repeated for grouped-query attention.
-    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, first: usize, group: usize) -> Result<Tensor> {
-        let (t, h, d) = q.dims3()?;
-        let (n, kv_heads, _) = k.dims3()?;
-        // Query head h reads key/value head h / group.
-        let repeat = |x: &Tensor| x.unsqueeze(2)?.expand((n, kv_heads, group, d))?.reshape((n, h, d));
-        let (k, v) = (repeat(k)?, repeat(v)?);
-        let (q, k, v) =
-            (q.transpose(0, 1)?.contiguous()?, k.transpose(0, 1)?.contiguous()?, v.transpose(0, 1)?.contiguous()?);
-        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
-        let n = k.dims()[1];
-        let mask: Vec<f32> =
-            (0..t).flat_map(|i| (0..n).map(move |j| if j <= first + i { 0.0 } else { f32::NEG_INFINITY })).collect();
-        let mask = Tensor::from_vec(mask, (t, n), q.device())?;
-        let weights = candle_nn::ops::softmax(&scores.broadcast_add(&mask)?, D::Minus1)?;
-        weights.matmul(&v)?.transpose(0, 1)
-    }
 
     #[test]
     fn matches_plain_attention_over_scattered_blocks() -> Result<()> {
@@ -215,21 +237,13 @@ mod tests {
         }
         let q = Tensor::randn(0f32, 1.0, (start, heads, dim), &dev)?;
         let plan = Arc::new(AttentionPlan { sequences, block_size: block, heads, kv_heads, head_dim: dim });
+        // The CPU's in-place kernel against the other devices' gather-and-attend.
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             let (kc, vc) = (k_cache.to_dtype(dtype)?, v_cache.to_dtype(dtype)?);
             let got = paged_attention(&q, &kc, &vc, &plan)?;
-            for seq in &plan.sequences {
-                let rows: Vec<u32> =
-                    (0..seq.context_len).map(|p| seq.blocks[p / block] * block as u32 + (p % block) as u32).collect();
-                let rows = Tensor::new(rows.as_slice(), &dev)?;
-                let k = kc.index_select(&rows, 0)?.to_dtype(DType::F32)?;
-                let v = vc.index_select(&rows, 0)?.to_dtype(DType::F32)?;
-                let q = q.narrow(0, seq.query_start, seq.query_len)?;
-                let want = reference(&q, &k, &v, seq.context_len - seq.query_len, heads / kv_heads)?;
-                let diff = (got.narrow(0, seq.query_start, seq.query_len)? - want)?.abs()?.max_all()?;
-                let diff = diff.to_scalar::<f32>()?;
-                assert!(diff < 1e-4, "{dtype:?} {heads}/{kv_heads}x{dim} block {block}: {diff}");
-            }
+            let want = gathered_attention(&q, &kc, &vc, &plan)?;
+            let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "{dtype:?} {heads}/{kv_heads}x{dim} block {block}: {diff}");
         }
         Ok(())
     }

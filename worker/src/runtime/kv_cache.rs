@@ -89,6 +89,10 @@ impl KvCache {
     /// in their slots.
     pub fn write(&self, layer: usize, k: &Tensor, v: &Tensor, slots: &Arc<[u32]>) -> Result<()> {
         let (k_cache, v_cache) = self.layer(layer)?;
+        if !k_cache.device().is_cpu() {
+            scatter_rows(k_cache, k, slots)?;
+            return scatter_rows(v_cache, v, slots);
+        }
         let op = WriteSlots { slots: slots.clone() };
         k_cache.inplace_op2(&k.contiguous()?, &op)?;
         v_cache.inplace_op2(&v.contiguous()?, &op)
@@ -97,6 +101,21 @@ impl KvCache {
 
 /// Copies row `t` of the source into row `slots[t]` of the cache, converting to
 /// the cache's dtype.
+/// Other devices than the CPU: candle's in-place scatter writes row `i` of
+/// `src` (`[n, heads, dim]`) to row `slots[i]` of `cache`.
+fn scatter_rows(cache: &Tensor, src: &Tensor, slots: &[u32]) -> Result<()> {
+    let rows = cache.dims()[0];
+    if let Some(bad) = slots.iter().find(|s| **s as usize >= rows) {
+        candle_core::bail!("kv write: slot {bad} outside the cache of {rows}");
+    }
+    let (n, heads, dim) = src.dims3()?;
+    if n != slots.len() {
+        candle_core::bail!("kv write: {} slots for {n} rows", slots.len());
+    }
+    let index = Tensor::from_slice(slots, (n, 1, 1), src.device())?.broadcast_as((n, heads, dim))?.contiguous()?;
+    cache.scatter_set(&index, &src.to_dtype(cache.dtype())?.contiguous()?, 0)
+}
+
 struct WriteSlots {
     slots: Arc<[u32]>,
 }
@@ -158,4 +177,30 @@ fn scatter<T: Copy>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CPU's slot-writing op and the scatter other devices use leave the
+    /// same cache.
+    #[test]
+    fn slot_writes_agree_on_every_path() -> Result<()> {
+        let dev = Device::Cpu;
+        let src = Tensor::randn(0f32, 1.0, (3, 2, 4), &dev)?;
+        let slots: Arc<[u32]> = vec![5u32, 0, 9].into();
+        for dtype in [DType::F16, DType::BF16, DType::F32] {
+            let (a, b) = (Tensor::zeros((12, 2, 4), dtype, &dev)?, Tensor::zeros((12, 2, 4), dtype, &dev)?);
+            a.inplace_op2(&src, &WriteSlots { slots: slots.clone() })?;
+            scatter_rows(&b, &src, &slots)?;
+            let diff = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "{dtype:?}");
+            let row = b.get(9)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let want = src.get(2)?.to_dtype(dtype)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            assert_eq!(row, want, "{dtype:?}");
+        }
+        assert!(scatter_rows(&Tensor::zeros((4, 2, 4), DType::F16, &dev)?, &src, &slots).is_err());
+        Ok(())
+    }
 }

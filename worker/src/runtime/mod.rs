@@ -14,6 +14,7 @@
 pub mod attention;
 pub mod config;
 mod cpu;
+pub mod device;
 pub mod kv_cache;
 pub mod pool;
 pub mod qmatmul;
