@@ -19,6 +19,8 @@ KEY_A, KEY_B = "sk-router-a", "sk-router-b"
 HELLO = [{"role": "user", "content": "Name three colors."}]
 # SmolLM2's end tokens, banned where a test needs a long completion.
 NO_EOS = {"0": -100, "2": -100}
+# An alias only the route file knows: the `other` worker was not started with it.
+OTHER_ALIASES = ["model-b-alias"]
 
 
 def worker(smollm2, name, keys, aliases=()):
@@ -69,7 +71,7 @@ def fleet(smollm2, tmp_path_factory):
         routes = d / "routes.yaml"
         write_routes(routes, [
             ("smollm2", ["gpt-4o-mini"], [workers[0].base_url, workers[1].base_url]),
-            ("other", [], [workers[2].base_url]),
+            ("other", OTHER_ALIASES, [workers[2].base_url]),
             ("empty", [], []),
         ])
         router = Router(["--routes", str(routes), "--host", "127.0.0.1", "--port", "0"]).wait_ready()
@@ -93,6 +95,23 @@ def test_each_model_reaches_its_own_pool(fleet):
         client(r, KEY_A).chat.completions.create(model="smollm2", messages=HELLO, max_tokens=1)
     served = [metric(w, "kandle_prompt_tokens_total") for w in fleet["workers"][:2]]
     assert all(s > 0 for s in served), served
+
+
+def test_route_file_aliases_reach_the_worker_as_its_served_name(fleet):
+    c = client(fleet["router"], KEY_B)
+    r = c.chat.completions.create(model="model-b-alias", messages=HELLO, max_tokens=3)
+    assert r.model == "model-b-alias"
+    chunks = list(c.chat.completions.create(model="model-b-alias", messages=HELLO, max_tokens=3, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert len(chunks) > 2
+    assert {chunk.model for chunk in chunks} == {"model-b-alias"}
+    raw = urllib.request.Request(
+        fleet["router"].base_url + "/api/v1/chat/completions",
+        data=json.dumps({"model": "model-b-alias", "messages": HELLO, "max_tokens": 2}).encode(),
+        headers={"Authorization": f"Bearer {KEY_B}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(raw, timeout=60) as answer:
+        assert json.loads(answer.read())["data"]["model"] == "model-b-alias"
 
 
 def test_streams_pass_through_unbuffered(fleet):
@@ -203,7 +222,7 @@ def test_route_file_changes_apply_without_restart(fleet):
     def other_pool(endpoints):
         write_routes(routes, [
             ("smollm2", ["gpt-4o-mini"], [w[0].base_url, w[1].base_url]),
-            ("other", [], endpoints),
+            ("other", OTHER_ALIASES, endpoints),
         ])
 
     def wait_until(predicate, what):

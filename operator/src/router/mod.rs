@@ -5,9 +5,12 @@ mod balancer;
 pub mod discovery;
 mod errors;
 mod metrics;
+mod model_name;
 pub mod proxy;
 pub mod routes_file;
 pub mod table;
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 use super::balancer;
 use super::errors::RouterError;
 use super::metrics::{ModelLabel, ModelStatus, RouterMetrics};
+use super::model_name::{self, Renamer};
 use super::table::{InFlight, Pool, Routes};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -129,6 +130,12 @@ async fn route(
     let Some(pool) = table.lookup(&model).cloned() else {
         return Err((unknown(), RouterError::model_not_found(&model)));
     };
+    // An alias reaches the worker as the pool's served name; the answer names the alias again.
+    let client_model = (model != pool.model).then_some(model.as_str());
+    let bytes = match client_model {
+        Some(_) => model_name::with_model(&bytes, &pool.model).map(Bytes::from).unwrap_or(bytes),
+        None => bytes,
+    };
     let affinity = if state.inner.settings.prefix_affinity { balancer::prefix_key(&bytes) } else { None };
     let mut tried = Vec::new();
     loop {
@@ -154,7 +161,8 @@ async fn route(
             Ok(answer) => {
                 state.metrics().upstream_latency.observe(started.elapsed().as_secs_f64());
                 count(state, &pool.model, answer.status());
-                return Ok(relay(answer, guard, gauge, started, state.metrics().time_to_first_byte.clone()));
+                let first_byte = (started, state.metrics().time_to_first_byte.clone());
+                return Ok(relay(answer, (guard, gauge), first_byte, client_model));
             }
             // Nothing reached the worker: another one may take the request.
             Err(e) if e.is_connect() => {
@@ -221,7 +229,13 @@ impl Drop for ModelGauge {
     }
 }
 
-fn relay(answer: reqwest::Response, guard: InFlight, gauge: ModelGauge, started: Instant, ttfb: Histogram) -> Response {
+/// Relays a worker's answer; with `client_model`, the model it names is renamed to that.
+fn relay(
+    answer: reqwest::Response,
+    guards: (InFlight, ModelGauge),
+    first_byte: (Instant, Histogram),
+    client_model: Option<&str>,
+) -> Response {
     let status = answer.status();
     let mut headers = HeaderMap::new();
     for (name, value) in answer.headers() {
@@ -236,9 +250,10 @@ fn relay(answer: reqwest::Response, guard: InFlight, gauge: ModelGauge, started:
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let body = Relayed {
         inner: Box::pin(answer.bytes_stream()),
-        _guards: (guard, gauge),
-        first_byte: Some((started, ttfb)),
+        _guards: guards,
+        first_byte: Some(first_byte),
         sse,
+        renamer: client_model.map(|name| Renamer::new(name, sse)),
         done: false,
     };
     let mut response = Response::new(Body::from_stream(body));
@@ -255,6 +270,7 @@ struct Relayed {
     _guards: (InFlight, ModelGauge),
     first_byte: Option<(Instant, Histogram)>,
     sse: bool,
+    renamer: Option<Renamer>,
     done: bool,
 }
 
@@ -262,31 +278,44 @@ impl Stream for Relayed {
     type Item = Result<Bytes, std::io::Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
-        if self.done {
-            return Poll::Ready(None);
-        }
-        match self.inner.as_mut().poll_next(cx) {
-            Poll::Ready(Some(Ok(bytes))) => {
-                if let Some((started, ttfb)) = self.first_byte.take() {
-                    ttfb.observe(started.elapsed().as_secs_f64());
-                }
-                Poll::Ready(Some(Ok(bytes)))
+        loop {
+            if self.done {
+                return Poll::Ready(None);
             }
-            Poll::Ready(Some(Err(e))) => {
-                self.done = true;
-                tracing::warn!(error = %e, "worker stream broke off");
-                if self.sse {
+            match self.inner.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(bytes))) => {
+                    if let Some((started, ttfb)) = self.first_byte.take() {
+                        ttfb.observe(started.elapsed().as_secs_f64());
+                    }
+                    let bytes = match self.renamer.as_mut() {
+                        Some(renamer) => renamer.push(&bytes),
+                        None => bytes,
+                    };
+                    // A renamer may hold a chunk back until its line completes.
+                    if !bytes.is_empty() {
+                        return Poll::Ready(Some(Ok(bytes)));
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    self.done = true;
+                    tracing::warn!(error = %e, "worker stream broke off");
+                    if !self.sse {
+                        return Poll::Ready(Some(Err(std::io::Error::other(e))));
+                    }
+                    let mut held = self.renamer.as_mut().map(Renamer::finish).map(Vec::from).unwrap_or_default();
                     let error = RouterError::upstream(format!("the stream broke off: {e}"));
-                    Poll::Ready(Some(Ok(Bytes::from(format!("\n\ndata: {}\n\n", error.json())))))
-                } else {
-                    Poll::Ready(Some(Err(std::io::Error::other(e))))
+                    held.extend_from_slice(format!("\n\ndata: {}\n\n", error.json()).as_bytes());
+                    return Poll::Ready(Some(Ok(Bytes::from(held))));
                 }
+                Poll::Ready(None) => {
+                    self.done = true;
+                    let held = self.renamer.as_mut().map(Renamer::finish).unwrap_or_default();
+                    if !held.is_empty() {
+                        return Poll::Ready(Some(Ok(held)));
+                    }
+                }
+                Poll::Pending => return Poll::Pending,
             }
-            Poll::Ready(None) => {
-                self.done = true;
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
         }
     }
 }
