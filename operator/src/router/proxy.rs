@@ -28,6 +28,8 @@ use super::table::{InFlight, Pool, Routes};
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// How long a pool's answer to "which models does this key see" is reused.
 const MODEL_LIST_TTL: Duration = Duration::from_secs(5);
+/// Workers one chat request is offered to, at most (each a different one).
+const MAX_ATTEMPTS: usize = 3;
 
 #[derive(Debug, Clone)]
 pub struct RouterSettings {
@@ -137,11 +139,13 @@ async fn route(
         None => bytes,
     };
     let affinity = if state.inner.settings.prefix_affinity { balancer::prefix_key(&bytes) } else { None };
+    // Each attempt goes to another worker; a large pool is not walked end to end.
+    let attempts = pool.endpoints.len().min(MAX_ATTEMPTS);
     let mut tried = Vec::new();
     loop {
-        let Some(endpoint) =
-            balancer::pick(&pool, &tried, affinity, state.inner.settings.max_imbalance, Instant::now())
-        else {
+        let picked = (tried.len() < attempts)
+            .then(|| balancer::pick(&pool, &tried, affinity, state.inner.settings.max_imbalance, Instant::now()));
+        let Some(endpoint) = picked.flatten() else {
             return Err((pool.model.clone(), RouterError::no_endpoint(&model)));
         };
         let guard = endpoint.start();
@@ -158,6 +162,14 @@ async fn route(
             .send()
             .await;
         match upstream {
+            // A worker still loading or full took nothing on, and nothing has
+            // reached the client yet: another worker may take the request. The
+            // last attempt's answer passes through as it is (Retry-After included).
+            Ok(answer) if is_busy(answer.status()) && tried.len() + 1 < attempts => {
+                tracing::info!(endpoint = %endpoint.url, status = answer.status().as_u16(), "worker busy; trying another");
+                state.metrics().retries.inc();
+                tried.push(endpoint.clone());
+            }
             Ok(answer) => {
                 state.metrics().upstream_latency.observe(started.elapsed().as_secs_f64());
                 count(state, &pool.model, answer.status());
@@ -174,6 +186,12 @@ async fn route(
             Err(e) => return Err((pool.model.clone(), RouterError::upstream(e))),
         }
     }
+}
+
+/// A worker's answer that says "not now" (still loading, or its queue full)
+/// rather than anything about the request.
+fn is_busy(status: StatusCode) -> bool {
+    status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS
 }
 
 #[derive(serde::Deserialize)]

@@ -143,3 +143,53 @@ async fn an_alias_reaches_the_worker_as_the_served_name_and_the_answer_names_the
     // Nothing but the model changed on the way.
     assert_eq!(worker.seen()[1], json!({"model": "model-b", "messages": [], "stream": true}));
 }
+
+/// Answers every request with `status`, a Retry-After and an error object, as a
+/// worker still loading (503) or with a full queue (429) does.
+fn busy_worker(status: StatusCode) -> impl Fn(&Value) -> Response + Send + Sync + 'static {
+    move |_| {
+        let error = json!({"error": {"message": "busy", "type": "server_error", "param": null, "code": "busy"}});
+        (status, [(header::RETRY_AFTER, "7")], axum::Json(error)).into_response()
+    }
+}
+
+#[tokio::test]
+async fn a_loading_or_full_worker_passes_the_request_to_a_free_one() {
+    let loading = FakeWorker::start(busy_worker(StatusCode::SERVICE_UNAVAILABLE)).await;
+    let full = FakeWorker::start(busy_worker(StatusCode::TOO_MANY_REQUESTS)).await;
+    let free = FakeWorker::start(kandle_worker("m")).await;
+    let router = router(vec![pool("m", &[], &[&loading, &full, &free])], settings()).await;
+    for _ in 0..6 {
+        let (status, _, body) = chat(&router, json!({"model": "m", "messages": []})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    assert_eq!(free.seen().len(), 6);
+    // Ties rotate, so the busy workers were each offered requests first.
+    assert!(!loading.seen().is_empty() && !full.seen().is_empty());
+}
+
+#[tokio::test]
+async fn when_every_worker_is_busy_the_last_answer_passes_through() {
+    let workers = [
+        FakeWorker::start(busy_worker(StatusCode::SERVICE_UNAVAILABLE)).await,
+        FakeWorker::start(busy_worker(StatusCode::TOO_MANY_REQUESTS)).await,
+    ];
+    let router = router(vec![pool("m", &[], &[&workers[0], &workers[1]])], settings()).await;
+    let (status, headers, body) = chat(&router, json!({"model": "m", "messages": []})).await;
+    assert!(status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS, "{status}");
+    assert_eq!(headers.get(header::RETRY_AFTER).map(|v| v.as_bytes()), Some(&b"7"[..]));
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["error"]["code"], "busy");
+    assert_eq!(workers.iter().map(|w| w.seen().len()).collect::<Vec<_>>(), [1, 1], "each tried once");
+}
+
+#[tokio::test]
+async fn attempts_are_bounded_in_a_large_busy_pool() {
+    let mut workers = Vec::new();
+    for _ in 0..5 {
+        workers.push(FakeWorker::start(busy_worker(StatusCode::TOO_MANY_REQUESTS)).await);
+    }
+    let router = router(vec![pool("m", &[], &workers.iter().collect::<Vec<_>>())], settings()).await;
+    let (status, _, _) = chat(&router, json!({"model": "m", "messages": []})).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(workers.iter().map(|w| w.seen().len()).sum::<usize>(), 3);
+}
