@@ -5,6 +5,7 @@ mod balancer;
 pub mod discovery;
 mod errors;
 mod metrics;
+mod model_list;
 mod model_name;
 pub mod proxy;
 pub mod routes_file;
@@ -49,8 +50,8 @@ pub fn app(state: RouterState) -> Router {
         .route("/v1/chat/completions", post(proxy::chat))
         .route("/compatible-mode/v1/chat/completions", post(proxy::chat))
         .route("/api/v1/chat/completions", post(proxy::chat))
-        .route("/v1/models", get(proxy::models))
-        .route("/compatible-mode/v1/models", get(proxy::models))
+        .route("/v1/models", get(model_list::models))
+        .route("/compatible-mode/v1/models", get(model_list::models))
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))

@@ -1,33 +1,29 @@
 //! The routing API: reads `model`, picks a worker, and relays the request and its
 //! (streamed) answer without buffering.
 
-use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 use futures::Stream;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::balancer;
 use super::errors::RouterError;
 use super::metrics::{ModelLabel, ModelStatus, RouterMetrics};
+use super::model_list::ModelListCache;
 use super::model_name::{self, Renamer};
-use super::table::{InFlight, Pool, Routes};
+use super::table::{InFlight, Routes};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-/// How long a pool's answer to "which models does this key see" is reused.
-const MODEL_LIST_TTL: Duration = Duration::from_secs(5);
 /// Workers one chat request is offered to, at most (each a different one).
 const MAX_ATTEMPTS: usize = 3;
 
@@ -39,6 +35,9 @@ pub struct RouterSettings {
     pub max_imbalance: usize,
     /// How long an endpoint that refused a connection is skipped.
     pub cooldown: Duration,
+    /// How long one pool may take to list its models before the list goes
+    /// out without it.
+    pub model_list_timeout: Duration,
 }
 
 #[derive(Clone)]
@@ -52,15 +51,7 @@ struct Inner {
     metrics: RouterMetrics,
     settings: RouterSettings,
     synced: AtomicBool,
-    model_lists: Mutex<HashMap<(String, u64), (Instant, PoolAnswer)>>,
-}
-
-/// What a pool said when asked for its models with the caller's key.
-#[derive(Debug, Clone)]
-enum PoolAnswer {
-    Models(Vec<Value>),
-    Rejected,
-    Unavailable,
+    model_lists: ModelListCache,
 }
 
 impl RouterState {
@@ -72,7 +63,7 @@ impl RouterState {
                 metrics: RouterMetrics::default(),
                 settings,
                 synced: AtomicBool::new(false),
-                model_lists: Mutex::new(HashMap::new()),
+                model_lists: ModelListCache::default(),
             }),
         }
     }
@@ -87,6 +78,22 @@ impl RouterState {
 
     pub fn metrics(&self) -> &RouterMetrics {
         &self.inner.metrics
+    }
+
+    pub(super) fn routes(&self) -> &Routes {
+        &self.inner.routes
+    }
+
+    pub(super) fn client(&self) -> &reqwest::Client {
+        &self.inner.client
+    }
+
+    pub(super) fn settings(&self) -> &RouterSettings {
+        &self.inner.settings
+    }
+
+    pub(super) fn model_lists(&self) -> &ModelListCache {
+        &self.inner.model_lists
     }
 }
 
@@ -336,75 +343,4 @@ impl Stream for Relayed {
             }
         }
     }
-}
-
-/// `GET …/models`: the union of the pools whose workers accept the caller's key.
-pub async fn models(State(state): State<RouterState>, headers: HeaderMap) -> Response {
-    if !state.is_synced() {
-        return RouterError::not_ready().into_response();
-    }
-    let authorization = headers.get(header::AUTHORIZATION).cloned();
-    let key = {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        authorization.as_ref().map(|v| v.as_bytes().to_vec()).hash(&mut h);
-        h.finish()
-    };
-    let table = state.inner.routes.current();
-    let answers = futures::future::join_all(
-        table.pools().iter().map(|pool| pool_models(&state, pool, authorization.as_ref(), key)),
-    )
-    .await;
-    let rejected = answers.iter().any(|a| matches!(a, PoolAnswer::Rejected));
-    let mut data = Vec::new();
-    for answer in answers {
-        if let PoolAnswer::Models(models) = answer {
-            data.extend(models);
-        }
-    }
-    if data.is_empty() && rejected {
-        return RouterError::invalid_key().into_response();
-    }
-    Json(json!({"object": "list", "data": data})).into_response()
-}
-
-async fn pool_models(
-    state: &RouterState,
-    pool: &Arc<Pool>,
-    authorization: Option<&HeaderValue>,
-    key: u64,
-) -> PoolAnswer {
-    let cache_key = (pool.model.clone(), key);
-    if let Ok(cache) = state.inner.model_lists.lock() {
-        if let Some((at, answer)) = cache.get(&cache_key) {
-            if at.elapsed() < MODEL_LIST_TTL {
-                return answer.clone();
-            }
-        }
-    }
-    let Some(endpoint) = balancer::pick(pool, &[], None, 0, Instant::now()) else { return PoolAnswer::Unavailable };
-    let mut request = state.inner.client.get(format!("{}/v1/models", endpoint.url));
-    if let Some(auth) = authorization {
-        request = request.header(header::AUTHORIZATION, auth.clone());
-    }
-    let answer = match request.send().await {
-        Ok(r) if r.status() == StatusCode::UNAUTHORIZED || r.status() == StatusCode::FORBIDDEN => PoolAnswer::Rejected,
-        Ok(r) if r.status().is_success() => match r.bytes().await.map(|b| serde_json::from_slice::<Value>(&b)) {
-            Ok(Ok(list)) => PoolAnswer::Models(list.get("data").and_then(Value::as_array).cloned().unwrap_or_default()),
-            _ => PoolAnswer::Unavailable,
-        },
-        Ok(_) => PoolAnswer::Unavailable,
-        Err(e) => {
-            if e.is_connect() {
-                endpoint.mark_down(state.inner.settings.cooldown);
-            }
-            PoolAnswer::Unavailable
-        }
-    };
-    if !matches!(answer, PoolAnswer::Unavailable) {
-        if let Ok(mut cache) = state.inner.model_lists.lock() {
-            cache.retain(|_, (at, _)| at.elapsed() < MODEL_LIST_TTL);
-            cache.insert(cache_key, (Instant::now(), answer.clone()));
-        }
-    }
-    answer
 }

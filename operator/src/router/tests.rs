@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
@@ -78,6 +78,7 @@ fn settings() -> RouterSettings {
         prefix_affinity: false,
         max_imbalance: 2,
         cooldown: Duration::from_secs(5),
+        model_list_timeout: Duration::from_millis(300),
     }
 }
 
@@ -192,4 +193,25 @@ async fn attempts_are_bounded_in_a_large_busy_pool() {
     let (status, _, _) = chat(&router, json!({"model": "m", "messages": []})).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(workers.iter().map(|w| w.seen().len()).sum::<usize>(), 3);
+}
+
+#[tokio::test]
+async fn a_worker_that_hangs_does_not_hold_back_the_model_list() {
+    // Headers at once, then a body that never comes.
+    let hanging = FakeWorker::start(|_| {
+        Body::from_stream(futures::stream::pending::<Result<Bytes, std::io::Error>>()).into_response()
+    })
+    .await;
+    let answering = FakeWorker::start(|_| {
+        axum::Json(json!({"object": "list", "data": [{"id": "b", "object": "model"}]})).into_response()
+    })
+    .await;
+    let router = router(vec![pool("a", &[], &[&hanging]), pool("b", &[], &[&answering])], settings()).await;
+    let request = reqwest::Client::new().get(format!("{router}/v1/models")).send();
+    let response =
+        tokio::time::timeout(Duration::from_secs(5), request).await.expect("the list is not held back").unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let list: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+    assert_eq!(list["data"], json!([{"id": "b", "object": "model"}]));
+    assert_eq!(hanging.seen().len(), 1, "the hanging worker was asked");
 }
