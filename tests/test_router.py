@@ -215,6 +215,44 @@ def test_request_id_is_propagated_and_made_when_absent(fleet):
     assert metric(fleet["router"], "kandle_router_requests_total") > 0
 
 
+def test_every_request_gets_one_router_access_line_without_the_key(fleet):
+    r = fleet["router"]
+    lines = lambda request_id: r.access_lines("kandle_operator::access", request_id)  # noqa: E731
+    workers = {w.base_url for w in fleet["workers"]}
+    c = client(r, KEY_A)
+    c.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=3,
+                              extra_headers={"x-request-id": "router-plain"})
+    stream = c.chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=24, stream=True,
+                                       logit_bias=NO_EOS, extra_headers={"x-request-id": "router-stream"})
+    arrivals = [time.monotonic() for _ in stream]
+    left = c.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=2000, stream=True,
+                                     logit_bias=NO_EOS, extra_headers={"x-request-id": "router-left"})
+    it = iter(left)
+    for _ in range(3):
+        next(it)
+    left.close()
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="nope", messages=HELLO, extra_headers={"x-request-id": "router-404"})
+    ids = ("router-plain", "router-stream", "router-left", "router-404")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not all(lines(i) for i in ids):
+        time.sleep(0.05)
+    (plain,) = lines("router-plain")
+    assert plain["method"] == "POST" and plain["path"] == "/v1/chat/completions" and plain["status"] == 200
+    assert plain["model"] == "smollm2" and plain["worker"] in workers and plain["attempts"] == 1
+    assert plain["finished"] is True and plain["duration_ms"] > 0
+    (streamed,) = lines("router-stream")
+    assert streamed["model"] == "gpt-4o-mini" and streamed["status"] == 200 and streamed["finished"] is True
+    # Written when the stream ended, so its duration spans every chunk.
+    assert streamed["duration_ms"] >= (arrivals[-1] - arrivals[0]) * 1000
+    (gone,) = lines("router-left")
+    assert gone["status"] == 200 and gone["finished"] is False
+    (missing,) = lines("router-404")
+    assert missing["status"] == 404 and missing["model"] == "nope"
+    assert missing["worker"] == "-" and missing["attempts"] == 0
+    assert not any(KEY_A in line or KEY_B in line for line in r.logs)
+
+
 def test_route_file_changes_apply_without_restart(fleet):
     w = fleet["workers"]
     routes = fleet["routes"]

@@ -1,6 +1,7 @@
 //! The routing Service: discovery (Kubernetes, or a route file) → route table →
 //! balancer → proxy.
 
+mod access_log;
 mod balancer;
 pub mod discovery;
 mod errors;
@@ -62,6 +63,7 @@ pub fn app(state: RouterState) -> Router {
             e.param = None;
             e.into_response()
         })
+        .layer(axum::middleware::from_fn(access_log::access_log))
         .with_state(state)
 }
 

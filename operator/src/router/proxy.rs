@@ -9,13 +9,15 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, StatusCode};
 use axum::response::Response;
+use axum::Extension;
 use futures::Stream;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use serde_json::Value;
 
+use super::access_log::Access;
 use super::balancer;
 use super::errors::RouterError;
 use super::metrics::{ModelLabel, ModelStatus, RouterMetrics};
@@ -98,22 +100,22 @@ impl RouterState {
 }
 
 /// `POST …/chat/completions` on every API path.
-pub async fn chat(State(state): State<RouterState>, request: Request) -> Response {
+/// The access-log middleware has given the request its id and its access line.
+pub async fn chat(
+    State(state): State<RouterState>,
+    Extension(access): Extension<Access>,
+    request: Request,
+) -> Response {
     let path = request.uri().path().to_string();
     let envelope = path.starts_with("/api/");
     let (parts, body) = request.into_parts();
-    let request_id = parts.headers.get(&REQUEST_ID).cloned().unwrap_or_else(|| {
-        HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()).unwrap_or(HeaderValue::from_static("unknown"))
-    });
-    let mut response = match route(&state, &path, &parts.headers, &request_id, body).await {
+    match route(&state, &path, &parts.headers, body, access).await {
         Ok(response) => response,
         Err((model, e)) => {
             count(&state, &model, e.status);
             e.respond(envelope)
         }
-    };
-    response.headers_mut().insert(REQUEST_ID, request_id);
-    response
+    }
 }
 
 fn count(state: &RouterState, model: &str, status: StatusCode) {
@@ -125,8 +127,8 @@ async fn route(
     state: &RouterState,
     path: &str,
     headers: &HeaderMap,
-    request_id: &HeaderValue,
     body: Body,
+    access: Access,
 ) -> Result<Response, (String, RouterError)> {
     let unknown = || "unknown".to_string();
     if !state.is_synced() {
@@ -135,6 +137,7 @@ async fn route(
     let limit = state.inner.settings.max_body_bytes;
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| (unknown(), RouterError::body_too_large(limit)))?;
     let model = requested_model(&bytes).map_err(|e| (unknown(), e))?;
+    access.model(&model);
     let table = state.inner.routes.current();
     let Some(pool) = table.lookup(&model).cloned() else {
         return Err((unknown(), RouterError::model_not_found(&model)));
@@ -160,11 +163,12 @@ async fn route(
             state.metrics().in_flight.get_or_create(&ModelLabel { model: pool.model.clone() }).clone(),
         );
         let started = Instant::now();
+        access.attempt(&endpoint.url);
         let upstream = state
             .inner
             .client
             .post(format!("{}{path}", endpoint.url))
-            .headers(forwarded(headers, request_id))
+            .headers(forwarded(headers))
             .body(bytes.clone())
             .send()
             .await;
@@ -181,7 +185,8 @@ async fn route(
                 state.metrics().upstream_latency.observe(started.elapsed().as_secs_f64());
                 count(state, &pool.model, answer.status());
                 let first_byte = (started, state.metrics().time_to_first_byte.clone());
-                return Ok(relay(answer, (guard, gauge), first_byte, client_model));
+                access.relaying();
+                return Ok(relay(answer, (guard, gauge), access, first_byte, client_model));
             }
             // Nothing reached the worker: another one may take the request.
             Err(e) if e.is_connect() => {
@@ -226,7 +231,8 @@ const HOP_BY_HOP: [&str; 9] = [
     "host",
 ];
 
-fn forwarded(headers: &HeaderMap, request_id: &HeaderValue) -> HeaderMap {
+/// The caller's headers for the worker (`x-request-id` among them).
+fn forwarded(headers: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::new();
     for (name, value) in headers {
         if HOP_BY_HOP.contains(&name.as_str()) || name == header::CONTENT_LENGTH {
@@ -234,7 +240,6 @@ fn forwarded(headers: &HeaderMap, request_id: &HeaderValue) -> HeaderMap {
         }
         out.append(name.clone(), value.clone());
     }
-    out.insert(REQUEST_ID, request_id.clone());
     out
 }
 
@@ -258,6 +263,7 @@ impl Drop for ModelGauge {
 fn relay(
     answer: reqwest::Response,
     guards: (InFlight, ModelGauge),
+    access: Access,
     first_byte: (Instant, Histogram),
     client_model: Option<&str>,
 ) -> Response {
@@ -276,6 +282,7 @@ fn relay(
     let body = Relayed {
         inner: Box::pin(answer.bytes_stream()),
         _guards: guards,
+        access,
         first_byte: Some(first_byte),
         sse,
         renamer: client_model.map(|name| Renamer::new(name, sse)),
@@ -293,6 +300,8 @@ fn relay(
 struct Relayed {
     inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
     _guards: (InFlight, ModelGauge),
+    /// Written when the body ends or is dropped, so a stream's line has its full duration.
+    access: Access,
     first_byte: Option<(Instant, Histogram)>,
     sse: bool,
     renamer: Option<Renamer>,
@@ -334,6 +343,7 @@ impl Stream for Relayed {
                 }
                 Poll::Ready(None) => {
                     self.done = true;
+                    self.access.relayed();
                     let held = self.renamer.as_mut().map(Renamer::finish).unwrap_or_default();
                     if !held.is_empty() {
                         return Poll::Ready(Some(Ok(held)));
