@@ -77,6 +77,18 @@ class Service:
                 self.address = address
                 self._listening.set()
 
+    def access_lines(self, target: str, request_id: str) -> list[dict]:
+        """The fields of the access-log lines (log target `target`) of one request."""
+        found = []
+        for line in self.logs:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("target") == target and record.get("fields", {}).get("request_id") == request_id:
+                found.append(record["fields"])
+        return found
+
     @property
     def base_url(self) -> str:
         return f"http://{self.address}"

@@ -19,6 +19,8 @@ KEY_A, KEY_B = "sk-router-a", "sk-router-b"
 HELLO = [{"role": "user", "content": "Name three colors."}]
 # SmolLM2's end tokens, banned where a test needs a long completion.
 NO_EOS = {"0": -100, "2": -100}
+# An alias only the route file knows: the `other` worker was not started with it.
+OTHER_ALIASES = ["model-b-alias"]
 
 
 def worker(smollm2, name, keys, aliases=()):
@@ -69,7 +71,7 @@ def fleet(smollm2, tmp_path_factory):
         routes = d / "routes.yaml"
         write_routes(routes, [
             ("smollm2", ["gpt-4o-mini"], [workers[0].base_url, workers[1].base_url]),
-            ("other", [], [workers[2].base_url]),
+            ("other", OTHER_ALIASES, [workers[2].base_url]),
             ("empty", [], []),
         ])
         router = Router(["--routes", str(routes), "--host", "127.0.0.1", "--port", "0"]).wait_ready()
@@ -93,6 +95,23 @@ def test_each_model_reaches_its_own_pool(fleet):
         client(r, KEY_A).chat.completions.create(model="smollm2", messages=HELLO, max_tokens=1)
     served = [metric(w, "kandle_prompt_tokens_total") for w in fleet["workers"][:2]]
     assert all(s > 0 for s in served), served
+
+
+def test_route_file_aliases_reach_the_worker_as_its_served_name(fleet):
+    c = client(fleet["router"], KEY_B)
+    r = c.chat.completions.create(model="model-b-alias", messages=HELLO, max_tokens=3)
+    assert r.model == "model-b-alias"
+    chunks = list(c.chat.completions.create(model="model-b-alias", messages=HELLO, max_tokens=3, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert len(chunks) > 2
+    assert {chunk.model for chunk in chunks} == {"model-b-alias"}
+    raw = urllib.request.Request(
+        fleet["router"].base_url + "/api/v1/chat/completions",
+        data=json.dumps({"model": "model-b-alias", "messages": HELLO, "max_tokens": 2}).encode(),
+        headers={"Authorization": f"Bearer {KEY_B}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(raw, timeout=60) as answer:
+        assert json.loads(answer.read())["data"]["model"] == "model-b-alias"
 
 
 def test_streams_pass_through_unbuffered(fleet):
@@ -197,6 +216,44 @@ def test_request_id_is_propagated_and_made_when_absent(fleet):
     assert metric(fleet["router"], "kandle_router_requests_total") > 0
 
 
+def test_every_request_gets_one_router_access_line_without_the_key(fleet):
+    r = fleet["router"]
+    lines = lambda request_id: r.access_lines("kandle_operator::access", request_id)  # noqa: E731
+    workers = {w.base_url for w in fleet["workers"]}
+    c = client(r, KEY_A)
+    c.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=3,
+                              extra_headers={"x-request-id": "router-plain"})
+    stream = c.chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=24, stream=True,
+                                       logit_bias=NO_EOS, extra_headers={"x-request-id": "router-stream"})
+    arrivals = [time.monotonic() for _ in stream]
+    left = c.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=2000, stream=True,
+                                     logit_bias=NO_EOS, extra_headers={"x-request-id": "router-left"})
+    it = iter(left)
+    for _ in range(3):
+        next(it)
+    left.close()
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="nope", messages=HELLO, extra_headers={"x-request-id": "router-404"})
+    ids = ("router-plain", "router-stream", "router-left", "router-404")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not all(lines(i) for i in ids):
+        time.sleep(0.05)
+    (plain,) = lines("router-plain")
+    assert plain["method"] == "POST" and plain["path"] == "/v1/chat/completions" and plain["status"] == 200
+    assert plain["model"] == "smollm2" and plain["worker"] in workers and plain["attempts"] == 1
+    assert plain["finished"] is True and plain["duration_ms"] > 0
+    (streamed,) = lines("router-stream")
+    assert streamed["model"] == "gpt-4o-mini" and streamed["status"] == 200 and streamed["finished"] is True
+    # Written when the stream ended, so its duration spans every chunk.
+    assert streamed["duration_ms"] >= (arrivals[-1] - arrivals[0]) * 1000
+    (gone,) = lines("router-left")
+    assert gone["status"] == 200 and gone["finished"] is False
+    (missing,) = lines("router-404")
+    assert missing["status"] == 404 and missing["model"] == "nope"
+    assert missing["worker"] == "-" and missing["attempts"] == 0
+    assert not any(KEY_A in line or KEY_B in line for line in r.logs)
+
+
 def test_route_file_changes_apply_without_restart(fleet):
     w = fleet["workers"]
     routes = fleet["routes"]
@@ -204,7 +261,7 @@ def test_route_file_changes_apply_without_restart(fleet):
     def other_pool(endpoints):
         write_routes(routes, [
             ("smollm2", ["gpt-4o-mini"], [w[0].base_url, w[1].base_url]),
-            ("other", [], endpoints),
+            ("other", OTHER_ALIASES, endpoints),
         ])
 
     def wait_until(predicate, what):

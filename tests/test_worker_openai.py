@@ -367,15 +367,7 @@ def test_refuses_to_start_without_keys(smollm2, tmp_path):
 
 def test_every_request_gets_one_access_line_without_the_key(worker):
     def lines(request_id):
-        found = []
-        for line in worker.logs:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("fields", {}).get("request_id") == request_id:
-                found.append(record["fields"])
-        return found
+        return worker.access_lines("kandle_worker::access", request_id)
 
     c = client(worker)
     r = c.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=5,

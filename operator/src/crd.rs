@@ -206,6 +206,9 @@ mod tests {
             spec["source"] = json!({"url": url});
             assert_eq!(admit(&manifest(spec)), Ok(()), "{url}");
         }
+        let mut pinned_http = valid_spec();
+        pinned_http["source"] = json!({"url": "http://mirror.internal:8080/m.gguf", "sha256": "a".repeat(64)});
+        assert_eq!(admit(&manifest(pinned_http)), Ok(()));
         let mut open = valid_spec();
         open["auth"] = json!({"disabled": true});
         assert_eq!(admit(&manifest(open)), Ok(()));
@@ -249,7 +252,11 @@ mod tests {
             ),
             ("auth disabled: false alone", Box::new(|s| s["auth"] = json!({"disabled": false})), "exactly one"),
             ("ftp source", Box::new(|s| s["source"]["url"] = json!("ftp://host/m.gguf")), "/spec/source/url"),
-            ("http source", Box::new(|s| s["source"]["url"] = json!("http://host/m.gguf")), "/spec/source/url"),
+            (
+                "http source without sha256",
+                Box::new(|s| s["source"]["url"] = json!("http://host/m.gguf")),
+                "needs sha256",
+            ),
             ("relative file", Box::new(|s| s["source"]["url"] = json!("file://models/m.gguf")), "/spec/source/url"),
             ("pvc without claim", Box::new(|s| s["source"]["url"] = json!("pvc:///m.gguf")), "/spec/source/url"),
             ("hf without repo", Box::new(|s| s["source"]["url"] = json!("hf://justorg")), "/spec/source/url"),
@@ -341,6 +348,24 @@ mod tests {
             match admit(&manifest(spec)) {
                 Ok(()) => panic!("{what}: admitted"),
                 Err(message) => assert!(message.contains(expected), "{what}: {message}"),
+            }
+        }
+    }
+
+    /// The schema admits exactly the sources the worker fetches: http:// only with a sha256.
+    #[test]
+    fn source_pinning_matches_the_worker() {
+        let sha = "a".repeat(64);
+        for url in ["http://mirror/m.gguf", "https://h/m.gguf", "hf://org/repo", "pvc://c/m", "file:///m"] {
+            for sha256 in [None, Some(sha.as_str())] {
+                let mut spec = valid_spec();
+                spec["source"] = json!({"url": url});
+                if let Some(sha256) = sha256 {
+                    spec["source"]["sha256"] = json!(sha256);
+                }
+                let admitted = admit(&manifest(spec));
+                let fetched = kandle_contract::SourceUrl::parse(url).and_then(|u| u.check_pinned(sha256));
+                assert_eq!(admitted.is_ok(), fetched.is_ok(), "{url} sha256={sha256:?}: {admitted:?} {fetched:?}");
             }
         }
     }

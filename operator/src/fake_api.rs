@@ -14,6 +14,8 @@ use serde_json::{json, Value};
 pub struct Recorded {
     pub method: Method,
     pub path: String,
+    /// The query string as sent (percent-encoded), empty when there is none.
+    pub query: String,
     pub body: Value,
 }
 
@@ -29,7 +31,8 @@ pub fn client(respond: impl Fn(&Method, &str, &Value) -> (u16, Value) + Send + '
         while let Some((request, send)) = handle.next_request().await {
             let method = request.method().clone();
             let path = request.uri().path().to_string();
-            if request.uri().query().unwrap_or("").contains("watch=true") {
+            let query = request.uri().query().unwrap_or("").to_string();
+            if query.contains("watch=true") {
                 // Kept, never answered: the watch stays open with nothing new.
                 watches.push(send);
                 continue;
@@ -37,7 +40,7 @@ pub fn client(respond: impl Fn(&Method, &str, &Value) -> (u16, Value) + Send + '
             let bytes = request.into_body().collect_bytes().await.unwrap_or_default();
             let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             let (status, reply) = respond(&method, &path, &body);
-            recorder.lock().unwrap_or_else(|p| p.into_inner()).push(Recorded { method, path, body });
+            recorder.lock().unwrap_or_else(|p| p.into_inner()).push(Recorded { method, path, query, body });
             let response = Response::builder()
                 .status(status)
                 .header("content-type", "application/json")

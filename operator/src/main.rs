@@ -57,6 +57,10 @@ struct RouterArgs {
     /// Seconds to connect to a worker before trying another.
     #[arg(long, env = "KANDLE_CONNECT_TIMEOUT", default_value_t = 5)]
     connect_timeout: u64,
+    /// Seconds a pool may take to list its models; the model list goes out
+    /// without a pool that takes longer.
+    #[arg(long, env = "KANDLE_MODEL_LIST_TIMEOUT", default_value_t = 5)]
+    model_list_timeout: u64,
 }
 
 #[derive(Debug, Args)]
@@ -193,6 +197,7 @@ async fn run_router(args: RouterArgs) -> anyhow::Result<()> {
             prefix_affinity: args.prefix_affinity,
             max_imbalance: args.affinity_max_imbalance,
             cooldown: Duration::from_secs(5),
+            model_list_timeout: Duration::from_secs(args.model_list_timeout),
         },
         connect_timeout: Duration::from_secs(args.connect_timeout),
     };

@@ -27,15 +27,16 @@ pub enum LogFormat {
 pub enum Command {
     /// Load a model and serve the Chat Completions API.
     Serve(ServeConfig),
-    /// Download a model (hf://, https://) into a directory, or check that a
-    /// file:// or pvc:// one exists; prints the path to pass to `serve --model`.
+    /// Download a model (hf://, https://, http:// with --sha256) into a directory,
+    /// or check that a file:// or pvc:// one exists; prints the path to pass to
+    /// `serve --model`.
     Fetch(FetchArgs),
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct FetchArgs {
     /// hf://org/repo[/file][@revision], https://host/path/model.gguf,
-    /// file:///path or pvc://claim/path.
+    /// http://host/path/model.gguf (with --sha256), file:///path or pvc://claim/path.
     pub url: String,
 
     /// Directory to download into (partial files end in .part and resume).
@@ -46,7 +47,7 @@ pub struct FetchArgs {
     #[arg(long, env = "KANDLE_REVISION")]
     pub revision: Option<String>,
 
-    /// Expected SHA-256 of a single-file source (64 hex digits).
+    /// Expected SHA-256 of a single-file source (64 hex digits); required for http:// URLs.
     #[arg(long, env = "KANDLE_SHA256")]
     pub sha256: Option<String>,
 

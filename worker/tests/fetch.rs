@@ -207,3 +207,26 @@ async fn a_safetensors_checkpoint_is_fetched_as_a_directory() {
         ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "tokenizer.json"]
     );
 }
+
+#[tokio::test]
+async fn plain_http_is_fetched_only_when_a_sha256_pins_it() {
+    let gguf = content(20_000, 7);
+    let (endpoint, _hub) =
+        serve(Hub { files: HashMap::from([("m.gguf".into(), gguf.clone())]), ..Hub::default() }).await;
+    let url = format!("{endpoint}/cdn/m.gguf");
+    assert!(url.starts_with("http://"));
+    let dest = tempfile::tempdir().expect("tempdir");
+    let err = fetch::run(&config(&endpoint, &url, dest.path())).await.expect_err("unpinned");
+    assert!(matches!(err, FetchError::BadSource(_)) && err.to_string().contains("needs sha256"), "{err}");
+    assert_eq!(std::fs::read_dir(dest.path()).expect("dir").count(), 0, "nothing fetched");
+
+    let pinned = FetchConfig { sha256: Some(sha(&gguf)), ..config(&endpoint, &url, dest.path()) };
+    let path = fetch::run(&pinned).await.expect("fetched");
+    assert_eq!(std::fs::read(path).expect("file"), gguf);
+
+    let wrong = FetchConfig {
+        sha256: Some("0".repeat(64)),
+        ..config(&endpoint, &url, tempfile::tempdir().expect("tempdir").path())
+    };
+    assert!(matches!(fetch::run(&wrong).await, Err(FetchError::ChecksumMismatch { .. })));
+}

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
 use kandle_contract::engine::{KV_CACHE_MEMORY_PATTERN, MAX_BATCH_SIZE, MAX_BATCH_TOKENS, MAX_CONTEXT_LENGTH, THREADS};
-use kandle_contract::source::PATTERN as SOURCE_URL;
+use kandle_contract::source::{HTTP_NEEDS_SHA256, HTTP_NEEDS_SHA256_MESSAGE, PATTERN as SOURCE_URL};
 use kandle_contract::SamplingDefaults;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -121,9 +121,11 @@ fn default_replicas() -> i32 {
 /// The model's location and integrity.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(HTTP_NEEDS_SHA256).message(HTTP_NEEDS_SHA256_MESSAGE))]
 pub struct ModelSource {
     /// `hf://org/repo[/file][@revision]` (Hugging Face Hub), `https://host/path/model.gguf`,
-    /// `pvc://claim/path/in/claim` (a PersistentVolumeClaim in this namespace) or
+    /// `http://host/path/model.gguf` (only with `sha256`, which makes a download
+    /// without TLS safe), `pvc://claim/path/in/claim` (a PersistentVolumeClaim in this namespace) or
     /// `file:///path/in/the/worker/image` (a path inside the worker container, for
     /// images with the model baked in; not a path on the node). Path segments may
     /// not be `.` or `..`.

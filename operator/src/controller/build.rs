@@ -18,7 +18,7 @@ use kube::Resource;
 use kandle_contract::source::PVC_MOUNT;
 use kandle_contract::{SourceError, SourceUrl};
 
-use crate::api::ModelDeployment;
+use crate::api::{ModelDeployment, ModelSource};
 use crate::{labels, Error, Result, WORKER_PORT};
 
 pub const KEYS_DIR: &str = "/var/run/kandle/keys";
@@ -66,16 +66,21 @@ pub enum ModelLocation {
 }
 
 impl ModelLocation {
-    /// Where a source URL puts the model: `file://` and `pvc://` are mounted,
-    /// `hf://` and `https://` downloaded (each source into its own directory).
-    pub fn parse(url: &str) -> Result<Self, SourceError> {
-        Ok(match SourceUrl::parse(url)? {
+    /// Where a source puts the model: `file://` and `pvc://` are mounted,
+    /// `hf://`, `https://` and (pinned by a sha256) `http://` downloaded, each
+    /// source into its own directory.
+    pub fn of(source: &ModelSource) -> Result<Self, SourceError> {
+        let url = SourceUrl::parse(&source.url)?;
+        url.check_pinned(source.sha256.as_deref())?;
+        Ok(match url {
             SourceUrl::File(path) => Self::Container(path),
             SourceUrl::Pvc { claim, path } => Self::Claim { claim, path },
             SourceUrl::Hub { org, repo, file, revision } => {
                 Self::Download { dir: format!("hf/{org}/{repo}/{}", revision.as_deref().unwrap_or("main")), file }
             }
-            SourceUrl::Https(url) => Self::Download { dir: format!("url/{:016x}", fnv1a(&url)), file: None },
+            SourceUrl::Https(url) | SourceUrl::Http(url) => {
+                Self::Download { dir: format!("url/{:016x}", fnv1a(&url)), file: None }
+            }
         })
     }
 
@@ -458,7 +463,7 @@ mod tests {
 
     fn build(spec: serde_json::Value) -> Children {
         let md = md(spec);
-        let location = ModelLocation::parse(&md.spec.source.url).expect("servable");
+        let location = ModelLocation::of(&md.spec.source).expect("servable");
         children(&md, &location, &BuildSettings::default()).expect("builds")
     }
 
@@ -676,22 +681,35 @@ mod tests {
         assert_eq!(pdb.selector.and_then(|s| s.match_labels), Some(selector_labels("chat")));
     }
 
+    fn location(url: &str) -> Result<ModelLocation, SourceError> {
+        ModelLocation::of(&ModelSource { url: url.into(), ..ModelSource::default() })
+    }
+
     #[test]
     fn locations_of_every_source() {
         assert_eq!(
-            ModelLocation::parse("hf://org/repo/m.gguf@v2"),
+            location("hf://org/repo/m.gguf@v2"),
             Ok(ModelLocation::Download { dir: "hf/org/repo/v2".into(), file: Some("m.gguf".into()) })
         );
-        let a = ModelLocation::parse("https://h/a.gguf");
+        let a = location("https://h/a.gguf");
         assert!(matches!(&a, Ok(ModelLocation::Download { dir, file: None }) if dir.starts_with("url/")));
-        assert_ne!(a, ModelLocation::parse("https://h/b.gguf"), "each URL gets its own directory");
-        assert!(ModelLocation::parse("file://relative").is_err());
-        assert!(ModelLocation::parse("hf://org").is_err());
-        assert!(ModelLocation::parse("hf://org/repo/../../etc").is_err());
-        assert!(ModelLocation::parse("ftp://h/m.gguf").is_err());
-        assert_eq!(
-            ModelLocation::parse("pvc://claim"),
-            Ok(ModelLocation::Claim { claim: "claim".into(), path: String::new() })
-        );
+        assert_ne!(a, location("https://h/b.gguf"), "each URL gets its own directory");
+        assert!(location("file://relative").is_err());
+        assert!(location("hf://org").is_err());
+        assert!(location("hf://org/repo/../../etc").is_err());
+        assert!(location("ftp://h/m.gguf").is_err());
+        assert_eq!(location("pvc://claim"), Ok(ModelLocation::Claim { claim: "claim".into(), path: String::new() }));
+    }
+
+    #[test]
+    fn plain_http_sources_are_downloaded_only_when_pinned() {
+        let pinned = ModelSource {
+            url: "http://mirror.internal/m.gguf".into(),
+            sha256: Some("a".repeat(64)),
+            ..ModelSource::default()
+        };
+        assert!(matches!(ModelLocation::of(&pinned), Ok(ModelLocation::Download { file: None, .. })));
+        let err = location("http://mirror.internal/m.gguf").expect_err("unpinned");
+        assert!(err.to_string().contains("needs sha256"), "{err}");
     }
 }

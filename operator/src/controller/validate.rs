@@ -31,7 +31,7 @@ pub fn check(md: &ModelDeployment, refs: &References, others: &[ModelDeployment]
     if let Some(problem) = pod_metadata_problem(md) {
         return Err(problem);
     }
-    ModelLocation::parse(&md.spec.source.url)
+    ModelLocation::of(&md.spec.source)
         .map_err(|e| Problem { reason: "SourceNotSupported", message: format!("source {e}") })
 }
 

@@ -12,9 +12,21 @@ use tokio::sync::Notify;
 
 use super::table::{PoolSpec, Routes};
 use crate::api::{Checked, ModelDeployment};
+use crate::labels;
 
 /// Label Kubernetes puts on an EndpointSlice naming its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Label Kubernetes puts on the EndpointSlices it makes for Services with a selector.
+const SLICE_MANAGER: (&str, &str) = ("endpointslice.kubernetes.io/managed-by", "endpointslice-controller.k8s.io");
+
+/// Which EndpointSlices discovery reads: only those of kandle's worker Services.
+/// The EndpointSlice controller copies a Service's labels onto its slices, and
+/// the controller labels every worker Service with these.
+pub fn slice_selector() -> String {
+    [(labels::MANAGED_BY, labels::MANAGER), (labels::NAME, labels::WORKER), SLICE_MANAGER]
+        .map(|(key, value)| format!("{key}={value}"))
+        .join(",")
+}
 
 /// The pools: one per ModelDeployment that decodes, its endpoints the ready
 /// addresses of the slices of its Service (named like it). The oldest
@@ -67,8 +79,7 @@ pub async fn run(client: kube::Client, namespace: Option<String>, routes: Arc<Ro
     };
     let (md_store, md_writer) = reflector::store();
     let (slice_store, slice_writer) = reflector::store();
-    let slice_config =
-        watcher::Config::default().labels("endpointslice.kubernetes.io/managed-by=endpointslice-controller.k8s.io");
+    let slice_config = watcher::Config::default().labels(&slice_selector());
     let md_events =
         reflector::reflector(md_writer, watcher(mds, watcher::Config::default())).default_backoff().touched_objects();
     let slice_events =
@@ -173,7 +184,7 @@ mod tests {
             slice("chat", json!([{"addresses": ["10.0.0.1"], "conditions": {"ready": true}}])).as_ref(),
         )
         .expect("json");
-        let (client, _log) = fake_api::client(move |method, path, _| match (method.as_str(), path) {
+        let (client, log) = fake_api::client(move |method, path, _| match (method.as_str(), path) {
             ("GET", "/apis/kandle.dev/v1alpha1/modeldeployments") => {
                 (200, fake_api::list(&[good.clone(), bad.clone()]))
             }
@@ -191,7 +202,28 @@ mod tests {
         let pool = table.lookup("smollm2").expect("the valid object is routed");
         assert_eq!(pool.endpoints[0].url, "http://10.0.0.1:8080");
         assert!(table.lookup("other").is_none(), "the undecodable one is left out");
+        // Only kandle's worker slices are asked for, not every slice in the cluster.
+        let listed = fake_api::wait_for(&log, "the slice list", |r| r.path.ends_with("/endpointslices")).await;
+        let url = reqwest::Url::parse(&format!("http://api{}?{}", listed.path, listed.query)).expect("url");
+        let selector = url.query_pairs().find(|(k, _)| k == "labelSelector").map(|(_, v)| v.into_owned());
+        assert_eq!(selector, Some(slice_selector()));
         task.abort();
+    }
+
+    #[test]
+    fn the_slice_selector_matches_the_slices_of_worker_services() {
+        // What Kubernetes puts on the slices of a worker Service: the Service's
+        // labels, its name, and the slice controller's own label.
+        let service = crate::controller::build::child_labels("chat");
+        let mut slice_labels: Vec<(String, String)> = service.into_iter().collect();
+        slice_labels.push((SERVICE_NAME_LABEL.into(), "chat".into()));
+        slice_labels.push((SLICE_MANAGER.0.into(), SLICE_MANAGER.1.into()));
+        let selector = slice_selector();
+        for requirement in selector.split(',') {
+            let (key, value) = requirement.split_once('=').expect("key=value");
+            assert!(slice_labels.iter().any(|(k, v)| k == key && v == value), "{requirement} is on no worker slice");
+        }
+        assert!(selector.contains("app.kubernetes.io/managed-by=kandle"), "{selector}");
     }
 
     #[test]

@@ -49,7 +49,7 @@ impl Default for RouterMetrics {
         let retries = Counter::default();
         registry.register(
             "kandle_router_retries",
-            "Requests retried on another worker after a connect failure",
+            "Requests retried on another worker after a connect failure, a 429 or a 503",
             retries.clone(),
         );
         Self { registry, requests, in_flight, upstream_latency, time_to_first_byte, retries }

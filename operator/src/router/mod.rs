@@ -1,13 +1,18 @@
 //! The routing Service: discovery (Kubernetes, or a route file) → route table →
 //! balancer → proxy.
 
+mod access_log;
 mod balancer;
 pub mod discovery;
 mod errors;
 mod metrics;
+mod model_list;
+mod model_name;
 pub mod proxy;
 pub mod routes_file;
 pub mod table;
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -46,8 +51,8 @@ pub fn app(state: RouterState) -> Router {
         .route("/v1/chat/completions", post(proxy::chat))
         .route("/compatible-mode/v1/chat/completions", post(proxy::chat))
         .route("/api/v1/chat/completions", post(proxy::chat))
-        .route("/v1/models", get(proxy::models))
-        .route("/compatible-mode/v1/models", get(proxy::models))
+        .route("/v1/models", get(model_list::models))
+        .route("/compatible-mode/v1/models", get(model_list::models))
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -58,6 +63,7 @@ pub fn app(state: RouterState) -> Router {
             e.param = None;
             e.into_response()
         })
+        .layer(axum::middleware::from_fn(access_log::access_log))
         .with_state(state)
 }
 

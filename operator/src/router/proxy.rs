@@ -1,32 +1,33 @@
 //! The routing API: reads `model`, picks a worker, and relays the request and its
 //! (streamed) answer without buffering.
 
-use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::http::{header, HeaderMap, HeaderName, StatusCode};
+use axum::response::Response;
+use axum::Extension;
 use futures::Stream;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use serde_json::{json, Value};
+use serde_json::Value;
 
+use super::access_log::Access;
 use super::balancer;
 use super::errors::RouterError;
 use super::metrics::{ModelLabel, ModelStatus, RouterMetrics};
-use super::table::{InFlight, Pool, Routes};
+use super::model_list::ModelListCache;
+use super::model_name::{self, Renamer};
+use super::table::{InFlight, Routes};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-/// How long a pool's answer to "which models does this key see" is reused.
-const MODEL_LIST_TTL: Duration = Duration::from_secs(5);
+/// Workers one chat request is offered to, at most (each a different one).
+const MAX_ATTEMPTS: usize = 3;
 
 #[derive(Debug, Clone)]
 pub struct RouterSettings {
@@ -36,6 +37,9 @@ pub struct RouterSettings {
     pub max_imbalance: usize,
     /// How long an endpoint that refused a connection is skipped.
     pub cooldown: Duration,
+    /// How long one pool may take to list its models before the list goes
+    /// out without it.
+    pub model_list_timeout: Duration,
 }
 
 #[derive(Clone)]
@@ -49,15 +53,7 @@ struct Inner {
     metrics: RouterMetrics,
     settings: RouterSettings,
     synced: AtomicBool,
-    model_lists: Mutex<HashMap<(String, u64), (Instant, PoolAnswer)>>,
-}
-
-/// What a pool said when asked for its models with the caller's key.
-#[derive(Debug, Clone)]
-enum PoolAnswer {
-    Models(Vec<Value>),
-    Rejected,
-    Unavailable,
+    model_lists: ModelListCache,
 }
 
 impl RouterState {
@@ -69,7 +65,7 @@ impl RouterState {
                 metrics: RouterMetrics::default(),
                 settings,
                 synced: AtomicBool::new(false),
-                model_lists: Mutex::new(HashMap::new()),
+                model_lists: ModelListCache::default(),
             }),
         }
     }
@@ -85,25 +81,41 @@ impl RouterState {
     pub fn metrics(&self) -> &RouterMetrics {
         &self.inner.metrics
     }
+
+    pub(super) fn routes(&self) -> &Routes {
+        &self.inner.routes
+    }
+
+    pub(super) fn client(&self) -> &reqwest::Client {
+        &self.inner.client
+    }
+
+    pub(super) fn settings(&self) -> &RouterSettings {
+        &self.inner.settings
+    }
+
+    pub(super) fn model_lists(&self) -> &ModelListCache {
+        &self.inner.model_lists
+    }
 }
 
 /// `POST …/chat/completions` on every API path.
-pub async fn chat(State(state): State<RouterState>, request: Request) -> Response {
+/// The access-log middleware has given the request its id and its access line.
+pub async fn chat(
+    State(state): State<RouterState>,
+    Extension(access): Extension<Access>,
+    request: Request,
+) -> Response {
     let path = request.uri().path().to_string();
     let envelope = path.starts_with("/api/");
     let (parts, body) = request.into_parts();
-    let request_id = parts.headers.get(&REQUEST_ID).cloned().unwrap_or_else(|| {
-        HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()).unwrap_or(HeaderValue::from_static("unknown"))
-    });
-    let mut response = match route(&state, &path, &parts.headers, &request_id, body).await {
+    match route(&state, &path, &parts.headers, body, access).await {
         Ok(response) => response,
         Err((model, e)) => {
             count(&state, &model, e.status);
             e.respond(envelope)
         }
-    };
-    response.headers_mut().insert(REQUEST_ID, request_id);
-    response
+    }
 }
 
 fn count(state: &RouterState, model: &str, status: StatusCode) {
@@ -115,8 +127,8 @@ async fn route(
     state: &RouterState,
     path: &str,
     headers: &HeaderMap,
-    request_id: &HeaderValue,
     body: Body,
+    access: Access,
 ) -> Result<Response, (String, RouterError)> {
     let unknown = || "unknown".to_string();
     if !state.is_synced() {
@@ -125,16 +137,25 @@ async fn route(
     let limit = state.inner.settings.max_body_bytes;
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| (unknown(), RouterError::body_too_large(limit)))?;
     let model = requested_model(&bytes).map_err(|e| (unknown(), e))?;
+    access.model(&model);
     let table = state.inner.routes.current();
     let Some(pool) = table.lookup(&model).cloned() else {
         return Err((unknown(), RouterError::model_not_found(&model)));
     };
+    // An alias reaches the worker as the pool's served name; the answer names the alias again.
+    let client_model = (model != pool.model).then_some(model.as_str());
+    let bytes = match client_model {
+        Some(_) => model_name::with_model(&bytes, &pool.model).map(Bytes::from).unwrap_or(bytes),
+        None => bytes,
+    };
     let affinity = if state.inner.settings.prefix_affinity { balancer::prefix_key(&bytes) } else { None };
+    // Each attempt goes to another worker; a large pool is not walked end to end.
+    let attempts = pool.endpoints.len().min(MAX_ATTEMPTS);
     let mut tried = Vec::new();
     loop {
-        let Some(endpoint) =
-            balancer::pick(&pool, &tried, affinity, state.inner.settings.max_imbalance, Instant::now())
-        else {
+        let picked = (tried.len() < attempts)
+            .then(|| balancer::pick(&pool, &tried, affinity, state.inner.settings.max_imbalance, Instant::now()));
+        let Some(endpoint) = picked.flatten() else {
             return Err((pool.model.clone(), RouterError::no_endpoint(&model)));
         };
         let guard = endpoint.start();
@@ -142,19 +163,30 @@ async fn route(
             state.metrics().in_flight.get_or_create(&ModelLabel { model: pool.model.clone() }).clone(),
         );
         let started = Instant::now();
+        access.attempt(&endpoint.url);
         let upstream = state
             .inner
             .client
             .post(format!("{}{path}", endpoint.url))
-            .headers(forwarded(headers, request_id))
+            .headers(forwarded(headers))
             .body(bytes.clone())
             .send()
             .await;
         match upstream {
+            // A worker still loading or full took nothing on, and nothing has
+            // reached the client yet: another worker may take the request. The
+            // last attempt's answer passes through as it is (Retry-After included).
+            Ok(answer) if is_busy(answer.status()) && tried.len() + 1 < attempts => {
+                tracing::info!(endpoint = %endpoint.url, status = answer.status().as_u16(), "worker busy; trying another");
+                state.metrics().retries.inc();
+                tried.push(endpoint.clone());
+            }
             Ok(answer) => {
                 state.metrics().upstream_latency.observe(started.elapsed().as_secs_f64());
                 count(state, &pool.model, answer.status());
-                return Ok(relay(answer, guard, gauge, started, state.metrics().time_to_first_byte.clone()));
+                let first_byte = (started, state.metrics().time_to_first_byte.clone());
+                access.relaying();
+                return Ok(relay(answer, (guard, gauge), access, first_byte, client_model));
             }
             // Nothing reached the worker: another one may take the request.
             Err(e) if e.is_connect() => {
@@ -166,6 +198,12 @@ async fn route(
             Err(e) => return Err((pool.model.clone(), RouterError::upstream(e))),
         }
     }
+}
+
+/// A worker's answer that says "not now" (still loading, or its queue full)
+/// rather than anything about the request.
+fn is_busy(status: StatusCode) -> bool {
+    status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS
 }
 
 #[derive(serde::Deserialize)]
@@ -193,7 +231,8 @@ const HOP_BY_HOP: [&str; 9] = [
     "host",
 ];
 
-fn forwarded(headers: &HeaderMap, request_id: &HeaderValue) -> HeaderMap {
+/// The caller's headers for the worker (`x-request-id` among them).
+fn forwarded(headers: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::new();
     for (name, value) in headers {
         if HOP_BY_HOP.contains(&name.as_str()) || name == header::CONTENT_LENGTH {
@@ -201,7 +240,6 @@ fn forwarded(headers: &HeaderMap, request_id: &HeaderValue) -> HeaderMap {
         }
         out.append(name.clone(), value.clone());
     }
-    out.insert(REQUEST_ID, request_id.clone());
     out
 }
 
@@ -221,7 +259,14 @@ impl Drop for ModelGauge {
     }
 }
 
-fn relay(answer: reqwest::Response, guard: InFlight, gauge: ModelGauge, started: Instant, ttfb: Histogram) -> Response {
+/// Relays a worker's answer; with `client_model`, the model it names is renamed to that.
+fn relay(
+    answer: reqwest::Response,
+    guards: (InFlight, ModelGauge),
+    access: Access,
+    first_byte: (Instant, Histogram),
+    client_model: Option<&str>,
+) -> Response {
     let status = answer.status();
     let mut headers = HeaderMap::new();
     for (name, value) in answer.headers() {
@@ -236,9 +281,11 @@ fn relay(answer: reqwest::Response, guard: InFlight, gauge: ModelGauge, started:
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let body = Relayed {
         inner: Box::pin(answer.bytes_stream()),
-        _guards: (guard, gauge),
-        first_byte: Some((started, ttfb)),
+        _guards: guards,
+        access,
+        first_byte: Some(first_byte),
         sse,
+        renamer: client_model.map(|name| Renamer::new(name, sse)),
         done: false,
     };
     let mut response = Response::new(Body::from_stream(body));
@@ -253,8 +300,11 @@ fn relay(answer: reqwest::Response, guard: InFlight, gauge: ModelGauge, started:
 struct Relayed {
     inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
     _guards: (InFlight, ModelGauge),
+    /// Written when the body ends or is dropped, so a stream's line has its full duration.
+    access: Access,
     first_byte: Option<(Instant, Histogram)>,
     sse: bool,
+    renamer: Option<Renamer>,
     done: bool,
 }
 
@@ -262,102 +312,45 @@ impl Stream for Relayed {
     type Item = Result<Bytes, std::io::Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
-        if self.done {
-            return Poll::Ready(None);
-        }
-        match self.inner.as_mut().poll_next(cx) {
-            Poll::Ready(Some(Ok(bytes))) => {
-                if let Some((started, ttfb)) = self.first_byte.take() {
-                    ttfb.observe(started.elapsed().as_secs_f64());
-                }
-                Poll::Ready(Some(Ok(bytes)))
+        loop {
+            if self.done {
+                return Poll::Ready(None);
             }
-            Poll::Ready(Some(Err(e))) => {
-                self.done = true;
-                tracing::warn!(error = %e, "worker stream broke off");
-                if self.sse {
+            match self.inner.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(bytes))) => {
+                    if let Some((started, ttfb)) = self.first_byte.take() {
+                        ttfb.observe(started.elapsed().as_secs_f64());
+                    }
+                    let bytes = match self.renamer.as_mut() {
+                        Some(renamer) => renamer.push(&bytes),
+                        None => bytes,
+                    };
+                    // A renamer may hold a chunk back until its line completes.
+                    if !bytes.is_empty() {
+                        return Poll::Ready(Some(Ok(bytes)));
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    self.done = true;
+                    tracing::warn!(error = %e, "worker stream broke off");
+                    if !self.sse {
+                        return Poll::Ready(Some(Err(std::io::Error::other(e))));
+                    }
+                    let mut held = self.renamer.as_mut().map(Renamer::finish).map(Vec::from).unwrap_or_default();
                     let error = RouterError::upstream(format!("the stream broke off: {e}"));
-                    Poll::Ready(Some(Ok(Bytes::from(format!("\n\ndata: {}\n\n", error.json())))))
-                } else {
-                    Poll::Ready(Some(Err(std::io::Error::other(e))))
+                    held.extend_from_slice(format!("\n\ndata: {}\n\n", error.json()).as_bytes());
+                    return Poll::Ready(Some(Ok(Bytes::from(held))));
                 }
-            }
-            Poll::Ready(None) => {
-                self.done = true;
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-/// `GET …/models`: the union of the pools whose workers accept the caller's key.
-pub async fn models(State(state): State<RouterState>, headers: HeaderMap) -> Response {
-    if !state.is_synced() {
-        return RouterError::not_ready().into_response();
-    }
-    let authorization = headers.get(header::AUTHORIZATION).cloned();
-    let key = {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        authorization.as_ref().map(|v| v.as_bytes().to_vec()).hash(&mut h);
-        h.finish()
-    };
-    let table = state.inner.routes.current();
-    let answers = futures::future::join_all(
-        table.pools().iter().map(|pool| pool_models(&state, pool, authorization.as_ref(), key)),
-    )
-    .await;
-    let rejected = answers.iter().any(|a| matches!(a, PoolAnswer::Rejected));
-    let mut data = Vec::new();
-    for answer in answers {
-        if let PoolAnswer::Models(models) = answer {
-            data.extend(models);
-        }
-    }
-    if data.is_empty() && rejected {
-        return RouterError::invalid_key().into_response();
-    }
-    Json(json!({"object": "list", "data": data})).into_response()
-}
-
-async fn pool_models(
-    state: &RouterState,
-    pool: &Arc<Pool>,
-    authorization: Option<&HeaderValue>,
-    key: u64,
-) -> PoolAnswer {
-    let cache_key = (pool.model.clone(), key);
-    if let Ok(cache) = state.inner.model_lists.lock() {
-        if let Some((at, answer)) = cache.get(&cache_key) {
-            if at.elapsed() < MODEL_LIST_TTL {
-                return answer.clone();
+                Poll::Ready(None) => {
+                    self.done = true;
+                    self.access.relayed();
+                    let held = self.renamer.as_mut().map(Renamer::finish).unwrap_or_default();
+                    if !held.is_empty() {
+                        return Poll::Ready(Some(Ok(held)));
+                    }
+                }
+                Poll::Pending => return Poll::Pending,
             }
         }
     }
-    let Some(endpoint) = balancer::pick(pool, &[], None, 0, Instant::now()) else { return PoolAnswer::Unavailable };
-    let mut request = state.inner.client.get(format!("{}/v1/models", endpoint.url));
-    if let Some(auth) = authorization {
-        request = request.header(header::AUTHORIZATION, auth.clone());
-    }
-    let answer = match request.send().await {
-        Ok(r) if r.status() == StatusCode::UNAUTHORIZED || r.status() == StatusCode::FORBIDDEN => PoolAnswer::Rejected,
-        Ok(r) if r.status().is_success() => match r.bytes().await.map(|b| serde_json::from_slice::<Value>(&b)) {
-            Ok(Ok(list)) => PoolAnswer::Models(list.get("data").and_then(Value::as_array).cloned().unwrap_or_default()),
-            _ => PoolAnswer::Unavailable,
-        },
-        Ok(_) => PoolAnswer::Unavailable,
-        Err(e) => {
-            if e.is_connect() {
-                endpoint.mark_down(state.inner.settings.cooldown);
-            }
-            PoolAnswer::Unavailable
-        }
-    };
-    if !matches!(answer, PoolAnswer::Unavailable) {
-        if let Ok(mut cache) = state.inner.model_lists.lock() {
-            cache.retain(|_, (at, _)| at.elapsed() < MODEL_LIST_TTL);
-            cache.insert(cache_key, (Instant::now(), answer.clone()));
-        }
-    }
-    answer
 }

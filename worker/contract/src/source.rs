@@ -4,6 +4,8 @@
 //!
 //! - `hf://org/repo[/path/in/repo][@revision]`: the Hugging Face Hub;
 //! - `https://host/path`: one file;
+//! - `http://host/path`: one file, only with a SHA-256 that pins it (an internal
+//!   mirror without TLS: the hash makes the download safe);
 //! - `pvc://claim[/path/in/claim]`: a PersistentVolumeClaim (Kubernetes' PVC name rules);
 //! - `file:///path`: a path inside the worker container (baked into the image).
 //!
@@ -15,11 +17,18 @@ pub const PATTERN: &str = concat!(
     r"^(",
     r"hf://[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}",
     r"(/([^\s/@.][^\s/@]*|\.[^\s/@.][^\s/@]*|\.\.[^\s/@]+))*(@[A-Za-z0-9_-][A-Za-z0-9._-]*)?",
-    r"|https://[^\s/]+(/[^\s]*)?",
+    r"|https?://[^\s/]+(/[^\s]*)?",
     r"|pvc://[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?(/([^\s/.][^\s/]*|\.[^\s/.][^\s/]*|\.\.[^\s/]+))*/?",
     r"|file:///[^\s]*",
     r")$",
 );
+
+/// The rule that an `http://` source carries a sha256, as a CEL expression over
+/// `spec.source` for the CRD schema ([`SourceUrl::check_pinned`] is the same rule
+/// in code).
+pub const HTTP_NEEDS_SHA256: &str = "!self.url.startsWith('http://') || has(self.sha256)";
+pub const HTTP_NEEDS_SHA256_MESSAGE: &str =
+    "an http:// source needs sha256: without TLS, only the hash proves the download is the model";
 
 /// Where `pvc://` sources are mounted in a worker pod.
 pub const PVC_MOUNT: &str = "/var/lib/kandle/models";
@@ -35,6 +44,8 @@ pub enum SourceUrl {
         revision: Option<String>,
     },
     Https(String),
+    /// Plain HTTP: fetched only with a sha256 ([`SourceUrl::check_pinned`]).
+    Http(String),
     Pvc {
         claim: String,
         /// Path inside the claim, without leading or trailing `/` (empty: the whole claim).
@@ -59,7 +70,7 @@ impl std::fmt::Display for SourceError {
 
 impl std::error::Error for SourceError {}
 
-const SCHEMES: &str = "the scheme must be hf://, https://, pvc:// or file://";
+const SCHEMES: &str = "the scheme must be hf://, https://, http:// (with a sha256), pvc:// or file://";
 
 impl SourceUrl {
     pub fn parse(url: &str) -> Result<Self, SourceError> {
@@ -91,6 +102,10 @@ impl SourceUrl {
             let host = rest.split('/').next().unwrap_or("");
             return if host.is_empty() { bad("expected https://host/path") } else { Ok(Self::Https(url.into())) };
         }
+        if let Some(rest) = url.strip_prefix("http://") {
+            let host = rest.split('/').next().unwrap_or("");
+            return if host.is_empty() { bad("expected http://host/path") } else { Ok(Self::Http(url.into())) };
+        }
         if let Some(rest) = url.strip_prefix("pvc://") {
             let (claim, path) = rest.split_once('/').unwrap_or((rest, ""));
             if !valid_claim(claim) {
@@ -110,6 +125,17 @@ impl SourceUrl {
             };
         }
         bad(SCHEMES)
+    }
+
+    /// Whether the source may be fetched with this expected hash: a plain
+    /// `http://` source only with one (the CRD's [`HTTP_NEEDS_SHA256`]).
+    pub fn check_pinned(&self, sha256: Option<&str>) -> Result<(), SourceError> {
+        match self {
+            Self::Http(url) if sha256.is_none_or(str::is_empty) => {
+                Err(SourceError { url: url.clone(), reason: HTTP_NEEDS_SHA256_MESSAGE })
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -153,6 +179,7 @@ mod tests {
             })
         );
         assert_eq!(SourceUrl::parse("https://h/m.gguf"), Ok(SourceUrl::Https("https://h/m.gguf".into())));
+        assert_eq!(SourceUrl::parse("http://h:8080/m.gguf"), Ok(SourceUrl::Http("http://h:8080/m.gguf".into())));
         assert_eq!(
             SourceUrl::parse("pvc://models.v2/a/m.gguf"),
             Ok(SourceUrl::Pvc { claim: "models.v2".into(), path: "a/m.gguf".into() })
@@ -185,6 +212,9 @@ mod tests {
             "https://example.com",
             "https:///m.gguf",
             "http://example.com/m.gguf",
+            "http://10.0.0.7:8080/models/m.gguf",
+            "http://",
+            "http:///m.gguf",
             "pvc://models/m.gguf",
             "pvc://models.v2/dir/m.gguf",
             "pvc://models",
@@ -207,6 +237,20 @@ mod tests {
         ];
         for url in cases {
             assert_eq!(pattern.is_match(url), SourceUrl::parse(url).is_ok(), "{url:?}: {:?}", SourceUrl::parse(url));
+        }
+    }
+
+    #[test]
+    fn plain_http_needs_a_pinned_hash() {
+        let sha = "a".repeat(64);
+        let http = SourceUrl::parse("http://mirror/m.gguf").expect("parses");
+        assert_eq!(http.check_pinned(Some(&sha)), Ok(()));
+        for missing in [None, Some("")] {
+            let err = http.check_pinned(missing).expect_err("refused");
+            assert!(err.to_string().contains("needs sha256"), "{err}");
+        }
+        for url in ["https://h/m.gguf", "hf://o/r", "pvc://c/m", "file:///m"] {
+            assert_eq!(SourceUrl::parse(url).expect("parses").check_pinned(None), Ok(()), "{url}");
         }
     }
 }

@@ -1,6 +1,7 @@
 //! `kandle-worker fetch URL --dest DIR`: brings a model to local disk (the
-//! operator's init container), from the Hugging Face Hub or an https URL, or
-//! checks that a `file://` / `pvc://` model is present.
+//! operator's init container), from the Hugging Face Hub or an https URL (an
+//! http one when a sha256 pins it), or checks that a `file://` / `pvc://` model
+//! is present.
 
 mod download;
 mod hub;
@@ -59,14 +60,14 @@ pub async fn run(config: &FetchConfig) -> Result<PathBuf, FetchError> {
         .connect_timeout(std::time::Duration::from_secs(30))
         .build()
         .map_err(|e| FetchError::Http(e.to_string()))?;
-    match source::parse(&config.url)? {
+    match source::parse(&config.url, config.sha256.as_deref())? {
         Source::Local(path) => {
             if tokio::fs::metadata(&path).await.is_err() {
                 return Err(FetchError::NotFound(format!("{} does not exist", path.display())));
             }
             Ok(path)
         }
-        Source::Https(url) => {
+        Source::Url(url) => {
             let name = url
                 .split(['?', '#'])
                 .next()
