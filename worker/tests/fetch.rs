@@ -25,6 +25,8 @@ struct Hub {
     ranges: Mutex<Vec<(String, Option<String>)>>,
     /// Files whose next full download breaks off halfway.
     break_once: Mutex<Vec<String>>,
+    /// How long every file download waits before its first byte.
+    first_byte_delay: std::time::Duration,
 }
 
 fn sha(bytes: &[u8]) -> String {
@@ -56,6 +58,7 @@ async fn cdn(State(hub): State<Arc<Hub>>, Path(file): Path<String>, headers: Hea
     let Some(bytes) = hub.files.get(&file).cloned() else {
         return (StatusCode::NOT_FOUND, "missing").into_response();
     };
+    tokio::time::sleep(hub.first_byte_delay).await;
     if let Some(start) = range.as_deref().and_then(|r| r.strip_prefix("bytes=")).and_then(|r| r.strip_suffix('-')) {
         let start: usize = start.parse().unwrap_or(0);
         if start >= bytes.len() {
@@ -201,9 +204,11 @@ async fn a_safetensors_checkpoint_is_fetched_as_a_directory() {
     let dest = tempfile::tempdir().expect("tempdir");
     let path = fetch::run(&config(&endpoint, "hf://org/repo@main", dest.path())).await.expect("fetched");
     assert_eq!(path, dest.path());
+    // Beside each file, the lock that fetches sharing the directory take turns on.
     let mut names: Vec<String> = std::fs::read_dir(dest.path())
         .expect("dir")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into())
+        .filter(|name: &String| !name.ends_with(".lock"))
         .collect();
     names.sort();
     assert_eq!(
@@ -254,4 +259,26 @@ async fn the_explicit_revision_is_fetched_and_checked() {
         assert!(matches!(err, FetchError::BadSource(_)), "{bad}: {err}");
     }
     assert_eq!(hub.ranges.lock().expect("lock").len(), asked, "nothing downloaded for a refused revision");
+}
+
+/// Two fetches of one file into one directory at once (two pods' init
+/// containers on a shared cache claim): one downloads, the other waits for it
+/// and finds the finished file.
+#[tokio::test]
+async fn concurrent_fetches_of_one_file_download_it_once() {
+    let gguf = content(200_000, 9);
+    let hub = Hub {
+        files: HashMap::from([("m.gguf".into(), gguf.clone())]),
+        first_byte_delay: std::time::Duration::from_millis(300),
+        ..Hub::default()
+    };
+    let (endpoint, hub) = serve(hub).await;
+    let dest = tempfile::tempdir().expect("tempdir");
+    let fetch = config(&endpoint, "hf://org/repo/m.gguf", dest.path());
+    let (a, b) = tokio::join!(fetch::run(&fetch), fetch::run(&fetch));
+    for path in [a.expect("first fetch"), b.expect("second fetch")] {
+        assert_eq!(std::fs::read(path).expect("file"), gguf);
+    }
+    assert_eq!(hub.ranges.lock().expect("lock").len(), 1, "one download, not two");
+    assert!(!dest.path().join("m.gguf.part").exists());
 }
