@@ -370,6 +370,19 @@ mod tests {
         }
     }
 
+    /// The schema admits exactly the revisions the worker fetches (and names a
+    /// cache directory by).
+    #[test]
+    fn revisions_match_the_worker() {
+        for revision in ["main", "v1.0", "0123abcd", "../x", "a/b", ".hidden", ""] {
+            let mut spec = valid_spec();
+            spec["source"]["revision"] = json!(revision);
+            let admitted = admit(&manifest(spec));
+            let fetched = kandle_contract::source::hub_revision(None, Some(revision));
+            assert_eq!(admitted.is_ok(), fetched.is_ok(), "{revision:?}: {admitted:?} {fetched:?}");
+        }
+    }
+
     /// The object's name becomes the Service's and the labels' value: DNS-1035, at most 63.
     #[test]
     fn names_that_cannot_name_a_service_are_rejected() {

@@ -25,6 +25,8 @@ struct Hub {
     ranges: Mutex<Vec<(String, Option<String>)>>,
     /// Files whose next full download breaks off halfway.
     break_once: Mutex<Vec<String>>,
+    /// How long every file download waits before its first byte.
+    first_byte_delay: std::time::Duration,
 }
 
 fn sha(bytes: &[u8]) -> String {
@@ -56,6 +58,7 @@ async fn cdn(State(hub): State<Arc<Hub>>, Path(file): Path<String>, headers: Hea
     let Some(bytes) = hub.files.get(&file).cloned() else {
         return (StatusCode::NOT_FOUND, "missing").into_response();
     };
+    tokio::time::sleep(hub.first_byte_delay).await;
     if let Some(start) = range.as_deref().and_then(|r| r.strip_prefix("bytes=")).and_then(|r| r.strip_suffix('-')) {
         let start: usize = start.parse().unwrap_or(0);
         if start >= bytes.len() {
@@ -102,6 +105,11 @@ async fn serve(hub: Hub) -> (String, Arc<Hub>) {
     (format!("http://{address}"), hub)
 }
 
+/// A Hub whose repository holds one file, `m.gguf`.
+async fn serve_one(gguf: &[u8]) -> (String, Arc<Hub>) {
+    serve(Hub { files: HashMap::from([("m.gguf".into(), gguf.to_vec())]), ..Hub::default() }).await
+}
+
 fn content(n: usize, seed: u8) -> Vec<u8> {
     (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
 }
@@ -120,8 +128,7 @@ fn config(endpoint: &str, url: &str, dest: &std::path::Path) -> FetchConfig {
 #[tokio::test]
 async fn downloads_a_named_gguf_through_redirects_and_checks_its_hash() {
     let gguf = content(300_000, 1);
-    let (endpoint, _hub) =
-        serve(Hub { files: HashMap::from([("m.gguf".into(), gguf.clone())]), ..Hub::default() }).await;
+    let (endpoint, _hub) = serve_one(&gguf).await;
     let dest = tempfile::tempdir().expect("tempdir");
     let path = fetch::run(&config(&endpoint, "hf://org/repo/m.gguf", dest.path())).await.expect("fetched");
     assert_eq!(path, dest.path().join("m.gguf"));
@@ -197,9 +204,11 @@ async fn a_safetensors_checkpoint_is_fetched_as_a_directory() {
     let dest = tempfile::tempdir().expect("tempdir");
     let path = fetch::run(&config(&endpoint, "hf://org/repo@main", dest.path())).await.expect("fetched");
     assert_eq!(path, dest.path());
+    // Beside each file, the lock that fetches sharing the directory take turns on.
     let mut names: Vec<String> = std::fs::read_dir(dest.path())
         .expect("dir")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into())
+        .filter(|name: &String| !name.ends_with(".lock"))
         .collect();
     names.sort();
     assert_eq!(
@@ -211,8 +220,7 @@ async fn a_safetensors_checkpoint_is_fetched_as_a_directory() {
 #[tokio::test]
 async fn plain_http_is_fetched_only_when_a_sha256_pins_it() {
     let gguf = content(20_000, 7);
-    let (endpoint, _hub) =
-        serve(Hub { files: HashMap::from([("m.gguf".into(), gguf.clone())]), ..Hub::default() }).await;
+    let (endpoint, _hub) = serve_one(&gguf).await;
     let url = format!("{endpoint}/cdn/m.gguf");
     assert!(url.starts_with("http://"));
     let dest = tempfile::tempdir().expect("tempdir");
@@ -229,4 +237,48 @@ async fn plain_http_is_fetched_only_when_a_sha256_pins_it() {
         ..config(&endpoint, &url, tempfile::tempdir().expect("tempdir").path())
     };
     assert!(matches!(fetch::run(&wrong).await, Err(FetchError::ChecksumMismatch { .. })));
+}
+
+/// The revision fetched is the contract's (`--revision` over the URL's `@rev`),
+/// the one the operator names the cache directory by; a revision that could not
+/// name a directory is refused as a bad source, and nothing is downloaded.
+#[tokio::test]
+async fn the_explicit_revision_is_fetched_and_checked() {
+    let gguf = content(1_000, 8);
+    let (endpoint, hub) = serve_one(&gguf).await;
+    let dest = tempfile::tempdir().expect("tempdir");
+    // The test Hub knows only `main`: the URL's v9 loses to --revision main.
+    let explicit =
+        FetchConfig { revision: Some("main".into()), ..config(&endpoint, "hf://org/repo/m.gguf@v9", dest.path()) };
+    let path = fetch::run(&explicit).await.expect("fetched at main");
+    assert_eq!(std::fs::read(path).expect("file"), gguf);
+    let asked = hub.ranges.lock().expect("lock").len();
+    for bad in ["../x", "a/b", ".hidden"] {
+        let escaping = FetchConfig { revision: Some(bad.into()), ..config(&endpoint, "hf://org/repo", dest.path()) };
+        let err = fetch::run(&escaping).await.expect_err("refused");
+        assert!(matches!(err, FetchError::BadSource(_)), "{bad}: {err}");
+    }
+    assert_eq!(hub.ranges.lock().expect("lock").len(), asked, "nothing downloaded for a refused revision");
+}
+
+/// Two fetches of one file into one directory at once (two pods' init
+/// containers on a shared cache claim): one downloads, the other waits for it
+/// and finds the finished file.
+#[tokio::test]
+async fn concurrent_fetches_of_one_file_download_it_once() {
+    let gguf = content(200_000, 9);
+    let hub = Hub {
+        files: HashMap::from([("m.gguf".into(), gguf.clone())]),
+        first_byte_delay: std::time::Duration::from_millis(300),
+        ..Hub::default()
+    };
+    let (endpoint, hub) = serve(hub).await;
+    let dest = tempfile::tempdir().expect("tempdir");
+    let fetch = config(&endpoint, "hf://org/repo/m.gguf", dest.path());
+    let (a, b) = tokio::join!(fetch::run(&fetch), fetch::run(&fetch));
+    for path in [a.expect("first fetch"), b.expect("second fetch")] {
+        assert_eq!(std::fs::read(path).expect("file"), gguf);
+    }
+    assert_eq!(hub.ranges.lock().expect("lock").len(), 1, "one download, not two");
+    assert!(!dest.path().join("m.gguf.part").exists());
 }

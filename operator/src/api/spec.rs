@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
 use kandle_contract::engine::{KV_CACHE_MEMORY_PATTERN, MAX_BATCH_SIZE, MAX_BATCH_TOKENS, MAX_CONTEXT_LENGTH, THREADS};
-use kandle_contract::source::{HTTP_NEEDS_SHA256, HTTP_NEEDS_SHA256_MESSAGE, PATTERN as SOURCE_URL};
+use kandle_contract::source::{
+    HTTP_NEEDS_SHA256, HTTP_NEEDS_SHA256_MESSAGE, PATTERN as SOURCE_URL, REVISION_PATTERN as REVISION,
+};
 use kandle_contract::SamplingDefaults;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -132,8 +134,10 @@ pub struct ModelSource {
     #[schemars(regex(pattern = SOURCE_URL))]
     pub url: String,
 
-    /// Revision (branch, tag or commit) of an `hf://` source.
+    /// Revision (branch, tag or commit) of an `hf://` source; wins over an
+    /// `@revision` in the URL. Default `main`. Downloads are cached per revision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = REVISION))]
     pub revision: Option<String>,
 
     /// Expected SHA-256 of a single-file source, as 64 lowercase hex digits.

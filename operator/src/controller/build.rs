@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 
-use kandle_contract::source::PVC_MOUNT;
+use kandle_contract::source::{hub_dir, hub_revision, url_dir, PVC_MOUNT};
 use kandle_contract::{SourceError, SourceUrl};
 
 use crate::api::{ModelDeployment, ModelSource};
@@ -72,15 +72,17 @@ impl ModelLocation {
     pub fn of(source: &ModelSource) -> Result<Self, SourceError> {
         let url = SourceUrl::parse(&source.url)?;
         url.check_pinned(source.sha256.as_deref())?;
+        let spec_revision = source.revision.as_deref();
         Ok(match url {
             SourceUrl::File(path) => Self::Container(path),
             SourceUrl::Pvc { claim, path } => Self::Claim { claim, path },
+            // The directory names the revision `kandle-worker fetch` takes (the
+            // contract's one rule), so revisions of a repository never share files.
             SourceUrl::Hub { org, repo, file, revision } => {
-                Self::Download { dir: format!("hf/{org}/{repo}/{}", revision.as_deref().unwrap_or("main")), file }
+                let revision = hub_revision(revision.as_deref(), spec_revision)?;
+                Self::Download { dir: hub_dir(&org, &repo, revision), file }
             }
-            SourceUrl::Https(url) | SourceUrl::Http(url) => {
-                Self::Download { dir: format!("url/{:016x}", fnv1a(&url)), file: None }
-            }
+            SourceUrl::Https(url) | SourceUrl::Http(url) => Self::Download { dir: url_dir(&url), file: None },
         })
     }
 
@@ -93,11 +95,6 @@ impl ModelLocation {
             Self::Download { dir, file: None } => format!("{CACHE_MOUNT}/{dir}"),
         }
     }
-}
-
-/// A stable 64-bit FNV-1a hash, naming download directories of URL sources.
-fn fnv1a(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// Everything the operator applies for one ModelDeployment.
@@ -699,6 +696,22 @@ mod tests {
         assert!(location("hf://org/repo/../../etc").is_err());
         assert!(location("ftp://h/m.gguf").is_err());
         assert_eq!(location("pvc://claim"), Ok(ModelLocation::Claim { claim: "claim".into(), path: String::new() }));
+    }
+
+    #[test]
+    fn the_download_directory_names_the_revision_fetched() {
+        let at = |url: &str, revision: Option<&str>| {
+            let source = ModelSource { url: url.into(), revision: revision.map(Into::into), ..ModelSource::default() };
+            match ModelLocation::of(&source) {
+                Ok(ModelLocation::Download { dir, .. }) => Ok(dir),
+                other => Err(format!("{other:?}")),
+            }
+        };
+        assert_eq!(at("hf://org/repo", None).as_deref(), Ok("hf/org/repo/main"));
+        assert_eq!(at("hf://org/repo", Some("v2")).as_deref(), Ok("hf/org/repo/v2"));
+        // spec.source.revision wins over the URL's, as in `kandle-worker fetch --revision`.
+        assert_eq!(at("hf://org/repo@v1", Some("v2")).as_deref(), Ok("hf/org/repo/v2"));
+        assert!(at("hf://org/repo", Some("../../x")).is_err());
     }
 
     #[test]

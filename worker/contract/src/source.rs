@@ -10,6 +10,11 @@
 //! - `file:///path`: a path inside the worker container (baked into the image).
 //!
 //! Path segments may not be `.` or `..`, so no source points outside its root.
+//!
+//! Downloaded sources (`hf://`, `https://`, `http://`) each get a directory of
+//! their own under a cache root ([`hub_dir`], [`url_dir`]); a Hub source's
+//! directory names the revision that is fetched ([`hub_revision`]), so two
+//! revisions of one repository never share files.
 
 /// The same grammar as one regular expression (RE2 syntax, no look-around), for
 /// the CRD schema's `pattern`.
@@ -22,6 +27,14 @@ pub const PATTERN: &str = concat!(
     r"|file:///[^\s]*",
     r")$",
 );
+
+/// The Hub revision fetched when neither the source nor its URL names one.
+pub const DEFAULT_REVISION: &str = "main";
+
+/// A Hub revision (`@revision` in a URL, `spec.source.revision`, `--revision`):
+/// a branch, tag or commit of letters, digits, `.`, `_` and `-`, not starting
+/// with `.`, so it can name a directory.
+pub const REVISION_PATTERN: &str = r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$";
 
 /// The rule that an `http://` source carries a sha256, as a CEL expression over
 /// `spec.source` for the CRD schema ([`SourceUrl::check_pinned`] is the same rule
@@ -146,6 +159,35 @@ fn valid_hub_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
 }
 
+/// The revision a Hub source is fetched at: `explicit` (`spec.source.revision`,
+/// `--revision`) over the URL's `@revision`, else [`DEFAULT_REVISION`].
+pub fn hub_revision<'a>(url_revision: Option<&'a str>, explicit: Option<&'a str>) -> Result<&'a str, SourceError> {
+    match explicit {
+        Some(rev) if !valid_revision(rev) => Err(SourceError {
+            url: rev.to_string(),
+            reason: "a revision must be letters, digits, '.', '_' or '-', not starting with '.'",
+        }),
+        Some(rev) => Ok(rev),
+        None => Ok(url_revision.unwrap_or(DEFAULT_REVISION)),
+    }
+}
+
+/// The directory, under a cache root, of a Hub repository at a revision.
+pub fn hub_dir(org: &str, repo: &str, revision: &str) -> String {
+    format!("hf/{org}/{repo}/{revision}")
+}
+
+/// The directory, under a cache root, of a file fetched by URL: named by a hash
+/// of the whole URL, so each URL has its own.
+pub fn url_dir(url: &str) -> String {
+    format!("url/{:016x}", fnv1a(url))
+}
+
+/// A stable 64-bit FNV-1a hash.
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
 fn valid_revision(rev: &str) -> bool {
     !rev.is_empty() && !rev.starts_with('.') && rev.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
 }
@@ -237,6 +279,29 @@ mod tests {
         ];
         for url in cases {
             assert_eq!(pattern.is_match(url), SourceUrl::parse(url).is_ok(), "{url:?}: {:?}", SourceUrl::parse(url));
+        }
+    }
+
+    #[test]
+    fn the_explicit_revision_wins_and_names_the_directory() {
+        assert_eq!(hub_revision(None, None), Ok("main"));
+        assert_eq!(hub_revision(Some("v1"), None), Ok("v1"));
+        assert_eq!(hub_revision(Some("v1"), Some("v2")), Ok("v2"));
+        for bad in ["", "../x", "a/b", ".hidden", "with space"] {
+            assert!(hub_revision(None, Some(bad)).is_err(), "{bad:?}");
+        }
+        assert_eq!(hub_dir("org", "repo", "v2"), "hf/org/repo/v2");
+        assert_ne!(hub_dir("org", "repo", "v1"), hub_dir("org", "repo", "v2"));
+        assert_ne!(url_dir("https://h/a.gguf"), url_dir("https://h/b.gguf"));
+        assert_eq!(url_dir("https://h/a.gguf"), url_dir("https://h/a.gguf"));
+    }
+
+    /// The revision pattern of the CRD and the parser accept the same names.
+    #[test]
+    fn revision_pattern_and_parser_agree() {
+        let pattern = regex::Regex::new(REVISION_PATTERN).expect("pattern compiles");
+        for rev in ["main", "v1.0", "a1b2c3", "_x", "-x", "", ".x", "..", "a/b", "a b", "é"] {
+            assert_eq!(pattern.is_match(rev), valid_revision(rev), "{rev:?}");
         }
     }
 

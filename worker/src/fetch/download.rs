@@ -1,6 +1,9 @@
 //! One file, downloaded into `NAME.part` (resumed with a Range request when a
 //! part exists), checked against its SHA-256, then renamed into place: a failed
-//! or mismatched download never leaves a file that looks complete.
+//! or mismatched download never leaves a file that looks complete. Fetches
+//! sharing a directory (init containers of several pods on one cache claim)
+//! take turns: an exclusive lock on `NAME.lock` is held while one of them
+//! downloads, and the others wait for it, then find the finished file.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -35,6 +38,15 @@ pub async fn run(client: &reqwest::Client, d: Download<'_>) -> Result<(), FetchE
     }
     if let Some(dir) = d.dest.parent() {
         tokio::fs::create_dir_all(dir).await.map_err(|e| FetchError::io(dir, e))?;
+    }
+    let existed = tokio::fs::try_exists(d.dest).await.unwrap_or(false);
+    let _turn = DownloadLock::acquire(d.dest).await?;
+    // A file that appeared while this fetch waited was moved into place by the
+    // one that held the lock, after its checks.
+    let appeared = !existed && tokio::fs::try_exists(d.dest).await.unwrap_or(false);
+    if appeared || already_there(&d).await? {
+        tracing::info!(file = %d.dest.display(), "downloaded by another fetch");
+        return Ok(());
     }
     let part = part_path(d.dest);
     let have = tokio::fs::metadata(&part).await.map(|m| m.len()).unwrap_or(0);
@@ -78,6 +90,40 @@ pub async fn run(client: &reqwest::Client, d: Download<'_>) -> Result<(), FetchE
     drop(file);
     progress.done();
     finish(&part, &d).await
+}
+
+/// An exclusive lock on `<file>.lock`, held until dropped (closing the file
+/// releases it, also when the process dies). The lock file itself stays: removing
+/// it would let a later fetch lock a new file while a waiter locks the old one.
+struct DownloadLock {
+    _held: std::fs::File,
+}
+
+impl DownloadLock {
+    async fn acquire(dest: &Path) -> Result<Self, FetchError> {
+        let mut name = dest.as_os_str().to_owned();
+        name.push(".lock");
+        let path = PathBuf::from(name);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| FetchError::io(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => return Ok(Self { _held: file }),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                tracing::info!(file = %dest.display(), "another fetch is downloading this file; waiting for it");
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(FetchError::io(&path, e)),
+        }
+        tokio::task::spawn_blocking(move || match file.lock() {
+            Ok(()) => Ok(Self { _held: file }),
+            Err(e) => Err(FetchError::io(&path, e)),
+        })
+        .await
+        .map_err(|e| FetchError::Http(format!("waiting for the download lock failed: {e}")))?
+    }
 }
 
 async fn open(path: &Path, append: bool) -> Result<tokio::fs::File, FetchError> {

@@ -86,7 +86,8 @@ pub async fn run(config: &FetchConfig) -> Result<PathBuf, FetchError> {
             Ok(dest)
         }
         Source::Hub { repo, file, revision } => {
-            let revision = config.revision.clone().or(revision).unwrap_or_else(|| "main".to_string());
+            let revision = kandle_contract::source::hub_revision(revision.as_deref(), config.revision.as_deref())
+                .map_err(|e| FetchError::BadSource(e.to_string()))?;
             let endpoint = config.endpoint.trim_end_matches('/');
             let listing_url = format!("{endpoint}/api/models/{repo}/revision/{revision}?blobs=true");
             let mut request = client.get(&listing_url);
