@@ -99,7 +99,10 @@ pub struct ModelDeploymentSpec {
     pub replicas: i32,
 
     /// CPU, memory and accelerator requests and limits of each worker container.
-    /// A `nvidia.com/gpu` limit selects the CUDA worker image.
+    /// A `nvidia.com/gpu` limit selects the CUDA worker image (CUDA 13 runtime:
+    /// nodes need an NVIDIA driver 580 or newer; kernels for compute capability
+    /// 8.0 and up by default, i.e. A100, A10, A30, L4, L40S; an image built with
+    /// CUDA_COMPUTE_CAP=90 for H100/H200), whose worker then runs on the GPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
 
