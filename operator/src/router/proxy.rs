@@ -99,8 +99,8 @@ impl RouterState {
     }
 }
 
-/// `POST …/chat/completions` on every API path.
-/// The access-log middleware has given the request its id and its access line.
+/// `POST …/chat/completions` on every API path (the access-log middleware has
+/// already given the request its id and its access line).
 pub async fn chat(
     State(state): State<RouterState>,
     Extension(access): Extension<Access>,
