@@ -13,5 +13,5 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # Also builds both binaries (each crate has integration tests), which pytest drives.
 cargo test --workspace --locked -- --skip request_fuzz
 # The request fuzz pass on its own, so that its count of cases shows in the output.
-cargo test -p kandle-worker --locked --test tiny_models request_fuzz -- --nocapture
+cargo test --workspace --locked --test tiny_models request_fuzz -- --nocapture
 python3 -m pytest tests -q
