@@ -16,5 +16,7 @@ CUDA_HOME="$(scripts/cuda-toolkit.sh)"
 CUDA_HOME="$CUDA_HOME" CUDA_PATH="$CUDA_HOME" CUDA_ROOT="$CUDA_HOME" PATH="$CUDA_HOME/bin:$PATH" CUDA_COMPUTE_CAP=80 \
     cargo clippy -p kandle-worker --features cuda --all-targets --locked -- -D warnings
 # Also builds both binaries (each crate has integration tests), which pytest drives.
-cargo test --workspace --locked
+cargo test --workspace --locked -- --skip request_fuzz
+# The request fuzz pass on its own, so that its count of cases shows in the output.
+cargo test --workspace --locked --test tiny_models request_fuzz -- --nocapture
 python3 -m pytest tests -q

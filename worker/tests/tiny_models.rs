@@ -23,6 +23,7 @@ use tokenizers::{AddedToken, Tokenizer};
 use tower::ServiceExt;
 
 mod common;
+mod request_fuzz;
 
 const HIDDEN: usize = 32;
 const INTERMEDIATE: usize = 64;
@@ -50,11 +51,12 @@ const HERMES: &str = "{% if tools %}<|im_start|>system\nT<|im_end|>\n{% endif %}
 const THINKING: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
 {% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}";
 
-/// A byte-level BPE tokenizer over printable ASCII and newline, without merges.
+/// A byte-level BPE tokenizer over every byte, without merges.
 fn tokenizer() -> Tokenizer {
-    let mut symbols = vec!["Ġ".to_string(), "Ċ".to_string()];
-    symbols.extend((0x21u8..0x7f).map(|b| (b as char).to_string()));
-    let vocab: tokenizers::models::bpe::Vocab = symbols.into_iter().enumerate().map(|(i, s)| (s, i as u32)).collect();
+    let mut symbols: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+    symbols.sort_unstable();
+    let vocab: tokenizers::models::bpe::Vocab =
+        symbols.into_iter().enumerate().map(|(i, c)| (c.to_string(), i as u32)).collect();
     let bpe = BPE::builder().vocab_and_merges(vocab, Vec::new()).build().expect("bpe");
     let mut tokenizer = Tokenizer::new(bpe);
     tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
@@ -225,9 +227,14 @@ impl Served {
             all.extend(more.clone());
         }
         body["logit_bias"] = bias;
+        self.post(body.to_string()).await
+    }
+
+    /// POSTs `body` as it is to the chat path; the status and the whole answer.
+    async fn post(&self, body: impl Into<Body>) -> (StatusCode, String) {
         let request = Request::post("/v1/chat/completions")
             .header("content-type", "application/json")
-            .body(Body::from(body.to_string()))
+            .body(body.into())
             .expect("request");
         let response = self.router.clone().oneshot(request).await.expect("response");
         let status = response.status();

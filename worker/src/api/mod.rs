@@ -2,6 +2,7 @@
 
 mod access_log;
 pub mod chat;
+mod drain;
 pub mod error;
 mod messages;
 mod ops;
@@ -37,6 +38,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))
         .fallback(|req: Request| async move { ApiError::not_found_path(req.uri().path()) })
+        .layer(middleware::from_fn_with_state(state.clone(), drain::drain_unread))
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .layer(middleware::from_fn(access_log::access_log))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
