@@ -158,10 +158,6 @@ def test_64_mib_body_with_a_wrong_key_is_401_not_a_reset(plain):
     assert error["error"]["code"] == "invalid_api_key"
 
 
-@pytest.mark.xfail(
-    strict=True, raises=(BrokenPipeError, ConnectionResetError),
-    reason="issue 13: the router answers 413 before the body is read and resets the connection (proxy.rs)",
-)
 def test_router_answers_a_64_mib_body_with_413(plain, tmp_path):
     router = router_for(tmp_path, plain)
     try:

@@ -47,6 +47,7 @@ pub struct RouterConfig {
 }
 
 pub fn app(state: RouterState) -> Router {
+    let max_body_bytes = state.settings().max_body_bytes;
     Router::new()
         .route("/v1/chat/completions", post(proxy::chat))
         .route("/compatible-mode/v1/chat/completions", post(proxy::chat))
@@ -63,6 +64,8 @@ pub fn app(state: RouterState) -> Router {
             e.param = None;
             e.into_response()
         })
+        // A body past the limit is drained before the 413, so the client reads it.
+        .layer(axum::middleware::from_fn_with_state(max_body_bytes, kandle_contract::drain::drain_unread))
         .layer(axum::middleware::from_fn(access_log::access_log))
         .with_state(state)
 }

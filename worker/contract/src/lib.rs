@@ -3,7 +3,10 @@
 //! The operator builds the `ModelDeployment` schema from these types and ranges,
 //! and the worker validates its flags and requests with them, so the CRD can
 //! never admit a value that a worker refuses at start-up (or the reverse).
+//! Both servers (worker and router) also answer request bodies past their limit
+//! the same way ([`drain`]).
 
+pub mod drain;
 pub mod engine;
 pub mod model_info;
 pub mod sampling;

@@ -2,7 +2,6 @@
 
 mod access_log;
 pub mod chat;
-mod drain;
 pub mod error;
 mod messages;
 mod ops;
@@ -16,6 +15,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use kandle_contract::drain::drain_unread;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 use error::ApiError;
@@ -38,7 +38,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))
         .fallback(|req: Request| async move { ApiError::not_found_path(req.uri().path()) })
-        .layer(middleware::from_fn_with_state(state.clone(), drain::drain_unread))
+        .layer(middleware::from_fn_with_state(state.settings().max_body_bytes, drain_unread))
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .layer(middleware::from_fn(access_log::access_log))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))

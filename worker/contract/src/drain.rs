@@ -20,15 +20,15 @@ use futures::StreamExt;
 use http_body::{Frame, SizeHint};
 use tokio::sync::oneshot;
 
-use super::state::AppState;
-
 /// At most this many times `--max-body-bytes` are drained (64 MiB at the
 /// default 4 MiB limit) ...
 const DRAIN_FACTOR: usize = 16;
 /// ... and for at most this long; past either the connection is closed unread.
 const DRAIN_TIME: Duration = Duration::from_secs(10);
 
-pub async fn drain_unread(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// Middleware (`axum::middleware::from_fn_with_state(max_body_bytes, drain_unread)`)
+/// for a server whose request bodies are limited to `max_body_bytes`.
+pub async fn drain_unread(State(max_body_bytes): State<usize>, req: Request, next: Next) -> Response {
     // A client that waits for `100 Continue` sends no body unless it is asked
     // for; hyper answers without asking when the body was never polled.
     let waits_for_continue =
@@ -41,7 +41,7 @@ pub async fn drain_unread(State(state): State<AppState>, req: Request, next: Nex
     if !polled && waits_for_continue {
         return response;
     }
-    let cap = state.settings().max_body_bytes.saturating_mul(DRAIN_FACTOR);
+    let cap = max_body_bytes.saturating_mul(DRAIN_FACTOR);
     let drained = tokio::time::timeout(DRAIN_TIME, discard(body, cap)).await.unwrap_or(false);
     if !drained {
         tracing::debug!(cap, "request body left unread past the drain cap; closing the connection");
@@ -130,9 +130,6 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
-    use crate::api::request::SamplingOverrides;
-    use crate::api::state::HttpSettings;
-    use crate::metrics::Metrics;
 
     const LIMIT: usize = 8;
     const CHUNK: usize = 4;
@@ -140,16 +137,6 @@ mod tests {
     /// Routes that read all of the body, its first chunk, or none of it,
     /// behind the middleware with a body limit of `LIMIT` bytes.
     fn app() -> Router {
-        let state = AppState::new(
-            HttpSettings {
-                served_model_name: "m".into(),
-                aliases: Vec::new(),
-                max_body_bytes: LIMIT,
-                defaults: SamplingOverrides::default(),
-            },
-            None,
-            Arc::new(Metrics::default()),
-        );
         Router::new()
             .route(
                 "/all",
@@ -163,8 +150,7 @@ mod tests {
                 }),
             )
             .route("/none", post(|| async { "none" }))
-            .layer(middleware::from_fn_with_state(state.clone(), drain_unread))
-            .with_state(state)
+            .layer(middleware::from_fn_with_state(LIMIT, drain_unread))
     }
 
     /// A body of `chunks` chunks that counts how many were read.
