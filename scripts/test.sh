@@ -12,8 +12,8 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The CUDA worker compiles (and passes clippy) on this GPU-less machine: nvcc and
 # the CUDA headers come from PyPI; one compute capability's kernels are built.
-CUDA_HOME="$(scripts/cuda-toolkit.sh)"
-CUDA_HOME="$CUDA_HOME" CUDA_PATH="$CUDA_HOME" CUDA_ROOT="$CUDA_HOME" PATH="$CUDA_HOME/bin:$PATH" CUDA_COMPUTE_CAP=80 \
+cuda_home="$(scripts/cuda-toolkit.sh)"
+CUDA_HOME="$cuda_home" CUDA_PATH="$cuda_home" CUDA_ROOT="$cuda_home" PATH="$cuda_home/bin:$PATH" CUDA_COMPUTE_CAP=80 \
     cargo clippy -p kandle-worker --features cuda --all-targets --locked -- -D warnings
 # Also builds both binaries (each crate has integration tests), which pytest drives.
 cargo test --workspace --locked -- --skip request_fuzz
