@@ -1,22 +1,78 @@
 #!/usr/bin/env bash
 # Runs every test: formatting, clippy, the Rust unit and integration tests, and the
 # conformance tests that drive the real binaries with the official openai SDK.
+#
+# Compiled output goes to a target directory outside the clone ($CARGO_TARGET_DIR,
+# default ~/.cache/kandle/target), so every clone on a machine (a developer's, CI's)
+# reuses the dependencies another one built; a fresh machine builds everything,
+# only slower. Each stage's wall time is printed at the end, failed or not.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+cache="${KANDLE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kandle}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
+# clippy's lints run inside the build that makes the test binaries (clippy-driver
+# wraps rustc for the workspace's own crates only), so each dependency compiles
+# once, optimised, instead of once checked for clippy and again built for tests.
+RUSTC_WORKSPACE_WRAPPER="$(command -v clippy-driver)"
+export RUSTC_WORKSPACE_WRAPPER
+export CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"
+
+stage_name=""
+stage_start=0
+times=()
+stage() { # stage NAME: ends the running stage, starts NAME
+  if [[ -n "$stage_name" ]]; then
+    times+=("$(printf '%-12s %6ds' "$stage_name" $((SECONDS - stage_start)))")
+  fi
+  stage_name="$1"
+  stage_start=$SECONDS
+  [[ -z "$stage_name" ]] || printf '\n==> %s\n' "$stage_name"
+}
+report() {
+  local status=$?
+  local failed="$stage_name"
+  if [[ -n "${cuda_pid:-}" ]]; then kill -- -"$cuda_pid" 2>/dev/null || true; fi
+  stage ""
+  echo
+  echo "stage times ($(nproc) cores, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)):"
+  printf '  %s\n' "${times[@]}"
+  printf '  %-12s %6ds\n' total "$SECONDS"
+  [[ $status -eq 0 ]] || echo "failed in stage: $failed"
+}
+trap report EXIT
+
+stage setup
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r tests/requirements.txt
 KANDLE_TEST_GGUF="$(scripts/fetch-smollm2.sh)"
 export KANDLE_TEST_GGUF
-
 cargo fmt --all --check
-cargo clippy --workspace --all-targets --locked -- -D warnings
-# The CUDA worker compiles (and passes clippy) on this GPU-less machine: nvcc and
-# the CUDA headers come from PyPI; one compute capability's kernels are built.
-cuda_home="$(scripts/cuda-toolkit.sh)"
-CUDA_HOME="$cuda_home" CUDA_PATH="$cuda_home" CUDA_ROOT="$cuda_home" PATH="$cuda_home/bin:$PATH" CUDA_COMPUTE_CAP=80 \
-    cargo clippy -p kandle-worker --features cuda --all-targets --locked -- -D warnings
-# Also builds both binaries (each crate has integration tests), which pytest drives.
+
+# The CUDA check (scripts/cuda-check.sh) builds candle's kernels with nvcc, one
+# file at a time: it runs beside the main build, in a target directory of its own
+# (two cargo builds cannot share one), on the core the main build leaves idle.
+cuda_log="$cache/cuda-check.log"
+mkdir -p "$cache"
+setsid scripts/cuda-check.sh >"$cuda_log" 2>&1 &
+cuda_pid=$!
+
+stage build+clippy
+# Every target the tests run (libraries, binaries, tests), linted with -D warnings.
+cargo test --workspace --all-targets --locked --no-run
+
+stage cuda-check
+if ! wait "$cuda_pid"; then
+  cuda_pid=""
+  cat "$cuda_log"
+  exit 1
+fi
+cuda_pid=""
+tail -n 3 "$cuda_log"
+
+stage rust-tests
 cargo test --workspace --locked -- --skip request_fuzz
 # The request fuzz pass on its own, so that its count of cases shows in the output.
 cargo test --workspace --locked --test tiny_models request_fuzz -- --nocapture
-python3 -m pytest tests -q
+
+stage pytest
+python3 -m pytest tests -q --durations=10

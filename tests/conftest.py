@@ -14,6 +14,8 @@ import urllib.request
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+# Where cargo puts the binaries (scripts/test.sh keeps them outside the clone).
+TARGET = pathlib.Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target")
 START_TIMEOUT_S = 120
 
 
@@ -21,14 +23,14 @@ def worker_binary() -> pathlib.Path:
     path = os.environ.get("KANDLE_WORKER_BIN")
     if path:
         return pathlib.Path(path)
-    return ROOT / "target" / "debug" / "kandle-worker"
+    return TARGET / "debug" / "kandle-worker"
 
 
 def operator_binary() -> pathlib.Path:
     path = os.environ.get("KANDLE_OPERATOR_BIN")
     if path:
         return pathlib.Path(path)
-    return ROOT / "target" / "debug" / "kandle-operator"
+    return TARGET / "debug" / "kandle-operator"
 
 
 def smollm2_path() -> pathlib.Path:
