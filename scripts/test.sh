@@ -32,7 +32,6 @@ stage() { # stage NAME: ends the running stage, starts NAME
 report() {
   local status=$?
   local failed="$stage_name"
-  if [[ -n "${cuda_pid:-}" ]]; then kill -- -"$cuda_pid" 2>/dev/null || true; fi
   stage ""
   echo
   echo "stage times ($(nproc) cores, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)):"
@@ -48,26 +47,13 @@ KANDLE_TEST_GGUF="$(scripts/fetch-smollm2.sh)"
 export KANDLE_TEST_GGUF
 cargo fmt --all --check
 
-# The CUDA check (scripts/cuda-check.sh) builds candle's kernels with nvcc, one
-# file at a time: it runs beside the main build, in a target directory of its own
-# (two cargo builds cannot share one), on the core the main build leaves idle.
-cuda_log="$cache/cuda-check.log"
-mkdir -p "$cache"
-setsid scripts/cuda-check.sh >"$cuda_log" 2>&1 &
-cuda_pid=$!
-
 stage build+clippy
 # Every target the tests run (libraries, binaries, tests), linted with -D warnings.
 cargo test --workspace --all-targets --locked --no-run
 
 stage cuda-check
-if ! wait "$cuda_pid"; then
-  cuda_pid=""
-  cat "$cuda_log"
-  exit 1
-fi
-cuda_pid=""
-tail -n 3 "$cuda_log"
+# In the same target directory: the proc macros and build scripts are shared.
+scripts/cuda-check.sh
 
 stage rust-tests
 cargo test --workspace --locked -- --skip request_fuzz
