@@ -11,6 +11,13 @@ cd "$(dirname "$0")/.."
 
 cache="${KANDLE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kandle}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
+# Cargo names the workspace's own crates alike in every clone and judges them
+# fresh by file times: a clone whose files are older than what another clone
+# built there would test that clone's code. Touching every tracked file makes
+# this clone's crates build from this clone (the dependencies stay built).
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  git ls-files -z | xargs -0 touch -c --
+fi
 # clippy's lints run inside the build that makes the test binaries (clippy-driver
 # wraps rustc for the workspace's own crates only), so each dependency compiles
 # once, optimised, instead of once checked for clippy and again built for tests.
