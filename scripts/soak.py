@@ -39,7 +39,7 @@ from collections import Counter
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import Router, Worker, smollm2_path  # noqa: E402
+from conftest import Router, Worker, smollm2_path, use_binaries  # noqa: E402
 
 KEY = "sk-soak"
 SYSTEM = "You are a concise assistant. Answer in plain sentences and stay on topic."
@@ -188,12 +188,7 @@ def main() -> int:
     parser.add_argument("--bin-dir", help="where the binaries are (default: build release ones)")
     args = parser.parse_args()
 
-    bin_dir = pathlib.Path(args.bin_dir) if args.bin_dir else ROOT / "target" / "release"
-    if not args.bin_dir:
-        subprocess.run(["cargo", "build", "--release", "--locked", "-p", "kandle-worker", "-p", "kandle-operator"],
-                       cwd=ROOT, check=True)
-    os.environ["KANDLE_WORKER_BIN"] = str(bin_dir / "kandle-worker")
-    os.environ["KANDLE_OPERATOR_BIN"] = str(bin_dir / "kandle-operator")
+    bin_dir = use_binaries(args.bin_dir)
 
     stats = Stats()
     samples: list[tuple[float, dict[str, int]]] = []

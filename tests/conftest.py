@@ -33,6 +33,18 @@ def operator_binary() -> pathlib.Path:
     return TARGET / "debug" / "kandle-operator"
 
 
+def use_binaries(bin_dir: str | None) -> pathlib.Path:
+    """For scripts: run the binaries in `bin_dir`, or build release ones and run
+    those; returns their directory."""
+    path = pathlib.Path(bin_dir) if bin_dir else ROOT / "target" / "release"
+    if not bin_dir:
+        subprocess.run(["cargo", "build", "--release", "--locked", "-p", "kandle-worker", "-p", "kandle-operator"],
+                       cwd=ROOT, check=True, env={k: v for k, v in os.environ.items() if k != "CARGO_TARGET_DIR"})
+    os.environ["KANDLE_WORKER_BIN"] = str(path / "kandle-worker")
+    os.environ["KANDLE_OPERATOR_BIN"] = str(path / "kandle-operator")
+    return path
+
+
 def smollm2_path() -> pathlib.Path:
     path = os.environ.get("KANDLE_TEST_GGUF")
     if path:

@@ -12,6 +12,8 @@ import shutil
 import signal
 import socket
 import time
+import urllib.error
+import urllib.request
 
 import openai
 import pytest
@@ -227,6 +229,11 @@ def test_worker_sigterm_finishes_its_streams_while_new_requests_go_elsewhere(smo
         wait_for(lambda: running(leaving) == 1 and running(plain) == 1, "the streams did not run one per worker")
         served_before = metric(plain, CHAT_OK)
         leaving.proc.send_signal(signal.SIGTERM)
+        # At once: not ready, and a request sent to it straight is refused with
+        # a 503 a router retries elsewhere (the listener stays open meanwhile).
+        wait_for(lambda: status_of(leaving, "/ready") == 503, "/ready stayed 200 after SIGTERM", timeout=5)
+        status, _, body = post_raw(leaving, "/v1/chat/completions", json.dumps({"model": "smollm2", "messages": HELLO}))
+        assert (status, body["error"]["code"]) == (503, "shutting_down")
         for _ in range(3):
             r = client(router, KEY).chat.completions.create(model="smollm2", messages=HELLO, max_tokens=2)
             assert r.choices[0].finish_reason == "length"
@@ -234,7 +241,7 @@ def test_worker_sigterm_finishes_its_streams_while_new_requests_go_elsewhere(smo
         assert [finish(it) for _, it in streams] == [("length", 120)] * 2
         assert leaving.proc.wait(timeout=15) == 0
         leaving.join_logs()
-        assert any("draining in-flight requests" in line for line in leaving.logs)
+        assert any("taken ones finish" in line for line in leaving.logs)
         assert metric(plain, CHAT_OK) == served_before + 3, "a new request went to the leaving worker"
     finally:
         router.stop()
@@ -246,17 +253,25 @@ def test_router_sigterm_drains_its_streams(plain, tmp_path):
     try:
         stream, it = long_stream(router, max_tokens=60)
         router.proc.send_signal(signal.SIGTERM)
-        host, port = router.address.rsplit(":", 1)
-
-        def refuses() -> bool:
-            try:
-                socket.create_connection((host, int(port)), timeout=1).close()
-                return False
-            except ConnectionRefusedError:
-                return True
-
-        wait_for(refuses, "the router kept accepting connections after SIGTERM")
+        wait_for(lambda: status_of(router, "/ready") == 503, "/ready stayed 200 after SIGTERM", timeout=5)
+        status, _, body = post_raw(router, "/v1/chat/completions", json.dumps({"model": "smollm2", "messages": HELLO}))
+        assert (status, body["error"]["code"]) == (503, "shutting_down")
+        assert router.proc.poll() is None, "the router left before its stream ended"
         assert finish(it) == ("length", 60)
         assert router.proc.wait(timeout=15) == 0
+        host, port = router.address.rsplit(":", 1)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((host, int(port)), timeout=1).close()
     finally:
         router.stop()
+
+
+def status_of(service, path: str) -> int:
+    """The HTTP status of GET `path` (0 when the connection fails)."""
+    try:
+        with urllib.request.urlopen(service.base_url + path, timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, ConnectionError):
+        return 0

@@ -74,7 +74,10 @@ def fleet(smollm2, tmp_path_factory):
             ("other", OTHER_ALIASES, [workers[2].base_url]),
             ("empty", [], []),
         ])
-        router = Router(["--routes", str(routes), "--host", "127.0.0.1", "--port", "0"]).wait_ready()
+        # A pool without endpoints is held for: a short hold keeps these tests quick.
+        router = Router(
+            ["--routes", str(routes), "--host", "127.0.0.1", "--port", "0", "--hold-timeout", "1s"]
+        ).wait_ready()
         yield {"router": router, "workers": workers, "routes": routes}
     finally:
         for s in [router, *workers]:
@@ -174,16 +177,18 @@ def test_unknown_model_is_the_routers_404(fleet):
     assert e.value.body["code"] == "model_not_found"
 
 
-def test_pool_without_ready_workers_is_503_with_retry_after(fleet):
+def test_pool_that_stays_without_workers_is_503_with_retry_after_once_the_hold_ends(fleet):
     req = urllib.request.Request(
         fleet["router"].base_url + "/v1/chat/completions",
         data=json.dumps({"model": "empty", "messages": HELLO}).encode(),
         headers={"Authorization": f"Bearer {KEY_A}", "Content-Type": "application/json"},
     )
+    started = time.monotonic()
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=30)
+    assert time.monotonic() - started >= 1, "held for --hold-timeout first"
     assert e.value.code == 503
-    assert e.value.headers["Retry-After"] == "1"
+    assert e.value.headers["Retry-After"] == "10"
     assert json.loads(e.value.read())["error"]["code"] == "no_ready_endpoint"
 
 

@@ -195,6 +195,11 @@ mod tests {
     #[test]
     fn valid_manifests_are_admitted() {
         assert_eq!(admit(&manifest(valid_spec())), Ok(()));
+        let mut scaled = valid_spec();
+        scaled["scaling"] = json!({"minReplicas": 0, "maxReplicas": 4, "targetRequests": 4,
+                                   "scaleDownDelay": "5m", "scaleToZeroAfter": "1h30m"});
+        scaled["pod"]["terminationGracePeriodSeconds"] = json!(900);
+        assert_eq!(admit(&manifest(scaled)), Ok(()));
         for url in [
             "pvc://models/smollm2/model.gguf",
             "pvc://models.v2/model.gguf",
@@ -267,6 +272,28 @@ mod tests {
             ),
             ("bad sha256", Box::new(|s| s["source"]["sha256"] = json!("abc")), "/spec/source/sha256"),
             ("negative replicas", Box::new(|s| s["replicas"] = json!(-1)), "/spec/replicas"),
+            (
+                "scaling min above max",
+                Box::new(|s| s["scaling"] = json!({"minReplicas": 3, "maxReplicas": 2})),
+                "scaling.minReplicas must not exceed scaling.maxReplicas",
+            ),
+            ("scaling without max", Box::new(|s| s["scaling"] = json!({"minReplicas": 0})), "maxReplicas"),
+            ("scaling max 0", Box::new(|s| s["scaling"] = json!({"minReplicas": 0, "maxReplicas": 0})), "maxReplicas"),
+            (
+                "scaling target 0",
+                Box::new(|s| s["scaling"] = json!({"maxReplicas": 2, "targetRequests": 0})),
+                "/spec/scaling/targetRequests",
+            ),
+            (
+                "scale-down delay in days",
+                Box::new(|s| s["scaling"] = json!({"maxReplicas": 2, "scaleDownDelay": "1d"})),
+                "/spec/scaling/scaleDownDelay",
+            ),
+            (
+                "negative grace period",
+                Box::new(|s| s["pod"]["terminationGracePeriodSeconds"] = json!(-1)),
+                "/spec/pod/terminationGracePeriodSeconds",
+            ),
             ("replicas as text", Box::new(|s| s["replicas"] = json!("two")), "/spec/replicas"),
             ("batch size 0", Box::new(|s| s["engine"]["maxBatchSize"] = json!(0)), "/spec/engine/maxBatchSize"),
             ("batch size 1000", Box::new(|s| s["engine"]["maxBatchSize"] = json!(1000)), "/spec/engine/maxBatchSize"),

@@ -2,8 +2,10 @@
 //! into a pool of workers.
 
 pub mod api;
+pub mod autoscaler;
 pub mod controller;
 pub mod crd;
+pub mod duration;
 #[cfg(test)]
 mod fake_api;
 pub mod http;

@@ -61,6 +61,14 @@ struct RouterArgs {
     /// without a pool that takes longer.
     #[arg(long, env = "KANDLE_MODEL_LIST_TIMEOUT", default_value_t = 5)]
     model_list_timeout: u64,
+    /// How long a request waits for a pool with no ready worker that can come
+    /// up (scaling from zero, pods starting) before a 503: long enough for a
+    /// large model's cold start (`90s`, `10m`; a bare number is seconds).
+    #[arg(long, env = "KANDLE_HOLD_TIMEOUT", default_value = "10m", value_parser = kandle_operator::duration::parse)]
+    hold_timeout: Duration,
+    /// Requests held per model at most; past it they get 429 with Retry-After.
+    #[arg(long, env = "KANDLE_MAX_HELD", default_value_t = 256)]
+    max_held: usize,
 }
 
 #[derive(Debug, Args)]
@@ -90,6 +98,13 @@ struct ControllerArgs {
     /// chart derives it from the release name).
     #[arg(long, env = "KANDLE_LEASE_NAME", default_value = "kandle-operator-leader")]
     lease_name: String,
+    /// Labels of the router pods (in the operator's namespace), whose `/metrics`
+    /// give the requests in flight and held per model to the autoscaler.
+    #[arg(long, env = "KANDLE_ROUTER_SELECTOR", default_value = "app.kubernetes.io/name=kandle-router")]
+    router_selector: String,
+    /// Time between two autoscaling decisions (`15s`, `1m`; a bare number is seconds).
+    #[arg(long, env = "KANDLE_SCALE_INTERVAL", default_value = "10s", value_parser = kandle_operator::duration::parse)]
+    scale_interval: Duration,
 }
 
 fn main() -> std::process::ExitCode {
@@ -160,6 +175,9 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
             cluster_domain: args.cluster_domain,
         },
         identity,
+        router_namespace: args.lease_namespace.clone(),
+        router_selector: args.router_selector,
+        scale_interval: args.scale_interval,
     };
     let mut stop = stop_rx.clone();
     let controller = tokio::spawn(controller::run(client, config, metrics.clone(), async move {
@@ -198,6 +216,8 @@ async fn run_router(args: RouterArgs) -> anyhow::Result<()> {
             max_imbalance: args.affinity_max_imbalance,
             cooldown: Duration::from_secs(5),
             model_list_timeout: Duration::from_secs(args.model_list_timeout),
+            hold_timeout: args.hold_timeout,
+            max_held: args.max_held,
         },
         connect_timeout: Duration::from_secs(args.connect_timeout),
     };

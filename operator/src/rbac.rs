@@ -19,6 +19,10 @@ pub fn controller_rules() -> Vec<PolicyRule> {
     vec![
         rule("kandle.dev", &["modeldeployments"], &["get", "list", "watch"]),
         rule("kandle.dev", &["modeldeployments/status"], &["get", "patch"]),
+        // The autoscaler sizes pools with spec.scaling, as any autoscaler does.
+        rule("kandle.dev", &["modeldeployments/scale"], &["get", "patch"]),
+        // ... from the /metrics of their worker pods.
+        rule("", &["pods"], &["get", "list"]),
         rule("apps", &["deployments"], &["get", "list", "watch", "create", "patch"]),
         rule("", &["services"], &["get", "list", "watch", "create", "patch"]),
         rule("policy", &["poddisruptionbudgets"], &["get", "list", "watch", "create", "patch", "delete"]),
@@ -38,9 +42,10 @@ pub fn router_rules() -> Vec<PolicyRule> {
     ]
 }
 
-/// Rules in the operator's own namespace: the leader-election Lease.
+/// Rules in the operator's own namespace: the leader-election Lease, and the
+/// router pods whose `/metrics` the autoscaler reads.
 pub fn leader_election_rules() -> Vec<PolicyRule> {
-    vec![rule("coordination.k8s.io", &["leases"], &["get", "create", "update"])]
+    vec![rule("coordination.k8s.io", &["leases"], &["get", "create", "update"]), rule("", &["pods"], &["get", "list"])]
 }
 
 #[derive(Serialize)]

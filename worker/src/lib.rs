@@ -12,3 +12,4 @@ pub mod resources;
 pub mod runtime;
 pub mod server;
 pub mod service;
+pub mod startup;

@@ -14,11 +14,13 @@ use crate::config::ServeConfig;
 use crate::metrics::Metrics;
 use crate::model::LoadOptions;
 use crate::service::{EngineLimits, ModelService};
+use crate::startup::Phases;
 
 const KEY_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Serves until SIGTERM or Ctrl-C; fails if the model cannot be loaded.
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    let mut phases = Phases::default();
     let defaults = parse_defaults(config.sampling_defaults.as_deref())?;
     let keys = match &config.api_keys_dir {
         Some(dir) if !config.no_auth => {
@@ -56,27 +58,50 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     tracing::info!(%address, model = %served_model_name, "listening; loading the model");
 
+    phases.end("listen");
     let loader = {
         let state = state.clone();
         tokio::task::spawn_blocking(move || {
-            load(&config, template.as_deref(), defaults, metrics).map(|s| state.set_model(s))
+            load(&config, template.as_deref(), defaults, metrics, phases).map(|(service, phases)| {
+                state.set_model(service);
+                phases
+            })
         })
     };
-    let server = axum::serve(listener, crate::api::router(state.clone())).with_graceful_shutdown(shutdown_signal());
+    // On SIGTERM the listener stays open: requests that reach a stopping worker
+    // (a router that has not yet seen the EndpointSlice change) get a 503 it
+    // retries elsewhere rather than a refused connection. It closes once every
+    // taken request has finished.
+    let lifecycle = state.lifecycle().clone();
+    let stopped = async move {
+        shutdown_signal().await;
+        lifecycle.begin_draining();
+        lifecycle.drained().await;
+        tracing::info!("every request finished; closing the listener");
+    };
+    let server = axum::serve(listener, crate::api::router(state.clone())).with_graceful_shutdown(stopped);
     let server = tokio::spawn(async move { server.await });
-    loader.await.context("model loader panicked")??;
-    tracing::info!(%address, "model loaded; ready");
+    let phases = loader.await.context("model loader panicked")??;
+    tracing::info!(
+        %address,
+        startup_seconds = phases.total().as_secs_f64(),
+        "ready {:.3} s after start: {phases}",
+        phases.total().as_secs_f64()
+    );
     server.await.context("server task failed")??;
     tracing::info!("stopped");
     Ok(())
 }
 
+/// Loads the model and starts its engine; returns the service and the start-up
+/// phases so far (`phases`, ended with loading's own and the engine's).
 fn load(
     config: &ServeConfig,
     template: Option<&str>,
     defaults: SamplingOverrides,
     metrics: Arc<Metrics>,
-) -> anyhow::Result<ModelService> {
+    mut phases: Phases,
+) -> anyhow::Result<(ModelService, Phases)> {
     let started = std::time::Instant::now();
     let options = LoadOptions {
         chat_template: template,
@@ -97,7 +122,7 @@ fn load(
         seconds = started.elapsed().as_secs_f32(),
         "model loaded"
     );
-    Ok(ModelService::start(
+    let service = ModelService::start(
         loaded,
         EngineLimits {
             max_batch_size: config.max_batch_size,
@@ -109,7 +134,9 @@ fn load(
         },
         defaults,
         metrics,
-    )?)
+    )?;
+    phases.extend(service.startup.clone());
+    Ok((service, phases))
 }
 
 /// The model's sampling defaults, in the shared contract's form (the one the
@@ -150,5 +177,5 @@ async fn shutdown_signal() {
         () = ctrl_c => {},
         () = terminate => {},
     }
-    tracing::info!("shutting down: draining in-flight requests");
+    tracing::info!("shutting down: /ready answers 503, new requests are refused, taken ones finish");
 }

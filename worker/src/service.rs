@@ -40,6 +40,8 @@ pub struct ModelService {
     /// Tokens the whole KV cache holds: no sequence can be longer.
     pub kv_capacity: usize,
     pub defaults: SamplingOverrides,
+    /// How long loading and starting took, phase by phase.
+    pub startup: crate::startup::Phases,
 }
 
 /// The forward pass's kernels and threads.
@@ -140,6 +142,7 @@ impl ModelService {
             prefix_cache = limits.prefix_cache,
             "KV cache: {num_blocks} blocks x {BLOCK_SIZE} tokens (f16)"
         );
+        let mut startup = loaded.phases;
         let tokenizer = Arc::new(loaded.tokenizer);
         let compute = Compute {
             kernels: loaded.model.kernels(),
@@ -155,6 +158,7 @@ impl ModelService {
             }
             None => None,
         };
+        startup.end("grammar");
         let engine = Engine::start(
             EngineModel { model: loaded.model, tokenizer: tokenizer.clone(), special: loaded.special.clone() },
             EngineConfig {
@@ -168,6 +172,7 @@ impl ModelService {
             },
             metrics,
         )?;
+        startup.end("kv_cache");
         Ok(Self {
             info: loaded.info,
             compute,
@@ -179,6 +184,7 @@ impl ModelService {
             max_context,
             kv_capacity: num_blocks * BLOCK_SIZE,
             defaults,
+            startup,
         })
     }
 

@@ -93,10 +93,16 @@ pub struct ModelDeploymentSpec {
     #[serde(default)]
     pub engine: EngineSpec,
 
-    /// Number of worker pods.
+    /// Number of worker pods. With `scaling` set, the controller sets it from
+    /// demand (through the scale subresource, as an autoscaler does).
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: i32,
+
+    /// Autoscaling from demand: requests in flight and waiting at the workers and
+    /// held by the routers. Without it the pool keeps `replicas` workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaling: Option<ScalingSpec>,
 
     /// CPU, memory and accelerator requests and limits of each worker container.
     /// A `nvidia.com/gpu` limit selects the CUDA worker image (CUDA 13 runtime:
@@ -121,6 +127,55 @@ pub struct ModelDeploymentSpec {
 
 fn default_replicas() -> i32 {
     1
+}
+
+impl ModelDeploymentSpec {
+    /// The most workers the pool may run without a spec change.
+    pub fn max_replicas(&self) -> i32 {
+        self.scaling.as_ref().map_or(self.replicas, |s| s.max_replicas)
+    }
+}
+
+/// Go-style durations: `90s`, `5m`, `1h30m`.
+pub const DURATION: &str = r"^([0-9]+(ms|s|m|h))+$";
+
+/// How the controller sizes the pool.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas")
+    .message("scaling.minReplicas must not exceed scaling.maxReplicas"))]
+pub struct ScalingSpec {
+    /// Fewest workers. 0 lets an idle pool scale to zero: the routers hold its
+    /// requests while it comes back.
+    #[serde(default = "default_min_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub min_replicas: i32,
+    /// Most workers.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// Requests one worker should carry (in flight and waiting): the pool gets
+    /// ceil(demand / targetRequests) workers. Default 4.
+    #[serde(default = "default_target_requests")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub target_requests: i32,
+    /// How long a lower demand must last before the pool shrinks (scale-up is
+    /// at once). Default 5m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION))]
+    pub scale_down_delay: Option<String>,
+    /// How long a pool with minReplicas 0 must see no request at all before it
+    /// goes to zero. Default 15m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION))]
+    pub scale_to_zero_after: Option<String>,
+}
+
+fn default_min_replicas() -> i32 {
+    1
+}
+
+fn default_target_requests() -> i32 {
+    4
 }
 
 /// The model's location and integrity.
@@ -270,6 +325,11 @@ pub struct PodTemplate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DNS_SUBDOMAIN), length(max = 253))]
     pub priority_class_name: Option<String>,
+    /// Seconds a stopping worker has to finish its streams before it is killed
+    /// (default 600: a long CPU stream finishes on a rollout, scale-down or drain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub termination_grace_period_seconds: Option<i64>,
 }
 
 /// Kubernetes object names that are DNS subdomains (RFC 1123).

@@ -1,6 +1,6 @@
 //! `ModelDeployment.status`: what the operator observed, reported honestly.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
@@ -40,4 +40,22 @@ pub struct ModelDeploymentStatus {
     /// Ready, Progressing and Degraded, with reasons.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// The autoscaler's last change of the replica count (with `spec.scaling`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaling: Option<ScalingStatus>,
+}
+
+/// Why the autoscaler last changed the pool's size.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ScalingStatus {
+    /// The replica count it set.
+    pub desired_replicas: i32,
+    /// When it set it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<Time>,
+    /// ScaledUp, ScaledDown or ScaledToZero.
+    pub reason: String,
+    /// The demand that made it, e.g. `1→3: 14 requests in flight, target 4 per worker`.
+    pub message: String,
 }

@@ -6,9 +6,10 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, DownwardAPIVolumeFile, DownwardAPIVolumeSource, EmptyDirVolumeSource,
-    EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSecurityContext,
-    PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Service,
-    ServicePort, ServiceSpec, Volume, VolumeMount,
+    EnvVar, EnvVarSource, HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, SleepAction, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -31,6 +32,11 @@ pub const TEMPLATE_ANNOTATION: &str = "kandle.dev/chat-template";
 /// UID and GID the worker runs as (the image's non-root user).
 pub const WORKER_UID: i64 = 65532;
 const GPU_RESOURCE: &str = "nvidia.com/gpu";
+/// Time a stopping worker pod gives its removal from the EndpointSlices to reach
+/// every router before SIGTERM (the preStop sleep).
+pub const PRE_STOP_SLEEP_SECONDS: i64 = 5;
+/// Time a stopping worker has to finish its streams, unless the spec says otherwise.
+pub const DEFAULT_TERMINATION_GRACE_SECONDS: i64 = 600;
 
 /// Operator-wide settings the children depend on.
 #[derive(Debug, Clone, PartialEq)]
@@ -402,6 +408,16 @@ fn pod_template(
         liveness_probe: Some(probe("/health", 10, 3)),
         security_context: Some(restricted_container()),
         volume_mounts: Some(mounts),
+        // Kubernetes takes a stopping pod out of its EndpointSlices while this
+        // runs, and only then sends SIGTERM: every router hears of it before
+        // the worker stops taking requests.
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction { seconds: PRE_STOP_SLEEP_SECONDS }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
         ..Container::default()
     };
     for init in &mut init_containers {
@@ -423,6 +439,9 @@ fn pod_template(
             affinity: pod.affinity,
             service_account_name: pod.service_account_name,
             priority_class_name: pod.priority_class_name,
+            termination_grace_period_seconds: Some(
+                pod.termination_grace_period_seconds.unwrap_or(DEFAULT_TERMINATION_GRACE_SECONDS),
+            ),
             automount_service_account_token: Some(false),
             enable_service_links: Some(false),
             security_context: Some(PodSecurityContext {
@@ -529,6 +548,11 @@ mod tests {
         let startup = w.startup_probe.expect("startup probe");
         let budget = startup.period_seconds.unwrap_or(10) * startup.failure_threshold.unwrap_or(3);
         assert!(budget >= 600, "startup probe allows only {budget}s for model loading");
+        // A stopping worker has time to finish long streams, and routers hear of
+        // it (EndpointSlices) before it stops taking requests.
+        assert_eq!(p.termination_grace_period_seconds, Some(DEFAULT_TERMINATION_GRACE_SECONDS));
+        let pre_stop = w.lifecycle.clone().and_then(|l| l.pre_stop).and_then(|h| h.sleep).map(|s| s.seconds);
+        assert_eq!(pre_stop, Some(PRE_STOP_SLEEP_SECONDS));
 
         // Keys are a read-only Secret volume, never environment variables.
         let keys = p.volumes.iter().flatten().find(|v| v.name == "api-keys").expect("key volume");
@@ -659,9 +683,11 @@ mod tests {
             "annotations": {"prometheus.io/scrape": "true"},
             "serviceAccountName": "model-reader",
             "priorityClassName": "high",
+            "terminationGracePeriodSeconds": 1800,
         });
         let c = build(spec);
         let p = pod(&c);
+        assert_eq!(p.termination_grace_period_seconds, Some(1800));
         assert_eq!(p.node_selector.and_then(|n| n.get("pool").cloned()).as_deref(), Some("cpu"));
         assert_eq!(p.tolerations.map(|t| t.len()), Some(1));
         assert!(p.affinity.and_then(|a| a.node_affinity).is_some());

@@ -9,11 +9,25 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::PostParams;
 use kube::Api;
+use kube::Resource;
 
 use crate::telemetry::truncate;
 
 /// The API server refuses notes longer than this (bytes).
 const MAX_NOTE: usize = 1024;
+
+/// The reference events about the ModelDeployment `meta` describes carry.
+pub fn regarding(meta: &ObjectMeta) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(crate::api::ModelDeployment::api_version(&()).into()),
+        kind: Some(crate::api::ModelDeployment::kind(&()).into()),
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        uid: meta.uid.clone(),
+        resource_version: meta.resource_version.clone(),
+        ..ObjectReference::default()
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventType {

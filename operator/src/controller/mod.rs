@@ -146,6 +146,10 @@ pub struct ControllerConfig {
     pub settings: build::BuildSettings,
     /// This replica's identity (its pod name), for events.
     pub identity: String,
+    /// Where the routers run and how often pools with `spec.scaling` are sized.
+    pub router_namespace: String,
+    pub router_selector: String,
+    pub scale_interval: Duration,
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -155,15 +159,28 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    let shutdown = futures::FutureExt::shared(shutdown);
     // `Checked`: one object that does not decode is reported on itself and does
     // not stop the list and watch that every other object depends on.
     let mds: Api<Checked<ModelDeployment>> = scoped(&client, config.namespace.as_deref());
     let controller = Controller::new(mds, watcher::Config::default());
     let owned = watcher::Config::default().labels(&format!("{}={}", crate::labels::MANAGED_BY, crate::labels::MANAGER));
+    let events = events::EventPublisher::new(client.clone(), crate::FIELD_MANAGER.into(), config.identity);
+    let autoscaler = tokio::spawn(crate::autoscaler::run(
+        client.clone(),
+        crate::autoscaler::AutoscalerConfig {
+            namespace: config.namespace.clone(),
+            router_namespace: config.router_namespace,
+            router_selector: config.router_selector,
+            interval: config.scale_interval,
+        },
+        events.clone(),
+        shutdown.clone(),
+    ));
     let ctx = Arc::new(Context {
         client: client.clone(),
         settings: config.settings,
-        events: events::EventPublisher::new(client.clone(), crate::FIELD_MANAGER.into(), config.identity),
+        events,
         metrics,
         store: controller.store(),
         model_probe: model_info::http_probe(reqwest::Client::new()),
@@ -177,6 +194,9 @@ pub async fn run(
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
         .await;
+    if let Err(e) = autoscaler.await {
+        tracing::error!(error = %e, "autoscaler task failed");
+    }
 }
 
 fn scoped<K>(client: &kube::Client, namespace: Option<&str>) -> Api<K>

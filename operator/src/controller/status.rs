@@ -2,7 +2,6 @@
 //! changed, with an event for each condition that flips.
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Resource, ResourceExt};
@@ -92,6 +91,7 @@ pub fn compute(
         selector: Some(selector_string(&name)),
         model: previous.model,
         conditions,
+        scaling: previous.scaling,
     }
 }
 
@@ -181,22 +181,16 @@ pub async fn publish(
     let namespace = meta.namespace.clone().ok_or(Error::MissingObjectKey("metadata.namespace"))?;
     let name = meta.name.clone().ok_or(Error::MissingObjectKey("metadata.name"))?;
     let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &namespace);
+    // `scaling` is the autoscaler's, applied under its own field manager.
+    let owned = ModelDeploymentStatus { scaling: None, ..status.clone() };
     let patch = json!({
         "apiVersion": ModelDeployment::api_version(&()),
         "kind": ModelDeployment::kind(&()),
-        "status": status,
+        "status": owned,
     });
     api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
 
-    let regarding = ObjectReference {
-        api_version: Some(ModelDeployment::api_version(&()).into()),
-        kind: Some(ModelDeployment::kind(&()).into()),
-        name: Some(name),
-        namespace: Some(namespace),
-        uid: meta.uid.clone(),
-        resource_version: meta.resource_version.clone(),
-        ..ObjectReference::default()
-    };
+    let regarding = super::events::regarding(meta);
     // One event per new reason: an invalid spec flips all three conditions to one reason.
     let mut published: Vec<&str> = Vec::new();
     for c in &status.conditions {

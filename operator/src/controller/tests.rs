@@ -575,7 +575,14 @@ async fn one_undecodable_object_does_not_stop_the_controller() {
         _ => (404, not_found()),
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let config = super::ControllerConfig { namespace: None, settings: BuildSettings::default(), identity: "t".into() };
+    let config = super::ControllerConfig {
+        namespace: None,
+        settings: BuildSettings::default(),
+        identity: "t".into(),
+        router_namespace: "kandle-system".into(),
+        router_selector: "app.kubernetes.io/name=kandle-router".into(),
+        scale_interval: Duration::from_secs(10),
+    };
     let controller = tokio::spawn(super::run(client, config, Arc::new(Metrics::default()), async move {
         let _ = stopped.await;
     }));

@@ -62,7 +62,7 @@ mod tests {
     fn pool(n: usize) -> Arc<Pool> {
         let routes = Routes::default();
         let endpoints = (0..n).map(|i| format!("http://10.0.0.{i}:8080")).collect();
-        routes.update(vec![PoolSpec { model: "m".into(), aliases: vec![], endpoints }]);
+        routes.update(vec![PoolSpec { model: "m".into(), aliases: vec![], endpoints, can_come_up: true }]);
         routes.current().lookup("m").cloned().expect("pool")
     }
 

@@ -43,7 +43,12 @@ pub fn pools(mds: &[Arc<Checked<ModelDeployment>>], slices: &[Arc<EndpointSlice>
                 .filter(|s| s.labels().get(SERVICE_NAME_LABEL) == Some(&name))
                 .flat_map(|s| ready_urls(s))
                 .collect();
-            PoolSpec { model: md.served_model(), aliases: md.spec.aliases.clone(), endpoints }
+            PoolSpec {
+                model: md.served_model(),
+                aliases: md.spec.aliases.clone(),
+                endpoints,
+                can_come_up: md.can_come_up(),
+            }
         })
         .collect()
 }
@@ -224,6 +229,29 @@ mod tests {
             assert!(slice_labels.iter().any(|(k, v)| k == key && v == value), "{requirement} is on no worker slice");
         }
         assert!(selector.contains("app.kubernetes.io/managed-by=kandle"), "{selector}");
+    }
+
+    #[test]
+    fn a_pool_can_come_up_unless_fixed_at_zero_or_degraded() {
+        let with = |changes: serde_json::Value, status: serde_json::Value| {
+            let mut spec = spec(json!("m"));
+            for (k, v) in changes.as_object().into_iter().flatten() {
+                spec[k] = v.clone();
+            }
+            let mut object = md_json("chat", "2026-01-01T00:00:00Z", spec);
+            object["status"] = status;
+            let md: Arc<Checked<ModelDeployment>> = Arc::new(serde_json::from_value(object).expect("md"));
+            pools(&[md], &[])[0].can_come_up
+        };
+        let degraded = json!({"conditions": [{"type": "Degraded", "status": "True", "reason": "SecretNotFound",
+            "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]});
+        assert!(with(json!({}), json!({})), "replicas 1, pods starting");
+        assert!(!with(json!({"replicas": 0}), json!({})), "fixed at zero");
+        assert!(
+            with(json!({"replicas": 0, "scaling": {"minReplicas": 0, "maxReplicas": 2}}), json!({})),
+            "at zero, scales"
+        );
+        assert!(!with(json!({}), degraded), "degraded");
     }
 
     #[test]

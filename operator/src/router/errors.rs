@@ -45,6 +45,45 @@ impl RouterError {
         }
     }
 
+    /// The pool is coming up and its queue of held requests is full.
+    pub fn hold_queue_full(model: &str, limit: usize) -> Self {
+        Self {
+            retry_after: Some(5),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "server_error",
+                "server_overloaded",
+                format!("`{model}` is starting and {limit} requests already wait for it. Retry shortly."),
+            )
+        }
+    }
+
+    /// No endpoint of the pool became ready while the request was held.
+    pub fn hold_timeout(model: &str, waited: std::time::Duration) -> Self {
+        Self {
+            retry_after: Some(10),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "no_ready_endpoint",
+                format!("No worker of `{model}` became ready within {} s. Retry later.", waited.as_secs()),
+            )
+        }
+    }
+
+    /// This router is stopping; another replica takes the request.
+    pub fn shutting_down() -> Self {
+        Self {
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "shutting_down",
+                "This router is shutting down; retry and another will answer.",
+            )
+        }
+    }
+
     pub fn upstream(detail: impl std::fmt::Display) -> Self {
         Self::new(StatusCode::BAD_GATEWAY, "server_error", "upstream_error", format!("The worker failed: {detail}"))
     }

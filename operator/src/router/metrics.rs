@@ -22,6 +22,8 @@ pub struct RouterMetrics {
     registry: Registry,
     pub requests: Family<ModelStatus, Counter>,
     pub in_flight: Family<ModelLabel, Gauge>,
+    pub held: Family<ModelLabel, Gauge>,
+    pub hold_seconds: Histogram,
     pub upstream_latency: Histogram,
     pub time_to_first_byte: Histogram,
     pub retries: Counter,
@@ -34,6 +36,18 @@ impl Default for RouterMetrics {
         registry.register("kandle_router_requests", "Routed requests by model and status", requests.clone());
         let in_flight = Family::<ModelLabel, Gauge>::default();
         registry.register("kandle_router_in_flight", "Requests being proxied, by model", in_flight.clone());
+        let held = Family::<ModelLabel, Gauge>::default();
+        registry.register(
+            "kandle_router_held",
+            "Requests held for a pool with no ready worker (scaling from zero, pods starting), by model",
+            held.clone(),
+        );
+        let hold_seconds = Histogram::new(exponential_buckets(0.1, 2.0, 14));
+        registry.register(
+            "kandle_router_hold_seconds",
+            "Time requests were held before their pool had a ready worker",
+            hold_seconds.clone(),
+        );
         let upstream_latency = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         registry.register(
             "kandle_router_upstream_latency_seconds",
@@ -52,7 +66,7 @@ impl Default for RouterMetrics {
             "Requests retried on another worker after a connect failure, a 429 or a 503",
             retries.clone(),
         );
-        Self { registry, requests, in_flight, upstream_latency, time_to_first_byte, retries }
+        Self { registry, requests, in_flight, held, hold_seconds, upstream_latency, time_to_first_byte, retries }
     }
 }
 

@@ -5,6 +5,7 @@ mod access_log;
 mod balancer;
 pub mod discovery;
 mod errors;
+mod hold;
 mod metrics;
 mod model_list;
 mod model_name;
@@ -27,6 +28,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use errors::RouterError;
+use kandle_contract::stopping::{self, Tracker};
 use proxy::{RouterSettings, RouterState};
 use table::Routes;
 
@@ -54,6 +56,10 @@ pub fn app(state: RouterState) -> Router {
         .route("/api/v1/chat/completions", post(proxy::chat))
         .route("/v1/models", get(model_list::models))
         .route("/compatible-mode/v1/models", get(model_list::models))
+        .route_layer(axum::middleware::from_fn_with_state(
+            Tracker { lifecycle: state.lifecycle().clone(), refuse: || RouterError::shutting_down().into_response() },
+            stopping::track,
+        ))
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -71,7 +77,9 @@ pub fn app(state: RouterState) -> Router {
 }
 
 async fn ready(State(state): State<RouterState>) -> impl IntoResponse {
-    if state.is_synced() {
+    if state.lifecycle().is_draining() {
+        RouterError::shutting_down().into_response()
+    } else if state.is_synced() {
         (StatusCode::OK, "ready").into_response()
     } else {
         RouterError::not_ready().into_response()
@@ -115,7 +123,16 @@ pub async fn run(
         tokio::net::TcpListener::bind(config.address).await.with_context(|| format!("binding {}", config.address))?;
     let address = listener.local_addr()?;
     tracing::info!(%address, "router listening");
-    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await?;
+    // On SIGTERM /ready turns 503 and new requests get a 503 a client retries on
+    // another replica; relayed streams finish; then the listener closes.
+    let lifecycle = state.lifecycle().clone();
+    let stopped = async move {
+        shutdown.await;
+        tracing::info!("shutting down: /ready answers 503, new requests are refused, taken ones finish");
+        lifecycle.begin_draining();
+        lifecycle.drained().await;
+    };
+    axum::serve(listener, app(state)).with_graceful_shutdown(stopped).await?;
     tracing::info!("router stopped");
     Ok(())
 }

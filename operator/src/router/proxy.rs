@@ -3,7 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
@@ -13,17 +13,20 @@ use axum::http::{header, HeaderMap, HeaderName, StatusCode};
 use axum::response::Response;
 use axum::Extension;
 use futures::Stream;
+use kandle_contract::stopping::Lifecycle;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use serde_json::Value;
+use tokio::sync::watch;
 
 use super::access_log::Access;
 use super::balancer;
 use super::errors::RouterError;
+use super::hold::{Holding, Place};
 use super::metrics::{ModelLabel, ModelStatus, RouterMetrics};
 use super::model_list::ModelListCache;
 use super::model_name::{self, Renamer};
-use super::table::{InFlight, Routes};
+use super::table::{InFlight, Pool, Routes};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Workers one chat request is offered to, at most (each a different one).
@@ -40,6 +43,11 @@ pub struct RouterSettings {
     /// How long one pool may take to list its models before the list goes
     /// out without it.
     pub model_list_timeout: Duration,
+    /// How long a request waits for a pool that has no ready endpoint but can
+    /// come up (scaling from zero, pods starting).
+    pub hold_timeout: Duration,
+    /// Requests held per model at most; past it, 429.
+    pub max_held: usize,
 }
 
 #[derive(Clone)]
@@ -54,20 +62,34 @@ struct Inner {
     settings: RouterSettings,
     synced: AtomicBool,
     model_lists: ModelListCache,
+    holding: Arc<Holding>,
+    lifecycle: Arc<Lifecycle>,
 }
 
 impl RouterState {
+    /// The state, and a task that releases held requests whenever the routes
+    /// change (it ends with the routes). Call from within a Tokio runtime.
     pub fn new(routes: Arc<Routes>, client: reqwest::Client, settings: RouterSettings) -> Self {
+        let metrics = RouterMetrics::default();
+        let holding = Arc::new(Holding::new(settings.max_held, metrics.held.clone()));
+        tokio::spawn(release_on_changes(Arc::downgrade(&routes), routes.changes(), holding.clone()));
         Self {
             inner: Arc::new(Inner {
                 routes,
                 client,
-                metrics: RouterMetrics::default(),
+                metrics,
                 settings,
                 synced: AtomicBool::new(false),
                 model_lists: ModelListCache::default(),
+                holding,
+                lifecycle: Arc::default(),
             }),
         }
+    }
+
+    /// Draining and open requests, for a stop that finishes what it took.
+    pub fn lifecycle(&self) -> &Arc<Lifecycle> {
+        &self.inner.lifecycle
     }
 
     pub fn set_synced(&self) {
@@ -138,10 +160,7 @@ async fn route(
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| (unknown(), RouterError::body_too_large(limit)))?;
     let model = requested_model(&bytes).map_err(|e| (unknown(), e))?;
     access.model(&model);
-    let table = state.inner.routes.current();
-    let Some(pool) = table.lookup(&model).cloned() else {
-        return Err((unknown(), RouterError::model_not_found(&model)));
-    };
+    let pool = pool_with_endpoints(state, &model).await?;
     // An alias reaches the worker as the pool's served name; the answer names the alias again.
     let client_model = (model != pool.model).then_some(model.as_str());
     let bytes = match client_model {
@@ -197,6 +216,61 @@ async fn route(
             }
             Err(e) => return Err((pool.model.clone(), RouterError::upstream(e))),
         }
+    }
+}
+
+/// The pool serving `model`, once it has an endpoint: at once, or after holding
+/// the request while a pool that has none comes up. A pool that cannot come up
+/// is returned as it is (its request is refused for want of an endpoint).
+async fn pool_with_endpoints(state: &RouterState, model: &str) -> Result<Arc<Pool>, (String, RouterError)> {
+    let timeout = state.inner.settings.hold_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut place: Option<Place> = None;
+    let mut held_since: Option<Instant> = None;
+    loop {
+        let table = state.inner.routes.current();
+        let Some(pool) = table.lookup(model).cloned() else {
+            return Err(("unknown".to_string(), RouterError::model_not_found(model)));
+        };
+        if !pool.endpoints.is_empty() || !pool.can_come_up {
+            if let Some(since) = held_since {
+                state.metrics().hold_seconds.observe(since.elapsed().as_secs_f64());
+            }
+            return Ok(pool);
+        }
+        let Some(held) = place.as_mut() else {
+            // Take a place first, then look again: an update that came in
+            // between releases the place at once.
+            let entered = state.inner.holding.enter(&pool.model);
+            place = Some(entered.map_err(|_| {
+                (pool.model.clone(), RouterError::hold_queue_full(model, state.inner.settings.max_held))
+            })?);
+            if held_since.is_none() {
+                tracing::info!(model = %pool.model, "no ready worker; holding the request while the pool comes up");
+                held_since = Some(Instant::now());
+            }
+            continue;
+        };
+        tokio::select! {
+            () = held.released() => {}
+            () = tokio::time::sleep_until(deadline) => {
+                return Err((pool.model.clone(), RouterError::hold_timeout(model, timeout)));
+            }
+            () = state.inner.lifecycle.draining() => {
+                return Err((pool.model.clone(), RouterError::shutting_down()));
+            }
+        }
+        // Released: route again (the place is given up; a pool still without
+        // an endpoint takes a new one).
+        place = None;
+    }
+}
+
+/// Releases held requests on every route change, until the routes are gone.
+async fn release_on_changes(routes: Weak<Routes>, mut changes: watch::Receiver<()>, holding: Arc<Holding>) {
+    while changes.changed().await.is_ok() {
+        let Some(routes) = routes.upgrade() else { return };
+        holding.release(&routes.current());
     }
 }
 

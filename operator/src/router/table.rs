@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
+use tokio::sync::watch;
 
 /// A pool as a discovery source describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -19,6 +20,15 @@ pub struct PoolSpec {
     /// Base URLs of ready workers, e.g. `http://10.0.0.7:8080`.
     #[serde(default)]
     pub endpoints: Vec<String>,
+    /// Whether the pool can get an endpoint while it has none (scaled to zero and
+    /// scaling up, pods starting, a route file that may list one): requests
+    /// for it are then held rather than refused. Every pool of a route file can.
+    #[serde(skip, default = "can_come_up")]
+    pub can_come_up: bool,
+}
+
+fn can_come_up() -> bool {
+    true
 }
 
 /// One worker.
@@ -74,6 +84,8 @@ pub struct Pool {
     pub model: String,
     pub aliases: Vec<String>,
     pub endpoints: Vec<Arc<Endpoint>>,
+    /// See [`PoolSpec::can_come_up`].
+    pub can_come_up: bool,
     /// Rotates the starting point among equally loaded endpoints.
     pub(crate) rotation: AtomicUsize,
 }
@@ -97,12 +109,24 @@ impl RouteTable {
 }
 
 /// The current table, swapped whole on updates.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Routes {
     table: RwLock<Arc<RouteTable>>,
+    changed: watch::Sender<()>,
+}
+
+impl Default for Routes {
+    fn default() -> Self {
+        Self { table: RwLock::default(), changed: watch::Sender::new(()) }
+    }
 }
 
 impl Routes {
+    /// Wakes on every update after this call.
+    pub fn changes(&self) -> watch::Receiver<()> {
+        self.changed.subscribe()
+    }
+
     pub fn current(&self) -> Arc<RouteTable> {
         match self.table.read() {
             Ok(t) => t.clone(),
@@ -132,6 +156,7 @@ impl Routes {
                 model: spec.model.clone(),
                 aliases: spec.aliases.clone(),
                 endpoints,
+                can_come_up: spec.can_come_up,
                 rotation: AtomicUsize::new(0),
             });
             for name in std::iter::once(&spec.model).chain(&spec.aliases) {
@@ -152,6 +177,8 @@ impl Routes {
             Err(poisoned) => poisoned.into_inner(),
         };
         *current = Arc::new(table);
+        drop(current);
+        self.changed.send_replace(());
     }
 }
 
@@ -164,6 +191,7 @@ mod tests {
             model: model.into(),
             aliases: aliases.iter().map(|s| s.to_string()).collect(),
             endpoints: endpoints.iter().map(|s| s.to_string()).collect(),
+            can_come_up: true,
         }
     }
 

@@ -79,17 +79,24 @@ fn settings() -> RouterSettings {
         max_imbalance: 2,
         cooldown: Duration::from_secs(5),
         model_list_timeout: Duration::from_millis(300),
+        hold_timeout: Duration::from_secs(5),
+        max_held: 4,
     }
 }
 
 /// A synced router over `pools`; returns its base URL.
 async fn router(pools: Vec<PoolSpec>, settings: RouterSettings) -> String {
+    router_and_routes(pools, settings).await.0
+}
+
+/// A synced router over `pools`, and its routes, for a test to change.
+async fn router_and_routes(pools: Vec<PoolSpec>, settings: RouterSettings) -> (String, Arc<Routes>, RouterState) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let routes = Arc::new(Routes::default());
     routes.update(pools);
-    let state = RouterState::new(routes, reqwest::Client::new(), settings);
+    let state = RouterState::new(routes.clone(), reqwest::Client::new(), settings);
     state.set_synced();
-    serve(super::app(state)).await
+    (serve(super::app(state.clone())).await, routes, state)
 }
 
 fn pool(model: &str, aliases: &[&str], workers: &[&FakeWorker]) -> PoolSpec {
@@ -97,6 +104,7 @@ fn pool(model: &str, aliases: &[&str], workers: &[&FakeWorker]) -> PoolSpec {
         model: model.into(),
         aliases: aliases.iter().map(|a| a.to_string()).collect(),
         endpoints: workers.iter().map(|w| w.url.clone()).collect(),
+        can_come_up: true,
     }
 }
 
@@ -214,4 +222,116 @@ async fn a_worker_that_hangs_does_not_hold_back_the_model_list() {
     let list: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
     assert_eq!(list["data"], json!([{"id": "b", "object": "model"}]));
     assert_eq!(hanging.seen().len(), 1, "the hanging worker was asked");
+}
+
+/// The router's `/metrics` value of `kandle_router_held{model}`.
+async fn held(router: &str, model: &str) -> i64 {
+    let text = reqwest::get(format!("{router}/metrics")).await.unwrap().text().await.unwrap();
+    let prefix = format!("kandle_router_held{{model=\"{model}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// Polls `held` until it reads `n` (the requests reached the queue).
+async fn until_held(router: &str, model: &str, n: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while held(router, model).await != n {
+        assert!(tokio::time::Instant::now() < deadline, "never {n} held");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn at_zero(model: &str) -> PoolSpec {
+    PoolSpec { model: model.into(), aliases: vec![], endpoints: vec![], can_come_up: true }
+}
+
+#[tokio::test]
+async fn requests_for_a_pool_at_zero_are_held_until_an_endpoint_appears() {
+    let (router, routes, _state) = router_and_routes(vec![at_zero("m")], settings()).await;
+    let plain = tokio::spawn(chat_owned(router.clone(), json!({"model": "m", "messages": []})));
+    let streamed = tokio::spawn(chat_owned(router.clone(), json!({"model": "m", "messages": [], "stream": true})));
+    until_held(&router, "m", 2).await;
+    assert!(!plain.is_finished() && !streamed.is_finished());
+
+    let worker = FakeWorker::start(kandle_worker("m")).await;
+    routes.update(vec![pool("m", &[], &[&worker])]);
+    let (status, _, body) = plain.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, _, events) = streamed.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{events}");
+    assert_eq!(data_lines(&events).last(), Some(&"[DONE]"));
+    assert_eq!(worker.seen().len(), 2);
+    assert_eq!(held(&router, "m").await, 0);
+}
+
+#[tokio::test]
+async fn a_held_request_times_out_with_503_and_retry_after() {
+    let mut s = settings();
+    s.hold_timeout = Duration::from_millis(300);
+    let router = router(vec![at_zero("m")], s).await;
+    let started = std::time::Instant::now();
+    let (status, headers, body) = chat(&router, json!({"model": "m", "messages": []})).await;
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(headers.contains_key(header::RETRY_AFTER));
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["error"]["code"], "no_ready_endpoint");
+    assert_eq!(held(&router, "m").await, 0);
+}
+
+#[tokio::test]
+async fn past_the_queue_bound_requests_get_429_and_a_client_that_leaves_frees_its_place() {
+    let (router, routes, _state) = router_and_routes(vec![at_zero("m")], settings()).await;
+    let mut waiting: Vec<_> =
+        (0..4).map(|_| tokio::spawn(chat_owned(router.clone(), json!({"model": "m", "messages": []})))).collect();
+    until_held(&router, "m", 4).await;
+    let (status, headers, body) = chat(&router, json!({"model": "m", "messages": []})).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(headers.contains_key(header::RETRY_AFTER));
+
+    // One client gives up: its place is free again.
+    waiting.pop().unwrap().abort();
+    until_held(&router, "m", 3).await;
+    waiting.push(tokio::spawn(chat_owned(router.clone(), json!({"model": "m", "messages": []}))));
+    until_held(&router, "m", 4).await;
+
+    let worker = FakeWorker::start(kandle_worker("m")).await;
+    routes.update(vec![pool("m", &[], &[&worker])]);
+    for request in waiting {
+        assert_eq!(request.await.unwrap().0, StatusCode::OK);
+    }
+    assert_eq!(worker.seen().len(), 4, "the client that left never reached a worker");
+}
+
+#[tokio::test]
+async fn a_pool_that_cannot_come_up_is_refused_at_once() {
+    let mut degraded = at_zero("m");
+    degraded.can_come_up = false;
+    let (router, routes, _state) = router_and_routes(vec![degraded, at_zero("other")], settings()).await;
+    let (status, _, body) = chat(&router, json!({"model": "m", "messages": []})).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(held(&router, "m").await, 0);
+
+    // A held request whose pool then turns Degraded, or goes, is answered then.
+    let held_other = tokio::spawn(chat_owned(router.clone(), json!({"model": "other", "messages": []})));
+    until_held(&router, "other", 1).await;
+    routes.update(vec![]);
+    assert_eq!(held_other.await.unwrap().0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_stopping_router_answers_its_held_requests_and_refuses_new_ones() {
+    let (router, _routes, state) = router_and_routes(vec![at_zero("m")], settings()).await;
+    let waiting = tokio::spawn(chat_owned(router.clone(), json!({"model": "m", "messages": []})));
+    until_held(&router, "m", 1).await;
+    state.lifecycle().begin_draining();
+    let (status, _, body) = waiting.await.unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["error"]["code"], "shutting_down");
+    let ready = reqwest::get(format!("{router}/ready")).await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let (status, _, _) = chat(&router, json!({"model": "m", "messages": []})).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+async fn chat_owned(router: String, body: Value) -> (StatusCode, reqwest::header::HeaderMap, String) {
+    chat(&router, body).await
 }

@@ -4,7 +4,7 @@
 //! and the worker validates its flags and requests with them, so the CRD can
 //! never admit a value that a worker refuses at start-up (or the reverse).
 //! Both servers (worker and router) also answer request bodies past their limit
-//! the same way ([`drain`]).
+//! the same way ([`drain`]), and stop the same way ([`stopping`]).
 
 pub mod drain;
 pub mod engine;
@@ -12,6 +12,7 @@ pub mod model_info;
 pub mod sampling;
 mod schema;
 pub mod source;
+pub mod stopping;
 
 pub use model_info::ModelInfo;
 pub use sampling::{Interval, OutOfRange, SamplingDefaults};

@@ -150,6 +150,19 @@ impl ApiError {
         }
     }
 
+    /// The worker is stopping: it finishes what it took and takes nothing new.
+    pub fn shutting_down() -> Self {
+        Self {
+            code: Some("shutting_down"),
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "This worker is shutting down; retry and another will answer.",
+            )
+        }
+    }
+
     /// The engine thread is gone: the process cannot serve until restarted.
     pub fn engine_stopped() -> Self {
         Self {

@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use kandle_contract::drain::drain_unread;
+use kandle_contract::stopping::{self, Tracker};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 use error::ApiError;
@@ -31,6 +32,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/chat/completions", post(chat::envelope))
         .route("/v1/models", get(ops::models))
         .route("/compatible-mode/v1/models", get(ops::models))
+        .route_layer(middleware::from_fn_with_state(
+            Tracker { lifecycle: state.lifecycle().clone(), refuse: || ApiError::shutting_down().into_response() },
+            stopping::track,
+        ))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .merge(authenticated)

@@ -19,8 +19,11 @@ pub async fn health(State(state): State<AppState>) -> Response {
     }
 }
 
-/// Readiness: the model is loaded and the engine runs.
+/// Readiness: the model is loaded, the engine runs, and the worker is not stopping.
 pub async fn ready(State(state): State<AppState>) -> Response {
+    if state.lifecycle().is_draining() {
+        return ApiError::shutting_down().into_response();
+    }
     match state.model() {
         Ok(service) if !service.engine.is_alive() => ApiError::engine_stopped().into_response(),
         Ok(service) => {

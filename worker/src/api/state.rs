@@ -7,6 +7,7 @@ use super::request::SamplingOverrides;
 use crate::auth::KeyStore;
 use crate::metrics::Metrics;
 use crate::service::ModelService;
+use kandle_contract::stopping::Lifecycle;
 
 /// Settings the HTTP layer needs, fixed at start-up.
 #[derive(Debug, Clone)]
@@ -37,12 +38,20 @@ struct Inner {
     model: OnceLock<Arc<ModelService>>,
     /// Unix time the worker started, reported as the models' `created`.
     started_at: u64,
+    lifecycle: Arc<Lifecycle>,
 }
 
 impl AppState {
     pub fn new(settings: HttpSettings, keys: Option<KeyStore>, metrics: Arc<Metrics>) -> Self {
         Self {
-            inner: Arc::new(Inner { settings, keys, metrics, model: OnceLock::new(), started_at: super::unix_now() }),
+            inner: Arc::new(Inner {
+                settings,
+                keys,
+                metrics,
+                model: OnceLock::new(),
+                started_at: super::unix_now(),
+                lifecycle: Arc::default(),
+            }),
         }
     }
 
@@ -60,6 +69,11 @@ impl AppState {
 
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
+    }
+
+    /// Draining and open requests, for a stop that finishes what it took.
+    pub fn lifecycle(&self) -> &Arc<Lifecycle> {
+        &self.inner.lifecycle
     }
 
     pub fn model(&self) -> Result<&Arc<ModelService>, ApiError> {

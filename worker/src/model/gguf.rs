@@ -15,13 +15,16 @@ use crate::runtime::config::{Architecture, ModelConfig, RopeStyle, SUPPORTED};
 use crate::runtime::rope::inverse_frequencies;
 use crate::runtime::weights::Weights;
 use crate::runtime::Model;
+use crate::startup::Phases;
 
 pub fn load(path: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadError> {
     let (template_override, context_limit) = (options.chat_template, options.context_limit);
+    let mut phases = Phases::default();
     let file = File::open(path).map_err(|e| LoadError::io(path, e))?;
     let mut reader = BufReader::new(file);
     let content = Content::read(&mut reader)
         .map_err(|e| LoadError::Format(format!("{} is not a GGUF file: {e}", path.display())))?;
+    phases.end("gguf_header");
     let meta = Metadata::new(&content);
 
     let architecture = meta.require_string("general.architecture")?.to_string();
@@ -60,6 +63,7 @@ pub fn load(path: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadE
         .unwrap_or_else(|| CHATML.to_string());
     let bos_text = special.bos.as_ref().map(|(_, t)| t.as_str()).unwrap_or("");
     let template = ChatTemplate::new(&source, bos_text, &special.eos_text)?;
+    phases.end("tokenizer");
 
     let device = options.open_device()?;
     let factors = match content.tensor(&mut reader, "rope_freqs.weight", &device) {
@@ -70,7 +74,8 @@ pub fn load(path: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadE
     let weights = Weights::from_gguf(&content, &mut reader, &config, &device)?;
     let context = context_limit.map_or(config.context, |l| l.min(config.context));
     let model = Model::new(config, weights, &inv_freq, context, device, options.resolved_threads())?;
-    Ok(LoadedModel { info, model, tokenizer, template, special })
+    phases.end("weights");
+    Ok(LoadedModel { info, model, tokenizer, template, special, phases })
 }
 
 /// The model's shape from llama.cpp's metadata keys (`{arch}.embedding_length`, ...).

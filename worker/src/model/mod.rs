@@ -54,6 +54,8 @@ pub struct LoadedModel {
     pub tokenizer: tokenizers::Tokenizer,
     pub template: ChatTemplate,
     pub special: SpecialTokens,
+    /// How long each part of loading took.
+    pub phases: crate::startup::Phases,
 }
 
 impl std::fmt::Debug for LoadedModel {

@@ -16,9 +16,11 @@ use crate::runtime::config::ModelConfig;
 use crate::runtime::rope::inverse_frequencies;
 use crate::runtime::weights::Weights;
 use crate::runtime::Model;
+use crate::startup::Phases;
 
 pub fn load(dir: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadError> {
     let (template_override, context_limit) = (options.chat_template, options.context_limit);
+    let mut phases = Phases::default();
     let config_text = read(&dir.join("config.json"))?;
     let config: Json = parse_json(&config_text, "config.json")?;
     let model_config = ModelConfig::from_hf(&config)?;
@@ -29,6 +31,7 @@ pub fn load(dir: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadEr
     // SAFETY: the files are memory-mapped read-only; the worker does not modify them
     // and documents that a model directory must not change while it is served.
     let tensors = unsafe { MmapedSafetensors::multi(&files)? };
+    phases.end("mmap");
     let parameters = tensors.tensors().iter().map(|(_, view)| view.shape().iter().product::<usize>() as u64).sum();
     // Weights stay in the dtype they come in (the embedding table's).
     let dtype = tensors
@@ -48,6 +51,7 @@ pub fn load(dir: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadEr
     let context_length = model_config.context as u64;
     let context = context_limit.map_or(model_config.context, |l| l.min(model_config.context));
     let model = Model::new(model_config, weights, &inv_freq, context, device, options.resolved_threads())?;
+    phases.end("weights");
     let quantization = match options.quantize {
         Some(Quantize::Q8_0) => "Q8_0".to_string(),
         Some(Quantize::Q4K) => "Q4_K".to_string(),
@@ -84,6 +88,7 @@ pub fn load(dir: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadEr
     };
     let bos_text = special.bos.as_ref().map(|(_, t)| t.as_str()).unwrap_or("");
     let template = ChatTemplate::new(&source, bos_text, &special.eos_text)?;
+    phases.end("tokenizer");
 
     Ok(LoadedModel {
         info: ModelInfo { architecture, quantization, context_length, parameters },
@@ -91,6 +96,7 @@ pub fn load(dir: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadEr
         tokenizer,
         template,
         special,
+        phases,
     })
 }
 

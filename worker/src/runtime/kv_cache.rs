@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Result, Tensor};
+use half::vec::HalfBitsVecExt;
 use half::{bf16, f16};
 
 use super::config::ModelConfig;
@@ -52,11 +53,10 @@ impl KvCache {
     /// f16 pools in host memory, for the CPU forward pass.
     pub fn new_host(config: &ModelConfig, block_size: usize, num_blocks: usize) -> Self {
         let len = num_blocks * block_size * config.kv_heads * config.head_dim;
-        let pool = || {
-            let mut buffer = Shared::new();
-            buffer.resize(len);
-            buffer
-        };
+        // Zeroed u16s come from the allocator as untouched zero pages, so a large
+        // cache costs no start-up time (filling it with f16 zeros took seconds);
+        // an f16 is its u16 bits.
+        let pool = || Shared::from_vec(vec![0u16; len].reinterpret_into::<f16>());
         let layers = (0..config.layers).map(|_| (pool(), pool())).collect();
         Self { block_size, num_blocks, store: Store::Host(layers) }
     }

@@ -245,6 +245,11 @@ impl<T: Copy + Default> Shared<T> {
         Self { ptr: owner.as_mut_ptr(), len: 0, owner }
     }
 
+    /// Takes `owner` over as the buffer, all of it.
+    pub fn from_vec(mut owner: Vec<T>) -> Self {
+        Self { ptr: owner.as_mut_ptr(), len: owner.len(), owner }
+    }
+
     /// Makes room for `len` elements (contents unspecified); allocates only to grow.
     pub fn resize(&mut self, len: usize) {
         if self.owner.len() < len {
