@@ -65,7 +65,7 @@ scripts/cuda-check.sh
 stage rust-tests
 cargo test --workspace --locked -- --skip request_fuzz
 # The request fuzz pass on its own, so that its count of cases shows in the output.
-cargo test --workspace --locked --test tiny_models request_fuzz -- --nocapture
+cargo test --workspace --locked --test integration request_fuzz -- --nocapture
 
 stage pytest
 python3 -m pytest tests -q --durations=10

@@ -249,7 +249,7 @@ fn check(status: StatusCode, body: &str) -> Result<(), TestCaseError> {
 fn request_fuzz_never_panics_never_5xx_and_rejects_with_openai_errors() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let _entered = runtime.enter();
-    let (served, _dir) = crate::Served::new("llama", crate::CHATML);
+    let (served, _dir) = super::Served::new("llama", super::CHATML);
     let kinds: [(&str, BoxedStrategy<Body>); 4] = [
         ("bytes", vec(any::<u8>(), 0..256).prop_map(Body).boxed()),
         ("json", any_json().prop_map(json_body).boxed()),

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use kandle_worker::model::{self, LoadOptions, LoadedModel, RenderOptions};
 use serde_json::json;
 
-mod common;
+use crate::common;
 
 fn smollm2() -> &'static LoadedModel {
     static MODEL: OnceLock<LoadedModel> = OnceLock::new();

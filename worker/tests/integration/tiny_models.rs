@@ -22,7 +22,7 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 use tower::ServiceExt;
 
-mod common;
+use crate::common;
 mod request_fuzz;
 
 const HIDDEN: usize = 32;
@@ -392,8 +392,14 @@ fn batched_logits_equal_single_sequence_logits() {
             let second = [step(&a[8..], 8, &[9, 3, 17]), step(&b, 0, &[25, 0]), step(&c[5..], 5, &[2, 30, 11, 6])];
             let batched = common::forward(model, &second, &cache);
             for (name, tokens, got) in [("a", &a, &batched[0]), ("b", &b, &batched[1]), ("c", &c, &batched[2])] {
-                let diff = max_diff(got, &alone(model, tokens));
-                assert!(diff < 1e-3, "{arch} {kernels} {name}: {diff}");
+                let expected = alone(model, tokens);
+                // Batched and single kernels sum in different orders: allow the
+                // rounding that comes with the logits' size (random weights make
+                // it vary run to run); a wrong position or mixed-up sequence is
+                // off by the logits' own size.
+                let size = expected.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let diff = max_diff(got, &expected);
+                assert!(diff < 2e-4 * size.max(5.0), "{arch} {kernels} {name}: {diff} (largest logit {size})");
             }
         }
     }

@@ -1,0 +1,7 @@
+//! The worker's integration tests, in one binary (each test binary links the
+//! whole runtime: one link instead of three).
+
+mod common;
+mod fetch;
+mod smollm2_gguf;
+mod tiny_models;
