@@ -48,7 +48,8 @@ def first_token(address: str, sent: list[float], out: dict) -> None:
         out["error"] = f"status {response.status}: {response.read()[:200]!r}"
         return
     for line in response:
-        if line.startswith(b"data: {") and b'"content"' in line:
+        # The first chunk with text (the role chunk that opens a stream has none).
+        if line.startswith(b"data: {") and b'"content":"' in line and b'"content":""' not in line:
             out["first_token"] = time.monotonic()
             break
     response.read()

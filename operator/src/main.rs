@@ -1,7 +1,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -27,6 +27,9 @@ enum Command {
     Router(RouterArgs),
     /// Print the CustomResourceDefinitions as YAML.
     Crd,
+    /// Read pools' demand as JSON lines on stdin and write the autoscaler's
+    /// decision for each: to try a scaling policy without a cluster.
+    Decide,
 }
 
 #[derive(Debug, Args)]
@@ -113,6 +116,10 @@ fn main() -> std::process::ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match cli.command {
         Command::Crd => kandle_operator::crd::yaml().map(|y| print!("{y}")).map_err(anyhow::Error::from),
+        Command::Decide => {
+            kandle_operator::autoscaler::lines::run(std::io::stdin().lock(), std::io::stdout().lock(), Instant::now)
+                .context("reading observations or writing decisions")
+        }
         Command::Controller(args) => {
             telemetry::init_logging();
             tokio::runtime::Runtime::new().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(run_controller(args)))

@@ -7,6 +7,7 @@
 //! It runs only on the leader, beside the reconciler.
 
 pub mod decide;
+pub mod lines;
 pub mod signals;
 
 use std::collections::HashMap;
