@@ -50,6 +50,13 @@ trap report EXIT
 
 stage setup
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r tests/requirements.txt
+# Redis, which the shared-quota tests start and stop themselves (Debian's package).
+if ! command -v redis-server >/dev/null && ! command -v valkey-server >/dev/null; then
+  as_root=(env DEBIAN_FRONTEND=noninteractive)
+  [[ $(id -u) -eq 0 ]] || as_root=(sudo "${as_root[@]}")
+  "${as_root[@]}" apt-get install -y -qq redis-server >/dev/null \
+    || { "${as_root[@]}" apt-get update -qq && "${as_root[@]}" apt-get install -y -qq redis-server >/dev/null; }
+fi
 KANDLE_TEST_GGUF="$(scripts/fetch-smollm2.sh)"
 export KANDLE_TEST_GGUF
 cargo fmt --all --check

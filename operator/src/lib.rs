@@ -13,6 +13,7 @@ pub mod leader;
 pub mod rbac;
 pub mod router;
 pub mod telemetry;
+pub mod tenants;
 
 /// Server-side apply field manager for everything the operator writes.
 pub const FIELD_MANAGER: &str = "kandle-operator";

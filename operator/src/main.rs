@@ -9,7 +9,8 @@ use kandle_operator::controller::{self, build::BuildSettings, ControllerConfig};
 use kandle_operator::http::Probes;
 use kandle_operator::leader::{Elector, LeaseConfig};
 use kandle_operator::router::proxy::RouterSettings;
-use kandle_operator::router::{Discovery, RouterConfig};
+use kandle_operator::router::quota::FailureMode;
+use kandle_operator::router::{Discovery, RouterConfig, TenancyConfig};
 use kandle_operator::telemetry::{self, Metrics};
 
 #[derive(Debug, Parser)]
@@ -72,6 +73,27 @@ struct RouterArgs {
     /// Requests held per model at most; past it they get 429 with Retry-After.
     #[arg(long, env = "KANDLE_MAX_HELD", default_value_t = 256)]
     max_held: usize,
+    /// Tenants file (YAML: `tenants: [{name, keys, requestsPerMinute,
+    /// tokensPerMinute, concurrentRequests, models}]`), reloaded when it
+    /// changes. With it, every request needs a tenant's key.
+    #[arg(long, env = "KANDLE_TENANTS")]
+    tenants: Option<PathBuf>,
+    /// Redis or Valkey that keeps tenants' limits for every router replica
+    /// (`redis://host:6379/0`, `rediss://` for TLS); without it, each router
+    /// keeps them in process.
+    #[arg(long, env = "KANDLE_QUOTA_STORE", requires = "tenants")]
+    quota_store: Option<String>,
+    /// While the quota store cannot be reached: `open` serves without limits,
+    /// `closed` refuses requests of tenants that have limits (503).
+    #[arg(long, env = "KANDLE_QUOTA_STORE_FAILURE", value_enum, default_value = "open", requires = "quota_store")]
+    quota_store_failure: FailureMode,
+    /// Time one call to the quota store may take before it counts as unreachable.
+    #[arg(long, env = "KANDLE_QUOTA_STORE_TIMEOUT", default_value = "500ms", value_parser = kandle_operator::duration::parse)]
+    quota_store_timeout: Duration,
+    /// File holding the key the router shows workers instead of callers' keys
+    /// (put it in every pool's key Secret), reloaded when it changes.
+    #[arg(long, env = "KANDLE_UPSTREAM_KEY_FILE")]
+    upstream_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -227,6 +249,13 @@ async fn run_router(args: RouterArgs) -> anyhow::Result<()> {
             max_held: args.max_held,
         },
         connect_timeout: Duration::from_secs(args.connect_timeout),
+        tenancy: TenancyConfig {
+            tenants_file: args.tenants,
+            quota_store: args.quota_store,
+            quota_store_failure: args.quota_store_failure,
+            quota_store_timeout: args.quota_store_timeout,
+            upstream_key_file: args.upstream_key_file,
+        },
     };
     kandle_operator::router::run(config, shutdown_signal()).await
 }

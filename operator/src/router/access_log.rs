@@ -1,6 +1,7 @@
 //! One access-log line per request (target `kandle_operator::access`): request
-//! id, method, path, the model asked for, the worker that answered, how many
-//! workers were tried, status, duration, and whether the answer went out whole.
+//! id, method, path, the caller's tenant (when tenants are on), the model asked
+//! for, the worker that answered, how many workers were tried, status,
+//! duration, and whether the answer went out whole.
 //! The line is written when its last holder lets go: the middleware once the
 //! response is made, or, for a worker's answer being relayed, the relayed body
 //! once it ends or is dropped, so a stream's line carries its full duration.
@@ -32,6 +33,8 @@ pub struct AccessLine {
 /// What the request met on its way, as the proxy learns it.
 #[derive(Debug, Default)]
 struct Route {
+    /// The caller's tenant (its name; never its key).
+    tenant: Option<String>,
     model: Option<String>,
     worker: Option<String>,
     attempts: usize,
@@ -45,6 +48,15 @@ struct Route {
 impl AccessLine {
     fn route(&self) -> MutexGuard<'_, Route> {
         self.route.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// The tenant whose key the caller showed.
+    pub fn tenant(&self, tenant: &str) {
+        self.route().tenant = Some(tenant.to_string());
     }
 
     /// The model the request named.
@@ -78,6 +90,7 @@ impl Drop for AccessLine {
             request_id = %self.request_id,
             method = %self.method,
             path = %self.path,
+            tenant = route.tenant.as_deref().unwrap_or("-"),
             model = route.model.as_deref().unwrap_or("-"),
             worker = route.worker.as_deref().unwrap_or("-"),
             attempts = route.attempts,

@@ -6,6 +6,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use super::quota::{Refusal, Which};
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouterError {
     pub status: StatusCode,
@@ -120,6 +122,68 @@ impl RouterError {
 
     pub fn invalid_key() -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid_api_key", "Incorrect API key provided.")
+    }
+
+    pub fn missing_key() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "missing_api_key",
+            "You didn't provide an API key. Send it in the Authorization header as `Bearer <key>`.",
+        )
+    }
+
+    /// A model the caller's tenant may not call: worded as for a model that
+    /// does not exist, so a key learns nothing of models outside its list.
+    pub fn model_forbidden(model: &str) -> Self {
+        Self { status: StatusCode::FORBIDDEN, ..Self::model_not_found(model) }
+    }
+
+    /// The tenant is past one of its limits.
+    pub fn rate_limited(tenant: &str, refusal: &Refusal, limit: u64) -> Self {
+        let (kind, what) = match refusal.which {
+            Which::Requests => ("requests", "requests per minute"),
+            Which::Tokens => ("tokens", "tokens per minute"),
+            Which::Concurrency => ("requests", "concurrent requests"),
+        };
+        let wait = refusal.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        Self {
+            retry_after: Some(wait),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                kind,
+                "rate_limit_exceeded",
+                format!(
+                    "Rate limit reached for tenant `{tenant}` on {what}: limit {limit}. Please try again in {wait}s."
+                ),
+            )
+        }
+    }
+
+    /// The shared quota store cannot be reached and the router fails closed.
+    pub fn quota_store_unavailable() -> Self {
+        Self {
+            retry_after: Some(5),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "quota_store_unavailable",
+                "Usage limits cannot be checked right now. Retry shortly.",
+            )
+        }
+    }
+
+    /// Tenants are configured but no valid tenants file was ever read.
+    pub fn tenants_not_loaded() -> Self {
+        Self {
+            retry_after: Some(5),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "tenants_not_loaded",
+                "The router has no valid tenant configuration yet. Retry shortly.",
+            )
+        }
     }
 
     pub fn not_ready() -> Self {

@@ -18,6 +18,30 @@ pub struct ModelLabel {
     pub model: String,
 }
 
+/// Per tenant: tenant names are labels (never keys).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantModelStatus {
+    pub tenant: String,
+    pub model: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantModelKind {
+    pub tenant: String,
+    pub model: String,
+    /// `prompt`, `cached` (part of prompt) or `completion`.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantModelLimit {
+    pub tenant: String,
+    pub model: String,
+    /// `requests`, `tokens` or `concurrent_requests`.
+    pub limit: &'static str,
+}
+
 pub struct RouterMetrics {
     registry: Registry,
     pub requests: Family<ModelStatus, Counter>,
@@ -27,6 +51,9 @@ pub struct RouterMetrics {
     pub upstream_latency: Histogram,
     pub time_to_first_byte: Histogram,
     pub retries: Counter,
+    pub tenant_requests: Family<TenantModelStatus, Counter>,
+    pub tenant_tokens: Family<TenantModelKind, Counter>,
+    pub tenant_rate_limited: Family<TenantModelLimit, Counter>,
 }
 
 impl Default for RouterMetrics {
@@ -66,7 +93,37 @@ impl Default for RouterMetrics {
             "Requests retried on another worker after a connect failure, a 429 or a 503",
             retries.clone(),
         );
-        Self { registry, requests, in_flight, held, hold_seconds, upstream_latency, time_to_first_byte, retries }
+        let tenant_requests = Family::<TenantModelStatus, Counter>::default();
+        registry.register(
+            "kandle_router_tenant_requests",
+            "Requests by tenant, model and status",
+            tenant_requests.clone(),
+        );
+        let tenant_tokens = Family::<TenantModelKind, Counter>::default();
+        registry.register(
+            "kandle_router_tenant_tokens",
+            "Tokens used by tenant and model: prompt, cached (of the prompt) and completion",
+            tenant_tokens.clone(),
+        );
+        let tenant_rate_limited = Family::<TenantModelLimit, Counter>::default();
+        registry.register(
+            "kandle_router_tenant_rate_limited",
+            "Requests refused with 429 by tenant, model and the limit that refused them",
+            tenant_rate_limited.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            in_flight,
+            held,
+            hold_seconds,
+            upstream_latency,
+            time_to_first_byte,
+            retries,
+            tenant_requests,
+            tenant_tokens,
+            tenant_rate_limited,
+        }
     }
 }
 

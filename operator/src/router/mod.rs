@@ -10,10 +10,14 @@ mod metrics;
 mod model_list;
 mod model_name;
 pub mod proxy;
+pub mod quota;
 pub mod routes_file;
 pub mod table;
+pub mod tenants_file;
 #[cfg(test)]
 mod tests;
+pub mod upstream_key;
+mod usage;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,8 +33,10 @@ use axum::Router;
 
 use errors::RouterError;
 use kandle_contract::stopping::{self, Tracker};
-use proxy::{RouterSettings, RouterState};
+use proxy::{RouterSettings, RouterState, Tenancy};
+use quota::{FailureMode, Quotas};
 use table::Routes;
+use tenants_file::Tenants;
 
 /// Where the pools come from.
 #[derive(Debug, Clone)]
@@ -46,6 +52,42 @@ pub struct RouterConfig {
     pub settings: RouterSettings,
     /// Upper bound on the time to connect to a worker.
     pub connect_timeout: Duration,
+    pub tenancy: TenancyConfig,
+}
+
+/// Where tenants, their limits and the router's own worker key come from.
+#[derive(Debug, Clone)]
+pub struct TenancyConfig {
+    /// `--tenants FILE`: without it, no tenants (workers check callers' keys).
+    pub tenants_file: Option<PathBuf>,
+    /// `redis://…` to share limits between router replicas; without it, in process.
+    pub quota_store: Option<String>,
+    pub quota_store_failure: FailureMode,
+    /// Time one call to the quota store may take.
+    pub quota_store_timeout: Duration,
+    pub upstream_key_file: Option<PathBuf>,
+}
+
+impl TenancyConfig {
+    /// Starts reading the files it names (call within a Tokio runtime).
+    fn start(&self) -> anyhow::Result<Tenancy> {
+        let tenants = self.tenants_file.as_ref().map(|path| {
+            let tenants = Arc::new(Tenants::default());
+            tenants_file::load_and_watch(path.clone(), tenants.clone(), Duration::from_secs(1));
+            tenants
+        });
+        let quotas = match &self.quota_store {
+            Some(url) => {
+                Quotas::redis(url, self.quota_store_failure, self.quota_store_timeout).map_err(anyhow::Error::msg)?
+            }
+            None => Quotas::local(),
+        };
+        let upstream_key = self
+            .upstream_key_file
+            .as_ref()
+            .map(|path| upstream_key::load_and_watch(path.clone(), Duration::from_secs(1)));
+        Ok(Tenancy { tenants, quotas, upstream_key })
+    }
 }
 
 pub fn app(state: RouterState) -> Router {
@@ -76,14 +118,41 @@ pub fn app(state: RouterState) -> Router {
         .with_state(state)
 }
 
-async fn ready(State(state): State<RouterState>) -> impl IntoResponse {
+/// 200 once routes are synced (and, with tenants on, a tenants file was
+/// loaded); the body notes a refused tenants file or an unreachable quota
+/// store, which leave the router serving as it was configured to.
+async fn ready(State(state): State<RouterState>) -> axum::response::Response {
     if state.lifecycle().is_draining() {
-        RouterError::shutting_down().into_response()
-    } else if state.is_synced() {
-        (StatusCode::OK, "ready").into_response()
-    } else {
-        RouterError::not_ready().into_response()
+        return RouterError::shutting_down().into_response();
     }
+    if !state.is_synced() {
+        return RouterError::not_ready().into_response();
+    }
+    let tenancy = state.tenancy();
+    let mut notes = Vec::new();
+    if let Some(tenants) = &tenancy.tenants {
+        match (tenants.current(), tenants.problem()) {
+            (None, problem) => {
+                let mut e = RouterError::tenants_not_loaded();
+                if let Some(problem) = problem {
+                    e.message = format!("{} ({problem})", e.message);
+                }
+                return e.into_response();
+            }
+            (Some(_), Some(problem)) => {
+                notes.push(format!("tenants file refused, the last good set is in force: {problem}"))
+            }
+            (Some(_), None) => {}
+        }
+    }
+    if !tenancy.quotas.check().await {
+        notes.push(match tenancy.quotas.failure_mode() {
+            FailureMode::Open => "quota store unreachable: serving without limits".to_string(),
+            FailureMode::Closed => "quota store unreachable: refusing requests of tenants with limits".to_string(),
+        });
+    }
+    let body = std::iter::once("ready".to_string()).chain(notes).collect::<Vec<_>>().join("\n");
+    (StatusCode::OK, body).into_response()
 }
 
 async fn metrics(State(state): State<RouterState>) -> axum::response::Response {
@@ -101,7 +170,8 @@ pub async fn run(
         .pool_idle_timeout(Duration::from_secs(60))
         .build()
         .context("building the HTTP client")?;
-    let state = RouterState::new(routes.clone(), client, config.settings.clone());
+    let tenancy = config.tenancy.start()?;
+    let state = RouterState::new(routes.clone(), client, config.settings.clone(), tenancy);
     match &config.discovery {
         Discovery::RouteFile(path) => {
             routes_file::load_and_watch(path.clone(), routes.clone(), Duration::from_secs(1))?;

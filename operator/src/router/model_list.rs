@@ -1,5 +1,5 @@
 //! `GET …/models`: the union of the models of the pools whose workers accept the
-//! caller's key. Pools are asked in parallel, each under a time limit, and each
+//! caller's key (with tenants on: of the pools the caller's tenant may call). Pools are asked in parallel, each under a time limit, and each
 //! answer is reused for a few seconds.
 
 use std::collections::HashMap;
@@ -51,7 +51,13 @@ pub async fn models(State(state): State<RouterState>, headers: HeaderMap) -> Res
     if !state.is_synced() {
         return RouterError::not_ready().into_response();
     }
-    let authorization = headers.get(header::AUTHORIZATION).cloned();
+    // With tenants on, the key is the router's to check, and only the pools
+    // the tenant may call are listed.
+    let tenant = match state.authenticate(&headers) {
+        Ok(tenant) => tenant,
+        Err(e) => return e.into_response(),
+    };
+    let authorization = state.upstream_authorization(&headers);
     let key = {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         authorization.as_ref().map(|v| v.as_bytes().to_vec()).hash(&mut h);
@@ -59,7 +65,11 @@ pub async fn models(State(state): State<RouterState>, headers: HeaderMap) -> Res
     };
     let table = state.routes().current();
     let answers = futures::future::join_all(
-        table.pools().iter().map(|pool| pool_models(&state, pool, authorization.as_ref(), key)),
+        table
+            .pools()
+            .iter()
+            .filter(|pool| tenant.as_ref().is_none_or(|t| t.may_call(pool.names())))
+            .map(|pool| pool_models(&state, pool, authorization.as_ref(), key)),
     )
     .await;
     let rejected = answers.iter().any(|a| matches!(a, PoolAnswer::Rejected));

@@ -50,6 +50,14 @@ pub fn with_model(json: &[u8], name: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Takes the complete lines (up to the last newline) out of `pending`, leaving
+/// the unfinished one; `None` while there is no complete line.
+pub fn complete_lines(pending: &mut Vec<u8>) -> Option<Vec<u8>> {
+    let last_newline = pending.iter().rposition(|&b| b == b'\n')?;
+    let rest = pending.split_off(last_newline + 1);
+    Some(std::mem::replace(pending, rest))
+}
+
 /// Renames the model in a worker's answer as it passes: an event stream line by
 /// line as each line completes (every `data:` line holding a JSON object with a
 /// model), a JSON body once it is whole.
@@ -71,12 +79,10 @@ impl Renamer {
         if !self.event_stream {
             return Bytes::new();
         }
-        let Some(last_newline) = self.pending.iter().rposition(|&b| b == b'\n') else {
-            return Bytes::new();
-        };
-        let rest = self.pending.split_off(last_newline + 1);
-        let complete = std::mem::replace(&mut self.pending, rest);
-        self.renamed_lines(&complete)
+        match complete_lines(&mut self.pending) {
+            Some(complete) => self.renamed_lines(&complete),
+            None => Bytes::new(),
+        }
     }
 
     /// The end of the answer: whatever is still held, renamed.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderName, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::Response;
 use axum::Extension;
 use futures::Stream;
@@ -23,10 +23,15 @@ use super::access_log::Access;
 use super::balancer;
 use super::errors::RouterError;
 use super::hold::{Holding, Place};
-use super::metrics::{ModelLabel, ModelStatus, RouterMetrics};
+use super::metrics::{ModelLabel, ModelStatus, RouterMetrics, TenantModelKind, TenantModelLimit, TenantModelStatus};
 use super::model_list::ModelListCache;
 use super::model_name::{self, Renamer};
+use super::quota::{Admission, Decision, Quotas, Running};
 use super::table::{InFlight, Pool, Routes};
+use super::tenants_file::Tenants;
+use super::upstream_key::UpstreamKey;
+use super::usage::{self, Meter, PROMPT_TOKENS_HEADER};
+use crate::tenants::{Models, Tenant};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Workers one chat request is offered to, at most (each a different one).
@@ -50,6 +55,23 @@ pub struct RouterSettings {
     pub max_held: usize,
 }
 
+/// Who may call, under which limits, and how the router authenticates to
+/// workers. The default: everyone, no limits, callers' keys passed on.
+#[derive(Clone)]
+pub struct Tenancy {
+    /// `None`: no tenants; the workers check callers' keys themselves.
+    pub tenants: Option<Arc<Tenants>>,
+    pub quotas: Arc<Quotas>,
+    /// The key shown to workers instead of the caller's.
+    pub upstream_key: Option<Arc<UpstreamKey>>,
+}
+
+impl Default for Tenancy {
+    fn default() -> Self {
+        Self { tenants: None, quotas: Quotas::local(), upstream_key: None }
+    }
+}
+
 #[derive(Clone)]
 pub struct RouterState {
     inner: Arc<Inner>,
@@ -64,12 +86,13 @@ struct Inner {
     model_lists: ModelListCache,
     holding: Arc<Holding>,
     lifecycle: Arc<Lifecycle>,
+    tenancy: Tenancy,
 }
 
 impl RouterState {
     /// The state, and a task that releases held requests whenever the routes
     /// change (it ends with the routes). Call from within a Tokio runtime.
-    pub fn new(routes: Arc<Routes>, client: reqwest::Client, settings: RouterSettings) -> Self {
+    pub fn new(routes: Arc<Routes>, client: reqwest::Client, settings: RouterSettings, tenancy: Tenancy) -> Self {
         let metrics = RouterMetrics::default();
         let holding = Arc::new(Holding::new(settings.max_held, metrics.held.clone()));
         tokio::spawn(release_on_changes(Arc::downgrade(&routes), routes.changes(), holding.clone()));
@@ -83,6 +106,7 @@ impl RouterState {
                 model_lists: ModelListCache::default(),
                 holding,
                 lifecycle: Arc::default(),
+                tenancy,
             }),
         }
     }
@@ -119,6 +143,45 @@ impl RouterState {
     pub(super) fn model_lists(&self) -> &ModelListCache {
         &self.inner.model_lists
     }
+
+    pub(super) fn tenancy(&self) -> &Tenancy {
+        &self.inner.tenancy
+    }
+
+    /// The caller's tenant when tenants are on (`Ok(None)` when they are off).
+    pub(super) fn authenticate(&self, headers: &HeaderMap) -> Result<Option<Arc<Tenant>>, RouterError> {
+        let Some(tenants) = &self.inner.tenancy.tenants else { return Ok(None) };
+        let set = tenants.current().ok_or_else(RouterError::tenants_not_loaded)?;
+        let key = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or_else(RouterError::missing_key)?;
+        set.authenticate(key).map(Some).ok_or_else(RouterError::invalid_key)
+    }
+
+    /// The `Authorization` workers get: the router's own key when it has one,
+    /// else the caller's.
+    pub(super) fn upstream_authorization(&self, headers: &HeaderMap) -> Option<HeaderValue> {
+        match &self.inner.tenancy.upstream_key {
+            Some(key) => key.authorization(),
+            None => headers.get(header::AUTHORIZATION).cloned(),
+        }
+    }
+}
+
+/// Whether `tenant` may call the pool `model` names. A tenant limited to some
+/// models is told the same for a model outside its list as for one that does
+/// not exist.
+fn check_access(routes: &Routes, tenant: &Tenant, model: &str) -> Result<(), RouterError> {
+    let table = routes.current();
+    match table.lookup(model) {
+        Some(pool) if tenant.may_call(pool.names()) => Ok(()),
+        None if tenant.models == Models::All => Ok(()),
+        _ => Err(RouterError::model_forbidden(model)),
+    }
 }
 
 /// `POST …/chat/completions` on every API path (the access-log middleware has
@@ -131,18 +194,70 @@ pub async fn chat(
     let path = request.uri().path().to_string();
     let envelope = path.starts_with("/api/");
     let (parts, body) = request.into_parts();
-    match route(&state, &path, &parts.headers, body, access).await {
+    let mut caller = Caller::default();
+    let mut response = match route(&state, &path, &parts.headers, body, access, &mut caller).await {
         Ok(response) => response,
         Err((model, e)) => {
             count(&state, &model, e.status);
             e.respond(envelope)
         }
+    };
+    if let Some(tenant) = &caller.tenant {
+        let labels = TenantModelStatus {
+            tenant: tenant.name.clone(),
+            model: caller.model.clone(),
+            status: response.status().as_u16(),
+        };
+        state.metrics().tenant_requests.get_or_create(&labels).inc();
     }
+    caller.admission.write_headers(response.headers_mut());
+    response
+}
+
+/// What the router learnt of the caller, for the answer's headers and metrics.
+#[derive(Default)]
+struct Caller {
+    tenant: Option<Arc<Tenant>>,
+    /// The pool's model, once known.
+    model: String,
+    admission: Admission,
 }
 
 fn count(state: &RouterState, model: &str, status: StatusCode) {
     let labels = ModelStatus { model: model.to_string(), status: status.as_u16() };
     state.metrics().requests.get_or_create(&labels).inc();
+}
+
+/// Admits the tenant's request under its limits, or refuses it (429, or 503
+/// when the shared store is down and the router fails closed).
+async fn admit(
+    state: &RouterState,
+    tenant: &Arc<Tenant>,
+    request_id: &str,
+    caller: &mut Caller,
+) -> Result<Running, RouterError> {
+    match state.inner.tenancy.quotas.admit(tenant, request_id).await {
+        Decision::Admitted(admission, running) => {
+            caller.admission = admission;
+            Ok(running)
+        }
+        Decision::Refused(admission, refusal) => {
+            caller.admission = admission;
+            let labels = TenantModelLimit {
+                tenant: tenant.name.clone(),
+                model: caller.model.clone(),
+                limit: refusal.which.label(),
+            };
+            state.metrics().tenant_rate_limited.get_or_create(&labels).inc();
+            let limit = match refusal.which {
+                super::quota::Which::Requests => tenant.limits.requests_per_minute.map(u64::from),
+                super::quota::Which::Tokens => tenant.limits.tokens_per_minute,
+                super::quota::Which::Concurrency => tenant.limits.concurrent_requests.map(u64::from),
+            };
+            Err(RouterError::rate_limited(&tenant.name, &refusal, limit.unwrap_or(0)))
+        }
+        Decision::StoreDown => Err(RouterError::quota_store_unavailable()),
+    }
 }
 
 async fn route(
@@ -151,15 +266,41 @@ async fn route(
     headers: &HeaderMap,
     body: Body,
     access: Access,
+    caller: &mut Caller,
 ) -> Result<Response, (String, RouterError)> {
     let unknown = || "unknown".to_string();
     if !state.is_synced() {
         return Err((unknown(), RouterError::not_ready()));
     }
+    let tenant = state.authenticate(headers).map_err(|e| (unknown(), e))?;
+    if let Some(tenant) = &tenant {
+        access.tenant(&tenant.name);
+    }
+    caller.tenant = tenant.clone();
+    caller.model = unknown();
     let limit = state.inner.settings.max_body_bytes;
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| (unknown(), RouterError::body_too_large(limit)))?;
     let model = requested_model(&bytes).map_err(|e| (unknown(), e))?;
     access.model(&model);
+    // With tenants, a stream is asked for its usage (taken out again below
+    // when the client did not ask for it), and the request is admitted under
+    // the tenant's limits before it is held or sent on.
+    let mut metered = None;
+    let (bytes, strip_usage) = match &tenant {
+        Some(tenant) => {
+            check_access(state.routes(), tenant, &model).map_err(|e| (unknown(), e))?;
+            if let Some(pool) = state.routes().current().lookup(&model) {
+                caller.model = pool.model.clone();
+            }
+            let running = admit(state, tenant, access.request_id(), caller).await.map_err(|e| (unknown(), e))?;
+            metered = Some((tenant.clone(), running));
+            match usage::with_usage_reported(&bytes) {
+                Some((body, asked)) => (Bytes::from(body), !asked),
+                None => (bytes, false),
+            }
+        }
+        None => (bytes, false),
+    };
     let pool = pool_with_endpoints(state, &model).await?;
     // An alias reaches the worker as the pool's served name; the answer names the alias again.
     let client_model = (model != pool.model).then_some(model.as_str());
@@ -187,7 +328,7 @@ async fn route(
             .inner
             .client
             .post(format!("{}{path}", endpoint.url))
-            .headers(forwarded(headers))
+            .headers(forwarded(headers, state.upstream_authorization(headers)))
             .body(bytes.clone())
             .send()
             .await;
@@ -205,7 +346,14 @@ async fn route(
                 count(state, &pool.model, answer.status());
                 let first_byte = (started, state.metrics().time_to_first_byte.clone());
                 access.relaying();
-                return Ok(relay(answer, (guard, gauge), access, first_byte, client_model));
+                let charge = metered.take().map(|(tenant, running)| Charge {
+                    quotas: state.inner.tenancy.quotas.clone(),
+                    tenant,
+                    model: pool.model.clone(),
+                    tokens: state.metrics().tenant_tokens.clone(),
+                    _running: running,
+                });
+                return Ok(relay(answer, (guard, gauge), access, first_byte, client_model, charge, strip_usage));
             }
             // Nothing reached the worker: another one may take the request.
             Err(e) if e.is_connect() => {
@@ -305,16 +453,46 @@ const HOP_BY_HOP: [&str; 9] = [
     "host",
 ];
 
-/// The caller's headers for the worker (`x-request-id` among them).
-fn forwarded(headers: &HeaderMap) -> HeaderMap {
+/// The caller's headers for the worker (`x-request-id` among them), with
+/// `authorization` as the worker is to get it.
+fn forwarded(headers: &HeaderMap, authorization: Option<HeaderValue>) -> HeaderMap {
     let mut out = HeaderMap::new();
     for (name, value) in headers {
-        if HOP_BY_HOP.contains(&name.as_str()) || name == header::CONTENT_LENGTH {
+        if HOP_BY_HOP.contains(&name.as_str()) || name == header::CONTENT_LENGTH || name == header::AUTHORIZATION {
             continue;
         }
         out.append(name.clone(), value.clone());
     }
+    if let Some(value) = authorization {
+        out.insert(header::AUTHORIZATION, value);
+    }
     out
+}
+
+/// What an admitted tenant request owes once its answer ends: its tokens to
+/// the tenant's budget and usage metrics; it stops counting as running.
+struct Charge {
+    quotas: Arc<Quotas>,
+    tenant: Arc<Tenant>,
+    model: String,
+    tokens: prometheus_client::metrics::family::Family<TenantModelKind, prometheus_client::metrics::counter::Counter>,
+    _running: Running,
+}
+
+impl Charge {
+    fn settle(self, used: usage::Usage) {
+        for (kind, n) in [("prompt", used.prompt), ("cached", used.cached), ("completion", used.completion)] {
+            let labels = TenantModelKind { tenant: self.tenant.name.clone(), model: self.model.clone(), kind };
+            self.tokens.get_or_create(&labels).inc_by(n);
+        }
+        let total = used.total();
+        if total > 0 && self.tenant.limits.tokens_per_minute.is_some() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let (quotas, tenant) = (self.quotas.clone(), self.tenant.clone());
+                runtime.spawn(async move { quotas.charge(&tenant, total).await });
+            }
+        }
+    }
 }
 
 /// Keeps the per-model in-flight gauge up while a request is relayed.
@@ -340,8 +518,16 @@ fn relay(
     access: Access,
     first_byte: (Instant, Histogram),
     client_model: Option<&str>,
+    charge: Option<Charge>,
+    strip_usage: bool,
 ) -> Response {
     let status = answer.status();
+    let prompt_tokens = answer
+        .headers()
+        .get(PROMPT_TOKENS_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let mut headers = HeaderMap::new();
     for (name, value) in answer.headers() {
         if HOP_BY_HOP.contains(&name.as_str()) || name == header::CONTENT_LENGTH {
@@ -360,6 +546,7 @@ fn relay(
         first_byte: Some(first_byte),
         sse,
         renamer: client_model.map(|name| Renamer::new(name, sse)),
+        meter: charge.map(|charge| (Meter::new(sse, strip_usage, prompt_tokens), charge)),
         done: false,
     };
     let mut response = Response::new(Body::from_stream(body));
@@ -379,7 +566,45 @@ struct Relayed {
     first_byte: Option<(Instant, Histogram)>,
     sse: bool,
     renamer: Option<Renamer>,
+    /// A tenant's answer: its usage is read as it passes and charged at the end.
+    meter: Option<(Meter, Charge)>,
     done: bool,
+}
+
+impl Relayed {
+    /// A chunk from the worker, as it goes on to the client.
+    fn pass(&mut self, bytes: Bytes) -> Bytes {
+        let bytes = match self.meter.as_mut() {
+            Some((meter, _)) => meter.push(bytes),
+            None => bytes,
+        };
+        match self.renamer.as_mut() {
+            Some(renamer) if !bytes.is_empty() => renamer.push(&bytes),
+            _ => bytes,
+        }
+    }
+
+    /// The end of the worker's body: whatever is still held back.
+    fn finish(&mut self) -> Vec<u8> {
+        let held = self.meter.as_mut().map(|(meter, _)| meter.finish()).unwrap_or_default();
+        let mut out = Vec::new();
+        match self.renamer.as_mut() {
+            Some(renamer) => {
+                out.extend_from_slice(&renamer.push(&held));
+                out.extend_from_slice(&renamer.finish());
+            }
+            None => out.extend_from_slice(&held),
+        }
+        out
+    }
+}
+
+impl Drop for Relayed {
+    fn drop(&mut self) {
+        if let Some((meter, charge)) = self.meter.take() {
+            charge.settle(meter.usage());
+        }
+    }
 }
 
 impl Stream for Relayed {
@@ -395,11 +620,8 @@ impl Stream for Relayed {
                     if let Some((started, ttfb)) = self.first_byte.take() {
                         ttfb.observe(started.elapsed().as_secs_f64());
                     }
-                    let bytes = match self.renamer.as_mut() {
-                        Some(renamer) => renamer.push(&bytes),
-                        None => bytes,
-                    };
-                    // A renamer may hold a chunk back until its line completes.
+                    let bytes = self.pass(bytes);
+                    // A renamer or meter may hold a chunk back until its line completes.
                     if !bytes.is_empty() {
                         return Poll::Ready(Some(Ok(bytes)));
                     }
@@ -410,7 +632,7 @@ impl Stream for Relayed {
                     if !self.sse {
                         return Poll::Ready(Some(Err(std::io::Error::other(e))));
                     }
-                    let mut held = self.renamer.as_mut().map(Renamer::finish).map(Vec::from).unwrap_or_default();
+                    let mut held = self.finish();
                     let error = RouterError::upstream(format!("the stream broke off: {e}"));
                     held.extend_from_slice(format!("\n\ndata: {}\n\n", error.json()).as_bytes());
                     return Poll::Ready(Some(Ok(Bytes::from(held))));
@@ -418,9 +640,9 @@ impl Stream for Relayed {
                 Poll::Ready(None) => {
                     self.done = true;
                     self.access.relayed();
-                    let held = self.renamer.as_mut().map(Renamer::finish).unwrap_or_default();
+                    let held = self.finish();
                     if !held.is_empty() {
-                        return Poll::Ready(Some(Ok(held)));
+                        return Poll::Ready(Some(Ok(Bytes::from(held))));
                     }
                 }
                 Poll::Pending => return Poll::Pending,

@@ -90,6 +90,13 @@ pub struct Pool {
     pub(crate) rotation: AtomicUsize,
 }
 
+impl Pool {
+    /// The names clients may call the pool by: its model and its aliases.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.model.as_str()).chain(self.aliases.iter().map(String::as_str))
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct RouteTable {
     by_name: HashMap<String, Arc<Pool>>,

@@ -9,7 +9,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
-use super::proxy::{RouterSettings, RouterState};
+use super::proxy::{RouterSettings, RouterState, Tenancy};
 use super::table::{PoolSpec, Routes};
 
 type Answer = Arc<dyn Fn(&Value) -> Response + Send + Sync>;
@@ -94,7 +94,7 @@ async fn router_and_routes(pools: Vec<PoolSpec>, settings: RouterSettings) -> (S
     let _ = rustls::crypto::ring::default_provider().install_default();
     let routes = Arc::new(Routes::default());
     routes.update(pools);
-    let state = RouterState::new(routes.clone(), reqwest::Client::new(), settings);
+    let state = RouterState::new(routes.clone(), reqwest::Client::new(), settings, Tenancy::default());
     state.set_synced();
     (serve(super::app(state.clone())).await, routes, state)
 }

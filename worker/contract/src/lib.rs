@@ -14,6 +14,11 @@ mod schema;
 pub mod source;
 pub mod stopping;
 
+/// Response header of a worker's streamed chat completion: the prompt's token
+/// count. The router charges it to a tenant whose client leaves before the
+/// stream's closing usage chunk.
+pub const PROMPT_TOKENS_HEADER: &str = "x-kandle-prompt-tokens";
+
 pub use model_info::ModelInfo;
 pub use sampling::{Interval, OutOfRange, SamplingDefaults};
 pub use source::{SourceError, SourceUrl};

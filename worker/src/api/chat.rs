@@ -78,7 +78,9 @@ async fn run(state: AppState, tally: TokenTally, body: Body, flavor: Flavor) -> 
     state.metrics().prompt_tokens.inc_by(prepared.prompt_tokens as u64);
     tally.prompt(prepared.prompt_tokens);
     if req.stream {
-        Ok(stream(state, meta, prepared.events, tally).into_response())
+        let mut response = stream(state, meta, prepared.events, tally).into_response();
+        response.headers_mut().insert(kandle_contract::PROMPT_TOKENS_HEADER, prepared.prompt_tokens.into());
+        Ok(response)
     } else {
         let completion = collect(&state, meta, prepared.events).await?;
         tally.completion(completion.usage.completion_tokens);

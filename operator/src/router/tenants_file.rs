@@ -1,0 +1,110 @@
+//! The router's tenants, from `--tenants FILE` (YAML in the [`TenantsFile`]
+//! shape: written by hand, or by the controller from Tenant resources into a
+//! Secret mounted as the file), read again every second. A file that does not
+//! parse or validate is refused whole and logged once: the last good set stays
+//! in force. Until a first good set is read, API requests get 503: a router
+//! told to enforce tenants never serves without them.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::tenants::{TenantSet, TenantsFile};
+
+#[derive(Debug, Default)]
+pub struct Tenants {
+    current: RwLock<Option<Arc<TenantSet>>>,
+    /// Why the file's current text is not in force, if it is not.
+    problem: RwLock<Option<String>>,
+}
+
+impl Tenants {
+    /// The set in force; `None` until a good file was read.
+    pub fn current(&self) -> Option<Arc<TenantSet>> {
+        self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// What is wrong with the file as it is now, if anything.
+    pub fn problem(&self) -> Option<String> {
+        self.problem.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    fn set_problem(&self, problem: Option<String>) {
+        *self.problem.write().unwrap_or_else(std::sync::PoisonError::into_inner) = problem;
+    }
+
+    /// Takes the file's text: puts it in force, or keeps the last good set and says why.
+    fn load(&self, path: &Path, text: Result<String, String>) {
+        match text.and_then(|text| parse(&text)) {
+            Ok(set) => {
+                tracing::info!(
+                    path = %path.display(),
+                    tenants = set.tenants().len(),
+                    keys = set.key_count(),
+                    "tenants loaded"
+                );
+                *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(set));
+                self.set_problem(None);
+            }
+            Err(problem) => {
+                let kept = if self.current().is_some() {
+                    "the last good set stays in force"
+                } else {
+                    "no set was ever loaded: API requests get 503"
+                };
+                tracing::error!(path = %path.display(), error = %problem, "tenants file refused; {kept}");
+                self.set_problem(Some(problem));
+            }
+        }
+    }
+}
+
+/// Parses and validates a tenants file; every problem in one message.
+pub fn parse(text: &str) -> Result<TenantSet, String> {
+    let file: TenantsFile = serde_yaml::from_str(text).map_err(|e| format!("not a tenants file: {e}"))?;
+    TenantSet::build(&file).map_err(|problems| problems.join("; "))
+}
+
+fn read(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+/// Loads the file now, then again whenever its text changes (checked every
+/// `interval`). A missing or bad file does not stop the router: it answers
+/// 503 until the file is good.
+pub fn load_and_watch(path: PathBuf, tenants: Arc<Tenants>, interval: Duration) {
+    let mut last = read(&path);
+    tenants.load(&path, last.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(interval).await;
+            let text = read(&path);
+            if text != last {
+                tenants.load(&path, text.clone());
+                last = text;
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_file_keeps_the_last_good_set() {
+        let tenants = Tenants::default();
+        let path = Path::new("tenants.yaml");
+        tenants.load(path, Err("cannot read tenants.yaml: missing".into()));
+        assert!(tenants.current().is_none());
+        assert!(tenants.problem().is_some_and(|p| p.contains("missing")));
+        tenants.load(path, Ok("tenants:\n  - {name: a, keys: [k1], models: ['*']}\n".into()));
+        assert!(tenants.current().is_some_and(|s| s.authenticate("k1").is_some()));
+        assert_eq!(tenants.problem(), None);
+        tenants.load(path, Ok("tenants:\n  - {name: a, keys: [k2, k2], models: ['*']}\n".into()));
+        assert!(tenants.current().is_some_and(|s| s.authenticate("k1").is_some()), "the good set stays");
+        assert!(tenants.problem().is_some_and(|p| p.contains("listed twice")));
+        tenants.load(path, Ok("tenants: {}".into()));
+        assert!(tenants.problem().is_some_and(|p| p.starts_with("not a tenants file")));
+    }
+}
