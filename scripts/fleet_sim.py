@@ -9,8 +9,10 @@ Every model is SmolLM2-135M Q4_1 under its own name. A scaler loop reads the
 router's and workers' /metrics as the operator does (demand = held + the larger
 of the router's requests in flight and the workers' running + waiting), asks
 `kandle-operator decide` (the operator's own decision function as a line
-filter), and applies the answer: a new worker joins the route file once it is
-ready; a worker leaving is taken out of the file, then gets SIGTERM and drains.
+filter) every interval, and at once when the router holds a request for a pool
+at zero (checked every second, as the operator does), and applies the answer:
+a new worker joins the route file once it is ready; a worker leaving is taken
+out of the file, then gets SIGTERM and drains.
 Durations are shortened (scale-down delay, idle time before zero, decision
 interval) so that a few minutes show every transition.
 
@@ -42,6 +44,7 @@ from conftest import Router, Worker, operator_binary, smollm2_path, use_binaries
 
 KEY = "sk-fleet-sim"
 ROUTE_RELOAD_S = 1.0  # the router re-reads its route file every second
+WAKE_S = 1.0  # between rounds, held requests for a pool at zero start one (as the operator does)
 SAMPLE = re.compile(r'^([a-z_:]+)\{model(?:_name)?="([^"]+)"[^}]*\} ([0-9.e+-]+)$')
 
 
@@ -194,6 +197,16 @@ class Fleet:
             for _ in range(answer["replicas"], replicas):
                 self.stop_worker(pool)
 
+    def held_at_zero(self, router_url: str) -> bool:
+        """Whether the router holds a request for a pool at zero (the operator
+        checks this every second, between its rounds)."""
+        with self.lock:
+            at_zero = [p.model for p in self.pools.values() if not p.starting and not p.ready]
+        if not at_zero:
+            return False
+        held = scrape(router_url)
+        return any(held.get(("kandle_router_held", model), 0) > 0 for model in at_zero)
+
     def replica_seconds(self, end: float) -> float:
         return sum((exited or end) - started for started, exited in self.lifetimes)
 
@@ -254,6 +267,7 @@ def run_pass(models: list[str], scaling: dict, plan: list[tuple[float, str]], du
             fleet.events.clear()
             pending = list(plan)
             next_tick = start + interval
+            next_wake = start + WAKE_S
             while time.monotonic() - start < duration or any(c.is_alive() for c in clients):
                 now = time.monotonic()
                 while pending and pending[0][0] <= now - start:
@@ -264,6 +278,10 @@ def run_pass(models: list[str], scaling: dict, plan: list[tuple[float, str]], du
                 if now >= next_tick:
                     fleet.tick(router.base_url)
                     next_tick += interval
+                elif now >= next_wake:
+                    next_wake = now + WAKE_S
+                    if fleet.held_at_zero(router.base_url):
+                        fleet.tick(router.base_url)
                 time.sleep(0.02)
             end = time.monotonic()
             replica_seconds = fleet.replica_seconds(end) - sum(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -53,6 +55,29 @@ def smollm2_path() -> pathlib.Path:
         [str(ROOT / "scripts" / "fetch-smollm2.sh")], check=True, capture_output=True, text=True
     )
     return pathlib.Path(out.stdout.strip())
+
+
+def start_redis(directory: pathlib.Path) -> tuple[subprocess.Popen, str]:
+    """A throwaway redis-server (or valkey-server) on a free local port, keeping
+    nothing on disk; returns the process and its URL."""
+    binary = shutil.which("redis-server") or shutil.which("valkey-server")
+    if not binary:
+        raise RuntimeError("redis-server is not installed (scripts/test.sh installs Debian's)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, f"redis://127.0.0.1:{port}"
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("redis-server did not start") from None
+            time.sleep(0.05)
 
 
 class Service:

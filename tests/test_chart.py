@@ -102,9 +102,39 @@ def test_non_default_values():
     find(objects, "Service", "kandle-controller-metrics")
 
 
+def test_tenants_values():
+    values = {"tenants": {"enabled": True},
+              "router": {"upstreamKeySecret": {"name": "router-key", "key": "token"},
+                         "quotaStore": {"urlSecret": {"name": "redis", "key": "url"}, "failure": "closed"}}}
+    objects = docs(render(values))
+    controller = container(find(objects, "Deployment", "kandle-controller"))
+    assert controller["args"][-2:] == ["--tenants-secret", "kandle-tenants"]
+    router = find(objects, "Deployment", "kandle-router")
+    c = container(router)
+    args = c["args"]
+    assert args[args.index("--tenants") + 1] == "/etc/kandle/tenants/tenants.yaml"
+    assert args[args.index("--upstream-key-file") + 1] == "/etc/kandle/upstream-key/token"
+    assert args[args.index("--quota-store-failure") + 1] == "closed"
+    store = next(e for e in c["env"] if e["name"] == "KANDLE_QUOTA_STORE")
+    assert store["valueFrom"]["secretKeyRef"] == {"name": "redis", "key": "url"}
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["tenants"]["mountPath"] == "/etc/kandle/tenants" and mounts["tenants"]["readOnly"]
+    volumes = {v["name"]: v for v in router["spec"]["template"]["spec"]["volumes"]}
+    # The controller writes it: optional, so routers start (and answer 503) before it exists.
+    assert volumes["tenants"]["secret"] == {"secretName": "kandle-tenants", "optional": True}
+    assert volumes["upstream-key"]["secret"] == {"secretName": "router-key"}
+    # Without tenants, the quota store is not passed (the router requires tenants for it).
+    plain = container(find(docs(render({"router": {"quotaStore": {"url": "redis://r:6379"}}})), "Deployment",
+                           "kandle-router"))
+    assert "--tenants" not in plain["args"] and "KANDLE_QUOTA_STORE" not in {e["name"] for e in plain["env"]}
+
+
 @pytest.mark.parametrize(
     "values",
     [
+        {"router": {"quotaStore": {"failure": "maybe"}}},
+        {"router": {"quotaStore": {"url": "http://redis:6379"}}},
+        {"tenants": {"enabled": "yes"}},
         {"logLevel": "loud"},
         {"controller": {"replicas": 0}},
         {"router": {"service": {"type": "ExternalName"}}},
@@ -119,9 +149,12 @@ def test_values_schema_rejects_bad_values(values):
 
 
 def test_chart_crds_are_the_generated_ones():
-    generated = (ROOT / "crds" / "modeldeployments.kandle.dev.yaml").read_text()
-    in_chart = (CHART / "crds" / "modeldeployments.kandle.dev.yaml").read_text()
-    assert in_chart == generated, "copy crds/*.yaml into charts/kandle/crds/"
+    generated = sorted(p.name for p in (ROOT / "crds").glob("*.yaml"))
+    assert generated == ["modeldeployments.kandle.dev.yaml", "tenants.kandle.dev.yaml"]
+    assert sorted(p.name for p in (CHART / "crds").glob("*.yaml")) == generated
+    for name in generated:
+        assert (CHART / "crds" / name).read_text() == (ROOT / "crds" / name).read_text(), \
+            "copy crds/*.yaml into charts/kandle/crds/"
 
 
 def test_sample_manifests_are_valid():

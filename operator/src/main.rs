@@ -130,6 +130,10 @@ struct ControllerArgs {
     /// Time between two autoscaling decisions (`15s`, `1m`; a bare number is seconds).
     #[arg(long, env = "KANDLE_SCALE_INTERVAL", default_value = "10s", value_parser = kandle_operator::duration::parse)]
     scale_interval: Duration,
+    /// Compile the Tenant resources and their keys into this Secret (in the
+    /// operator's namespace), which the routers mount as their `--tenants` file.
+    #[arg(long, env = "KANDLE_TENANTS_SECRET")]
+    tenants_secret: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -207,6 +211,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         router_namespace: args.lease_namespace.clone(),
         router_selector: args.router_selector,
         scale_interval: args.scale_interval,
+        tenants_secret: args.tenants_secret,
     };
     let mut stop = stop_rx.clone();
     let controller = tokio::spawn(controller::run(client, config, metrics.clone(), async move {

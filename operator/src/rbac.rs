@@ -30,6 +30,10 @@ pub fn controller_rules() -> Vec<PolicyRule> {
         // no list or watch, so the controller cannot enumerate Secrets.
         rule("", &["secrets"], &["get"]),
         rule("events.k8s.io", &["events"], &["create", "patch"]),
+        // Tenants are compiled, with their key Secrets (read by name, above),
+        // into the routers' tenants file.
+        rule("kandle.dev", &["tenants"], &["get", "list", "watch"]),
+        rule("kandle.dev", &["tenants/status"], &["get", "patch"]),
     ]
 }
 
@@ -42,10 +46,15 @@ pub fn router_rules() -> Vec<PolicyRule> {
     ]
 }
 
-/// Rules in the operator's own namespace: the leader-election Lease, and the
-/// router pods whose `/metrics` the autoscaler reads.
+/// Rules in the operator's own namespace: the leader-election Lease, the
+/// router pods whose `/metrics` the autoscaler reads, and the Secret holding
+/// the routers' tenants file.
 pub fn leader_election_rules() -> Vec<PolicyRule> {
-    vec![rule("coordination.k8s.io", &["leases"], &["get", "create", "update"]), rule("", &["pods"], &["get", "list"])]
+    vec![
+        rule("coordination.k8s.io", &["leases"], &["get", "create", "update"]),
+        rule("", &["pods"], &["get", "list"]),
+        rule("", &["secrets"], &["get", "create", "patch"]),
+    ]
 }
 
 #[derive(Serialize)]

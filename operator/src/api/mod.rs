@@ -3,6 +3,7 @@
 mod checked;
 mod spec;
 mod status;
+mod tenant;
 
 pub use checked::{Checked, Undecodable};
 pub use kandle_contract::SamplingDefaults;
@@ -11,6 +12,7 @@ pub use spec::{
     SourceCache, DURATION, LABEL_VALUE,
 };
 pub use status::{ModelDeploymentStatus, ModelInfo, ScalingStatus};
+pub use tenant::{Tenant, TenantSpec, TenantStatus};
 
 impl ModelDeployment {
     /// The name clients send: spec.model, else metadata.name.

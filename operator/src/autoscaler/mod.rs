@@ -10,7 +10,7 @@ pub mod decide;
 pub mod lines;
 pub mod signals;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
@@ -30,6 +30,9 @@ use signals::RouterLoad;
 pub const FIELD_MANAGER: &str = "kandle-operator-autoscaler";
 /// Time one pod has to answer `/metrics`.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the routers are asked whether they hold requests for a pool at
+/// zero (their `/metrics` only: no API call).
+const WAKE_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct AutoscalerConfig {
@@ -52,14 +55,20 @@ pub async fn run(
     let mut scaler = Autoscaler::new(client, config.clone(), events);
     let mut tick = tokio::time::interval(config.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut wake = tokio::time::interval(WAKE_INTERVAL);
+    wake.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
-        tokio::select! {
+        let round = tokio::select! {
             () = &mut shutdown => return,
-            _ = tick.tick() => {
-                if let Err(e) = scaler.tick(Instant::now()).await {
-                    tracing::warn!(error = crate::telemetry::short(&e.to_string()), "autoscaler round failed");
-                }
+            _ = tick.tick() => true,
+            // A request held for a pool at zero starts a round at once rather
+            // than at the next interval: it waits for the pool's cold start only.
+            _ = wake.tick() => scaler.held_at_zero().await,
+        };
+        if round {
+            if let Err(e) = scaler.tick(Instant::now()).await {
+                tracing::warn!(error = crate::telemetry::short(&e.to_string()), "autoscaler round failed");
             }
         }
     }
@@ -72,11 +81,35 @@ pub struct Autoscaler {
     http: reqwest::Client,
     /// Per pool (`namespace/name`), the demand seen in earlier rounds.
     histories: HashMap<String, History>,
+    /// Served models of the pools with scaling that the last round left at zero.
+    at_zero: HashSet<String>,
+    /// The routers' `/metrics` as the last round listed them.
+    router_urls: Vec<String>,
 }
 
 impl Autoscaler {
     pub fn new(client: kube::Client, config: AutoscalerConfig, events: EventPublisher) -> Self {
-        Self { client, config, events, http: reqwest::Client::new(), histories: HashMap::new() }
+        Self {
+            client,
+            config,
+            events,
+            http: reqwest::Client::new(),
+            histories: HashMap::new(),
+            at_zero: HashSet::new(),
+            router_urls: Vec::new(),
+        }
+    }
+
+    /// Whether a router holds requests for a pool the last round left at zero.
+    pub async fn held_at_zero(&self) -> bool {
+        if self.at_zero.is_empty() {
+            return false;
+        }
+        let mut by_model = HashMap::new();
+        for text in join_all(self.router_urls.iter().map(|url| self.scrape(url.clone()))).await.into_iter().flatten() {
+            signals::add_router(&signals::parse(&text), &mut by_model);
+        }
+        self.at_zero.iter().any(|model| by_model.get(model).is_some_and(|load: &RouterLoad| load.held > 0))
     }
 
     /// One round: observe every pool with scaling, decide, apply the changes.
@@ -94,6 +127,7 @@ impl Autoscaler {
             .filter(|md| md.spec.scaling.is_some())
             .collect();
         self.histories.retain(|key, _| scaled.iter().any(|md| pool_key(md) == *key));
+        self.at_zero.clear();
         if scaled.is_empty() {
             return Ok(());
         }
@@ -115,11 +149,19 @@ impl Autoscaler {
             );
             let current = u32::try_from(md.spec.replicas).unwrap_or(0);
             let decision = decide(&policy, current, demand, self.histories.entry(key.clone()).or_default(), now);
-            if decision.change == Change::None {
-                continue;
-            }
-            if let Err(e) = self.apply(md, &decision).await {
-                tracing::warn!(pool = %key, error = %e, "cannot scale");
+            let after = if decision.change == Change::None {
+                current
+            } else {
+                match self.apply(md, &decision).await {
+                    Ok(()) => decision.replicas,
+                    Err(e) => {
+                        tracing::warn!(pool = %key, error = %e, "cannot scale");
+                        current
+                    }
+                }
+            };
+            if after == 0 {
+                self.at_zero.insert(md.served_model());
             }
         }
         Ok(())
@@ -153,14 +195,13 @@ impl Autoscaler {
         Ok(())
     }
 
-    /// Every router's report, added up per served model.
-    async fn router_loads(&self) -> Result<HashMap<String, RouterLoad>> {
+    /// Every router's report, added up per served model (the routers' URLs are kept for [`Self::held_at_zero`]).
+    async fn router_loads(&mut self) -> Result<HashMap<String, RouterLoad>> {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.config.router_namespace);
         let listed = pods.list(&ListParams::default().labels(&self.config.router_selector)).await?.items;
+        self.router_urls = listed.iter().filter_map(metrics_url).collect();
         let mut by_model = HashMap::new();
-        for text in
-            join_all(listed.iter().filter_map(metrics_url).map(|url| self.scrape(url))).await.into_iter().flatten()
-        {
+        for text in join_all(self.router_urls.iter().map(|url| self.scrape(url.clone()))).await.into_iter().flatten() {
             signals::add_router(&signals::parse(&text), &mut by_model);
         }
         Ok(by_model)

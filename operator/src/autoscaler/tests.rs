@@ -53,6 +53,15 @@ async fn router_metrics(text: Arc<Mutex<String>>) -> u16 {
     port
 }
 
+fn config() -> AutoscalerConfig {
+    AutoscalerConfig {
+        namespace: None,
+        router_namespace: OPERATOR_NS.into(),
+        router_selector: "app.kubernetes.io/name=kandle-router".into(),
+        interval: Duration::from_secs(10),
+    }
+}
+
 /// The API group, resource and verb of a recorded call, for the RBAC check.
 fn access(r: &Recorded) -> (String, String, String) {
     let parts: Vec<&str> = r.path.trim_start_matches('/').split('/').collect();
@@ -106,12 +115,7 @@ async fn held_requests_scale_a_pool_up_from_zero() {
         ("POST", "/apis/events.k8s.io/v1/namespaces/ml/events") => (201, body.clone()),
         _ => (404, json!({"kind": "Status", "code": 404})),
     });
-    let config = AutoscalerConfig {
-        namespace: None,
-        router_namespace: OPERATOR_NS.into(),
-        router_selector: "app.kubernetes.io/name=kandle-router".into(),
-        interval: Duration::from_secs(10),
-    };
+    let config = config();
     let events = EventPublisher::new(client.clone(), crate::FIELD_MANAGER.into(), "test".into());
     let mut scaler = Autoscaler::new(client, config, events);
     let t0 = Instant::now();
@@ -149,4 +153,28 @@ async fn held_requests_scale_a_pool_up_from_zero() {
     scaler.tick(t0 + Duration::from_secs(60)).await.expect("round");
     let after = log.lock().expect("log").clone();
     assert!(after[before..].iter().all(|r| r.method == Method::GET), "no change within the delay");
+}
+
+#[tokio::test]
+async fn a_request_held_for_a_pool_at_zero_is_seen_between_rounds() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let metrics = Arc::new(Mutex::new("kandle_router_held{model=\"smollm2\"} 0\n".to_string()));
+    let router_port = router_metrics(metrics.clone()).await;
+    let router_pod = pod("router-1", OPERATOR_NS, json!({"app.kubernetes.io/name": "kandle-router"}), router_port);
+    let (client, log) = fake_api::client(move |method, path, _| match (method.as_str(), path) {
+        ("GET", "/apis/kandle.dev/v1alpha1/modeldeployments") => (200, fake_api::list(&[md(0)])),
+        ("GET", "/api/v1/namespaces/kandle-system/pods") => (200, fake_api::list(std::slice::from_ref(&router_pod))),
+        ("GET", "/api/v1/pods") => (200, fake_api::list(&[])),
+        _ => (404, json!({"kind": "Status", "code": 404})),
+    });
+    let config = config();
+    let events = EventPublisher::new(client.clone(), crate::FIELD_MANAGER.into(), "test".into());
+    let mut scaler = Autoscaler::new(client, config, events);
+    assert!(!scaler.held_at_zero().await, "nothing known before a first round");
+    scaler.tick(Instant::now()).await.expect("round");
+    assert!(!scaler.held_at_zero().await, "at zero, nothing held");
+    let calls = log.lock().expect("log").len();
+    *metrics.lock().expect("lock") = "kandle_router_held{model=\"smollm2\"} 1\n".into();
+    assert!(scaler.held_at_zero().await, "a held request wakes the scaler");
+    assert_eq!(log.lock().expect("log").len(), calls, "the check asks only the routers, not the API server");
 }

@@ -37,6 +37,8 @@ const RESYNC: Duration = Duration::from_secs(300);
 /// How soon an invalid one is retried (a missing Secret may appear: Secrets are
 /// not watched, so that the controller needs no list or watch on them).
 const RETRY_INVALID: Duration = Duration::from_secs(30);
+/// How often Tenants' key Secrets are read again (they are not watched).
+const TENANT_KEYS_INTERVAL: Duration = Duration::from_secs(10);
 
 pub async fn reconcile(object: Arc<Checked<ModelDeployment>>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
@@ -150,6 +152,9 @@ pub struct ControllerConfig {
     pub router_namespace: String,
     pub router_selector: String,
     pub scale_interval: Duration,
+    /// The Secret (in `router_namespace`) the Tenants are compiled into;
+    /// `None`: Tenants are not compiled.
+    pub tenants_secret: Option<String>,
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -166,6 +171,18 @@ pub async fn run(
     let controller = Controller::new(mds, watcher::Config::default());
     let owned = watcher::Config::default().labels(&format!("{}={}", crate::labels::MANAGED_BY, crate::labels::MANAGER));
     let events = events::EventPublisher::new(client.clone(), crate::FIELD_MANAGER.into(), config.identity);
+    let tenants = config.tenants_secret.clone().map(|secret_name| {
+        tokio::spawn(crate::tenants::controller::run(
+            client.clone(),
+            crate::tenants::controller::TenantsConfig {
+                namespace: config.namespace.clone(),
+                secret_namespace: config.router_namespace.clone(),
+                secret_name,
+                interval: TENANT_KEYS_INTERVAL,
+            },
+            shutdown.clone(),
+        ))
+    });
     let autoscaler = tokio::spawn(crate::autoscaler::run(
         client.clone(),
         crate::autoscaler::AutoscalerConfig {
@@ -196,6 +213,12 @@ pub async fn run(
         .await;
     if let Err(e) = autoscaler.await {
         tracing::error!(error = %e, "autoscaler task failed");
+    }
+    if let Some(Err(e)) = match tenants {
+        Some(task) => Some(task.await),
+        None => None,
+    } {
+        tracing::error!(error = %e, "tenants task failed");
     }
 }
 

@@ -582,6 +582,7 @@ async fn one_undecodable_object_does_not_stop_the_controller() {
         router_namespace: "kandle-system".into(),
         router_selector: "app.kubernetes.io/name=kandle-router".into(),
         scale_interval: Duration::from_secs(10),
+        tenants_secret: None,
     };
     let controller = tokio::spawn(super::run(client, config, Arc::new(Metrics::default()), async move {
         let _ = stopped.await;

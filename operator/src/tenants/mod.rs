@@ -6,6 +6,9 @@
 //! name used twice, a limit of zero: the file is refused, never half-used) and
 //! finds the tenant of a key by comparing SHA-256 digests in constant time.
 
+pub mod compile;
+pub mod controller;
+
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
