@@ -56,9 +56,9 @@ def one_request(conn: http.client.HTTPConnection) -> float:
     conn.request("POST", "/v1/chat/completions", body=body,
                  headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
     response = conn.getresponse()
-    response.read()
+    answer = response.read()
     if response.status != expected:
-        raise RuntimeError(f"status {response.status}")
+        raise RuntimeError(f"status {response.status}: {answer[:300]!r}")
     return time.perf_counter() - started
 
 
@@ -74,22 +74,27 @@ def latencies(address: str, n: int) -> list[float]:
     return [one_request(conn) for _ in range(n)]
 
 
-def throughput(address: str, clients: int, seconds: float) -> float:
+def throughput(address: str, clients: int, seconds: float) -> tuple[float, int]:
+    """Requests per second answered as expected, and the count of other answers."""
     done = [0] * clients
+    failed = [0] * clients
     stop = time.perf_counter() + seconds
 
     def client(i: int) -> None:
         conn = connect(address)
         while time.perf_counter() < stop:
-            one_request(conn)
-            done[i] += 1
+            try:
+                one_request(conn)
+                done[i] += 1
+            except RuntimeError:
+                failed[i] += 1
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return sum(done) / seconds
+    return sum(done) / seconds, sum(failed)
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -112,6 +117,7 @@ def main() -> None:
     os.environ["KANDLE_OPERATOR_BIN"] = str(pathlib.Path(args.bin_dir) / "kandle-operator")
 
     results: dict[str, tuple[list[float], float]] = {}
+    failures: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         routes = pathlib.Path(tmp) / "routes.yaml"
         tenants = pathlib.Path(tmp) / "tenants.yaml"
@@ -133,7 +139,8 @@ def main() -> None:
             for name, address in targets.items():
                 results[name] = (latencies(address, args.requests), 0.0)
             for name, address in targets.items():
-                results[name] = (results[name][0], throughput(address, args.concurrency, args.seconds))
+                rps, failures[name] = throughput(address, args.concurrency, args.seconds)
+                results[name] = (results[name][0], rps)
         finally:
             for s in (*routers.values(), worker):
                 s.stop()
@@ -157,6 +164,8 @@ def main() -> None:
             print(f"{name} adds over the plain router: p50 {(pct(lat, 50) - pct(routed, 50)) * 1e3:+.2f} ms, "
                   f"p99 {(pct(lat, 99) - pct(routed, 99)) * 1e3:+.2f} ms")
     print(f"mean direct {statistics.mean(direct) * 1e3:.2f} ms, routed {statistics.mean(routed) * 1e3:.2f} ms")
+    if any(failures.values()):
+        print("answers other than expected under concurrency:", failures)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,10 @@ pub fn pick(
     if candidates.is_empty() {
         return None;
     }
-    let least = candidates.iter().map(|e| e.in_flight()).min().unwrap_or(0);
+    // One reading of each count: they change under concurrent requests, and the
+    // choice below must find the least it computed here.
+    let loads: Vec<usize> = candidates.iter().map(|e| e.in_flight()).collect();
+    let least = loads.iter().copied().min().unwrap_or(0);
     if let Some(key) = affinity {
         // Hash over the pool's full endpoint list, so the choice is stable while
         // endpoints come and go elsewhere.
@@ -36,7 +39,7 @@ pub fn pick(
     }
     let start = pool.rotation.fetch_add(1, Ordering::Relaxed);
     let n = candidates.len();
-    (0..n).map(|i| candidates[(start + i) % n]).find(|e| e.in_flight() == least).cloned()
+    (0..n).map(|i| (start + i) % n).find(|&i| loads[i] == least).map(|i| candidates[i].clone())
 }
 
 /// A stable hash of the conversation's opening, for prefix affinity.
@@ -68,6 +71,31 @@ mod tests {
 
     fn now() -> Instant {
         Instant::now()
+    }
+
+    /// Counts that change while a choice is made never leave a request without
+    /// an endpoint (a re-read count once missed the least it had computed: 503s
+    /// under concurrent load on a healthy pool).
+    #[test]
+    fn an_endpoint_is_always_chosen_while_counts_change() {
+        let p = pool(2);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let churn: Vec<_> = (0..3)
+            .map(|i| {
+                let (p, stop) = (p.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let _guard = p.endpoints[i % 2].start();
+                    }
+                })
+            })
+            .collect();
+        let misses = (0..200_000).filter(|_| pick(&p, &[], None, 0, now()).is_none()).count();
+        stop.store(true, Ordering::Relaxed);
+        for t in churn {
+            t.join().expect("churn thread");
+        }
+        assert_eq!(misses, 0);
     }
 
     #[test]
