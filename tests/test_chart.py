@@ -124,9 +124,13 @@ def test_tenants_values():
     assert volumes["tenants"]["secret"] == {"secretName": "kandle-tenants", "optional": True}
     assert volumes["upstream-key"]["secret"] == {"secretName": "router-key"}
     # Without tenants, the quota store is not passed (the router requires tenants for it).
-    plain = container(find(docs(render({"router": {"quotaStore": {"url": "redis://r:6379"}}})), "Deployment",
-                           "kandle-router"))
-    assert "--tenants" not in plain["args"] and "KANDLE_QUOTA_STORE" not in {e["name"] for e in plain["env"]}
+    # Without tenants neither the quota store nor the router's key is passed
+    # (that key would let anyone reach the workers).
+    plain = container(find(docs(render({"router": {"quotaStore": {"url": "redis://r:6379"},
+                                                   "upstreamKeySecret": {"name": "router-key"}}})),
+                           "Deployment", "kandle-router"))
+    assert "--tenants" not in plain["args"] and "--upstream-key-file" not in plain["args"]
+    assert "KANDLE_QUOTA_STORE" not in {e["name"] for e in plain["env"]} and "volumeMounts" not in plain
 
 
 @pytest.mark.parametrize(

@@ -90,9 +90,10 @@ struct RouterArgs {
     /// Time one call to the quota store may take before it counts as unreachable.
     #[arg(long, env = "KANDLE_QUOTA_STORE_TIMEOUT", default_value = "500ms", value_parser = kandle_operator::duration::parse)]
     quota_store_timeout: Duration,
-    /// File holding the key the router shows workers instead of callers' keys
-    /// (put it in every pool's key Secret), reloaded when it changes.
-    #[arg(long, env = "KANDLE_UPSTREAM_KEY_FILE")]
+    /// With tenants: file holding the key the router shows workers instead of
+    /// callers' keys (put it in every pool's key Secret), reloaded when it
+    /// changes. Without tenants it would let anyone in, so it needs --tenants.
+    #[arg(long, env = "KANDLE_UPSTREAM_KEY_FILE", requires = "tenants")]
     upstream_key_file: Option<PathBuf>,
 }
 

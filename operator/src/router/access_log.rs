@@ -50,10 +50,6 @@ impl AccessLine {
         self.route.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub fn request_id(&self) -> &str {
-        &self.request_id
-    }
-
     /// The tenant whose key the caller showed.
     pub fn tenant(&self, tenant: &str) {
         self.route().tenant = Some(tenant.to_string());

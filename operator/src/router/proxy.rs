@@ -233,10 +233,10 @@ fn count(state: &RouterState, model: &str, status: StatusCode) {
 async fn admit(
     state: &RouterState,
     tenant: &Arc<Tenant>,
-    request_id: &str,
+    lease: &str,
     caller: &mut Caller,
 ) -> Result<Running, RouterError> {
-    match state.inner.tenancy.quotas.admit(tenant, request_id).await {
+    match state.inner.tenancy.quotas.admit(tenant, lease).await {
         Decision::Admitted(admission, running) => {
             caller.admission = admission;
             Ok(running)
@@ -292,7 +292,10 @@ async fn route(
             if let Some(pool) = state.routes().current().lookup(&model) {
                 caller.model = pool.model.clone();
             }
-            let running = admit(state, tenant, access.request_id(), caller).await.map_err(|e| (unknown(), e))?;
+            // The lease is the router's own id: a client's x-request-id is
+            // theirs to repeat, which would fold their requests into one.
+            let lease = uuid::Uuid::new_v4().to_string();
+            let running = admit(state, tenant, &lease, caller).await.map_err(|e| (unknown(), e))?;
             metered = Some((tenant.clone(), running));
             match usage::with_usage_reported(&bytes) {
                 Some((body, asked)) => (Bytes::from(body), !asked),

@@ -61,8 +61,25 @@ impl Tenants {
 
 /// Parses and validates a tenants file; every problem in one message.
 pub fn parse(text: &str) -> Result<TenantSet, String> {
-    let file: TenantsFile = serde_yaml::from_str(text).map_err(|e| format!("not a tenants file: {e}"))?;
+    let file: TenantsFile =
+        serde_yaml::from_str(text).map_err(|e| format!("not a tenants file: {}", shape_error(&e)))?;
     TenantSet::build(&file).map_err(|problems| problems.join("; "))
+}
+
+/// What is wrong with the file's shape, without any value from it (a value may
+/// be a key): unknown and missing fields are named, anything else is placed.
+fn shape_error(e: &serde_yaml::Error) -> String {
+    let message = e.to_string();
+    let field = ["unknown field `", "missing field `"].iter().find_map(|prefix| {
+        let at = message.find(prefix)?;
+        let name = &message[at + prefix.len()..];
+        Some(format!("{}{}`", prefix, &name[..name.find('`')?]))
+    });
+    let place = e.location().map(|l| format!(" at line {} column {}", l.line(), l.column())).unwrap_or_default();
+    match field {
+        Some(field) => format!("{field}{place}"),
+        None => format!("a value of the wrong type or an unreadable document{place}"),
+    }
 }
 
 fn read(path: &Path) -> Result<String, String> {
@@ -106,5 +123,18 @@ mod tests {
         assert!(tenants.problem().is_some_and(|p| p.contains("listed twice")));
         tenants.load(path, Ok("tenants: {}".into()));
         assert!(tenants.problem().is_some_and(|p| p.starts_with("not a tenants file")));
+        // A value is never repeated (a key pasted into the wrong field is still a key).
+        tenants.load(path, Ok("tenants:\n  - {name: a, requestsPerMinute: sk-secret, models: ['*']}\n".into()));
+        assert!(
+            tenants.problem().is_some_and(|p| !p.contains("sk-secret") && p.contains("line 2")),
+            "{:?}",
+            tenants.problem()
+        );
+        tenants.load(path, Ok("tenants:\n  - {name: a, requestPerMinute: 5, models: ['*']}\n".into()));
+        assert!(
+            tenants.problem().is_some_and(|p| p.contains("unknown field `requestPerMinute`")),
+            "{:?}",
+            tenants.problem()
+        );
     }
 }

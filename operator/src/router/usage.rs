@@ -6,6 +6,7 @@
 //! the worker reported in [`PROMPT_TOKENS_HEADER`] and a token per content
 //! chunk relayed.
 
+use std::collections::HashMap;
 use std::ops::Range;
 
 use axum::body::Bytes;
@@ -32,13 +33,6 @@ impl Usage {
     }
 }
 
-#[derive(Deserialize)]
-struct StreamFields<'a> {
-    stream: Option<bool>,
-    #[serde(borrow)]
-    stream_options: Option<&'a RawValue>,
-}
-
 #[derive(Deserialize, Default)]
 struct StreamOptions {
     include_usage: Option<bool>,
@@ -47,23 +41,23 @@ struct StreamOptions {
 /// A streamed chat request made to report its usage: `Some((body, client_asked))`
 /// where the body has `stream_options.include_usage` true and `client_asked`
 /// says whether it had it already; `None` for a request that does not stream
-/// (or is not an object: the worker answers it with a 400 as it is).
+/// (or is not an object: the worker answers it with a 400 as it is). Members
+/// are read as the worker reads them (escaped names decoded, the last of a
+/// repeated name wins), so no spelling of the body keeps the usage away.
 pub fn with_usage_reported(json: &[u8]) -> Option<(Vec<u8>, bool)> {
-    let fields: StreamFields = serde_json::from_slice(json).ok()?;
-    if fields.stream != Some(true) {
+    let members: HashMap<String, &RawValue> = serde_json::from_slice(json).ok()?;
+    if members.get("stream").map(|raw| raw.get()) != Some("true") {
         return None;
     }
-    let Some(raw) = fields.stream_options else {
-        // No stream_options: add it as the object's first member.
-        let open = json.iter().position(|&b| b == b'{')?;
+    let raw = members.get("stream_options").filter(|raw| raw.get() != "null");
+    let Some(raw) = raw else {
+        // No stream_options (or null): one that asks for usage, written last
+        // so that it is the one the worker reads.
+        let close = json.iter().rposition(|&b| b == b'}')?;
         let mut out = Vec::with_capacity(json.len() + 40);
-        out.extend_from_slice(&json[..=open]);
-        out.extend_from_slice(br#""stream_options":{"include_usage":true}"#);
-        let rest = &json[open + 1..];
-        if rest.iter().any(|b| !b.is_ascii_whitespace() && *b != b'}') {
-            out.push(b',');
-        }
-        out.extend_from_slice(rest);
+        out.extend_from_slice(&json[..close]);
+        out.extend_from_slice(br#","stream_options":{"include_usage":true}"#);
+        out.extend_from_slice(&json[close..]);
         return Some((out, false));
     };
     let options: StreamOptions = serde_json::from_str(raw.get()).unwrap_or_default();
@@ -247,8 +241,22 @@ mod tests {
     #[test]
     fn streamed_requests_are_made_to_report_usage() {
         let (body, asked) = with_usage_reported(br#"{"model":"m","stream":true}"#).expect("streams");
-        assert_eq!(text(body), r#"{"stream_options":{"include_usage":true},"model":"m","stream":true}"#);
+        assert_eq!(text(body), r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#);
         assert!(!asked);
+        // Spellings that must not keep the usage away: null options, a
+        // repeated member (the worker reads the last), an escaped name.
+        let (body, _) = with_usage_reported(br#"{"stream":true,"stream_options":null}"#).expect("streams");
+        assert_eq!(text(body), r#"{"stream":true,"stream_options":null,"stream_options":{"include_usage":true}}"#);
+        let (body, _) =
+            with_usage_reported(br#"{"stream":true,"stream_options":{"include_usage":true},"stream_options":{}}"#)
+                .expect("streams");
+        assert_eq!(
+            text(body),
+            r#"{"stream":true,"stream_options":{"include_usage":true},"stream_options":{"include_usage":true}}"#
+        );
+        let (body, _) = with_usage_reported(br#"{"stream":true,"stream\u005foptions":null}"#).expect("streams");
+        assert!(text(body).ends_with(r#","stream_options":{"include_usage":true}}"#));
+        assert_eq!(with_usage_reported(br#"{"stream":true,"stream":false}"#), None, "the last `stream` counts");
         let (body, asked) =
             with_usage_reported(br#"{"stream":true,"stream_options":{"include_usage":true}}"#).expect("streams");
         assert_eq!(text(body), r#"{"stream":true,"stream_options":{"include_usage":true}}"#);

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 
-use super::{Limits, TenantEntry, TenantsFile};
+use super::{key_problem, Limits, TenantEntry, TenantsFile};
 use crate::api::Tenant;
 
 /// Why a tenant is not in force.
@@ -40,7 +40,16 @@ fn keys_of(secret: &Secret) -> Result<Vec<String>, Problem> {
             message: format!("the value of `{field}` in Secret {} is not text", secret.name_any()),
         })?;
         let key = text.trim();
-        if !key.is_empty() && !keys.iter().any(|k| k == key) {
+        if key.is_empty() {
+            continue;
+        }
+        if let Some(problem) = key_problem(key) {
+            return Err(Problem {
+                reason: "InvalidKey",
+                message: format!("the value of `{field}` in Secret {} {problem}", secret.name_any()),
+            });
+        }
+        if !keys.iter().any(|k| k == key) {
             keys.push(key.to_string());
         }
     }
@@ -221,12 +230,17 @@ mod tests {
     }
 
     #[test]
-    fn a_key_that_is_not_text_is_reported() {
-        let (file, outcomes) = compile(
-            &[tenant("a", "t", "s", 1)],
-            &[(("a".into(), "s".into()), secret(&[&[0xff, 0xfe]]))].into_iter().collect(),
-        );
-        assert!(file.tenants.is_empty());
-        assert_eq!(reason(&outcomes, "a", "t"), Some("InvalidKey"));
+    fn a_value_that_is_not_one_key_leaves_the_tenant_out_and_the_others_in() {
+        for bad in [&b"\xff\xfe"[..], b"sk-1\nsk-2", b"sk 1", "sk-\u{e9}".as_bytes()] {
+            let (file, outcomes) = compile(
+                &[tenant("a", "t", "s", 1), tenant("a", "u", "ok", 2)],
+                &[(("a".into(), "s".into()), secret(&[bad])), (("a".into(), "ok".into()), secret(&[b"sk-2x"]))]
+                    .into_iter()
+                    .collect(),
+            );
+            assert_eq!(file.tenants.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["u"], "{bad:?}");
+            assert_eq!(reason(&outcomes, "a", "t"), Some("InvalidKey"), "{bad:?}");
+            assert!(TenantSet::build(&file).is_ok(), "what is written always validates");
+        }
     }
 }

@@ -121,8 +121,8 @@ impl TenantSet {
                 problems.push(format!("tenant {name}: models is empty (list names or aliases, or \"*\" for all)"));
             }
             for (k, key) in entry.keys.iter().enumerate() {
-                if key.trim().is_empty() || key.chars().any(char::is_control) || key.trim() != key {
-                    problems.push(format!("tenant {name}: key {} is empty or has spaces or control characters", k + 1));
+                if let Some(problem) = key_problem(key) {
+                    problems.push(format!("tenant {name}: key {} {problem}", k + 1));
                     continue;
                 }
                 let hash = digest(key);
@@ -171,6 +171,18 @@ impl TenantSet {
 
     pub fn key_count(&self) -> usize {
         self.keys.len()
+    }
+}
+
+/// Why `key` cannot be an API key, if it cannot: keys are what an
+/// `Authorization: Bearer` header carries, printable ASCII without spaces.
+pub fn key_problem(key: &str) -> Option<&'static str> {
+    if key.is_empty() {
+        Some("is empty")
+    } else if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        Some("has spaces, control characters or characters outside ASCII")
+    } else {
+        None
     }
 }
 
@@ -243,7 +255,7 @@ mod tests {
         let text = problems.join("\n");
         for expected in [
             "tenant a: a key is listed twice",
-            "tenant a: key 3 is empty or has spaces",
+            "tenant a: key 3 has spaces",
             "tenant a: requestsPerMinute must be at least 1",
             "tenant a: models is empty",
             "tenants a and b share a key",

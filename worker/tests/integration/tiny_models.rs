@@ -15,6 +15,8 @@ use kandle_worker::metrics::Metrics;
 use kandle_worker::model::{self, LoadOptions};
 use kandle_worker::runtime::StepSequence;
 use kandle_worker::service::{EngineLimits, ModelService};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
@@ -66,8 +68,19 @@ fn tokenizer() -> Tokenizer {
     tokenizer
 }
 
-fn random(shape: &[usize]) -> Tensor {
-    Tensor::randn(0f32, 0.5, shape, &Device::Cpu).expect("randn")
+/// Normal weights (standard deviation 0.5, by Box-Muller) from a seeded
+/// generator: every run tests the same checkpoint, so a bound that holds holds
+/// every time.
+fn random(rng: &mut ChaCha8Rng, shape: &[usize]) -> Tensor {
+    let n: usize = shape.iter().product();
+    let values: Vec<f32> = (0..n)
+        .map(|_| {
+            let u1: f32 = rng.random::<f32>().max(f32::MIN_POSITIVE);
+            let u2: f32 = rng.random();
+            0.5 * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+        })
+        .collect();
+    Tensor::from_vec(values, shape, &Device::Cpu).expect("tensor")
 }
 
 /// Writes config.json, model.safetensors, tokenizer.json and tokenizer_config.json;
@@ -79,11 +92,12 @@ fn write_checkpoint(dir: &Path, arch: &str, template: &str) -> u64 {
     let im_end = tok.token_to_id("<|im_end|>").expect("im_end");
 
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
     let mut put = |name: String, shape: &[usize]| {
         let t = if name.ends_with("norm.weight") {
             Tensor::ones(shape, DType::F32, &Device::Cpu).expect("ones")
         } else {
-            random(shape)
+            random(&mut rng, shape)
         };
         tensors.insert(name, t);
     };
@@ -171,7 +185,7 @@ fn missing_tensor_is_an_error_not_a_panic() {
     let dir = tempfile::tempdir().expect("tempdir");
     write_checkpoint(dir.path(), "llama", CHATML);
     let mut tensors = HashMap::new();
-    tensors.insert("model.embed_tokens.weight".to_string(), random(&[8, HIDDEN]));
+    tensors.insert("model.embed_tokens.weight".to_string(), random(&mut ChaCha8Rng::seed_from_u64(1), &[8, HIDDEN]));
     candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).expect("save");
     assert!(model::load(dir.path(), &LoadOptions::default()).is_err());
 }

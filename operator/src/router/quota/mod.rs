@@ -206,6 +206,16 @@ impl Quotas {
             Store::Local(local) => local.admit(&tenant.name, limits, self.now()),
             Store::Redis(redis) => {
                 let result = redis.admit(&tenant.name, limits, request_id).await.map_err(|e| e.to_string());
+                if result.is_err() && limits.concurrent_requests.is_some() {
+                    // The script may have run before the answer was lost: give
+                    // back the lease it may have taken, best effort.
+                    let (quotas, tenant, id) = (self.clone(), tenant.name.clone(), request_id.to_string());
+                    tokio::spawn(async move {
+                        if let Store::Redis(redis) = &quotas.store {
+                            let _ = redis.release(&tenant, &id).await;
+                        }
+                    });
+                }
                 match self.observe(result) {
                     Some(admission) => admission,
                     None if self.failure == FailureMode::Open => {
