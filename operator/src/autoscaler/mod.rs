@@ -105,11 +105,8 @@ impl Autoscaler {
         if self.at_zero.is_empty() {
             return false;
         }
-        let mut by_model = HashMap::new();
-        for text in join_all(self.router_urls.iter().map(|url| self.scrape(url.clone()))).await.into_iter().flatten() {
-            signals::add_router(&signals::parse(&text), &mut by_model);
-        }
-        self.at_zero.iter().any(|model| by_model.get(model).is_some_and(|load: &RouterLoad| load.held > 0))
+        let by_model = self.scrape_routers().await;
+        self.at_zero.iter().any(|model| by_model.get(model).is_some_and(|load| load.held > 0))
     }
 
     /// One round: observe every pool with scaling, decide, apply the changes.
@@ -200,11 +197,16 @@ impl Autoscaler {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.config.router_namespace);
         let listed = pods.list(&ListParams::default().labels(&self.config.router_selector)).await?.items;
         self.router_urls = listed.iter().filter_map(metrics_url).collect();
+        Ok(self.scrape_routers().await)
+    }
+
+    /// The `/metrics` of the routers last listed, added up per served model.
+    async fn scrape_routers(&self) -> HashMap<String, RouterLoad> {
         let mut by_model = HashMap::new();
         for text in join_all(self.router_urls.iter().map(|url| self.scrape(url.clone()))).await.into_iter().flatten() {
             signals::add_router(&signals::parse(&text), &mut by_model);
         }
-        Ok(by_model)
+        by_model
     }
 
     /// Every worker's running and waiting requests, added up per pool.

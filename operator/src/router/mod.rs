@@ -5,6 +5,7 @@ mod access_log;
 mod balancer;
 pub mod discovery;
 mod errors;
+mod file_watch;
 mod hold;
 mod metrics;
 mod model_list;

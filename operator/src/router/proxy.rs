@@ -172,14 +172,14 @@ impl RouterState {
     }
 }
 
-/// Whether `tenant` may call the pool `model` names. A tenant limited to some
-/// models is told the same for a model outside its list as for one that does
-/// not exist.
-fn check_access(routes: &Routes, tenant: &Tenant, model: &str) -> Result<(), RouterError> {
+/// Whether `tenant` may call the pool `model` names; `Ok` with the pool's
+/// served name when there is such a pool. A tenant limited to some models is
+/// told the same for a model outside its list as for one that does not exist.
+fn check_access(routes: &Routes, tenant: &Tenant, model: &str) -> Result<Option<String>, RouterError> {
     let table = routes.current();
     match table.lookup(model) {
-        Some(pool) if tenant.may_call(pool.names()) => Ok(()),
-        None if tenant.models == Models::All => Ok(()),
+        Some(pool) if tenant.may_call(pool.names()) => Ok(Some(pool.model.clone())),
+        None if tenant.models == Models::All => Ok(None),
         _ => Err(RouterError::model_forbidden(model)),
     }
 }
@@ -288,9 +288,8 @@ async fn route(
     let mut metered = None;
     let (bytes, strip_usage) = match &tenant {
         Some(tenant) => {
-            check_access(state.routes(), tenant, &model).map_err(|e| (unknown(), e))?;
-            if let Some(pool) = state.routes().current().lookup(&model) {
-                caller.model = pool.model.clone();
+            if let Some(served) = check_access(state.routes(), tenant, &model).map_err(|e| (unknown(), e))? {
+                caller.model = served;
             }
             // The lease is the router's own id: a client's x-request-id is
             // theirs to repeat, which would fold their requests into one.

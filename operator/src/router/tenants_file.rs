@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use super::file_watch;
 use crate::tenants::{TenantSet, TenantsFile};
 
 #[derive(Debug, Default)]
@@ -82,26 +83,11 @@ fn shape_error(e: &serde_yaml::Error) -> String {
     }
 }
 
-fn read(path: &Path) -> Result<String, String> {
-    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
-}
-
 /// Loads the file now, then again whenever its text changes (checked every
 /// `interval`). A missing or bad file does not stop the router: it answers
 /// 503 until the file is good.
 pub fn load_and_watch(path: PathBuf, tenants: Arc<Tenants>, interval: Duration) {
-    let mut last = read(&path);
-    tenants.load(&path, last.clone());
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(interval).await;
-            let text = read(&path);
-            if text != last {
-                tenants.load(&path, text.clone());
-                last = text;
-            }
-        }
-    });
+    file_watch::watch(path, interval, move |path, text| tenants.load(path, text));
 }
 
 #[cfg(test)]

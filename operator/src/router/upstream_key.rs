@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use axum::http::HeaderValue;
 
+use super::file_watch;
+
 #[derive(Debug, Default)]
 pub struct UpstreamKey {
     header: RwLock<Option<HeaderValue>>,
-    /// The last failure to read it, so that each is logged once.
-    failure: RwLock<Option<String>>,
 }
 
 impl UpstreamKey {
@@ -23,8 +23,9 @@ impl UpstreamKey {
         self.header.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
-    fn load(&self, path: &Path) {
-        let header = std::fs::read_to_string(path).map_err(|e| e.to_string()).and_then(|text| {
+    /// Takes a new reading of the file; a failure keeps the last key.
+    fn load(&self, path: &Path, text: Result<String, String>) {
+        let header = text.and_then(|text| {
             let key = text.trim();
             if key.is_empty() {
                 return Err("the file is empty".to_string());
@@ -34,10 +35,6 @@ impl UpstreamKey {
             value.set_sensitive(true);
             Ok(value)
         });
-        let failure = header.as_ref().err().cloned();
-        let mut last = self.failure.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let repeated = *last == failure;
-        *last = failure;
         match header {
             Ok(value) => {
                 let mut current = self.header.write().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -46,22 +43,15 @@ impl UpstreamKey {
                     *current = Some(value);
                 }
             }
-            Err(_) if repeated => {}
             Err(e) => tracing::warn!(path = %path.display(), error = %e, "upstream key not read; keeping the last one"),
         }
     }
 }
 
-/// Reads the key now and every `interval` after.
+/// Reads the key now and again whenever the file changes (checked every `interval`).
 pub fn load_and_watch(path: PathBuf, interval: Duration) -> Arc<UpstreamKey> {
     let key = Arc::new(UpstreamKey::default());
-    key.load(&path);
-    let watched = key.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(interval).await;
-            watched.load(&path);
-        }
-    });
+    let loaded = key.clone();
+    file_watch::watch(path, interval, move |path, text| loaded.load(path, text));
     key
 }

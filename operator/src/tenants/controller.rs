@@ -131,6 +131,7 @@ fn find<'a>(tenants: &'a [Tenant], outcome: &Outcome) -> Option<&'a Tenant> {
 
 async fn write_file(client: &kube::Client, config: &TenantsConfig, text: &str) -> Result<()> {
     let api: Api<Secret> = Api::namespaced(client.clone(), &config.secret_namespace);
+    // k8s-openapi writes apiVersion and kind with the object, as apply needs.
     let secret = Secret {
         metadata: kube::api::ObjectMeta {
             name: Some(config.secret_name.clone()),
@@ -141,13 +142,7 @@ async fn write_file(client: &kube::Client, config: &TenantsConfig, text: &str) -
         data: Some([(FILE_KEY.to_string(), ByteString(text.as_bytes().to_vec()))].into()),
         ..Default::default()
     };
-    let patch = json!({
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": secret.metadata,
-        "data": secret.data,
-    });
-    api.patch(&config.secret_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    api.patch(&config.secret_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&secret)).await?;
     Ok(())
 }
 
@@ -245,6 +240,11 @@ mod tests {
             .find(|c| c.method == Method::PATCH && c.path == "/api/v1/namespaces/kandle-system/secrets/kandle-tenants")
             .expect("the compiled Secret is applied");
         assert!(file.query.contains("fieldManager=kandle-operator"), "{}", file.query);
+        assert_eq!(
+            (&file.body["apiVersion"], &file.body["kind"]),
+            (&json!("v1"), &json!("Secret")),
+            "apply needs both"
+        );
         let encoded = file.body["data"][FILE_KEY].as_str().expect("file");
         let text = String::from_utf8(decode(encoded)).expect("text");
         let parsed: crate::tenants::TenantsFile = serde_yaml::from_str(&text).expect("a tenants file");

@@ -117,16 +117,7 @@ impl Drop for Running {
         match &self.quotas.store {
             Store::Local(local) => local.release(&self.tenant),
             Store::Redis(_) => {
-                let (quotas, tenant, id) =
-                    (self.quotas.clone(), std::mem::take(&mut self.tenant), std::mem::take(&mut self.request_id));
-                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                    runtime.spawn(async move {
-                        if let Store::Redis(redis) = &quotas.store {
-                            let result = redis.release(&tenant, &id).await;
-                            quotas.observe(result.map_err(|e| e.to_string()));
-                        }
-                    });
-                }
+                self.quotas.release_later(std::mem::take(&mut self.tenant), std::mem::take(&mut self.request_id));
             }
         }
     }
@@ -191,6 +182,19 @@ impl Quotas {
         }
     }
 
+    /// Gives a request's lease back to the shared store, from a task (a drop
+    /// cannot wait for it).
+    fn release_later(self: &Arc<Self>, tenant: String, id: String) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let quotas = self.clone();
+        runtime.spawn(async move {
+            if let Store::Redis(redis) = &quotas.store {
+                let result = redis.release(&tenant, &id).await;
+                quotas.observe(result.map_err(|e| e.to_string()));
+            }
+        });
+    }
+
     pub async fn admit(self: &Arc<Self>, tenant: &Tenant, request_id: &str) -> Decision {
         let limits = &tenant.limits;
         let running = |counted| Running {
@@ -209,12 +213,7 @@ impl Quotas {
                 if result.is_err() && limits.concurrent_requests.is_some() {
                     // The script may have run before the answer was lost: give
                     // back the lease it may have taken, best effort.
-                    let (quotas, tenant, id) = (self.clone(), tenant.name.clone(), request_id.to_string());
-                    tokio::spawn(async move {
-                        if let Store::Redis(redis) = &quotas.store {
-                            let _ = redis.release(&tenant, &id).await;
-                        }
-                    });
+                    self.release_later(tenant.name.clone(), request_id.to_string());
                 }
                 match self.observe(result) {
                     Some(admission) => admission,
