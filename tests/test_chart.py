@@ -105,7 +105,8 @@ def test_non_default_values():
 def test_tenants_values():
     values = {"tenants": {"enabled": True},
               "router": {"upstreamKeySecret": {"name": "router-key", "key": "token"},
-                         "quotaStore": {"urlSecret": {"name": "redis", "key": "url"}, "failure": "closed"}}}
+                         "quotaStore": {"urlSecret": {"name": "redis", "key": "url"}, "failure": "closed"},
+                         "quotaWait": "30s"}}
     objects = docs(render(values))
     controller = container(find(objects, "Deployment", "kandle-controller"))
     assert controller["args"][-2:] == ["--tenants-secret", "kandle-tenants"]
@@ -115,6 +116,7 @@ def test_tenants_values():
     assert args[args.index("--tenants") + 1] == "/etc/kandle/tenants/tenants.yaml"
     assert args[args.index("--upstream-key-file") + 1] == "/etc/kandle/upstream-key/token"
     assert args[args.index("--quota-store-failure") + 1] == "closed"
+    assert args[args.index("--quota-wait") + 1] == "30s"
     store = next(e for e in c["env"] if e["name"] == "KANDLE_QUOTA_STORE")
     assert store["valueFrom"]["secretKeyRef"] == {"name": "redis", "key": "url"}
     mounts = {m["name"]: m for m in c["volumeMounts"]}
@@ -138,6 +140,7 @@ def test_tenants_values():
     [
         {"router": {"quotaStore": {"failure": "maybe"}}},
         {"router": {"quotaStore": {"url": "http://redis:6379"}}},
+        {"router": {"quotaWait": "soon"}},
         {"tenants": {"enabled": "yes"}},
         {"logLevel": "loud"},
         {"controller": {"replicas": 0}},

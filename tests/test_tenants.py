@@ -7,6 +7,7 @@ and two routers sharing one limit through a real Redis (Debian
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import time
 import urllib.error
@@ -223,6 +224,16 @@ def test_usage_is_counted_per_tenant_streamed_or_not_and_when_the_client_leaves(
     wait_for(lambda: tenant_tokens(r, "metered", "completion") - before[1] >= 5, "the cut stream's charge")
     assert tenant_tokens(r, "metered", "prompt") - before[0] == answer.usage.prompt_tokens
 
+    # A client that leaves a non-streamed answer before it comes is charged the
+    # prompt's estimate (four bytes a token of what the router sent on).
+    before = tenant_tokens(r, "metered", "prompt")
+    impatient = openai.OpenAI(base_url=r.base_url + "/v1", api_key="sk-metered", max_retries=0, timeout=0.5)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=500, logit_bias=NO_EOS)
+    wait_for(lambda: tenant_tokens(r, "metered", "prompt") > before, "the charge of a client that left")
+    sent = len(json.dumps({"model": "smollm2", "messages": HELLO, "max_tokens": 500, "logit_bias": NO_EOS}))
+    assert 0.5 * sent / 4 <= tenant_tokens(r, "metered", "prompt") - before <= 2 * sent / 4
+
 
 def test_tokens_per_minute_are_charged_from_usage_and_refill(fleet):
     r = fleet["router"]
@@ -266,6 +277,26 @@ def test_concurrent_requests_are_limited_until_one_ends(fleet):
         except openai.RateLimitError:
             assert time.monotonic() < deadline, "the stream that ended still counts"
             time.sleep(0.05)
+
+
+def test_with_quota_wait_a_request_past_its_limit_waits_for_its_place(fleet):
+    d = fleet["dir"]
+    router = start_router(fleet["routes"], fleet["tenants"], d / "upstream", "--quota-wait", "20s")
+    try:
+        c = client(router, "sk-single")
+        stream = c.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=500, stream=True,
+                                           logit_bias=NO_EOS)
+        it = iter(stream)
+        next(it)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(c.chat.completions.create, model="smollm2", messages=HELLO, max_tokens=1)
+            time.sleep(1)
+            assert not waiting.done(), "admitted past concurrentRequests: 1"
+            stream.close()
+            assert waiting.result(timeout=20).choices
+        assert metric(router, "kandle_router_tenant_rate_limited_total", tenant="single") == 0
+    finally:
+        router.stop()
 
 
 def test_keys_rotate_and_a_bad_file_keeps_the_last_good_set(fleet):

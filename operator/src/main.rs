@@ -90,6 +90,11 @@ struct RouterArgs {
     /// Time one call to the quota store may take before it counts as unreachable.
     #[arg(long, env = "KANDLE_QUOTA_STORE_TIMEOUT", default_value = "500ms", value_parser = kandle_operator::duration::parse)]
     quota_store_timeout: Duration,
+    /// How long a request past its tenant's limit waits for the budget to
+    /// refill (or a concurrent request to end) before it gets 429; `0` answers
+    /// 429 at once, as OpenAI does.
+    #[arg(long, env = "KANDLE_QUOTA_WAIT", default_value = "0s", requires = "tenants", value_parser = kandle_operator::duration::parse)]
+    quota_wait: Duration,
     /// With tenants: file holding the key the router shows workers instead of
     /// callers' keys (put it in every pool's key Secret), reloaded when it
     /// changes. Without tenants it would let anyone in, so it needs --tenants.
@@ -261,6 +266,7 @@ async fn run_router(args: RouterArgs) -> anyhow::Result<()> {
             quota_store_failure: args.quota_store_failure,
             quota_store_timeout: args.quota_store_timeout,
             upstream_key_file: args.upstream_key_file,
+            quota_wait: args.quota_wait,
         },
     };
     kandle_operator::router::run(config, shutdown_signal()).await

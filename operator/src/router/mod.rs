@@ -67,6 +67,8 @@ pub struct TenancyConfig {
     /// Time one call to the quota store may take.
     pub quota_store_timeout: Duration,
     pub upstream_key_file: Option<PathBuf>,
+    /// How long a request past its tenant's limit waits for its budget before a 429.
+    pub quota_wait: Duration,
 }
 
 impl TenancyConfig {
@@ -87,7 +89,7 @@ impl TenancyConfig {
             .upstream_key_file
             .as_ref()
             .map(|path| upstream_key::load_and_watch(path.clone(), Duration::from_secs(1)));
-        Ok(Tenancy { tenants, quotas, upstream_key })
+        Ok(Tenancy { tenants, quotas, upstream_key, quota_wait: self.quota_wait })
     }
 }
 

@@ -26,7 +26,7 @@ use super::hold::{Holding, Place};
 use super::metrics::{ModelLabel, ModelStatus, RouterMetrics, TenantModelKind, TenantModelLimit, TenantModelStatus};
 use super::model_list::ModelListCache;
 use super::model_name::{self, Renamer};
-use super::quota::{Admission, Decision, Quotas, Running};
+use super::quota::{Admission, Decision, Quotas, Running, Which};
 use super::table::{InFlight, Pool, Routes};
 use super::tenants_file::Tenants;
 use super::upstream_key::UpstreamKey;
@@ -64,11 +64,13 @@ pub struct Tenancy {
     pub quotas: Arc<Quotas>,
     /// The key shown to workers instead of the caller's.
     pub upstream_key: Option<Arc<UpstreamKey>>,
+    /// How long a request past its tenant's limit waits for its budget before a 429.
+    pub quota_wait: Duration,
 }
 
 impl Default for Tenancy {
     fn default() -> Self {
-        Self { tenants: None, quotas: Quotas::local(), upstream_key: None }
+        Self { tenants: None, quotas: Quotas::local(), upstream_key: None, quota_wait: Duration::ZERO }
     }
 }
 
@@ -228,37 +230,58 @@ fn count(state: &RouterState, model: &str, status: StatusCode) {
     state.metrics().requests.get_or_create(&labels).inc();
 }
 
-/// Admits the tenant's request under its limits, or refuses it (429, or 503
-/// when the shared store is down and the router fails closed).
+/// Admits the tenant's request under its limits, waiting up to `quota_wait`
+/// for a budget that refills by then, or refuses it (429, or 503 when the
+/// shared store is down and the router fails closed).
 async fn admit(
     state: &RouterState,
     tenant: &Arc<Tenant>,
     lease: &str,
     caller: &mut Caller,
 ) -> Result<Running, RouterError> {
-    match state.inner.tenancy.quotas.admit(tenant, lease).await {
-        Decision::Admitted(admission, running) => {
-            caller.admission = admission;
-            Ok(running)
+    let quotas = &state.inner.tenancy.quotas;
+    let deadline = tokio::time::Instant::now() + state.inner.tenancy.quota_wait;
+    loop {
+        match quotas.admit(tenant, lease).await {
+            Decision::Admitted(admission, running) => {
+                caller.admission = admission;
+                return Ok(running);
+            }
+            Decision::Refused(admission, refusal) if tokio::time::Instant::now() + refusal.retry_after <= deadline => {
+                caller.admission = admission;
+                // A bucket refills on a known clock; a place among the
+                // concurrent requests frees when another ends, so look often.
+                let pause = match refusal.which {
+                    Which::Concurrency => CONCURRENCY_POLL,
+                    Which::Requests | Which::Tokens => refusal.retry_after.max(Duration::from_millis(1)),
+                };
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = state.inner.lifecycle.draining() => return Err(RouterError::shutting_down()),
+                }
+            }
+            Decision::Refused(admission, refusal) => {
+                caller.admission = admission;
+                let labels = TenantModelLimit {
+                    tenant: tenant.name.clone(),
+                    model: caller.model.clone(),
+                    limit: refusal.which.label(),
+                };
+                state.metrics().tenant_rate_limited.get_or_create(&labels).inc();
+                let limit = match refusal.which {
+                    Which::Requests => tenant.limits.requests_per_minute.map(u64::from),
+                    Which::Tokens => tenant.limits.tokens_per_minute,
+                    Which::Concurrency => tenant.limits.concurrent_requests.map(u64::from),
+                };
+                return Err(RouterError::rate_limited(&tenant.name, &refusal, limit.unwrap_or(0)));
+            }
+            Decision::StoreDown => return Err(RouterError::quota_store_unavailable()),
         }
-        Decision::Refused(admission, refusal) => {
-            caller.admission = admission;
-            let labels = TenantModelLimit {
-                tenant: tenant.name.clone(),
-                model: caller.model.clone(),
-                limit: refusal.which.label(),
-            };
-            state.metrics().tenant_rate_limited.get_or_create(&labels).inc();
-            let limit = match refusal.which {
-                super::quota::Which::Requests => tenant.limits.requests_per_minute.map(u64::from),
-                super::quota::Which::Tokens => tenant.limits.tokens_per_minute,
-                super::quota::Which::Concurrency => tenant.limits.concurrent_requests.map(u64::from),
-            };
-            Err(RouterError::rate_limited(&tenant.name, &refusal, limit.unwrap_or(0)))
-        }
-        Decision::StoreDown => Err(RouterError::quota_store_unavailable()),
     }
 }
+
+/// How often a request waiting for one of its tenant's concurrent places looks again.
+const CONCURRENCY_POLL: Duration = Duration::from_millis(100);
 
 async fn route(
     state: &RouterState,
@@ -310,6 +333,16 @@ async fn route(
         Some(_) => model_name::with_model(&bytes, &pool.model).map(Bytes::from).unwrap_or(bytes),
         None => bytes,
     };
+    // From here a worker may be working on the request: a client that leaves
+    // before the answer's headers still owes the prompt's estimate.
+    let mut charge = metered.map(|(tenant, running)| Charge {
+        quotas: state.inner.tenancy.quotas.clone(),
+        tenant,
+        model: pool.model.clone(),
+        tokens: state.metrics().tenant_tokens.clone(),
+        _running: running,
+        owed_if_dropped: 0,
+    });
     let affinity = if state.inner.settings.prefix_affinity { balancer::prefix_key(&bytes) } else { None };
     // Each attempt goes to another worker; a large pool is not walked end to end.
     let attempts = pool.endpoints.len().min(MAX_ATTEMPTS);
@@ -326,6 +359,9 @@ async fn route(
         );
         let started = Instant::now();
         access.attempt(&endpoint.url);
+        if let Some(charge) = charge.as_mut() {
+            charge.owed_if_dropped = estimated_tokens(bytes.len());
+        }
         let upstream = state
             .inner
             .client
@@ -340,6 +376,9 @@ async fn route(
             // last attempt's answer passes through as it is (Retry-After included).
             Ok(answer) if is_busy(answer.status()) && tried.len() + 1 < attempts => {
                 tracing::info!(endpoint = %endpoint.url, status = answer.status().as_u16(), "worker busy; trying another");
+                if let Some(charge) = charge.as_mut() {
+                    charge.owed_if_dropped = 0;
+                }
                 state.metrics().retries.inc();
                 tried.push(endpoint.clone());
             }
@@ -348,18 +387,14 @@ async fn route(
                 count(state, &pool.model, answer.status());
                 let first_byte = (started, state.metrics().time_to_first_byte.clone());
                 access.relaying();
-                let charge = metered.take().map(|(tenant, running)| Charge {
-                    quotas: state.inner.tenancy.quotas.clone(),
-                    tenant,
-                    model: pool.model.clone(),
-                    tokens: state.metrics().tenant_tokens.clone(),
-                    _running: running,
-                });
                 return Ok(relay(answer, (guard, gauge), access, first_byte, client_model, charge, strip_usage));
             }
             // Nothing reached the worker: another one may take the request.
             Err(e) if e.is_connect() => {
                 tracing::warn!(endpoint = %endpoint.url, error = %e, "worker unreachable; trying another");
+                if let Some(charge) = charge.as_mut() {
+                    charge.owed_if_dropped = 0;
+                }
                 endpoint.mark_down(state.inner.settings.cooldown);
                 state.metrics().retries.inc();
                 tried.push(endpoint.clone());
@@ -479,10 +514,18 @@ struct Charge {
     model: String,
     tokens: prometheus_client::metrics::family::Family<TenantModelKind, prometheus_client::metrics::counter::Counter>,
     _running: Running,
+    /// Prompt tokens charged if it is dropped unsettled (a worker had the
+    /// request when the client left): zero while no worker has it.
+    owed_if_dropped: u64,
 }
 
 impl Charge {
-    fn settle(self, used: usage::Usage) {
+    fn settle(mut self, used: usage::Usage) {
+        self.owed_if_dropped = 0;
+        self.record(used);
+    }
+
+    fn record(&self, used: usage::Usage) {
         for (kind, n) in [("prompt", used.prompt), ("cached", used.cached), ("completion", used.completion)] {
             let labels = TenantModelKind { tenant: self.tenant.name.clone(), model: self.model.clone(), kind };
             self.tokens.get_or_create(&labels).inc_by(n);
@@ -495,6 +538,20 @@ impl Charge {
             }
         }
     }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        if self.owed_if_dropped > 0 {
+            self.record(usage::Usage { prompt: self.owed_if_dropped, ..Default::default() });
+        }
+    }
+}
+
+/// Tokens in a request body of `bytes`, by the usual four bytes a token: what
+/// a request owes when its client leaves before the worker has counted it.
+fn estimated_tokens(bytes: usize) -> u64 {
+    (bytes as u64).div_ceil(4)
 }
 
 /// Keeps the per-model in-flight gauge up while a request is relayed.
@@ -548,7 +605,14 @@ fn relay(
         first_byte: Some(first_byte),
         sse,
         renamer: client_model.map(|name| Renamer::new(name, sse)),
-        meter: charge.map(|charge| (Meter::new(sse, strip_usage, prompt_tokens), charge)),
+        meter: charge.and_then(|charge| {
+            // A refusal or error used no tokens.
+            if !status.is_success() {
+                charge.settle(usage::Usage::default());
+                return None;
+            }
+            Some((Meter::new(sse, strip_usage, prompt_tokens), charge))
+        }),
         done: false,
     };
     let mut response = Response::new(Body::from_stream(body));

@@ -2,9 +2,10 @@
 //! JSON answer, or of a stream's last chunk. A streamed request from a tenant
 //! is sent on with `stream_options.include_usage` set, so that every stream
 //! reports its usage; the usage chunk is taken out again when the client did
-//! not ask for it. A stream cut short (the client left) is charged the prompt
-//! the worker reported in [`PROMPT_TOKENS_HEADER`] and a token per content
-//! chunk relayed.
+//! not ask for it. An answer cut short (the client left, the worker broke
+//! off) is charged the prompt the worker reported in [`PROMPT_TOKENS_HEADER`]
+//! and, for what was relayed, a token per content chunk of a stream or per
+//! four bytes of a JSON body.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -132,6 +133,8 @@ pub struct Meter {
     /// The prompt as the worker counted it (its header), for a stream cut short.
     prompt_tokens: u64,
     content_chunks: u64,
+    /// Bytes of a JSON answer relayed.
+    body_bytes: u64,
     usage: Option<Usage>,
     /// A usage chunk was just dropped: drop the blank line that ends its event too.
     dropping_event: bool,
@@ -145,6 +148,7 @@ impl Meter {
             pending: Vec::new(),
             prompt_tokens,
             content_chunks: 0,
+            body_bytes: 0,
             usage: None,
             dropping_event: false,
         }
@@ -154,6 +158,7 @@ impl Meter {
     /// now (a stream's complete lines; a JSON body as it came).
     pub fn push(&mut self, chunk: Bytes) -> Bytes {
         if !self.event_stream {
+            self.body_bytes += chunk.len() as u64;
             if self.pending.len() + chunk.len() <= MAX_METERED_BODY {
                 self.pending.extend_from_slice(&chunk);
             }
@@ -178,14 +183,11 @@ impl Meter {
         Bytes::new()
     }
 
-    /// The usage: the worker's, else (a stream cut short) the estimate.
+    /// The usage: the worker's, else (an answer cut short or past what is
+    /// read) the estimate.
     pub fn usage(&self) -> Usage {
-        self.usage.unwrap_or(Usage {
-            prompt: self.prompt_tokens,
-            cached: 0,
-            completion: self.content_chunks,
-            reported: false,
-        })
+        let relayed = if self.event_stream { self.content_chunks } else { self.body_bytes.div_ceil(4) };
+        self.usage.unwrap_or(Usage { prompt: self.prompt_tokens, cached: 0, completion: relayed, reported: false })
     }
 
     fn lines(&mut self, text: &[u8]) -> Bytes {
@@ -319,5 +321,13 @@ mod tests {
         let mut meter = Meter::new(false, false, 0);
         relay(&mut meter, envelope, 3);
         assert_eq!(meter.usage().total(), 3);
+    }
+
+    #[test]
+    fn a_json_answer_cut_short_is_estimated_from_the_prompt_header_and_bytes() {
+        let mut meter = Meter::new(false, false, 20);
+        meter.push(Bytes::from_static(br#"{"id":"c","choices":[{"message":{"content":"some"#));
+        assert_eq!(meter.finish(), Bytes::new());
+        assert_eq!(meter.usage(), Usage { prompt: 20, cached: 0, completion: 12, reported: false });
     }
 }

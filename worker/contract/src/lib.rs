@@ -14,9 +14,8 @@ mod schema;
 pub mod source;
 pub mod stopping;
 
-/// Response header of a worker's streamed chat completion: the prompt's token
-/// count. The router charges it to a tenant whose client leaves before the
-/// stream's closing usage chunk.
+/// Response header of a worker's chat completion: the prompt's token count.
+/// The router charges it to a tenant whose answer is cut short before its usage.
 pub const PROMPT_TOKENS_HEADER: &str = "x-kandle-prompt-tokens";
 
 pub use model_info::ModelInfo;

@@ -77,14 +77,12 @@ async fn run(state: AppState, tally: TokenTally, body: Body, flavor: Flavor) -> 
     })?;
     state.metrics().prompt_tokens.inc_by(prepared.prompt_tokens as u64);
     tally.prompt(prepared.prompt_tokens);
-    if req.stream {
-        let mut response = stream(state, meta, prepared.events, tally).into_response();
-        response.headers_mut().insert(kandle_contract::PROMPT_TOKENS_HEADER, prepared.prompt_tokens.into());
-        Ok(response)
+    let mut response = if req.stream {
+        stream(state, meta, prepared.events, tally).into_response()
     } else {
         let completion = collect(&state, meta, prepared.events).await?;
         tally.completion(completion.usage.completion_tokens);
-        Ok(match flavor {
+        match flavor {
             Flavor::OpenAi => Json(completion).into_response(),
             Flavor::Envelope => Json(Envelope {
                 success: true,
@@ -93,8 +91,10 @@ async fn run(state: AppState, tally: TokenTally, body: Body, flavor: Flavor) -> 
                 data: Some(completion),
             })
             .into_response(),
-        })
-    }
+        }
+    };
+    response.headers_mut().insert(kandle_contract::PROMPT_TOKENS_HEADER, prepared.prompt_tokens.into());
+    Ok(response)
 }
 
 /// What every chunk or body of one response repeats.
