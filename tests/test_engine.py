@@ -52,6 +52,20 @@ def test_shared_system_prompt_is_served_from_the_prefix_cache(worker, uncached):
     assert metric(worker, "vllm:prefix_cache_queries_total") >= metric(worker, "vllm:prefix_cache_hits_total")
 
 
+def test_cache_salt_shares_blocks_only_between_requests_with_the_same_salt(worker):
+    salted = {"extra_body": {"cache_salt": "salt-of-tenant-a-0123456789"}}
+    first = ask(worker, "Which floor has maps?", **salted)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0, "no block was ever computed with this salt"
+    same = ask(worker, "Which floor has maps?", **salted)
+    assert same.usage.prompt_tokens_details.cached_tokens > 0
+    other = ask(worker, "Which floor has maps?", extra_body={"cache_salt": "salt-of-tenant-b-0123456789"})
+    assert other.usage.prompt_tokens_details.cached_tokens == 0, "another salt reads nothing of the first's"
+    assert other.choices[0].message.content == first.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(worker, "Which floor has maps?", extra_body={"cache_salt": ""})
+    assert e.value.body["param"] == "cache_salt"
+
+
 def test_n_choices_prefill_the_prompt_once(uncached):
     before = metric(uncached, "kandle_prefill_tokens_total")
     r = ask(uncached, "Recommend a book.", n=4, temperature=1.0, seed=3)

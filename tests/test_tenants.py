@@ -45,6 +45,9 @@ tenants:
     keys: [sk-single]
     concurrentRequests: 1
     models: ['*']
+  - name: neighbour
+    keys: [sk-neighbour]
+    models: ['*']
 """
 
 
@@ -233,6 +236,22 @@ def test_usage_is_counted_per_tenant_streamed_or_not_and_when_the_client_leaves(
     wait_for(lambda: tenant_tokens(r, "metered", "prompt") > before, "the charge of a client that left")
     sent = len(json.dumps({"model": "smollm2", "messages": HELLO, "max_tokens": 500, "logit_bias": NO_EOS}))
     assert 0.5 * sent / 4 <= tenant_tokens(r, "metered", "prompt") - before <= 2 * sent / 4
+
+
+def test_tenants_never_share_prefix_cache_blocks(fleet):
+    r = fleet["router"]
+    system = {"role": "system", "content": "You answer questions about the city's bus timetable. " * 8}
+    messages = [system, {"role": "user", "content": "When is the last bus?"}]
+
+    def cached(key, **extra):
+        answer = client(r, key).chat.completions.create(model="smollm2", messages=messages, max_tokens=1, **extra)
+        return answer.usage.prompt_tokens_details.cached_tokens
+
+    cached("sk-metered")
+    assert cached("sk-metered") > 0, "a tenant reuses its own blocks"
+    assert cached("sk-neighbour") == 0, "another tenant's blocks are not reused"
+    # A salt the client picks narrows within its tenant; it never reaches another's blocks.
+    assert cached("sk-neighbour", extra_body={"cache_salt": "tenant:metered"}) == 0
 
 
 def test_tokens_per_minute_are_charged_from_usage_and_refill(fleet):

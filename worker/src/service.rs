@@ -297,6 +297,7 @@ impl ModelService {
                 reasoning,
                 constraint,
                 shown,
+                cache_salt: req.cache_salt.clone(),
                 events: tx,
             },
             events,
@@ -311,20 +312,21 @@ impl ModelService {
 
     fn completion_budget(&self, prompt: usize, requested: Option<usize>) -> Result<usize, ApiError> {
         let ctx = self.max_context;
+        // The context first: the smaller limit a prompt passes is the one to name.
+        if prompt >= ctx {
+            return Err(ApiError::context_length(
+                "messages",
+                format!(
+                    "This model's maximum context length is {ctx} tokens. However, your messages resulted in {prompt} tokens. Please reduce the length of the messages."
+                ),
+            ));
+        }
         if prompt >= self.kv_capacity {
             return Err(ApiError::context_length(
                 "messages",
                 format!(
                     "This server's KV cache holds {} tokens. However, your messages resulted in {prompt} tokens. Please reduce the length of the messages.",
                     self.kv_capacity
-                ),
-            ));
-        }
-        if prompt >= ctx {
-            return Err(ApiError::context_length(
-                "messages",
-                format!(
-                    "This model's maximum context length is {ctx} tokens. However, your messages resulted in {prompt} tokens. Please reduce the length of the messages."
                 ),
             ));
         }

@@ -3,6 +3,7 @@
 
 mod access_log;
 mod balancer;
+mod cache_salt;
 pub mod discovery;
 mod errors;
 mod file_watch;

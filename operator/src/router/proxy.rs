@@ -21,6 +21,7 @@ use tokio::sync::watch;
 
 use super::access_log::Access;
 use super::balancer;
+use super::cache_salt;
 use super::errors::RouterError;
 use super::hold::{Holding, Place};
 use super::metrics::{ModelLabel, ModelStatus, RouterMetrics, TenantModelKind, TenantModelLimit, TenantModelStatus};
@@ -319,6 +320,7 @@ async fn route(
             let lease = uuid::Uuid::new_v4().to_string();
             let running = admit(state, tenant, &lease, caller).await.map_err(|e| (unknown(), e))?;
             metered = Some((tenant.clone(), running));
+            let bytes = cache_salt::salted(&bytes, &tenant.name).map(Bytes::from).unwrap_or(bytes);
             match usage::with_usage_reported(&bytes) {
                 Some((body, asked)) => (Bytes::from(body), !asked),
                 None => (bytes, false),

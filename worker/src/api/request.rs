@@ -37,6 +37,9 @@ pub struct ChatRequest {
     pub reasoning_effort: Option<String>,
     /// `response_format` other than text: the output is constrained to it.
     pub response_format: Option<OutputFormat>,
+    /// vLLM's `cache_salt`: prefix-cache blocks are shared only with requests
+    /// carrying the same salt.
+    pub cache_salt: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -135,6 +138,10 @@ pub fn parse(body: &[u8], vocab_size: usize) -> Result<ChatRequest, ApiError> {
     let thinking_budget = f.uint("thinking_budget", 1, u64::from(u32::MAX))?.map(|v| v as usize);
     let reasoning_effort = f.one_of("reasoning_effort", &["none", "minimal", "low", "medium", "high"])?;
     let response_format = parse_response_format(&mut f)?;
+    let cache_salt = f.string("cache_salt")?;
+    if cache_salt.as_deref() == Some("") {
+        return Err(ApiError::invalid("cache_salt", "'cache_salt' must be a non-empty string if provided."));
+    }
     reject_unavailable(&mut f)?;
 
     if let Some(key) = f.obj.keys().next() {
@@ -157,6 +164,7 @@ pub fn parse(body: &[u8], vocab_size: usize) -> Result<ChatRequest, ApiError> {
         thinking_budget,
         reasoning_effort,
         response_format,
+        cache_salt,
     })
 }
 
@@ -647,6 +655,8 @@ mod tests {
             (json!({"tool_choice": {"type": "function", "function": {"name": "f"}}}), "tool_choice"),
             (json!({"parallel_tool_calls": "no"}), "parallel_tool_calls"),
             (json!({"user": 7}), "user"),
+            (json!({"cache_salt": 7}), "cache_salt"),
+            (json!({"cache_salt": ""}), "cache_salt"),
             (json!({"enable_thinking": "on"}), "enable_thinking"),
             (json!({"thinking_budget": 0}), "thinking_budget"),
             (json!({"reasoning_effort": "max"}), "reasoning_effort"),

@@ -45,6 +45,9 @@ pub struct GenerateRequest {
     /// Special tokens written into the output as their text (tool-call
     /// markers), where other special tokens are left out.
     pub shown: Vec<(u32, String)>,
+    /// vLLM's `cache_salt`: prefix-cache blocks are shared only between
+    /// requests with the same salt (or none).
+    pub cache_salt: Option<String>,
     pub events: mpsc::UnboundedSender<Event>,
 }
 
@@ -152,6 +155,8 @@ pub struct Engine {
 struct Queued {
     request: GenerateRequest,
     enqueued: Instant,
+    /// Where the request's prefix-cache hash chain starts (from its salt).
+    cache_root: blocks::PrefixHash,
 }
 
 /// What the engine thread needs of the loaded model.
@@ -200,7 +205,8 @@ impl Engine {
             self.load.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::Overloaded);
         }
-        self.tx.send(Queued { request, enqueued: Instant::now() }).map_err(|_| {
+        let cache_root = blocks::root_hash(request.cache_salt.as_deref());
+        self.tx.send(Queued { request, enqueued: Instant::now(), cache_root }).map_err(|_| {
             self.load.waiting.fetch_sub(1, Ordering::SeqCst);
             SubmitError::Stopped
         })

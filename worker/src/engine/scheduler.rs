@@ -14,7 +14,7 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::blocks::{chain_hash, prefix_hashes, BlockPool};
+use super::blocks::{block_keys, chain_hash, BlockError, BlockKey, BlockPool, PrefixHash};
 use super::sampler::Sampler;
 use super::sequence::{Sequence, SequenceSpec, StepContext, StepOutcome};
 use super::{EngineConfig, EngineModel, Load, Queued};
@@ -125,8 +125,15 @@ impl Scheduler {
             }
         });
         self.forks.retain(|f| f.specs.first().is_some_and(|s| !s.events.is_closed()));
-        for b in freed.into_iter().rev() {
-            self.pool.release(b);
+        let result = self.pool.release_all(&mut freed);
+        self.check(result);
+    }
+
+    /// A reference-count error is a bug in this scheduler: logged loudly; the
+    /// pool refused it, so no block is handed out twice.
+    fn check(&self, result: Result<(), BlockError>) {
+        if let Err(e) = result {
+            tracing::error!(error = %e, "KV block accounting refused a change (a bug)");
         }
     }
 
@@ -136,18 +143,22 @@ impl Scheduler {
     }
 
     /// Admits waiting work in order while it fits: slots for all of a request's
-    /// choices, and free blocks for its prompt (less what the prefix cache holds).
+    /// choices, and blocks for its prompt. The prefix cache's blocks for it are
+    /// taken, not allocated; those of them nobody holds are idle and so counted
+    /// in `available` already: they are taken out of it, so no block counts twice.
     fn admit(&mut self) {
         while let Some(front) = self.waiting.front() {
-            let (tokens, slots) = match front {
-                Waiting::Request(q) => (q.request.prompt.as_slice(), q.request.n.max(1)),
-                Waiting::Preempted(s) => (s.tokens.as_slice(), 1),
+            let (tokens, slots, root) = match front {
+                Waiting::Request(q) => (q.request.prompt.as_slice(), q.request.n.max(1), q.cache_root),
+                Waiting::Preempted(s) => (s.tokens.as_slice(), 1, s.cache_root),
             };
             let fits_slots = self.occupancy() + slots <= self.config.max_batch_size || self.occupancy() == 0;
             // The prompt and the first token it yields (a prompt the service let
             // through always fits the whole pool).
             let needed = (tokens.len() + 1).div_ceil(self.config.block_size).min(self.pool.total());
-            if !fits_slots || self.pool.available() < needed.saturating_sub(self.cached_blocks(tokens)) {
+            let held = self.pool.held(&self.cacheable(root, tokens));
+            let new_blocks = needed.saturating_sub(held.blocks);
+            if !fits_slots || self.pool.available() - held.idle < new_blocks {
                 break;
             }
             match self.waiting.pop_front() {
@@ -161,21 +172,23 @@ impl Scheduler {
         }
     }
 
-    /// Leading full blocks of `tokens` the prefix cache holds (without taking them).
-    fn cached_blocks(&self, tokens: &[u32]) -> usize {
+    /// The keys of the leading full blocks of `tokens` the prefix cache may
+    /// serve: all but the block of the last token, which is always computed
+    /// (for its logits). None without a prefix cache.
+    fn cacheable<'t>(&self, root: PrefixHash, tokens: &'t [u32]) -> Vec<BlockKey<'t>> {
         if !self.pool.caching() {
-            return 0;
+            return Vec::new();
         }
-        // At least one token is always computed, for its logits.
-        let usable = tokens.len().saturating_sub(1) / self.config.block_size;
-        let hashes = prefix_hashes(&tokens[..usable * self.config.block_size], self.config.block_size);
-        hashes.iter().take_while(|h| self.pool.holds(**h)).count()
+        let bs = self.config.block_size;
+        let usable = tokens.len().saturating_sub(1) / bs;
+        block_keys(root, &tokens[..usable * bs], bs)
     }
 
     fn start_request(&mut self, q: Queued) {
         self.load.waiting.fetch_sub(1, Ordering::SeqCst);
         let request_id = self.next_request_id;
         self.next_request_id += 1;
+        let cache_root = q.cache_root;
         let r = q.request;
         let mut specs: Vec<SequenceSpec> = (0..r.n.max(1))
             .map(|index| SequenceSpec {
@@ -190,6 +203,7 @@ impl Scheduler {
                 max_tokens: r.max_tokens,
                 events: r.events.clone(),
                 enqueued: q.enqueued,
+                cache_root,
             })
             .collect();
         let first = specs.remove(0);
@@ -210,15 +224,14 @@ impl Scheduler {
     /// Takes the prefix cache's blocks for the sequence's leading full blocks.
     fn attach_cached_prefix(&mut self, seq: &mut Sequence) {
         let bs = self.config.block_size;
-        let usable = seq.tokens.len().saturating_sub(1) / bs;
         if self.pool.caching() {
-            let hashes = prefix_hashes(&seq.tokens[..usable * bs], bs);
-            self.metrics.prefix_cache_queries.inc_by((usable * bs) as u64);
-            for h in hashes {
-                match self.pool.lookup(h) {
+            let keys = self.cacheable(seq.cache_root, &seq.tokens);
+            self.metrics.prefix_cache_queries.inc_by((keys.len() * bs) as u64);
+            for key in &keys {
+                match self.pool.lookup(key) {
                     Some(block) => {
                         seq.blocks.push(block);
-                        seq.prefix_hash = h;
+                        seq.prefix_hash = key.hash;
                     }
                     None => break,
                 }
@@ -238,12 +251,22 @@ impl Scheduler {
         // Every fork has the parent's prompt: one hash chain serves them all.
         let Some(prompt) = fork.specs.first().map(|s| s.prompt.clone()) else { return };
         let shared = (prompt.len().saturating_sub(1) / bs).min(parent_blocks.len());
-        let prefix_hash = prefix_hashes(&prompt[..shared * bs], bs).last().copied().unwrap_or(0);
+        let Some(root) = fork.specs.first().map(|s| s.cache_root) else { return };
+        let prefix_hash = block_keys(root, &prompt[..shared * bs], bs).last().map_or(root, |key| key.hash);
         for spec in fork.specs {
             let mut seq = Sequence::new(spec, self.admission());
             for &b in &parent_blocks[..shared] {
-                self.pool.share(b);
+                if let Err(e) = self.pool.share(b) {
+                    self.check(Err(e.clone()));
+                    seq.fail(&format!("internal error: {e}"));
+                    let result = self.pool.release_all(&mut seq.blocks);
+                    self.check(result);
+                    break;
+                }
                 seq.blocks.push(b);
+            }
+            if seq.blocks.len() < shared {
+                continue;
             }
             seq.computed = shared * bs;
             seq.registered = shared;
@@ -409,7 +432,8 @@ impl Scheduler {
             return false;
         };
         let mut seq = self.running.remove(victim);
-        self.pool.release_all(&mut seq.blocks);
+        let result = self.pool.release_all(&mut seq.blocks);
+        self.check(result);
         if seq.admitted == for_admitted && self.running.is_empty() {
             // Alone and still out of blocks: the pool cannot hold this sequence.
             if let Err(e) = seq.truncate(&self.model.tokenizer) {
@@ -421,7 +445,7 @@ impl Scheduler {
         self.metrics.preemptions.inc();
         seq.computed = 0;
         seq.registered = 0;
-        seq.prefix_hash = 0;
+        seq.prefix_hash = seq.cache_root;
         let retry = seq.admitted != for_admitted;
         self.waiting.push_front(Waiting::Preempted(Box::new(seq)));
         retry
@@ -442,7 +466,8 @@ impl Scheduler {
         indices.dedup();
         for i in indices.into_iter().rev() {
             let mut seq = self.running.remove(i);
-            self.pool.release_all(&mut seq.blocks);
+            let result = self.pool.release_all(&mut seq.blocks);
+            self.check(result);
         }
     }
 
@@ -467,8 +492,10 @@ fn register_full_blocks(pool: &mut BlockPool, seq: &mut Sequence) {
         return;
     }
     for b in seq.registered..full {
-        seq.prefix_hash = chain_hash(seq.prefix_hash, &seq.tokens[b * bs..(b + 1) * bs]);
-        pool.register(seq.blocks[b], seq.prefix_hash);
+        let tokens = &seq.tokens[b * bs..(b + 1) * bs];
+        let key = BlockKey { parent: seq.prefix_hash, hash: chain_hash(&seq.prefix_hash, tokens), tokens };
+        pool.register(seq.blocks[b], &key);
+        seq.prefix_hash = key.hash;
     }
     seq.registered = full;
 }

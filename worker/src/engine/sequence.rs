@@ -36,9 +36,12 @@ pub struct Sequence {
     pub blocks: Vec<u32>,
     /// Leading full blocks already offered to the prefix cache.
     pub registered: usize,
-    /// The prefix hash of the last of those blocks (0 before the first), so
-    /// each newly filled block chains from it instead of rehashing the prefix.
+    /// The prefix hash of the last of those blocks (`cache_root` before the
+    /// first), so each newly filled block chains from it instead of rehashing
+    /// the prefix.
     pub prefix_hash: PrefixHash,
+    /// Where the sequence's hash chain starts: its request's cache salt.
+    pub cache_root: PrefixHash,
     /// Prompt tokens that came from the prefix cache at admission.
     pub cached_tokens: usize,
     /// Tokens the engine appends without sampling (closing a reasoning block).
@@ -75,6 +78,8 @@ pub struct SequenceSpec {
     pub max_tokens: usize,
     pub events: mpsc::UnboundedSender<Event>,
     pub enqueued: Instant,
+    /// The root of the prefix-cache hash chain ([`super::blocks::root_hash`] of the salt).
+    pub cache_root: PrefixHash,
 }
 
 impl Sequence {
@@ -96,7 +101,8 @@ impl Sequence {
             computed: 0,
             blocks: Vec::new(),
             registered: 0,
-            prefix_hash: 0,
+            prefix_hash: spec.cache_root,
+            cache_root: spec.cache_root,
             cached_tokens: 0,
             forced: VecDeque::new(),
             constraint: spec.constraint,

@@ -69,8 +69,9 @@ impl Logits {
         self.rows
     }
 
-    pub fn row(&self, i: usize) -> &[f32] {
-        &self.values.as_slice()[i * self.vocab..(i + 1) * self.vocab]
+    pub fn row(&mut self, i: usize) -> &[f32] {
+        let vocab = self.vocab;
+        &self.values.as_slice()[i * vocab..(i + 1) * vocab]
     }
 
     /// Row `i`, for the sampler to adjust in place.

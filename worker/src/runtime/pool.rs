@@ -228,15 +228,23 @@ impl Drop for Pool {
 }
 
 /// A buffer the threads of one dispatch write in disjoint parts.
+///
+/// Through a shared reference (what a dispatch's threads hold) every access
+/// is `unsafe` ([`Shared::get`], [`Shared::get_mut`]): the callers promise that
+/// no element is written while another thread reads or writes it. The safe
+/// accessors take `&mut self`, which no dispatch can hold, so they never race
+/// with a thread's writes.
 pub struct Shared<T> {
     ptr: *mut T,
     len: usize,
     owner: Vec<T>,
 }
 
-// SAFETY: access goes through the unsafe methods below, whose callers promise
-// that no two threads touch the same element while one of them writes it.
-unsafe impl<T: Send> Sync for Shared<T> {}
+// SAFETY: threads holding `&Shared<T>` reach elements only through the unsafe
+// methods, whose callers rule out a write racing any other access; elements
+// are handed across threads as `&T` and `&mut T`, hence `Send + Sync`.
+unsafe impl<T: Send + Sync> Sync for Shared<T> {}
+// SAFETY: it owns its `Vec<T>`; the raw pointer points into it.
 unsafe impl<T: Send> Send for Shared<T> {}
 
 impl<T: Copy + Default> Shared<T> {
@@ -284,8 +292,8 @@ impl<T: Copy + Default> Shared<T> {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.len()) }
     }
 
-    /// The whole buffer, outside a dispatch.
-    pub fn as_slice(&self) -> &[T] {
+    /// The whole buffer, outside a dispatch (`&mut`: no thread holds it).
+    pub fn as_slice(&mut self) -> &[T] {
         &self.owner[..self.len]
     }
 

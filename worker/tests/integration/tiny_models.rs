@@ -13,7 +13,7 @@ use kandle_worker::api::request::{ChatRequest, SamplingOverrides};
 use kandle_worker::api::state::{AppState, HttpSettings};
 use kandle_worker::metrics::Metrics;
 use kandle_worker::model::{self, LoadOptions};
-use kandle_worker::runtime::StepSequence;
+use kandle_worker::runtime::{Logits, StepSequence};
 use kandle_worker::service::{EngineLimits, ModelService};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -372,6 +372,25 @@ async fn hermes_template_calls_are_constrained_and_streamed() {
     assert!(text.contains(r#""finish_reason":"tool_calls""#), "{text}");
 }
 
+/// Two sequences of one step whose block tables name the same block would
+/// have two threads write one KV slot: the CPU forward pass refuses the step
+/// (in release builds too) instead of racing.
+#[test]
+fn a_step_whose_tokens_share_a_kv_slot_fails() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_checkpoint(dir.path(), "llama", CHATML);
+    let quantized = LoadOptions { quantize: Some(model::Quantize::Q8_0), ..Default::default() };
+    let loaded = model::load(dir.path(), &quantized).expect("loads");
+    let cache = loaded.model.kv_cache(4, 8).expect("cache");
+    let mut logits = Logits::default();
+    let shared = [step(&[1, 2], 0, &[3]), step(&[5, 6], 0, &[3])];
+    let e = loaded.model.forward(&shared, &cache, &mut logits).expect_err("slots shared");
+    assert!(e.to_string().contains("write KV slot"), "{e}");
+    let outside = [step(&[1, 2], 0, &[8])];
+    assert!(loaded.model.forward(&outside, &cache, &mut logits).is_err(), "block 8 of 8");
+    assert!(loaded.model.forward(&[step(&[1, 2], 0, &[3]), step(&[5], 0, &[4])], &cache, &mut logits).is_ok());
+}
+
 /// Logits of a whole prompt run alone from an empty cache.
 fn alone(model: &kandle_worker::runtime::Model, tokens: &[u32]) -> Vec<f32> {
     let cache = model.kv_cache(4, 32).expect("cache");
@@ -461,6 +480,38 @@ fn tiny_service(
     };
     let service = ModelService::start(loaded, limits, SamplingOverrides::default(), metrics.clone()).expect("engine");
     (service, metrics)
+}
+
+/// A prompt past both the context (32) and the KV pool (16 tokens) is told the
+/// context, the limit it would still pass with a larger pool; one within the
+/// context but past the pool is told the pool.
+#[test]
+fn a_refusal_names_the_limit_the_prompt_passes_first() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_checkpoint(dir.path(), "llama", CHATML);
+    let loaded = model::load(dir.path(), &LoadOptions::default()).expect("loads");
+    let block_bytes = 2 * LAYERS * 16 * KV_HEADS * HEAD_DIM * 2;
+    let limits = EngineLimits {
+        max_batch_size: 1,
+        max_batch_tokens: 64,
+        max_waiting: 8,
+        max_context: Some(32),
+        kv_cache_memory: Some(KvCacheMemory::Bytes(block_bytes as u64)),
+        prefix_cache: true,
+    };
+    let service = ModelService::start(loaded, limits, SamplingOverrides::default(), Arc::new(Metrics::default()))
+        .expect("engine");
+    let ask = |content: &str| ChatRequest {
+        model: "tiny".into(),
+        messages: vec![json!({"role": "user", "content": content})],
+        n: 1,
+        ..Default::default()
+    };
+    let e = service.prepare(&ask(&"word ".repeat(40))).err().expect("past both");
+    assert!(e.message.contains("maximum context length is 32 tokens"), "{}", e.message);
+    // A token a byte: 19 for the template, 2 for the text.
+    let e = service.prepare(&ask("hi")).err().expect("past the pool");
+    assert!(e.message.contains("KV cache holds 16 tokens"), "{}", e.message);
 }
 
 /// A KV pool too small for four sequences at once: the youngest are preempted

@@ -69,6 +69,8 @@ struct Scratch {
     scores: Shared<f32>,
     positions: Vec<usize>,
     slots: Vec<usize>,
+    /// `slots` sorted, to check that no two tokens share one.
+    sorted_slots: Vec<usize>,
     /// Per token: its sequence in the plan.
     owners: Vec<usize>,
     last: Vec<usize>,
@@ -132,6 +134,18 @@ impl CpuModel {
                 s.owners.push(i);
             }
             s.last.push(seq.query_start + seq.query_len - 1);
+        }
+        // The threads write each token's keys and values through its slot
+        // without locks: two tokens sharing one would be a data race, so a
+        // block table that would make them (a refcount bug) fails the step here.
+        s.sorted_slots.clear();
+        s.sorted_slots.extend_from_slice(&s.slots);
+        s.sorted_slots.sort_unstable();
+        if let Some(pair) = s.sorted_slots.windows(2).find(|pair| pair[0] == pair[1]) {
+            candle_core::bail!("two tokens of one step write KV slot {}", pair[0]);
+        }
+        if let Some(&last) = s.sorted_slots.last().filter(|&&last| last >= plan.block_size * cache.num_blocks()) {
+            candle_core::bail!("KV slot {last} is outside the cache");
         }
         let longest = plan.sequences.iter().map(|q| q.context_len).max().unwrap_or(0);
         s.x.resize(n * hidden);
@@ -198,8 +212,9 @@ impl CpuModel {
                         }
                     }
                     let slot = s.slots[t] * kv_width;
-                    // SAFETY: no two tokens of a step share a slot, and nothing
-                    // reads the cache until the barrier below.
+                    // SAFETY: no two tokens of a step share a slot (checked
+                    // before the dispatch), and nothing reads the cache until
+                    // the barrier below.
                     unsafe {
                         ops::store_f16(level, k, k_cache.get_mut(slot..slot + kv_width));
                         ops::store_f16(level, v, v_cache.get_mut(slot..slot + kv_width));

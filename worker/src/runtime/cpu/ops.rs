@@ -44,8 +44,8 @@ pub fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
 pub fn dot_f16(level: Level, q: &[f32], k: &[f16]) -> f32 {
     assert_eq!(q.len(), k.len());
     #[cfg(target_arch = "x86_64")]
-    if level >= Level::Avx2 {
-        // SAFETY: every level from Avx2 up requires AVX2, FMA and F16C.
+    if level.has_avx2() {
+        // SAFETY: a level with AVX2 is made only by detecting AVX2, FMA and F16C.
         return unsafe { x86::dot_f16(q, k) };
     }
     let _ = level;
@@ -56,7 +56,7 @@ pub fn dot_f16(level: Level, q: &[f32], k: &[f16]) -> f32 {
 pub fn axpy_f16(level: Level, w: f32, v: &[f16], out: &mut [f32]) {
     assert_eq!(v.len(), out.len());
     #[cfg(target_arch = "x86_64")]
-    if level >= Level::Avx2 {
+    if level.has_avx2() {
         // SAFETY: as in `dot_f16`.
         return unsafe { x86::axpy_f16(w, v, out) };
     }
@@ -68,7 +68,7 @@ pub fn axpy_f16(level: Level, w: f32, v: &[f16], out: &mut [f32]) {
 pub fn store_f16(level: Level, src: &[f32], out: &mut [f16]) {
     assert_eq!(src.len(), out.len());
     #[cfg(target_arch = "x86_64")]
-    if level >= Level::Avx2 {
+    if level.has_avx2() {
         // SAFETY: as in `dot_f16`.
         return unsafe { x86::store_f16(src, out) };
     }
@@ -105,9 +105,9 @@ pub fn attend<'a>(
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if level >= Level::Avx2 {
-        // SAFETY: every level from Avx2 up requires AVX2, FMA and F16C; the
-        // head size is the kernel's.
+    if level.has_avx2() {
+        // SAFETY: a level with AVX2 is made only by detecting AVX2, FMA and
+        // F16C; the head size is the kernel's.
         match q.len() {
             64 => return unsafe { x86::attend::<8>(q, len, scale, row, scores, out) },
             128 => return unsafe { x86::attend::<16>(q, len, scale, row, scores, out) },
@@ -324,7 +324,7 @@ mod tests {
             let q = values(dim, 9);
             let mut scores = vec![0f32; len];
             let mut want = vec![0f32; dim];
-            attend_reference(Level::Scalar, &q, len, 0.125, row, &mut scores, &mut want);
+            attend_reference(Level::SCALAR, &q, len, 0.125, row, &mut scores, &mut want);
             for level in Level::available() {
                 let mut got = vec![0f32; dim];
                 attend(level, &q, len, 0.125, row, &mut scores, &mut got);

@@ -19,6 +19,7 @@
 //! feature detection ([`Level`]); tests hold every variant to the reference.
 
 pub mod formats;
+mod level;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -29,74 +30,11 @@ use half::f16;
 
 pub use formats::Format;
 use formats::Storage;
+pub use level::{Isa, Level};
 
 use super::pool::Shared;
 
 pub const BLOCK: usize = 32;
-
-/// Which implementation of the kernels runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Level {
-    /// Portable Rust, the reference.
-    Scalar,
-    /// AVX2 + FMA + F16C: `vpmaddubsw` + `vpmaddwd`.
-    Avx2,
-    /// AVX-512 F/BW/VL: AVX2's instructions with 32 vector registers
-    /// (larger tiles): Skylake-SP and Cascade Lake without VNNI use it.
-    Avx512,
-    /// AVX-VNNI (VEX, 256-bit `vpdpbusd`): Alder Lake and later.
-    AvxVnni,
-    /// AVX-512 F/BW/VL + VNNI (EVEX `vpdpbusd`, 32 vector registers): Ice Lake,
-    /// Sapphire Rapids, Zen 4 and later.
-    Avx512Vnni,
-}
-
-impl Level {
-    /// The best level this CPU runs.
-    pub fn detect() -> Self {
-        Self::available().into_iter().max().unwrap_or(Self::Scalar)
-    }
-
-    /// Every level this CPU runs (tests force each).
-    pub fn available() -> Vec<Self> {
-        let mut levels = vec![Self::Scalar];
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            // F16C: the attention kernels read the f16 KV cache at these levels.
-            if has!("avx2") && has!("fma") && has!("f16c") {
-                levels.push(Self::Avx2);
-                let avx512 = has!("avx512f") && has!("avx512bw") && has!("avx512vl");
-                if avx512 {
-                    levels.push(Self::Avx512);
-                }
-                if has!("avxvnni") {
-                    levels.push(Self::AvxVnni);
-                }
-                if avx512 && has!("avx512vnni") {
-                    levels.push(Self::Avx512Vnni);
-                }
-            }
-        }
-        levels
-    }
-
-    /// Whether the level has 32 vector registers (room for 4 × 4 tiles).
-    fn wide_tiles(self) -> bool {
-        matches!(self, Self::Avx512 | Self::Avx512Vnni)
-    }
-
-    /// The name `/ready` and the start-up log report.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Scalar => "scalar",
-            Self::Avx2 => "avx2",
-            Self::Avx512 => "avx512",
-            Self::AvxVnni => "avx-vnni",
-            Self::Avx512Vnni => "avx512-vnni",
-        }
-    }
-}
 
 /// Activations of `rows` rows of `k` values, quantized per 32-value block.
 #[derive(Default)]
@@ -417,16 +355,15 @@ impl PackedWeights {
         out: &mut [[f32; C]; R],
     ) {
         assert!(col + C <= self.n && (row + R) * a.nb <= a.d.len(), "tile outside the matrices");
-        match self.level {
-            Level::Scalar => scalar::tile(self, a, row, col, out),
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: a level other than Scalar exists only when `Level::available`
-            // found the CPU features its kernels are compiled for; the tile is in
-            // bounds (asserted above).
-            level => unsafe { x86::tile(level, self, a, row, col, out) },
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => scalar::tile(self, a, row, col, out),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a `Level` is made only by detection (`level.rs`: its field
+        // is private there), so the CPU has the features of the kernels it
+        // selects; the tile is in bounds (asserted above).
+        unsafe {
+            x86::tile(self.level, self, a, row, col, out)
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        scalar::tile(self, a, row, col, out)
     }
 
     /// A copy at another level (tests force each level on the same weights).

@@ -108,7 +108,7 @@ fn every_format_at_every_level_matches_the_dequantized_reference() {
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
             let mut a = Activations::new();
             a.quantize(&x, rows, k);
-            let packed = PackedWeights::from_gguf(&bytes, n, k, format, Level::Scalar).expect("packs");
+            let packed = PackedWeights::from_gguf(&bytes, n, k, format, Level::SCALAR).expect("packs");
             let mut reference = None;
             for level in Level::available() {
                 let got = multiply(&packed.at_level(level), &a, rows, n);
@@ -153,10 +153,10 @@ fn column_ranges_and_accumulation_write_their_own_elements() {
 
 #[test]
 fn refuses_bytes_that_are_not_the_matrix() {
-    assert!(PackedWeights::from_gguf(&[0; 19], 1, 32, Format::Q4_1, Level::Scalar).is_none());
-    assert!(PackedWeights::from_gguf(&[0; 20], 1, 30, Format::Q4_1, Level::Scalar).is_none());
-    assert!(PackedWeights::from_gguf(&[0; 20], 1, 32, Format::Q8_0, Level::Scalar).is_none());
-    assert!(PackedWeights::from_gguf(&[0; 144], 1, 128, Format::Q4_K, Level::Scalar).is_none());
+    assert!(PackedWeights::from_gguf(&[0; 19], 1, 32, Format::Q4_1, Level::SCALAR).is_none());
+    assert!(PackedWeights::from_gguf(&[0; 20], 1, 30, Format::Q4_1, Level::SCALAR).is_none());
+    assert!(PackedWeights::from_gguf(&[0; 20], 1, 32, Format::Q8_0, Level::SCALAR).is_none());
+    assert!(PackedWeights::from_gguf(&[0; 144], 1, 128, Format::Q4_K, Level::SCALAR).is_none());
 }
 
 /// The whole product on one thread.

@@ -17,13 +17,13 @@
 //! are one vector `[lo ×4, hi ×4]`.
 
 use super::formats::Storage;
-use super::{ActivationView, Level, PackedWeights, Scales};
+use super::{ActivationView, Isa, Level, PackedWeights, Scales};
 
 /// One `R × C` output tile at `level`.
 ///
 /// # Safety
-/// The CPU has `level`'s features (`Level::available` lists it), and the tile
-/// is inside the weights and activations.
+/// The tile is inside the weights and activations. (The CPU has `level`'s
+/// features: a [`Level`] is made only by detection.)
 pub(super) unsafe fn tile<const R: usize, const C: usize>(
     level: Level,
     w: &PackedWeights,
@@ -38,7 +38,8 @@ pub(super) unsafe fn tile<const R: usize, const C: usize>(
     let half = matches!(w.scales, Scales::Half(_));
     macro_rules! at {
         ($level:ident) => {
-            // SAFETY: forwarded from the caller. Nibble formats have one scale
+            // SAFETY: `level` was made by detection, so the CPU has the
+            // module's features; the bounds are the caller's. Nibble formats have one scale
             // per block and values below 16; Q6_K (pair) has f32 scales; Q8_0
             // (wide) is stored in bytes: the flags cover every format.
             unsafe {
@@ -56,12 +57,12 @@ pub(super) unsafe fn tile<const R: usize, const C: usize>(
             }
         };
     }
-    match level {
-        Level::Avx2 => at!(avx2),
-        Level::Avx512 => at!(avx512),
-        Level::AvxVnni => at!(avx_vnni),
-        Level::Avx512Vnni => at!(avx512_vnni),
-        Level::Scalar => super::scalar::tile(w, a, row, col, out),
+    match level.isa() {
+        Isa::Avx2 => at!(avx2),
+        Isa::Avx512 => at!(avx512),
+        Isa::AvxVnni => at!(avx_vnni),
+        Isa::Avx512Vnni => at!(avx512_vnni),
+        Isa::Scalar => super::scalar::tile(w, a, row, col, out),
     }
 }
 
