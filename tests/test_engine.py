@@ -10,6 +10,7 @@ import concurrent.futures
 import json
 import subprocess
 import time
+import urllib.error
 import urllib.request
 
 import openai
@@ -64,6 +65,40 @@ def test_cache_salt_shares_blocks_only_between_requests_with_the_same_salt(worke
     with pytest.raises(openai.BadRequestError) as e:
         ask(worker, "Which floor has maps?", extra_body={"cache_salt": ""})
     assert e.value.body["param"] == "cache_salt"
+
+
+def health(worker) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(worker.base_url + "/health", timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_a_step_past_the_step_timeout_fails_health_until_it_ends(smollm2, key_dir):
+    # Every real step takes longer than 1 ms: a stand-in for a step that hangs.
+    w = serve(smollm2, key_dir, "--step-timeout", "1ms")
+    try:
+        assert health(w)[0] == 200, "idle: no step runs"
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(ask, w, "Tell me about the reading room.", max_tokens=64,
+                                 logit_bias={"2": -100})
+            seen = set()
+            while not answer.done():
+                status, body = health(w)
+                if status == 503:
+                    seen.add(body["error"]["code"])
+                    assert "stuck" in body["error"]["message"]
+            assert answer.result().usage.completion_tokens == 64
+        assert seen == {"engine_stalled"}
+        assert health(w)[0] == 200, "the step ended"
+        assert any("past its timeout" in line for line in w.logs)
+        deadline = time.monotonic() + 5  # the watchdog looks every 10 ms here
+        while metric(w, "kandle_engine_stalled") != 0:
+            assert time.monotonic() < deadline, "the gauge stayed up"
+            time.sleep(0.05)
+    finally:
+        w.stop()
 
 
 def test_n_choices_prefill_the_prompt_once(uncached):

@@ -5,7 +5,7 @@ pub mod api;
 pub mod autoscaler;
 pub mod controller;
 pub mod crd;
-pub mod duration;
+pub use kandle_contract::duration;
 #[cfg(test)]
 mod fake_api;
 pub mod http;

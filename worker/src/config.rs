@@ -118,6 +118,12 @@ pub struct ServeConfig {
     #[arg(long, env = "KANDLE_NO_PREFIX_CACHE")]
     pub no_prefix_cache: bool,
 
+    /// A forward step running longer than this marks the engine stuck: `/health`
+    /// answers 503 (so Kubernetes restarts the pod) until it ends (`120s`, `5m`;
+    /// a bare number is seconds).
+    #[arg(long, env = "KANDLE_STEP_TIMEOUT", default_value = "120s", value_parser = kandle_contract::duration::parse)]
+    pub step_timeout: std::time::Duration,
+
     /// Requests that may wait for a batch slot before new ones get 429.
     #[arg(long, env = "KANDLE_MAX_WAITING", default_value_t = 64)]
     pub max_waiting: usize,

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub prefix_cache_queries: Counter,
     pub prefix_cache_hits: Counter,
     pub preemptions: Counter,
+    /// 1 while an engine step has run past `--step-timeout`.
+    pub engine_stalled: Gauge,
     /// Tokens run through the model as prompt (prefill or recompute), not decode.
     pub prefill_tokens: Counter,
     step_sequences: Histogram,
@@ -99,6 +101,12 @@ impl Default for Metrics {
         );
         let preemptions = Counter::default();
         registry.register("kandle_preemptions", "Sequences preempted to free KV blocks", preemptions.clone());
+        let engine_stalled = Gauge::default();
+        registry.register(
+            "kandle_engine_stalled",
+            "1 while an engine step has run past --step-timeout (/health fails meanwhile)",
+            engine_stalled.clone(),
+        );
         let prefill_tokens = Counter::default();
         registry.register(
             "kandle_prefill_tokens",
@@ -138,6 +146,7 @@ impl Default for Metrics {
             prefix_cache_queries,
             prefix_cache_hits,
             preemptions,
+            engine_stalled,
             prefill_tokens,
             step_sequences,
             step_tokens,

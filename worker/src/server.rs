@@ -131,6 +131,7 @@ fn load(
             prefix_cache: !config.no_prefix_cache,
             max_waiting: config.max_waiting,
             max_context: config.max_context,
+            step_timeout: config.step_timeout,
         },
         defaults,
         metrics,

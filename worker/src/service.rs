@@ -39,6 +39,8 @@ pub struct ModelService {
     pub max_context: usize,
     /// Tokens the whole KV cache holds: no sequence can be longer.
     pub kv_capacity: usize,
+    /// Token ids the model reads (its embedding rows; the tokenizer may know more).
+    pub vocab_rows: usize,
     pub defaults: SamplingOverrides,
     /// How long loading and starting took, phase by phase.
     pub startup: crate::startup::Phases,
@@ -73,6 +75,8 @@ pub struct EngineLimits {
     pub max_context: Option<usize>,
     pub kv_cache_memory: Option<KvCacheMemory>,
     pub prefix_cache: bool,
+    /// A step running longer marks the engine stalled.
+    pub step_timeout: std::time::Duration,
 }
 
 /// The memory a KV cache is sized from: the container's memory limit (CPU), or
@@ -159,6 +163,7 @@ impl ModelService {
             None => None,
         };
         startup.end("grammar");
+        let vocab_rows = loaded.model.vocab_rows();
         let engine = Engine::start(
             EngineModel { model: loaded.model, tokenizer: tokenizer.clone(), special: loaded.special.clone() },
             EngineConfig {
@@ -169,6 +174,7 @@ impl ModelService {
                 block_size: BLOCK_SIZE,
                 num_blocks,
                 prefix_cache: limits.prefix_cache,
+                step_timeout: limits.step_timeout,
             },
             metrics,
         )?;
@@ -183,6 +189,7 @@ impl ModelService {
             special: loaded.special,
             max_context,
             kv_capacity: num_blocks * BLOCK_SIZE,
+            vocab_rows,
             defaults,
             startup,
         })
@@ -258,6 +265,15 @@ impl ModelService {
             if prompt.first() != Some(bos) {
                 prompt.insert(0, *bos);
             }
+        }
+        if let Some(bad) = prompt.iter().find(|t| **t as usize >= self.vocab_rows) {
+            return Err(ApiError::invalid(
+                "messages",
+                format!(
+                    "The messages hold token {bad}, which the tokenizer knows but the model cannot read (its embedding has {} rows).",
+                    self.vocab_rows
+                ),
+            ));
         }
         let max_tokens = self.completion_budget(prompt.len(), req.max_tokens)?;
         let constraint = match (call_grammar, &req.response_format, &self.grammars) {

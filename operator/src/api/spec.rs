@@ -137,7 +137,7 @@ impl ModelDeploymentSpec {
 }
 
 /// Go-style durations: `90s`, `5m`, `1h30m`.
-pub const DURATION: &str = r"^([0-9]+(ms|s|m|h))+$";
+pub const DURATION: &str = kandle_contract::duration::PATTERN;
 
 /// How the controller sizes the pool.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]

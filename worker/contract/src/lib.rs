@@ -7,6 +7,7 @@
 //! the same way ([`drain`]), and stop the same way ([`stopping`]).
 
 pub mod drain;
+pub mod duration;
 pub mod engine;
 pub mod model_info;
 pub mod sampling;

@@ -6,6 +6,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 
+use crate::engine::EngineFault;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -164,13 +166,18 @@ impl ApiError {
     }
 
     /// The engine thread is gone: the process cannot serve until restarted.
-    pub fn engine_stopped() -> Self {
+    /// The engine cannot serve (stopped or stuck): this worker must be restarted.
+    pub fn engine_fault(fault: EngineFault) -> Self {
+        let code = match fault {
+            EngineFault::Stopped => "engine_stopped",
+            EngineFault::Stalled(_) => "engine_stalled",
+        };
         Self {
-            code: Some("engine_stopped"),
+            code: Some(code),
             ..Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
-                "The inference engine has stopped; this worker must be restarted.",
+                format!("{fault}; this worker must be restarted."),
             )
         }
     }

@@ -11,10 +11,10 @@ use super::response::{ModelCard, ModelList};
 use super::state::AppState;
 
 /// Liveness: the process answers and, once the model is loaded, its engine
-/// thread runs (if it died, Kubernetes should restart the pod).
+/// thread runs and no step is stuck (else Kubernetes should restart the pod).
 pub async fn health(State(state): State<AppState>) -> Response {
-    match state.model() {
-        Ok(service) if !service.engine.is_alive() => ApiError::engine_stopped().into_response(),
+    match state.model().map(|service| service.engine.health()) {
+        Ok(Err(fault)) => ApiError::engine_fault(fault).into_response(),
         _ => Json(json!({"status": "ok"})).into_response(),
     }
 }
@@ -25,10 +25,12 @@ pub async fn ready(State(state): State<AppState>) -> Response {
         return ApiError::shutting_down().into_response();
     }
     match state.model() {
-        Ok(service) if !service.engine.is_alive() => ApiError::engine_stopped().into_response(),
-        Ok(service) => {
-            Json(json!({"status": "ready", "model": service.info, "compute": service.compute})).into_response()
-        }
+        Ok(service) => match service.engine.health() {
+            Err(fault) => ApiError::engine_fault(fault).into_response(),
+            Ok(()) => {
+                Json(json!({"status": "ready", "model": service.info, "compute": service.compute})).into_response()
+            }
+        },
         Err(e) => e.into_response(),
     }
 }

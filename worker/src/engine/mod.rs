@@ -17,9 +17,9 @@ pub mod tool_calls;
 pub mod tool_grammar;
 pub mod tool_prompt;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -115,6 +115,8 @@ pub struct EngineConfig {
     pub num_blocks: usize,
     /// Share full blocks of common prompt prefixes, and keep them after their sequences end.
     pub prefix_cache: bool,
+    /// A step running longer than this marks the engine stalled (`/health` 503).
+    pub step_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,12 +128,48 @@ pub enum SubmitError {
 }
 
 /// Counts shared between the handle and the engine thread.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Load {
     /// Submitted, not yet admitted to a batch.
     waiting: AtomicUsize,
     /// Set while the engine thread runs.
     alive: AtomicBool,
+    /// When the step now running started, in milliseconds since `epoch` plus
+    /// one; 0 between steps.
+    step_started: AtomicU64,
+    epoch: Instant,
+}
+
+impl Load {
+    fn new() -> Self {
+        Self {
+            waiting: AtomicUsize::new(0),
+            alive: AtomicBool::new(true),
+            step_started: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Marks a step started (`true`) or ended.
+    fn step(&self, running: bool) {
+        let at = if running { self.epoch.elapsed().as_millis() as u64 + 1 } else { 0 };
+        self.step_started.store(at, Ordering::SeqCst);
+    }
+
+    /// How long the step now running has run (`None` between steps).
+    fn step_running_for(&self) -> Option<Duration> {
+        let started = self.step_started.load(Ordering::SeqCst).checked_sub(1)?;
+        Some(self.epoch.elapsed().saturating_sub(Duration::from_millis(started)))
+    }
+}
+
+/// Why the engine cannot serve: the pod should be restarted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EngineFault {
+    #[error("the inference engine has stopped")]
+    Stopped,
+    #[error("the inference engine is stuck: one step has run for {}s", .0.as_secs())]
+    Stalled(Duration),
 }
 
 /// Marks the engine dead when its thread ends, however it ends.
@@ -149,6 +187,7 @@ pub struct Engine {
     tx: std::sync::mpsc::Sender<Queued>,
     load: Arc<Load>,
     max_waiting: usize,
+    step_timeout: Duration,
 }
 
 #[derive(Debug)]
@@ -183,20 +222,58 @@ impl Engine {
         let cache = model.model.kv_cache(config.block_size, config.num_blocks)?;
         metrics.set_cache_config(config.block_size, config.num_blocks);
         let (tx, rx) = std::sync::mpsc::channel();
-        let load = Arc::new(Load { waiting: AtomicUsize::new(0), alive: AtomicBool::new(true) });
-        let scheduler = scheduler::Scheduler::new(model, cache, config, metrics, load.clone(), rx);
+        let load = Arc::new(Load::new());
+        let scheduler = scheduler::Scheduler::new(model, cache, config, metrics.clone(), load.clone(), rx);
         let guard = AliveGuard(load.clone());
         std::thread::Builder::new().name("kandle-engine".into()).spawn(move || {
             let _guard = guard;
             scheduler.run();
         })?;
-        Ok(Self { tx, load, max_waiting: config.max_waiting })
+        let engine = Self { tx, load, max_waiting: config.max_waiting, step_timeout: config.step_timeout };
+        engine.watch(metrics)?;
+        Ok(engine)
     }
 
-    /// Whether the engine thread still runs (it stops only on a bug; then the
-    /// pod should be restarted).
-    pub fn is_alive(&self) -> bool {
-        self.load.alive.load(Ordering::SeqCst)
+    /// Whether the engine can serve: its thread runs (it stops only on a bug)
+    /// and no step has run past `step_timeout` (a hung kernel or lock). Either
+    /// way the pod should be restarted: `/health` answers 503.
+    pub fn health(&self) -> Result<(), EngineFault> {
+        if !self.load.alive.load(Ordering::SeqCst) {
+            return Err(EngineFault::Stopped);
+        }
+        match self.load.step_running_for() {
+            Some(running) if running > self.step_timeout => Err(EngineFault::Stalled(running)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The watchdog: a thread that looks at the engine every second, logs a
+    /// stall once when it starts (and once when it ends) and keeps the
+    /// `kandle_engine_stalled` gauge. It ends with the last handle.
+    fn watch(&self, metrics: Arc<Metrics>) -> std::io::Result<()> {
+        let (load, timeout) = (Arc::downgrade(&self.load), self.step_timeout);
+        let period = timeout.min(Duration::from_secs(1)).max(Duration::from_millis(10));
+        std::thread::Builder::new().name("kandle-watchdog".into()).spawn(move || {
+            let mut stalled = false;
+            while let Some(load) = load.upgrade() {
+                let now = load.step_running_for().is_some_and(|running| running > timeout);
+                if now != stalled {
+                    stalled = now;
+                    metrics.engine_stalled.set(i64::from(now));
+                    if now {
+                        tracing::error!(
+                            timeout_s = timeout.as_secs_f64(),
+                            "an engine step is past its timeout; /health fails until it ends"
+                        );
+                    } else {
+                        tracing::warn!("the stalled engine step ended");
+                    }
+                }
+                drop(load);
+                std::thread::sleep(period);
+            }
+        })?;
+        Ok(())
     }
 
     pub fn submit(&self, request: GenerateRequest) -> Result<(), SubmitError> {

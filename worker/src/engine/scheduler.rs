@@ -98,7 +98,9 @@ impl Scheduler {
             self.drop_abandoned();
             self.admit();
             self.publish_load();
+            self.load.step(true);
             self.step();
+            self.load.step(false);
             // Again after the step, so the gauges fall to zero before the thread idles.
             self.publish_load();
         }
@@ -278,21 +280,36 @@ impl Scheduler {
 
     /// Plans, runs and applies one forward pass.
     fn step(&mut self) {
-        let plan = self.plan();
+        let mut plan = self.plan();
         if plan.is_empty() {
             return;
         }
-        let inputs: Vec<StepSequence> = plan
-            .iter()
-            .filter_map(|&(i, n)| {
-                let s = self.running.get(i)?;
-                Some(StepSequence {
-                    tokens: s.tokens[s.computed..s.computed + n].to_vec(),
-                    start: s.computed,
-                    blocks: s.blocks.clone(),
-                })
-            })
-            .collect();
+        // A sequence the model cannot run fails alone; the rest of the batch runs.
+        let mut inputs = Vec::with_capacity(plan.len());
+        let mut refused = Vec::new();
+        plan.retain(|&(i, n)| {
+            let Some(s) = self.running.get(i) else { return false };
+            let input = StepSequence {
+                tokens: s.tokens[s.computed..s.computed + n].to_vec(),
+                start: s.computed,
+                blocks: s.blocks.clone(),
+            };
+            match self.model.model.check(&input, &self.cache) {
+                Ok(()) => {
+                    inputs.push(input);
+                    true
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, request = s.request_id, "sequence cannot run; failing it alone");
+                    s.fail(&format!("this sequence cannot run: {e}"));
+                    refused.push(i);
+                    false
+                }
+            }
+        });
+        if plan.is_empty() {
+            return self.remove(refused);
+        }
         let prefill: usize = plan.iter().filter(|&&(i, _)| self.running[i].pending() > 1).map(|&(_, n)| n).sum();
         self.metrics.observe_step(inputs.len(), inputs.iter().map(|s| s.tokens.len()).sum(), prefill);
         let (model, cache, logits) = (&self.model.model, &self.cache, &mut self.logits);
@@ -323,10 +340,10 @@ impl Scheduler {
         });
         match result {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return self.fail_step(&plan, &format!("forward pass failed: {e}")),
-            Err(_) => return self.fail_step(&plan, "forward pass panicked"),
+            Ok(Err(e)) => return self.fail_step(&plan, &format!("forward pass failed: {e}"), refused),
+            Err(_) => return self.fail_step(&plan, "forward pass panicked", refused),
         };
-        let mut finished = Vec::new();
+        let mut finished = refused;
         let mut forks = Vec::new();
         for (r, &(i, n)) in plan.iter().enumerate() {
             let Some(seq) = self.running.get_mut(i) else { continue };
@@ -451,14 +468,16 @@ impl Scheduler {
         retry
     }
 
-    fn fail_step(&mut self, plan: &[(usize, usize)], message: &str) {
+    /// Fails the step's sequences; removes them with `also` (already failed).
+    fn fail_step(&mut self, plan: &[(usize, usize)], message: &str, mut also: Vec<usize>) {
         tracing::error!(error = %message, sequences = plan.len(), "step failed");
         for &(i, _) in plan {
             if let Some(s) = self.running.get(i) {
                 s.fail(message);
             }
         }
-        self.remove(plan.iter().map(|&(i, _)| i).collect());
+        also.extend(plan.iter().map(|&(i, _)| i));
+        self.remove(also);
     }
 
     fn remove(&mut self, mut indices: Vec<usize>) {

@@ -95,6 +95,8 @@ pub struct Model {
     backend: Backend,
     pool: Pool,
     device: Device,
+    /// Rows of the embedding table (the tokenizer may know more ids).
+    vocab_rows: usize,
 }
 
 impl Model {
@@ -109,6 +111,7 @@ impl Model {
         threads: usize,
     ) -> Result<Self> {
         let pool = Pool::new(threads)?;
+        let vocab_rows = weights.embedding.vocab();
         let backend = match weights.into_cpu(&device)? {
             Ok(cpu) => Backend::Cpu(Box::new(CpuModel::new(config.clone(), cpu, inv_freq, context, Level::detect()))),
             Err(weights) => {
@@ -116,7 +119,7 @@ impl Model {
                 Backend::Tensors { weights, rope }
             }
         };
-        Ok(Self { config, backend, pool, device })
+        Ok(Self { config, backend, pool, device, vocab_rows })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -150,15 +153,49 @@ impl Model {
         }
     }
 
+    /// Token ids this model reads (rows of its embedding table).
+    pub fn vocab_rows(&self) -> usize {
+        self.vocab_rows
+    }
+
+    /// The longest sequence the forward pass runs.
+    fn context(&self) -> usize {
+        match &self.backend {
+            Backend::Cpu(cpu) => cpu.context(),
+            Backend::Tensors { rope, .. } => rope.context(),
+        }
+    }
+
+    /// Whether one sequence can run in a step on `cache`: tokens, inside the
+    /// vocabulary, at positions inside the context, in blocks that cover them
+    /// and lie in the cache. The scheduler asks before each step, so a
+    /// sequence that cannot run fails alone, not with its whole batch.
+    pub fn check(&self, seq: &StepSequence, cache: &KvCache) -> std::result::Result<(), String> {
+        let end = seq.start + seq.tokens.len();
+        let (context, block) = (self.context(), cache.block_size());
+        if seq.tokens.is_empty() {
+            return Err("a step sequence without tokens".into());
+        }
+        if end > context {
+            return Err(format!("position {end} is past the context of {context}"));
+        }
+        if seq.blocks.len() * block < end {
+            return Err(format!("{} blocks do not hold {end} tokens", seq.blocks.len()));
+        }
+        if let Some(bad) = seq.blocks.iter().find(|b| **b as usize >= cache.num_blocks()) {
+            return Err(format!("block {bad} is outside the KV cache"));
+        }
+        if let Some(bad) = seq.tokens.iter().find(|t| **t as usize >= self.vocab_rows) {
+            return Err(format!("token {bad} is outside the model's vocabulary of {}", self.vocab_rows));
+        }
+        Ok(())
+    }
+
     /// Runs one step: every sequence's tokens at their positions, their keys and
     /// values written to their blocks. Leaves the logits of each sequence's last
     /// token in `logits`, one row per sequence.
     pub fn forward(&self, sequences: &[StepSequence], cache: &KvCache, logits: &mut Logits) -> Result<()> {
-        let context = match &self.backend {
-            Backend::Cpu(cpu) => cpu.context(),
-            Backend::Tensors { rope, .. } => rope.context(),
-        };
-        let (plan, tokens) = self.plan(sequences, context, cache.block_size())?;
+        let (plan, tokens) = self.plan(sequences, self.context(), cache.block_size())?;
         match &self.backend {
             Backend::Cpu(cpu) => cpu.forward(&self.pool, &plan, &tokens, cache, logits),
             Backend::Tensors { weights, rope } => {

@@ -99,6 +99,15 @@ pub enum Embedding {
 }
 
 impl Embedding {
+    /// Rows of the table: the token ids the model can read.
+    pub fn vocab(&self) -> usize {
+        match self {
+            Self::Packed(table) => table.shape().0,
+            Self::Quantized(table) => table.shape().dims().first().copied().unwrap_or(0),
+            Self::Dense(table) => table.dims().first().copied().unwrap_or(0),
+        }
+    }
+
     pub fn rows(&self, ids: &Tensor, dtype: DType) -> Result<Tensor> {
         match self {
             Self::Packed(table) => {

@@ -257,6 +257,7 @@ mod engine {
             max_context: Some(2048),
             kv_cache_memory: None,
             prefix_cache: false,
+            step_timeout: std::time::Duration::from_secs(120),
         };
         let service =
             ModelService::start(loaded, limits, SamplingOverrides::default(), metrics.clone()).expect("engine");

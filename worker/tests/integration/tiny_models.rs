@@ -227,6 +227,7 @@ impl Served {
             max_context: None,
             kv_cache_memory: None,
             prefix_cache: true,
+            step_timeout: std::time::Duration::from_secs(120),
         };
         state.set_model(ModelService::start(loaded, limits, SamplingOverrides::default(), metrics).expect("engine"));
         let tokenizer = loaded_tokenizer;
@@ -391,6 +392,45 @@ fn a_step_whose_tokens_share_a_kv_slot_fails() {
     assert!(loaded.model.forward(&[step(&[1, 2], 0, &[3]), step(&[5], 0, &[4])], &cache, &mut logits).is_ok());
 }
 
+/// A tokenizer that knows more ids than the model has embedding rows: a prompt
+/// holding one is a 400 before it is queued, and the engine's per-sequence
+/// check refuses such a sequence (and any that does not fit) on its own.
+#[test]
+fn token_ids_past_the_embedding_are_refused_before_the_engine() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_checkpoint(dir.path(), "llama", CHATML);
+    let mut tok = tokenizer();
+    tok.add_tokens([AddedToken::from("<|extra|>", false)]).expect("added");
+    tok.save(dir.path().join("tokenizer.json"), false).expect("save tokenizer");
+    let loaded = model::load(dir.path(), &LoadOptions::default()).expect("loads");
+    let rows = loaded.model.vocab_rows();
+    let extra = loaded.tokenizer.token_to_id("<|extra|>").expect("extra");
+    assert_eq!(extra as usize, rows, "the tokenizer's last id is past the table");
+    let cache = loaded.model.kv_cache(4, 8).expect("cache");
+    let model = &loaded.model;
+    assert!(model.check(&step(&[1, 2], 0, &[0]), &cache).is_ok());
+    for (bad, why) in [
+        (step(&[1, extra], 0, &[0]), "vocabulary"),
+        (step(&[], 0, &[0]), "without tokens"),
+        (step(&[1, 2], 3, &[0]), "do not hold"),
+        (step(&[1], 0, &[8]), "outside the KV cache"),
+        (step(&[1], CONTEXT, &[0; CONTEXT / 4 + 1]), "past the context"),
+    ] {
+        let e = model.check(&bad, &cache).expect_err(why);
+        assert!(e.contains(why), "{e}");
+    }
+    let (service, _) = tiny_service_from(loaded);
+    let ask = ChatRequest {
+        model: "tiny".into(),
+        messages: vec![json!({"role": "user", "content": "hi <|extra|>"})],
+        n: 1,
+        ..Default::default()
+    };
+    let e = service.prepare(&ask).err().expect("refused");
+    assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, Some("messages")), "{}", e.message);
+    assert!(e.message.contains("cannot read"), "{}", e.message);
+}
+
 /// Logits of a whole prompt run alone from an empty cache.
 fn alone(model: &kandle_worker::runtime::Model, tokens: &[u32]) -> Vec<f32> {
     let cache = model.kv_cache(4, 32).expect("cache");
@@ -469,6 +509,18 @@ fn tiny_service(
     max_batch_tokens: usize,
 ) -> (ModelService, Arc<Metrics>) {
     let loaded = model::load(dir, &LoadOptions::default()).expect("loads");
+    tiny_service_with(loaded, kv_cache_memory, max_batch_tokens)
+}
+
+fn tiny_service_from(loaded: model::LoadedModel) -> (ModelService, Arc<Metrics>) {
+    tiny_service_with(loaded, None, 64)
+}
+
+fn tiny_service_with(
+    loaded: model::LoadedModel,
+    kv_cache_memory: Option<KvCacheMemory>,
+    max_batch_tokens: usize,
+) -> (ModelService, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::default());
     let limits = EngineLimits {
         max_batch_size: 4,
@@ -477,6 +529,7 @@ fn tiny_service(
         max_context: None,
         kv_cache_memory,
         prefix_cache: true,
+        step_timeout: std::time::Duration::from_secs(120),
     };
     let service = ModelService::start(loaded, limits, SamplingOverrides::default(), metrics.clone()).expect("engine");
     (service, metrics)
@@ -498,6 +551,7 @@ fn a_refusal_names_the_limit_the_prompt_passes_first() {
         max_context: Some(32),
         kv_cache_memory: Some(KvCacheMemory::Bytes(block_bytes as u64)),
         prefix_cache: true,
+        step_timeout: std::time::Duration::from_secs(120),
     };
     let service = ModelService::start(loaded, limits, SamplingOverrides::default(), Arc::new(Metrics::default()))
         .expect("engine");

@@ -1,7 +1,11 @@
 //! Go-style durations (`500ms`, `90s`, `5m`, `1h30m`), as Kubernetes objects and
-//! the operator's flags write them; the CRD's pattern is [`crate::api::DURATION`].
+//! the operator's and the worker's flags write them.
 
 use std::time::Duration;
+
+/// What [`parse`] accepts, as the JSON-schema pattern of the CRD's duration
+/// fields (minus the bare number, which only flags accept).
+pub const PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
 
 /// Parses a sum of `<digits><unit>` terms (units `ms`, `s`, `m`, `h`); a bare
 /// number is seconds.
@@ -58,7 +62,7 @@ mod tests {
 
     #[test]
     fn the_crd_pattern_admits_exactly_what_parses() {
-        let pattern = regex_lite(crate::api::DURATION);
+        let pattern = regex_lite(PATTERN);
         for text in ["90s", "5m", "1h30m", "1m500ms", "0s"] {
             assert!(pattern(text) && parse(text).is_ok(), "{text}");
         }
@@ -67,10 +71,9 @@ mod tests {
         }
     }
 
-    /// The CRD pattern checked the way the API server would (anchored, whole string).
+    /// The CRD pattern checked the way the API server would (it is anchored).
     fn regex_lite(pattern: &str) -> impl Fn(&str) -> bool {
-        let schema = serde_json::json!({"type": "string", "pattern": pattern});
-        let validator = jsonschema::validator_for(&schema).expect("pattern compiles");
-        move |text: &str| validator.is_valid(&serde_json::json!(text))
+        let regex = regex::Regex::new(pattern).expect("pattern compiles");
+        move |text: &str| regex.is_match(text)
     }
 }
