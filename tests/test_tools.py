@@ -70,15 +70,37 @@ def test_required_makes_at_least_one_call_of_an_offered_tool(module_worker):
             assert isinstance(json.loads(call.function.arguments), dict)
 
 
-def test_parallel_calls_are_one_per_line_and_each_valid(module_worker):
-    # A 135M model may go on calling until max_tokens cuts it: the complete
-    # calls are still reported, the cut one is not.
-    r = ask(module_worker, tool_choice="required", temperature=1.0, seed=7, max_tokens=200)
-    choice = r.choices[0]
-    assert choice.finish_reason in {"tool_calls", "length"}
-    assert choice.message.tool_calls
-    for call in choice.message.tool_calls:
+def test_required_with_parallel_calls_ends_with_complete_calls(module_worker):
+    # Parallel calls allowed (the default): forced calls come as an array the
+    # model closes, so a single weather question ends in its call.
+    choice = ask(module_worker, tool_choice="required", max_tokens=200, temperature=0).choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert choice.message.content is None, choice
+    (call,) = choice.message.tool_calls
+    assert_valid_call(call)
+    # Sampled, a 135M model may go on adding calls until max_tokens: each
+    # complete one is valid, and a cut one is never content.
+    choice = ask(module_worker, tool_choice="required", max_tokens=200, temperature=1.0, seed=7).choices[0]
+    assert choice.message.content is None, choice
+    calls = choice.message.tool_calls
+    complete = calls if choice.finish_reason == "tool_calls" else calls[:-1]
+    assert choice.finish_reason in {"tool_calls", "length"} and calls
+    for call in complete:
         assert_valid_call(call)
+
+
+def test_a_forced_call_cut_by_max_tokens_is_never_content(module_worker):
+    for stream in (False, True):
+        r = ask(module_worker, tool_choice="required", temperature=0, max_tokens=8, stream=stream)
+        if stream:
+            chunks = list(r)
+            content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+            assert finish == ["length"]
+        else:
+            content = r.choices[0].message.content or ""
+            assert r.choices[0].finish_reason == "length"
+        assert content == "", content
 
 
 def test_a_streamed_call_reassembles_to_the_non_streamed_one(module_worker):

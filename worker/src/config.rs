@@ -121,7 +121,7 @@ pub struct ServeConfig {
     /// A forward step running longer than this marks the engine stuck: `/health`
     /// answers 503 (so Kubernetes restarts the pod) until it ends (`120s`, `5m`;
     /// a bare number is seconds).
-    #[arg(long, env = "KANDLE_STEP_TIMEOUT", default_value = "120s", value_parser = kandle_contract::duration::parse)]
+    #[arg(long, env = "KANDLE_STEP_TIMEOUT", default_value = "120s", value_parser = step_timeout)]
     pub step_timeout: std::time::Duration,
 
     /// Requests that may wait for a batch slot before new ones get 429.
@@ -157,6 +157,16 @@ pub struct ServeConfig {
     /// Largest request body accepted, in bytes; larger ones get 413.
     #[arg(long, env = "KANDLE_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
+}
+
+/// `--step-timeout`: a duration of at least a millisecond (zero would mark
+/// every step stalled).
+fn step_timeout(text: &str) -> Result<std::time::Duration, String> {
+    let timeout = kandle_contract::duration::parse(text)?;
+    if timeout.is_zero() {
+        return Err("the step timeout must be more than zero".into());
+    }
+    Ok(timeout)
 }
 
 /// A clap parser for an integer flag whose range the shared contract fixes

@@ -248,14 +248,12 @@ async fn admit(
                 caller.admission = admission;
                 return Ok(running);
             }
-            Decision::Refused(admission, refusal) if tokio::time::Instant::now() + refusal.retry_after <= deadline => {
+            // A bucket refills on a known clock: wait when it refills by the
+            // deadline. A place among the concurrent requests frees when
+            // another ends: look again often until the deadline.
+            Decision::Refused(admission, refusal) if tokio::time::Instant::now() + pause_for(&refusal) <= deadline => {
                 caller.admission = admission;
-                // A bucket refills on a known clock; a place among the
-                // concurrent requests frees when another ends, so look often.
-                let pause = match refusal.which {
-                    Which::Concurrency => CONCURRENCY_POLL,
-                    Which::Requests | Which::Tokens => refusal.retry_after.max(Duration::from_millis(1)),
-                };
+                let pause = pause_for(&refusal);
                 tokio::select! {
                     () = tokio::time::sleep(pause) => {}
                     () = state.inner.lifecycle.draining() => return Err(RouterError::shutting_down()),
@@ -283,6 +281,14 @@ async fn admit(
 
 /// How often a request waiting for one of its tenant's concurrent places looks again.
 const CONCURRENCY_POLL: Duration = Duration::from_millis(100);
+
+/// How long a refused request waits before it asks again.
+fn pause_for(refusal: &super::quota::Refusal) -> Duration {
+    match refusal.which {
+        Which::Concurrency => CONCURRENCY_POLL,
+        Which::Requests | Which::Tokens => refusal.retry_after.max(Duration::from_millis(1)),
+    }
+}
 
 async fn route(
     state: &RouterState,
@@ -401,7 +407,14 @@ async fn route(
                 state.metrics().retries.inc();
                 tried.push(endpoint.clone());
             }
-            Err(e) => return Err((pool.model.clone(), RouterError::upstream(e))),
+            // The worker failed the request (the client did not leave): the
+            // error costs no tokens, as the worker's own errors do not.
+            Err(e) => {
+                if let Some(charge) = charge.as_mut() {
+                    charge.owed_if_dropped = 0;
+                }
+                return Err((pool.model.clone(), RouterError::upstream(e)));
+            }
         }
     }
 }

@@ -6,9 +6,10 @@
 //! another sequence whose prompt starts with the same tokens (and salt) takes
 //! the block by reference instead of computing it again. A hit is trusted only
 //! when the block's own tokens and the hash of the block before it match too,
-//! so even a hash collision cannot hand one prompt's keys and values to
-//! another. A registered block nobody references stays cached until its memory
-//! is needed: then the least recently used one is evicted.
+//! so a forged hash cannot hand one prompt's keys and values to another (only
+//! a SHA-256 collision on an earlier block could). A registered block nobody
+//! references stays cached until its memory is needed: then the least recently
+//! used one is evicted.
 //!
 //! Reference counts are checked in release builds: releasing a block nobody
 //! holds, or sharing a free one, is an error that changes nothing (a block on
@@ -248,6 +249,12 @@ impl BlockPool {
             }
         }
         first
+    }
+
+    /// The sequences holding `block` (tests check the count against the block tables).
+    #[cfg(test)]
+    pub fn references(&self, block: u32) -> u32 {
+        self.refs.get(block as usize).copied().unwrap_or(0)
     }
 
     fn index(&self, block: u32) -> Result<usize, BlockError> {

@@ -231,8 +231,11 @@ pub(crate) mod tests {
     pub(crate) fn byte_tokenizer(specials: &[&str]) -> tokenizers::Tokenizer {
         use tokenizers::models::bpe::BPE;
         use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+        // Sorted: the same ids in every tokenizer this builds.
+        let mut symbols: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+        symbols.sort_unstable();
         let vocab: tokenizers::models::bpe::Vocab =
-            ByteLevel::alphabet().into_iter().enumerate().map(|(i, c)| (c.to_string(), i as u32)).collect();
+            symbols.into_iter().enumerate().map(|(i, c)| (c.to_string(), i as u32)).collect();
         let bpe = BPE::builder().vocab_and_merges(vocab, Vec::new()).build().expect("bpe");
         let mut tokenizer = tokenizers::Tokenizer::new(bpe);
         tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, false, false)));

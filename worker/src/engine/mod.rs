@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 use crate::model::SpecialTokens;
-use crate::runtime::Model;
+use crate::runtime::{KvCache, Logits, Model, StepSequence};
 
 pub use output::ReasoningMode;
 pub use sampler::SamplingParams;
@@ -178,6 +178,8 @@ struct AliveGuard(Arc<Load>);
 impl Drop for AliveGuard {
     fn drop(&mut self) {
         self.0.alive.store(false, Ordering::SeqCst);
+        // A thread that died mid-step is stopped, not stalled.
+        self.0.step(false);
     }
 }
 
@@ -205,6 +207,33 @@ pub struct EngineModel {
     pub special: SpecialTokens,
 }
 
+/// What the scheduler needs of a model: a check of each sequence before a
+/// step, and one batched forward pass over the model's own KV cache. The
+/// loaded model is the one implementation; the scheduler's tests drive it
+/// with a fake.
+pub trait ForwardPass: Send {
+    /// Whether the sequence can run (see [`Model::check`]); the reason if not.
+    fn check(&self, sequence: &StepSequence) -> Result<(), String>;
+    /// Runs the step; leaves one row of logits per sequence.
+    fn forward(&self, sequences: &[StepSequence], logits: &mut Logits) -> candle_core::Result<()>;
+}
+
+/// A loaded model with its KV cache.
+struct ModelPass {
+    model: Model,
+    cache: KvCache,
+}
+
+impl ForwardPass for ModelPass {
+    fn check(&self, sequence: &StepSequence) -> Result<(), String> {
+        self.model.check(sequence, &self.cache)
+    }
+
+    fn forward(&self, sequences: &[StepSequence], logits: &mut Logits) -> candle_core::Result<()> {
+        self.model.forward(sequences, &self.cache, logits)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot allocate the KV cache: {0}")]
@@ -223,7 +252,10 @@ impl Engine {
         metrics.set_cache_config(config.block_size, config.num_blocks);
         let (tx, rx) = std::sync::mpsc::channel();
         let load = Arc::new(Load::new());
-        let scheduler = scheduler::Scheduler::new(model, cache, config, metrics.clone(), load.clone(), rx);
+        let EngineModel { model, tokenizer, special } = model;
+        let pass = Box::new(ModelPass { model, cache });
+        let scheduler =
+            scheduler::Scheduler::new(pass, tokenizer, special.stop_ids, config, metrics.clone(), load.clone(), rx);
         let guard = AliveGuard(load.clone());
         std::thread::Builder::new().name("kandle-engine".into()).spawn(move || {
             let _guard = guard;

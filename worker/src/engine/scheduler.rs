@@ -17,9 +17,9 @@ use std::time::Instant;
 use super::blocks::{block_keys, chain_hash, BlockError, BlockKey, BlockPool, PrefixHash};
 use super::sampler::Sampler;
 use super::sequence::{Sequence, SequenceSpec, StepContext, StepOutcome};
-use super::{EngineConfig, EngineModel, Load, Queued};
+use super::{EngineConfig, ForwardPass, Load, Queued};
 use crate::metrics::Metrics;
-use crate::runtime::{KvCache, Logits, StepSequence};
+use crate::runtime::{Logits, StepSequence};
 
 /// The other choices of an `n > 1` request: admitted once the first choice has
 /// computed the prompt, sharing its full blocks instead of computing them again.
@@ -35,8 +35,11 @@ enum Waiting {
 }
 
 pub struct Scheduler {
-    model: EngineModel,
-    cache: KvCache,
+    /// The model and its KV cache, behind the one trait a test can fake.
+    pass: Box<dyn ForwardPass>,
+    tokenizer: Arc<tokenizers::Tokenizer>,
+    /// Tokens that end a sequence.
+    stop_ids: Vec<u32>,
     pool: BlockPool,
     config: EngineConfig,
     metrics: Arc<Metrics>,
@@ -54,8 +57,9 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub(super) fn new(
-        model: EngineModel,
-        cache: KvCache,
+        pass: Box<dyn ForwardPass>,
+        tokenizer: Arc<tokenizers::Tokenizer>,
+        stop_ids: Vec<u32>,
         config: EngineConfig,
         metrics: Arc<Metrics>,
         load: Arc<Load>,
@@ -63,8 +67,9 @@ impl Scheduler {
     ) -> Self {
         let pool = BlockPool::new(config.num_blocks, config.block_size, config.prefix_cache);
         Self {
-            model,
-            cache,
+            pass,
+            tokenizer,
+            stop_ids,
             pool,
             config,
             metrics,
@@ -95,15 +100,21 @@ impl Scheduler {
                     Err(TryRecvError::Disconnected) => break,
                 }
             }
-            self.drop_abandoned();
-            self.admit();
-            self.publish_load();
-            self.load.step(true);
-            self.step();
-            self.load.step(false);
-            // Again after the step, so the gauges fall to zero before the thread idles.
-            self.publish_load();
+            self.tick();
         }
+    }
+
+    /// One round of the loop once requests are in: drops what clients left,
+    /// admits what fits, runs a step.
+    fn tick(&mut self) {
+        self.drop_abandoned();
+        self.admit();
+        self.publish_load();
+        self.load.step(true);
+        self.step();
+        self.load.step(false);
+        // Again after the step, so the gauges fall to zero before the thread idles.
+        self.publish_load();
     }
 
     fn drop_abandoned(&mut self) {
@@ -160,7 +171,7 @@ impl Scheduler {
             let needed = (tokens.len() + 1).div_ceil(self.config.block_size).min(self.pool.total());
             let held = self.pool.held(&self.cacheable(root, tokens));
             let new_blocks = needed.saturating_sub(held.blocks);
-            if !fits_slots || self.pool.available() - held.idle < new_blocks {
+            if !fits_slots || self.pool.available().saturating_sub(held.idle) < new_blocks {
                 break;
             }
             match self.waiting.pop_front() {
@@ -294,7 +305,7 @@ impl Scheduler {
                 start: s.computed,
                 blocks: s.blocks.clone(),
             };
-            match self.model.model.check(&input, &self.cache) {
+            match self.pass.check(&input) {
                 Ok(()) => {
                     inputs.push(input);
                     true
@@ -312,7 +323,7 @@ impl Scheduler {
         }
         let prefill: usize = plan.iter().filter(|&&(i, _)| self.running[i].pending() > 1).map(|&(_, n)| n).sum();
         self.metrics.observe_step(inputs.len(), inputs.iter().map(|s| s.tokens.len()).sum(), prefill);
-        let (model, cache, logits) = (&self.model.model, &self.cache, &mut self.logits);
+        let (pass, logits) = (&self.pass, &mut self.logits);
         // Grammar masks of the sequences whose logits this step yields are
         // computed on another thread while the forward pass runs.
         let masked: Vec<usize> = plan
@@ -336,7 +347,7 @@ impl Scheduler {
                     }));
                 });
             }
-            std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&inputs, cache, logits)))
+            std::panic::catch_unwind(AssertUnwindSafe(|| pass.forward(&inputs, logits)))
         });
         match result {
             Ok(Ok(())) => {}
@@ -355,7 +366,7 @@ impl Scheduler {
             if seq.index == 0 && seq.tokens.len() == seq.prompt_len {
                 forks.push((seq.request_id, seq.blocks.clone()));
             }
-            let ctx = StepContext { tokenizer: &self.model.tokenizer, stop_ids: &self.model.special.stop_ids };
+            let ctx = StepContext { tokenizer: &self.tokenizer, stop_ids: &self.stop_ids };
             let row = self.logits.row_mut(r);
             let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| seq.accept(row, &ctx)));
             if let Some(took) = seq.mask_time {
@@ -453,7 +464,7 @@ impl Scheduler {
         self.check(result);
         if seq.admitted == for_admitted && self.running.is_empty() {
             // Alone and still out of blocks: the pool cannot hold this sequence.
-            if let Err(e) = seq.truncate(&self.model.tokenizer) {
+            if let Err(e) = seq.truncate(&self.tokenizer) {
                 seq.fail(&e);
             }
             return false;
@@ -518,3 +529,6 @@ fn register_full_blocks(pool: &mut BlockPool, seq: &mut Sequence) {
     }
     seq.registered = full;
 }
+
+#[cfg(test)]
+mod tests;

@@ -9,7 +9,8 @@
 //!   after `<|python_tag|>`), several separated by `;`.
 //! - Mistral: `[TOOL_CALLS]` then a JSON array of `{"name", "arguments"}`.
 //! - Generic (kandle's prompt for templates without tools): the output is one
-//!   JSON object `{"name": .., "arguments": {..}}`, or several in a row.
+//!   JSON object `{"name": .., "arguments": {..}}`, or several in a row, or
+//!   (calls the grammar forces, several allowed) a JSON array of them.
 //!
 //! A streaming parser (for calls the grammar constrains, so written
 //! `{"name": "..", "arguments": {..}}` on one line) also gives each call's
@@ -309,13 +310,15 @@ impl ToolCallParser {
     }
 
     /// The end of the output: whatever is held back becomes content (a call
-    /// that never closed included).
+    /// that never closed included, unless the grammar wrote it).
     pub fn finish(mut self) -> Vec<Piece> {
         let mut out = Vec::new();
-        let streamed = self.scan.take().is_some_and(|s| s.started > 0);
+        self.scan = None;
         let rest = match std::mem::replace(&mut self.state, State::Plain) {
-            // A call cut short after it started streaming stays a call.
-            State::Call { .. } if streamed => String::new(),
+            // A call the grammar constrained, cut short (by max_tokens): what
+            // streamed of it stays a call; the rest was never content.
+            State::Call { .. } if self.streaming => String::new(),
+            State::Between { raw } if self.streaming && raw.trim().is_empty() => String::new(),
             State::Call { raw, .. } | State::Between { raw } => raw,
             State::Text | State::Plain => String::new(),
         };
@@ -346,11 +349,13 @@ impl ToolCallParser {
                     ToolFormat::Llama3 | ToolFormat::Generic => {
                         let trimmed = self.pending.trim_start();
                         let tagged = self.format == ToolFormat::Llama3 && trimmed.starts_with(PYTHON_TAG);
-                        if trimmed.starts_with('{') || tagged {
+                        // Generic calls are an object, or (forced, several) an array of them.
+                        let array = self.format == ToolFormat::Generic && trimmed.starts_with('[');
+                        if trimmed.starts_with('{') || array || tagged {
                             let raw = std::mem::take(&mut self.pending);
                             let mut json = JsonEnd::default();
                             if !tagged {
-                                json.feed('{');
+                                json.feed(if array { '[' } else { '{' });
                             }
                             self.open_call(raw, json, out);
                         } else if !(trimmed.is_empty()
@@ -401,7 +406,7 @@ impl ToolCallParser {
         };
         let body = body.trim_start_matches(|c: char| c == ';' || c.is_whitespace());
         let calls = match serde_json::from_str::<Json>(body.trim()) {
-            Ok(Json::Array(items)) if self.format == ToolFormat::Mistral => {
+            Ok(Json::Array(items)) if matches!(self.format, ToolFormat::Mistral | ToolFormat::Generic) => {
                 items.iter().map(call_of).collect::<Option<Vec<_>>>().filter(|c| !c.is_empty())
             }
             Ok(item @ Json::Object(_)) if self.format != ToolFormat::Mistral => call_of(&item).map(|c| vec![c]),
@@ -559,6 +564,11 @@ mod tests {
         let text = " {\"name\": \"lookup\", \"arguments\": {\"id\": \"x\\\"y\"}}\n{\"name\": \"lookup\", \"arguments\": {\"id\": \"z\"}}";
         let got = same_split_anywhere(ToolFormat::Generic, text);
         assert_eq!(got, vec![call("lookup", r#"{"id":"x\"y"}"#), call("lookup", r#"{"id":"z"}"#)]);
+        let array = "[{\"name\": \"a\", \"arguments\": {}}, {\"name\": \"b\", \"arguments\": {\"x\": 1}}]";
+        assert_eq!(same_split_anywhere(ToolFormat::Generic, array), vec![call("a", "{}"), call("b", r#"{"x":1}"#)]);
+        // Text in brackets that is no call array stays content.
+        let text = "[1] See the note.";
+        assert_eq!(same_split_anywhere(ToolFormat::Generic, text), vec![Piece::Content(text.into())]);
     }
 
     /// Malformed calls come back as content, exactly as written.
@@ -624,6 +634,16 @@ mod tests {
             (Generic, "{\"arguments\": {\"n\": 1}, \"name\": \"f\"}", vec![call("f", r#"{"n":1}"#)]),
             // Cut short (max_tokens) after it started: still a call.
             (Hermes, "<tool_call>\n{\"name\": \"w\", \"arguments\": {\"ci", vec![start("w"), arguments("{\"ci")]),
+            // Forced generic calls as an array.
+            (
+                Generic,
+                "[{\"name\": \"f\", \"arguments\": {\"n\": 2}}, {\"name\": \"g\", \"arguments\": {}}]",
+                vec![start("f"), arguments(r#"{"n": 2}"#), start("g"), arguments("{}")],
+            ),
+            // A constrained call cut before its name: never content.
+            (Generic, "{\"name\": \"f\", \"arguments\": {}}\n{\"name\": \"", vec![start("f"), arguments("{}")]),
+            (Generic, "[{\"name\": \"f\", \"arguments\": {}}, {\"na", vec![start("f"), arguments("{}")]),
+            (Hermes, "Hi <tool_call>\n{\"na", vec![content("Hi ")]),
         ] {
             assert_eq!(split_anywhere(ToolCallParser::streaming, format, text), want, "{format:?}: {text}");
         }

@@ -3,7 +3,8 @@
 //! arguments valid against its parameters.
 //!
 //! - `required` / named: the answer is calls from the first token, opener
-//!   included (`<tool_call>`, `[TOOL_CALLS]`, or a bare JSON object);
+//!   included (`<tool_call>`, `[TOOL_CALLS]`, or a bare JSON object; kandle's
+//!   generic format writes several forced calls as a JSON array);
 //! - `auto` with an opener anywhere in the text (Hermes, Mistral): free text,
 //!   lazily constrained from the opener on: the rest of that call, then only
 //!   further calls (when several are allowed) or the end;
@@ -59,7 +60,15 @@ pub fn call_grammar(
     let (start, opener) = match style {
         ToolFormat::Generic | ToolFormat::Llama3 => {
             let separator = if style == ToolFormat::Llama3 { "; " } else { "\n" };
-            let calls = if several { format!("value ({} value)*", json!(separator)) } else { "value".into() };
+            let calls = match (several, style, auto) {
+                (false, _, _) => "value".into(),
+                // Forced calls as an array (vLLM's form for `required`): after
+                // a call the model writes `,` or `]`, and `]` ends the answer.
+                // Free separators let a small model open call after call
+                // until max_tokens.
+                (true, ToolFormat::Generic, false) => "\"[\" value (\", \" value)* \"]\"".into(),
+                (true, _, _) => format!("value ({} value)*", json!(separator)),
+            };
             let start = if auto { "(calls | TEXT)?" } else { "calls" };
             (format!("start: {start}\ncalls: {calls}\nTEXT: /\\s*[^{{\\s][\\s\\S]*/"), None)
         }
@@ -152,8 +161,10 @@ mod tests {
         use CallChoice::*;
         use ToolFormat::*;
         for (style, choice, several, text, valid) in [
-            (Generic, Required, true, "{\"name\": \"n\", \"arguments\": {\"n\": 1}}", true),
-            (Generic, Required, true, "{\"name\": \"n\", \"arguments\": {\"n\": 1}}\n{\"name\": \"t\", \"arguments\": {}}", true),
+            (Generic, Required, true, "[{\"name\": \"n\", \"arguments\": {\"n\": 1}}]", true),
+            (Generic, Required, true, "[{\"name\": \"n\", \"arguments\": {\"n\": 1}}, {\"name\": \"t\", \"arguments\": {}}]", true),
+            (Generic, Required, true, "{\"name\": \"n\", \"arguments\": {\"n\": 1}}\n{\"name\": \"t\", \"arguments\": {}}", false),
+            (Generic, Required, false, "{\"name\": \"n\", \"arguments\": {\"n\": 1}}", true),
             (Generic, Required, false, "{\"name\": \"n\", \"arguments\": {\"n\": 1}}\n{\"name\": \"t\", \"arguments\": {}}", false),
             (Generic, Required, true, "{\"name\": \"n\", \"arguments\": {\"n\": \"x\"}}", false),
             (Generic, Named("t"), true, "{\"name\": \"n\", \"arguments\": {\"n\": 1}}", false),

@@ -55,7 +55,8 @@ pub struct Logits {
 }
 
 impl Logits {
-    fn resize(&mut self, rows: usize, vocab: usize) {
+    /// Makes room for `rows` rows of `vocab` logits (contents unspecified).
+    pub fn resize(&mut self, rows: usize, vocab: usize) {
         self.values.resize(rows * vocab);
         self.rows = rows;
         self.vocab = vocab;

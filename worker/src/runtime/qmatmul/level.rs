@@ -21,9 +21,7 @@ pub enum Isa {
 }
 
 impl Isa {
-    pub const ALL: [Self; 5] = [Self::Scalar, Self::Avx2, Self::Avx512, Self::AvxVnni, Self::Avx512Vnni];
-
-    /// The name `/ready`, the start-up log and `--kernels` use.
+    /// The name `/ready` and the start-up log use.
     pub fn name(self) -> &'static str {
         match self {
             Self::Scalar => "scalar",
@@ -75,17 +73,6 @@ impl Level {
         levels
     }
 
-    /// `isa` if this CPU runs it (the check detection makes): how a run is held
-    /// to a lower level than the best, e.g. to compare AVX2 kernels on an
-    /// AVX-512 machine. An error names what the CPU does run.
-    pub fn supported(isa: Isa) -> Result<Self, String> {
-        let available = Self::available();
-        available.iter().copied().find(|level| level.0 == isa).ok_or_else(|| {
-            let names: Vec<_> = available.iter().map(|level| level.0.name()).collect();
-            format!("this CPU does not run the {} kernels (it runs: {})", isa.name(), names.join(", "))
-        })
-    }
-
     pub fn isa(self) -> Isa {
         self.0
     }
@@ -111,18 +98,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_what_the_cpu_runs_is_supported() {
+    fn detection_lists_scalar_first_and_picks_the_best() {
         let available = Level::available();
         assert_eq!(available[0], Level::SCALAR);
         assert_eq!(Level::detect(), *available.iter().max().expect("scalar at least"));
-        for isa in Isa::ALL {
-            match Level::supported(isa) {
-                Ok(level) => assert!(available.contains(&level) && level.isa() == isa),
-                Err(e) => {
-                    assert!(!available.iter().any(|l| l.isa() == isa));
-                    assert!(e.contains(isa.name()) && e.contains("scalar"), "{e}");
-                }
-            }
-        }
+        assert!(available.windows(2).all(|pair| pair[0] < pair[1]), "{available:?}");
+        assert!(available.iter().skip(1).all(|level| level.has_avx2()));
     }
 }

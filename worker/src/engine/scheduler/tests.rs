@@ -1,0 +1,349 @@
+//! The scheduler against a fake model that keeps its "KV cache" as the token
+//! and position each slot holds. It flags a slot written twice in one step, a
+//! read of a slot that does not hold the position it should, and a read of a
+//! slot written in the same step; its next token is a function of every token
+//! it read, so a sequence computed from a wrong block answers differently
+//! from the same request run alone. After every step each block's reference
+//! count must equal the block tables that list it; at the end every block is
+//! back in the pool.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use proptest::prelude::*;
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::engine::blocks::root_hash;
+use crate::engine::grammar::tests::byte_tokenizer;
+use crate::engine::{Event, FinishReason, GenerateRequest, ReasoningMode, SamplingParams};
+
+const BLOCK: usize = 4;
+
+struct Fake {
+    vocab: usize,
+    /// Tokens the fake answers with, and (now and then) `end`.
+    letters: Vec<u32>,
+    end: u32,
+    /// Per slot: the token and position written there.
+    slots: Mutex<Vec<Option<(u32, usize)>>>,
+    /// What went wrong in a step (a test failure, not a step error).
+    broken: Arc<Mutex<Vec<String>>>,
+}
+
+fn slot(seq: &StepSequence, p: usize) -> usize {
+    seq.blocks[p / BLOCK] as usize * BLOCK + p % BLOCK
+}
+
+impl ForwardPass for Fake {
+    fn check(&self, seq: &StepSequence) -> Result<(), String> {
+        let slots = self.slots.lock().map_or(0, |s| s.len());
+        let end = seq.start + seq.tokens.len();
+        if seq.tokens.is_empty() || seq.blocks.len() * BLOCK < end {
+            return Err("does not fit its blocks".into());
+        }
+        if seq.blocks.iter().any(|b| *b as usize * BLOCK >= slots) {
+            return Err("a block outside the cache".into());
+        }
+        match seq.tokens.iter().find(|t| **t as usize >= self.vocab) {
+            Some(t) => Err(format!("token {t} outside the vocabulary")),
+            None => Ok(()),
+        }
+    }
+
+    fn forward(&self, sequences: &[StepSequence], logits: &mut Logits) -> candle_core::Result<()> {
+        let mut slots = self.slots.lock().expect("slots");
+        let mut broken = self.broken.lock().expect("broken");
+        let mut written = HashSet::new();
+        for seq in sequences {
+            for p in seq.start..seq.start + seq.tokens.len() {
+                if !written.insert(slot(seq, p)) {
+                    broken.push(format!("slot {} written twice in one step", slot(seq, p)));
+                }
+            }
+        }
+        logits.resize(sequences.len(), self.vocab);
+        for (r, seq) in sequences.iter().enumerate() {
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            let mut mix = |t: u32| h = (h ^ u64::from(t)).wrapping_mul(0x0100_0000_01b3);
+            for p in 0..seq.start {
+                let at = slot(seq, p);
+                match slots[at] {
+                    _ if written.contains(&at) => broken.push(format!("slot {at} read while written")),
+                    Some((token, position)) if position == p => mix(token),
+                    other => broken.push(format!("slot {at} holds {other:?}, not position {p}")),
+                }
+            }
+            for (i, &token) in seq.tokens.iter().enumerate() {
+                slots[slot(seq, seq.start + i)] = Some((token, seq.start + i));
+                mix(token);
+            }
+            let next =
+                if h.is_multiple_of(9) { self.end } else { self.letters[(h % self.letters.len() as u64) as usize] };
+            let row = logits.row_mut(r);
+            row.fill(0.0);
+            row[next as usize] = 10.0;
+        }
+        Ok(())
+    }
+}
+
+struct Harness {
+    scheduler: Scheduler,
+    broken: Arc<Mutex<Vec<String>>>,
+    metrics: Arc<Metrics>,
+    letters: Vec<u32>,
+}
+
+fn harness(num_blocks: usize, max_batch_size: usize) -> Harness {
+    let tokenizer = Arc::new(byte_tokenizer(&[]));
+    let end = tokenizer.token_to_id("<end>").expect("end");
+    let letters: Vec<u32> = ('a'..='p').map(|c| tokenizer.token_to_id(&c.to_string()).expect("letter")).collect();
+    let broken = Arc::new(Mutex::new(Vec::new()));
+    let fake = Fake {
+        vocab: tokenizer.get_vocab_size(true),
+        letters: letters.clone(),
+        end,
+        slots: Mutex::new(vec![None; num_blocks * BLOCK]),
+        broken: broken.clone(),
+    };
+    let config = EngineConfig {
+        max_batch_size,
+        max_batch_tokens: 16,
+        max_waiting: 64,
+        max_context: num_blocks * BLOCK,
+        block_size: BLOCK,
+        num_blocks,
+        prefix_cache: true,
+        step_timeout: std::time::Duration::from_secs(60),
+    };
+    let metrics = Arc::new(Metrics::default());
+    let (_tx, rx) = std::sync::mpsc::channel();
+    let load = Arc::new(Load::new());
+    let scheduler = Scheduler::new(Box::new(fake), tokenizer, vec![end], config, metrics.clone(), load, rx);
+    Harness { scheduler, broken, metrics, letters }
+}
+
+/// A request's choices as they ended: text and finish reason, or the failure.
+#[derive(Debug, Clone, PartialEq, Default)]
+struct Answer {
+    texts: HashMap<usize, String>,
+    finished: HashMap<usize, FinishReason>,
+    failed: Option<String>,
+}
+
+fn collect(rx: &mut mpsc::UnboundedReceiver<Event>, answer: &mut Answer) {
+    while let Ok(event) = rx.try_recv() {
+        match event {
+            Event::Delta(d) => answer.texts.entry(d.index).or_default().push_str(&d.content),
+            Event::Finished { index, reason, .. } => {
+                answer.finished.insert(index, reason);
+            }
+            Event::Failed { message } => answer.failed = Some(message),
+        }
+    }
+}
+
+impl Harness {
+    fn submit(&mut self, prompt: Vec<u32>, n: usize, max_tokens: usize) -> mpsc::UnboundedReceiver<Event> {
+        let (events, rx) = mpsc::unbounded_channel();
+        let request = GenerateRequest {
+            prompt,
+            sampling: SamplingParams { temperature: 0.0, ..Default::default() },
+            max_tokens,
+            stop: Vec::new(),
+            n,
+            reasoning: ReasoningMode::Off,
+            constraint: None,
+            shown: Vec::new(),
+            cache_salt: None,
+            events,
+        };
+        self.scheduler.load.waiting.fetch_add(1, Ordering::SeqCst);
+        let queued = Queued { request, enqueued: Instant::now(), cache_root: root_hash(None) };
+        self.scheduler.waiting.push_back(Waiting::Request(Box::new(queued)));
+        rx
+    }
+
+    fn idle(&self) -> bool {
+        let s = &self.scheduler;
+        s.running.is_empty() && s.waiting.is_empty() && s.forks.is_empty()
+    }
+
+    /// One round, then the accounting every round must leave.
+    fn tick(&mut self) {
+        self.scheduler.tick();
+        let s = &self.scheduler;
+        let mut listed: HashMap<u32, u32> = HashMap::new();
+        for seq in &s.running {
+            for &b in &seq.blocks {
+                *listed.entry(b).or_default() += 1;
+            }
+        }
+        for b in 0..s.pool.total() as u32 {
+            assert_eq!(s.pool.references(b), listed.get(&b).copied().unwrap_or(0), "block {b}'s count");
+        }
+        let broken = self.broken.lock().expect("broken");
+        assert!(broken.is_empty(), "{broken:?}");
+    }
+
+    fn run_until_idle(&mut self) {
+        for _ in 0..10_000 {
+            if self.idle() {
+                return;
+            }
+            self.tick();
+        }
+        panic!("the scheduler never went idle");
+    }
+}
+
+fn metric(metrics: &Metrics, name: &str) -> f64 {
+    let text = metrics.encode().expect("metrics");
+    let line = text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("no {name}"));
+    line.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("a number")
+}
+
+/// Each request alone in a roomy pool: what it should answer.
+fn alone(prompt: &[u32], n: usize, max_tokens: usize) -> Answer {
+    let mut h = harness(64, 4);
+    let mut rx = h.submit(prompt.to_vec(), n, max_tokens);
+    h.run_until_idle();
+    let mut answer = Answer::default();
+    collect(&mut rx, &mut answer);
+    answer
+}
+
+#[derive(Debug, Clone)]
+struct Plan {
+    /// Which of the shared openings the prompt starts with, and how many more tokens.
+    opening: usize,
+    tail: Vec<u8>,
+    n: usize,
+    max_tokens: usize,
+    /// Rounds after which its client leaves, if it does.
+    leaves_after: Option<usize>,
+    /// Rounds after the start when it arrives.
+    arrives: usize,
+}
+
+fn plans() -> impl Strategy<Value = Vec<Plan>> {
+    let plan = (
+        0..3usize,
+        proptest::collection::vec(0u8..16, 0..9),
+        1..3usize,
+        1..10usize,
+        proptest::option::of(0..12usize),
+        0..6usize,
+    )
+        .prop_map(|(opening, tail, n, max_tokens, leaves_after, arrives)| Plan {
+            opening,
+            tail,
+            n,
+            max_tokens,
+            leaves_after,
+            arrives,
+        });
+    proptest::collection::vec(plan, 1..7)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Requests arriving and leaving over a pool too small for all of them
+    /// (prefix sharing, forks, preemption and recompute): no slot shared in a
+    /// step, every count right after every round, every block back at the
+    /// end, and every request that stayed answers as it does alone.
+    #[test]
+    fn every_block_comes_back_and_every_answer_is_its_own(plans in plans()) {
+        let mut h = harness(12, 3);
+        let openings: [Vec<u32>; 3] = [
+            h.letters[..9].to_vec(),
+            h.letters[3..12].to_vec(),
+            h.letters[..9].iter().rev().copied().collect(),
+        ];
+        let prompts: Vec<Vec<u32>> = plans
+            .iter()
+            .map(|p| openings[p.opening].iter().copied().chain(p.tail.iter().map(|&t| h.letters[t as usize])).collect())
+            .collect();
+        let mut receivers: Vec<Option<mpsc::UnboundedReceiver<Event>>> = plans.iter().map(|_| None).collect();
+        let mut answers = vec![Answer::default(); plans.len()];
+        let mut left = vec![false; plans.len()];
+        for round in 0..10_000 {
+            for (i, plan) in plans.iter().enumerate() {
+                if plan.arrives == round {
+                    receivers[i] = Some(h.submit(prompts[i].clone(), plan.n, plan.max_tokens));
+                }
+                if plan.leaves_after.is_some_and(|after| round == plan.arrives + after) {
+                    receivers[i] = None;
+                    left[i] = true;
+                }
+                if let Some(rx) = receivers[i].as_mut() {
+                    collect(rx, &mut answers[i]);
+                }
+            }
+            if round > 6 && h.idle() {
+                break;
+            }
+            h.tick();
+        }
+        prop_assert!(h.idle());
+        prop_assert_eq!(h.scheduler.pool.available(), h.scheduler.pool.total());
+        for (i, plan) in plans.iter().enumerate() {
+            if let Some(rx) = receivers[i].as_mut() {
+                collect(rx, &mut answers[i]);
+            }
+            if left[i] {
+                continue;
+            }
+            let want = alone(&prompts[i], plan.n, plan.max_tokens);
+            prop_assert_eq!(&answers[i], &want, "request {} {:?}", i, plan);
+            prop_assert_eq!(answers[i].finished.len(), plan.n);
+        }
+    }
+}
+
+/// A prompt whose leading blocks sit idle in the prefix cache while another
+/// sequence holds every free block: admission counts those idle blocks once,
+/// so the prompt waits instead of being admitted, preempted and readmitted
+/// round after round.
+#[test]
+fn idle_cached_blocks_are_not_counted_twice_at_admission() {
+    let mut h = harness(6, 4);
+    let prompt: Vec<u32> = h.letters[..13].to_vec();
+    let mut first = h.submit(prompt.clone(), 1, 1);
+    h.run_until_idle();
+    // Three full blocks of the prompt are cached and idle; three are free.
+    assert_eq!(h.scheduler.pool.available(), 6);
+    let other: Vec<u32> = h.letters[4..13].iter().rev().copied().collect();
+    let mut long = h.submit(other.clone(), 1, 3);
+    h.tick();
+    let mut again = h.submit(prompt.clone(), 1, 1);
+    h.run_until_idle();
+    assert_eq!(metric(&h.metrics, "kandle_preemptions_total"), 0.0);
+    let mut answers = [Answer::default(), Answer::default(), Answer::default()];
+    for (rx, answer) in [&mut first, &mut long, &mut again].into_iter().zip(&mut answers) {
+        collect(rx, answer);
+    }
+    assert_eq!(answers[0], answers[2]);
+    assert_eq!(answers[1], alone(&other, 1, 3));
+    assert!(metric(&h.metrics, "vllm:prefix_cache_hits_total") >= 12.0, "the second run hit the cache");
+}
+
+/// A sequence the model cannot run fails alone; its batch runs on.
+#[test]
+fn a_sequence_that_cannot_run_fails_alone() {
+    let mut h = harness(16, 4);
+    let good: Vec<u32> = h.letters[..5].to_vec();
+    let bad = vec![h.letters[0], 100_000];
+    let mut ok = h.submit(good.clone(), 1, 4);
+    let mut refused = h.submit(bad, 1, 4);
+    h.run_until_idle();
+    let (mut a, mut b) = (Answer::default(), Answer::default());
+    collect(&mut ok, &mut a);
+    collect(&mut refused, &mut b);
+    assert_eq!(a, alone(&good, 1, 4));
+    let failure = b.failed.expect("failed");
+    assert!(failure.contains("outside the vocabulary"), "{failure}");
+    assert_eq!(h.scheduler.pool.available(), h.scheduler.pool.total());
+}
