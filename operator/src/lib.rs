@@ -18,7 +18,7 @@ pub mod tenants;
 /// Server-side apply field manager for everything the operator writes.
 pub const FIELD_MANAGER: &str = "kandle-operator";
 /// Port the workers (and their Service) serve on.
-pub const WORKER_PORT: i32 = 8080;
+pub const WORKER_PORT: i32 = kandle_contract::http::PORT as i32;
 
 /// Labels on every object the operator makes for a ModelDeployment.
 pub mod labels {

@@ -80,7 +80,7 @@ pub struct ServeConfig {
     pub host: IpAddr,
 
     /// Port to listen on (0 picks a free one and logs it).
-    #[arg(long, env = "KANDLE_PORT", default_value_t = 8080)]
+    #[arg(long, env = "KANDLE_PORT", default_value_t = kandle_contract::http::PORT)]
     pub port: u16,
 
     /// Directory whose files each hold one API key (a mounted Secret); re-read
@@ -174,4 +174,71 @@ fn step_timeout(text: &str) -> Result<std::time::Duration, String> {
 fn in_range(range: std::ops::RangeInclusive<i64>) -> impl clap::builder::TypedValueParser<Value = usize> {
     use clap::builder::TypedValueParser as _;
     clap::value_parser!(i64).range(range).try_map(usize::try_from)
+}
+
+#[cfg(test)]
+mod tests {
+    use kandle_contract::command_line::{FetchArgs as FetchLine, ServeArgs};
+
+    use super::*;
+
+    fn parse(args: Vec<String>) -> Command {
+        let argv = std::iter::once("kandle-worker".to_string()).chain(args);
+        match Cli::try_parse_from(argv) {
+            Ok(cli) => cli.command,
+            Err(e) => panic!("the worker refuses the operator's command line: {e}"),
+        }
+    }
+
+    /// The command line the operator writes, every field set, reads back as
+    /// the same values here: a flag renamed or retyped on either side fails.
+    #[test]
+    fn the_operators_serve_line_parses_to_what_it_says() {
+        let line = ServeArgs {
+            model: "/models/m.gguf".into(),
+            served_model_name: "chat".into(),
+            aliases: vec!["fast".into(), "small".into()],
+            host: "0.0.0.0".into(),
+            port: 8081,
+            api_keys_dir: Some("/etc/kandle/keys".into()),
+            max_context: Some(2048),
+            max_batch_size: Some(4),
+            max_batch_tokens: Some(128),
+            kv_cache_memory: Some("2Gi".into()),
+            no_prefix_cache: true,
+            threads: Some(6),
+            sampling_defaults: Some(r#"{"temperature":0.7}"#.into()),
+            chat_template: Some("/etc/kandle/template/chat_template.jinja".into()),
+        };
+        let Command::Serve(c) = parse(line.to_args()) else { panic!("not serve") };
+        assert_eq!(c.model, PathBuf::from("/models/m.gguf"));
+        assert_eq!(c.served_model_name.as_deref(), Some("chat"));
+        assert_eq!(c.aliases, ["fast", "small"]);
+        assert_eq!((c.host.to_string(), c.port), ("0.0.0.0".to_string(), 8081));
+        assert_eq!(c.api_keys_dir, Some(PathBuf::from("/etc/kandle/keys")));
+        assert!(!c.no_auth);
+        assert_eq!((c.max_context, c.max_batch_size, c.max_batch_tokens, c.threads), (Some(2048), 4, 128, 6));
+        assert_eq!(c.kv_cache_memory, Some(engine::KvCacheMemory::Bytes(2 << 30)));
+        assert!(c.no_prefix_cache);
+        assert_eq!(c.sampling_defaults.as_deref(), Some(r#"{"temperature":0.7}"#));
+        assert_eq!(c.chat_template, Some(PathBuf::from("/etc/kandle/template/chat_template.jinja")));
+
+        let keyless = ServeArgs { api_keys_dir: None, ..line };
+        let Command::Serve(c) = parse(keyless.to_args()) else { panic!("not serve") };
+        assert!(c.no_auth && c.api_keys_dir.is_none());
+    }
+
+    #[test]
+    fn the_operators_fetch_line_parses_to_what_it_says() {
+        let line = FetchLine {
+            url: "hf://org/repo/m.gguf".into(),
+            dest: "/var/lib/kandle/cache/hf/org/repo".into(),
+            revision: Some("v1".into()),
+            sha256: Some("a".repeat(64)),
+        };
+        let Command::Fetch(f) = parse(line.to_args()) else { panic!("not fetch") };
+        assert_eq!(f.url, line.url);
+        assert_eq!(f.dest, PathBuf::from(&line.dest));
+        assert_eq!((f.revision, f.sha256), (line.revision, line.sha256));
+    }
 }

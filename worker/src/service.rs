@@ -8,6 +8,7 @@ use tokio::sync::mpsc;
 use crate::api::error::ApiError;
 use crate::api::request::{ChatRequest, SamplingOverrides, ToolChoice};
 use kandle_contract::engine::KvCacheMemory;
+use kandle_contract::http::Compute;
 
 use crate::engine::grammar::Grammars;
 use crate::engine::tool_calls::{CallReading, ToolFormat};
@@ -44,17 +45,6 @@ pub struct ModelService {
     pub defaults: SamplingOverrides,
     /// How long loading and starting took, phase by phase.
     pub startup: crate::startup::Phases,
-}
-
-/// The forward pass's kernels and threads.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Compute {
-    /// The CPU dispatch level of kandle's kernels (`avx512-vnni`, `avx-vnni`, `avx512`,
-    /// `avx2`, `scalar`), or `candle` where candle's operations run the model.
-    pub kernels: &'static str,
-    pub threads: usize,
-    /// Where the model runs: `cpu`, `cuda:N`.
-    pub device: String,
 }
 
 /// A request ready for the engine, and the channel its events arrive on.
@@ -149,7 +139,7 @@ impl ModelService {
         let mut startup = loaded.phases;
         let tokenizer = Arc::new(loaded.tokenizer);
         let compute = Compute {
-            kernels: loaded.model.kernels(),
+            kernels: loaded.model.kernels().to_string(),
             threads: loaded.model.threads(),
             device: crate::runtime::device::name(loaded.model.device()),
         };

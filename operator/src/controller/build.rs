@@ -16,6 +16,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 
+use kandle_contract::command_line::{FetchArgs, ServeArgs};
+use kandle_contract::http::{HEALTH_PATH, READY_PATH};
 use kandle_contract::source::{hub_dir, hub_revision, url_dir, PVC_MOUNT};
 use kandle_contract::{SourceError, SourceUrl};
 
@@ -212,17 +214,21 @@ fn pod_template(
         vec![Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Volume::default() }];
     let mut mounts = vec![VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..VolumeMount::default() }];
 
-    let mut args: Vec<String> = vec![
-        "serve".into(),
-        "--model".into(),
-        location.container_path(),
-        "--served-model-name".into(),
-        md.served_model(),
-    ];
-    for alias in &spec.aliases {
-        args.extend(["--alias".into(), alias.clone()]);
-    }
-    args.extend(["--host".into(), "0.0.0.0".into(), "--port".into(), WORKER_PORT.to_string()]);
+    let engine = &spec.engine;
+    let mut args = ServeArgs {
+        model: location.container_path(),
+        served_model_name: md.served_model(),
+        aliases: spec.aliases.clone(),
+        host: "0.0.0.0".into(),
+        port: kandle_contract::http::PORT,
+        max_context: engine.max_context_length,
+        max_batch_size: engine.max_batch_size,
+        max_batch_tokens: engine.max_batch_tokens,
+        kv_cache_memory: engine.kv_cache_memory.clone(),
+        no_prefix_cache: engine.prefix_cache == Some(false),
+        threads: engine.threads,
+        ..ServeArgs::default()
+    };
 
     if let ModelLocation::Claim { claim, .. } = location {
         volumes.push(Volume {
@@ -260,14 +266,12 @@ fn pod_template(
             ..VolumeMount::default()
         };
         mounts.push(mount(true));
-        let mut fetch_args =
-            vec!["fetch".to_string(), source.url.clone(), "--dest".into(), format!("{CACHE_MOUNT}/{dir}")];
-        if let Some(revision) = &source.revision {
-            fetch_args.extend(["--revision".into(), revision.clone()]);
-        }
-        if let Some(sha256) = &source.sha256 {
-            fetch_args.extend(["--sha256".into(), sha256.clone()]);
-        }
+        let fetch_args = FetchArgs {
+            url: source.url.clone(),
+            dest: format!("{CACHE_MOUNT}/{dir}"),
+            revision: source.revision.clone(),
+            sha256: source.sha256.clone(),
+        };
         let mut env =
             vec![EnvVar { name: "KANDLE_LOG_FORMAT".into(), value: Some("json".into()), ..EnvVar::default() }];
         if let Some(secret) = &source.credentials_secret_ref {
@@ -286,7 +290,7 @@ fn pod_template(
         }
         init_containers.push(Container {
             name: "fetch".into(),
-            args: Some(fetch_args),
+            args: Some(fetch_args.to_args()),
             env: Some(env),
             volume_mounts: Some(vec![
                 mount(false),
@@ -314,34 +318,15 @@ fn pod_template(
                 read_only: Some(true),
                 ..VolumeMount::default()
             });
-            args.extend(["--api-keys-dir".into(), KEYS_DIR.into()]);
+            args.api_keys_dir = Some(KEYS_DIR.into());
         }
-        None => args.push("--no-auth".into()),
+        None => args.api_keys_dir = None,
     }
 
-    let engine = &spec.engine;
-    if let Some(n) = engine.max_context_length {
-        args.extend(["--max-context".into(), n.to_string()]);
-    }
-    if let Some(n) = engine.max_batch_size {
-        args.extend(["--max-batch-size".into(), n.to_string()]);
-    }
-    if let Some(n) = engine.max_batch_tokens {
-        args.extend(["--max-batch-tokens".into(), n.to_string()]);
-    }
-    if let Some(memory) = &engine.kv_cache_memory {
-        args.extend(["--kv-cache-memory".into(), memory.clone()]);
-    }
-    if engine.prefix_cache == Some(false) {
-        args.push("--no-prefix-cache".into());
-    }
-    if let Some(n) = engine.threads {
-        args.extend(["--threads".into(), n.to_string()]);
-    }
     if let Some(defaults) = &engine.defaults {
         let json = serde_json::to_string(defaults)
             .map_err(|source| Error::Serialization { what: "engine.defaults", source })?;
-        args.extend(["--sampling-defaults".into(), json]);
+        args.sampling_defaults = Some(json);
     }
     if let Some(template) = &engine.chat_template {
         annotations.insert(TEMPLATE_ANNOTATION.into(), template.clone());
@@ -366,7 +351,7 @@ fn pod_template(
             read_only: Some(true),
             ..VolumeMount::default()
         });
-        args.extend(["--chat-template".into(), format!("{TEMPLATE_DIR}/{TEMPLATE_FILE}")]);
+        args.chat_template = Some(format!("{TEMPLATE_DIR}/{TEMPLATE_FILE}"));
     }
 
     let wants_gpu =
@@ -393,7 +378,7 @@ fn pod_template(
     let container = Container {
         name: "worker".into(),
         image: Some(image),
-        args: Some(args),
+        args: Some(args.to_args()),
         env: Some(vec![EnvVar { name: "KANDLE_LOG_FORMAT".into(), value: Some("json".into()), ..EnvVar::default() }]),
         ports: Some(vec![ContainerPort {
             name: Some("http".into()),
@@ -403,9 +388,9 @@ fn pod_template(
         }]),
         resources: spec.resources.clone(),
         // Loading a large model takes minutes: up to 30 before liveness applies.
-        startup_probe: Some(probe("/ready", 5, 360)),
-        readiness_probe: Some(probe("/ready", 5, 3)),
-        liveness_probe: Some(probe("/health", 10, 3)),
+        startup_probe: Some(probe(READY_PATH, 5, 360)),
+        readiness_probe: Some(probe(READY_PATH, 5, 3)),
+        liveness_probe: Some(probe(HEALTH_PATH, 10, 3)),
         security_context: Some(restricted_container()),
         volume_mounts: Some(mounts),
         // Kubernetes takes a stopping pod out of its EndpointSlices while this

@@ -5,24 +5,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use serde::Deserialize;
+use kandle_contract::http::{ReadyDocument, READY_PATH};
 
 use crate::api::ModelInfo;
 
 /// Asks a pool's Service for its model; `None` when it cannot tell.
 pub type ModelProbe = Arc<dyn Fn(String) -> BoxFuture<'static, Option<ModelInfo>> + Send + Sync>;
 
-#[derive(Deserialize)]
-struct Ready {
-    model: ModelInfo,
-}
-
 /// Probes `GET {endpoint}/ready` over HTTP.
 pub fn http_probe(client: reqwest::Client) -> ModelProbe {
     Arc::new(move |endpoint: String| {
         let client = client.clone();
         Box::pin(async move {
-            let response = client.get(format!("{endpoint}/ready")).timeout(Duration::from_secs(3)).send().await;
+            let response = client.get(format!("{endpoint}{READY_PATH}")).timeout(Duration::from_secs(3)).send().await;
             let bytes = match response {
                 Ok(r) if r.status().is_success() => r.bytes().await.ok()?,
                 Ok(r) => {
@@ -34,7 +29,7 @@ pub fn http_probe(client: reqwest::Client) -> ModelProbe {
                     return None;
                 }
             };
-            serde_json::from_slice::<Ready>(&bytes).ok().map(|r| r.model)
+            serde_json::from_slice::<ReadyDocument>(&bytes).ok().map(|r| r.model)
         })
     })
 }

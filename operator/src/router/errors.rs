@@ -4,6 +4,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use kandle_contract::http::ErrorBody;
 use serde_json::json;
 
 use super::quota::{Refusal, Which};
@@ -199,7 +200,8 @@ impl RouterError {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+        let body = ErrorBody::new(&self.message, self.kind, self.param, Some(self.code));
+        serde_json::to_value(body).unwrap_or_default()
     }
 
     /// The `{success, code, message, data}` form of `/api/v1`.

@@ -34,7 +34,7 @@ use super::upstream_key::UpstreamKey;
 use super::usage::{self, Meter, PROMPT_TOKENS_HEADER};
 use crate::tenants::{Models, Tenant};
 
-pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const REQUEST_ID: HeaderName = HeaderName::from_static(kandle_contract::http::REQUEST_ID_HEADER);
 /// Workers one chat request is offered to, at most (each a different one).
 const MAX_ATTEMPTS: usize = 3;
 

@@ -14,7 +14,7 @@ use axum::body::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-pub use kandle_contract::PROMPT_TOKENS_HEADER;
+pub use kandle_contract::http::PROMPT_TOKENS_HEADER;
 
 use super::model_name::complete_lines;
 

@@ -6,18 +6,16 @@
 //! Both servers (worker and router) also answer request bodies past their limit
 //! the same way ([`drain`]), and stop the same way ([`stopping`]).
 
+pub mod command_line;
 pub mod drain;
 pub mod duration;
 pub mod engine;
+pub mod http;
 pub mod model_info;
 pub mod sampling;
 mod schema;
 pub mod source;
 pub mod stopping;
-
-/// Response header of a worker's chat completion: the prompt's token count.
-/// The router charges it to a tenant whose answer is cut short before its usage.
-pub const PROMPT_TOKENS_HEADER: &str = "x-kandle-prompt-tokens";
 
 pub use model_info::ModelInfo;
 pub use sampling::{Interval, OutOfRange, SamplingDefaults};

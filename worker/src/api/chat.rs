@@ -93,7 +93,7 @@ async fn run(state: AppState, tally: TokenTally, body: Body, flavor: Flavor) -> 
             .into_response(),
         }
     };
-    response.headers_mut().insert(kandle_contract::PROMPT_TOKENS_HEADER, prepared.prompt_tokens.into());
+    response.headers_mut().insert(kandle_contract::http::PROMPT_TOKENS_HEADER, prepared.prompt_tokens.into());
     Ok(response)
 }
 

@@ -4,7 +4,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Serialize;
+use kandle_contract::http::ErrorBody;
 
 use crate::engine::EngineFault;
 
@@ -17,20 +17,6 @@ pub struct ApiError {
     pub code: Option<&'static str>,
     /// Seconds, for 429 and 503.
     pub retry_after: Option<u64>,
-}
-
-#[derive(Serialize)]
-pub struct ErrorBody<'a> {
-    pub error: ErrorObject<'a>,
-}
-
-#[derive(Serialize)]
-pub struct ErrorObject<'a> {
-    pub message: &'a str,
-    #[serde(rename = "type")]
-    pub kind: &'a str,
-    pub param: Option<&'a str>,
-    pub code: Option<&'a str>,
 }
 
 impl ApiError {
@@ -193,15 +179,9 @@ impl ApiError {
         }
     }
 
-    pub fn body(&self) -> ErrorBody<'_> {
-        ErrorBody {
-            error: ErrorObject {
-                message: &self.message,
-                kind: self.kind,
-                param: self.param.as_deref(),
-                code: self.code,
-            },
-        }
+    /// The OpenAI error object the client reads.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody::new(&self.message, self.kind, self.param.as_deref(), self.code)
     }
 
     /// Adds the headers that go with the status (Retry-After).

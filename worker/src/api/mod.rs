@@ -22,7 +22,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use error::ApiError;
 use state::AppState;
 
-const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const REQUEST_ID: HeaderName = HeaderName::from_static(kandle_contract::http::REQUEST_ID_HEADER);
 
 /// Every route of DESIGN.md's HTTP API.
 pub fn router(state: AppState) -> Router {
@@ -39,8 +39,8 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .merge(authenticated)
-        .route("/health", get(ops::health))
-        .route("/ready", get(ops::ready))
+        .route(kandle_contract::http::HEALTH_PATH, get(ops::health))
+        .route(kandle_contract::http::READY_PATH, get(ops::ready))
         .route("/metrics", get(ops::metrics))
         .fallback(|req: Request| async move { ApiError::not_found_path(req.uri().path()) })
         .layer(middleware::from_fn_with_state(state.settings().max_body_bytes, drain_unread))

@@ -4,6 +4,7 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use kandle_contract::http::ReadyDocument;
 use serde_json::json;
 
 use super::error::ApiError;
@@ -27,9 +28,12 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     match state.model() {
         Ok(service) => match service.engine.health() {
             Err(fault) => ApiError::engine_fault(fault).into_response(),
-            Ok(()) => {
-                Json(json!({"status": "ready", "model": service.info, "compute": service.compute})).into_response()
-            }
+            Ok(()) => Json(ReadyDocument {
+                status: "ready".into(),
+                model: service.info.clone(),
+                compute: service.compute.clone(),
+            })
+            .into_response(),
         },
         Err(e) => e.into_response(),
     }

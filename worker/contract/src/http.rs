@@ -1,0 +1,87 @@
+//! The HTTP surface the worker serves and the operator and router rely on:
+//! its port, probe paths, header names, the OpenAI error object and the
+//! `/ready` document.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ModelInfo;
+
+/// The port a worker listens on by default (and in every pod the operator builds).
+pub const PORT: u16 = 8080;
+
+/// Liveness: the process answers, its engine runs and no step is stuck.
+pub const HEALTH_PATH: &str = "/health";
+
+/// Readiness: the model is loaded; the body is a [`ReadyDocument`].
+pub const READY_PATH: &str = "/ready";
+
+/// Every answer carries the caller's request id, or a new one.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Response header of a worker's chat completion: the prompt's token count.
+/// The router charges it to a tenant whose answer is cut short before its usage.
+pub const PROMPT_TOKENS_HEADER: &str = "x-kandle-prompt-tokens";
+
+/// An OpenAI error answer: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorObject,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorObject {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+impl ErrorBody {
+    pub fn new(message: &str, kind: &str, param: Option<&str>, code: Option<&str>) -> Self {
+        Self {
+            error: ErrorObject {
+                message: message.to_string(),
+                kind: kind.to_string(),
+                param: param.map(str::to_string),
+                code: code.map(str::to_string),
+            },
+        }
+    }
+}
+
+/// A ready worker's `/ready` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReadyDocument {
+    /// `ready`.
+    pub status: String,
+    pub model: ModelInfo,
+    pub compute: Compute,
+}
+
+/// How the forward pass runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Compute {
+    /// The CPU dispatch level of kandle's kernels (`avx512-vnni`, `avx-vnni`,
+    /// `avx512`, `avx2`, `scalar`), or `candle` where candle's operations run the model.
+    pub kernels: String,
+    pub threads: usize,
+    /// Where the model runs: `cpu`, `cuda:N`.
+    pub device: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_error_object_is_openais() {
+        let body = ErrorBody::new("No.", "invalid_request_error", Some("model"), None);
+        let json = serde_json::to_value(&body).expect("serializes");
+        assert_eq!(
+            json,
+            serde_json::json!({"error": {"message": "No.", "type": "invalid_request_error", "param": "model", "code": null}})
+        );
+        assert_eq!(serde_json::from_value::<ErrorBody>(json).expect("reads back"), body);
+    }
+}
