@@ -27,6 +27,17 @@ pub enum LoadError {
     Candle(#[from] candle_core::Error),
 }
 
+/// The runtime's verdict on a model's shape, in the loader's words.
+impl From<crate::runtime::config::ConfigError> for LoadError {
+    fn from(e: crate::runtime::config::ConfigError) -> Self {
+        use crate::runtime::config::ConfigError;
+        match e {
+            ConfigError::Format(m) => Self::Format(m),
+            ConfigError::Unsupported(m) => Self::Unsupported(m),
+        }
+    }
+}
+
 impl LoadError {
     fn io(path: &Path, source: std::io::Error) -> Self {
         Self::Io { path: path.display().to_string(), source }

@@ -3,7 +3,14 @@
 
 use serde_json::Value as Json;
 
-use crate::model::LoadError;
+/// A config that does not describe a model, or a model kandle cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("malformed model: {0}")]
+    Format(String),
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+}
 
 /// The architectures the runtime runs; they differ in a few switches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,17 +74,17 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     /// From a Hugging Face `config.json`.
-    pub fn from_hf(config: &Json) -> Result<Self, LoadError> {
-        let uint = |key: &str| -> Result<usize, LoadError> {
+    pub fn from_hf(config: &Json) -> Result<Self, ConfigError> {
+        let uint = |key: &str| -> Result<usize, ConfigError> {
             config
                 .get(key)
                 .and_then(Json::as_u64)
                 .map(|v| v as usize)
-                .ok_or_else(|| LoadError::Format(format!("config.json has no `{key}`")))
+                .ok_or_else(|| ConfigError::Format(format!("config.json has no `{key}`")))
         };
         let name = config.get("model_type").and_then(Json::as_str).unwrap_or("");
         let architecture = Architecture::parse(name)
-            .ok_or_else(|| LoadError::Unsupported(format!("architecture `{name}` (supported: {SUPPORTED})")))?;
+            .ok_or_else(|| ConfigError::Unsupported(format!("architecture `{name}` (supported: {SUPPORTED})")))?;
         let hidden = uint("hidden_size")?;
         let heads = uint("num_attention_heads")?;
         let scaling = config.get("rope_scaling").filter(|s| !s.is_null());
@@ -92,7 +99,7 @@ impl ModelConfig {
                 })
             }
             Some(s) => {
-                return Err(LoadError::Unsupported(format!("rope_scaling {s} (supported: llama3)")));
+                return Err(ConfigError::Unsupported(format!("rope_scaling {s} (supported: llama3)")));
             }
             None => None,
         };
@@ -118,7 +125,7 @@ impl ModelConfig {
         self.heads / self.kv_heads.max(1)
     }
 
-    pub fn check(&self) -> Result<(), LoadError> {
+    pub fn check(&self) -> Result<(), ConfigError> {
         let ok = self.heads > 0
             && self.kv_heads > 0
             && self.heads.is_multiple_of(self.kv_heads)
@@ -129,7 +136,7 @@ impl ModelConfig {
         if ok {
             Ok(())
         } else {
-            Err(LoadError::Format(format!("inconsistent model shape: {self:?}")))
+            Err(ConfigError::Format(format!("inconsistent model shape: {self:?}")))
         }
     }
 }
