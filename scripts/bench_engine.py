@@ -2,6 +2,7 @@
 """kandle-worker against llama-server on the same GGUF file, in one run.
 
     python3 scripts/bench_engine.py [--runs 3] [--max-tokens 128] [--concurrency 1,4,8]
+                                    [--gguf FILE] [--level native|avx2]
 
 Builds (once, cached in ~/.cache/kandle/llama-cpp) llama-server from the llama.cpp
 sources vendored in the llama-cpp-python sdist on PyPI, and kandle-worker in
@@ -14,8 +15,11 @@ ratio (kandle / llama.cpp), the CPU model and the llama.cpp version. With
 --json-schema it also runs the concurrency levels with a `response_format`
 json_schema on both (constrained decoding: kandle's llguidance matcher,
 llama.cpp's grammar sampler), prefix cache off, to compare with the
-unconstrained figures of the same run. Not part of CI: it takes minutes and
-wants an otherwise idle machine.
+unconstrained figures of the same run. With --level avx2 both are held to
+AVX2: kandle-worker --kernels avx2 (refused on a CPU without it) against a
+llama-server built with GGML_NATIVE=OFF and only AVX/AVX2/FMA/F16C on (cached
+apart from the native build). Not part of CI: it takes minutes and wants an
+otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -76,8 +80,17 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def build_llama_server() -> pathlib.Path:
-    binary = CACHE / "build" / "bin" / "llama-server"
+# llama.cpp's CMake switches for a build held to AVX2 (+ FMA, F16C): what an
+# AVX2-only node runs, whatever this machine has.
+AVX2_ONLY = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+             "-DGGML_AVX512=OFF", "-DGGML_AVX512_VBMI=OFF", "-DGGML_AVX512_VNNI=OFF", "-DGGML_AVX512_BF16=OFF",
+             "-DGGML_AVX_VNNI=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+
+
+def build_llama_server(level: str) -> pathlib.Path:
+    """llama-server built for this CPU (`native`) or for AVX2 only (`avx2`)."""
+    build = CACHE / ("build" if level == "native" else f"build-{level}")
+    binary = build / "bin" / "llama-server"
     if binary.exists():
         return binary
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -93,13 +106,13 @@ def build_llama_server() -> pathlib.Path:
     llama = next(src.glob("*/vendor/llama.cpp"))
     if shutil.which("cmake") is None:
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "cmake"], check=True)
-    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
              "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"]
-    if "amx_tile" in cpu_flags():
+    flags += ["-DGGML_NATIVE=ON"] if level == "native" else AVX2_ONLY
+    if level == "native" and "amx_tile" in cpu_flags():
         # llama.cpp's AMX Q4_1 path crashes; keep it out of the native build.
         flags.append("-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
         flags.append("-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
-    build = CACHE / "build"
     subprocess.run(["cmake", "-S", str(llama), "-B", str(build), *flags], check=True)
     subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
                    check=True)
@@ -219,10 +232,13 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,8")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--json-schema", action="store_true", help="also run constrained to a JSON schema")
+    parser.add_argument("--level", choices=["native", "avx2"], default="native",
+                        help="native: both at this CPU's best; avx2: kandle --kernels avx2 against llama.cpp "
+                             "built for AVX2 only (the pairing of an AVX2-only node, on any x86 machine with AVX2)")
     args = parser.parse_args()
     gguf = args.gguf or subprocess.run([str(ROOT / "scripts" / "fetch-smollm2.sh")], capture_output=True, text=True,
                                        check=True).stdout.strip()
-    llama_bin = build_llama_server()
+    llama_bin = build_llama_server(args.level)
     kandle_bin = build_kandle()
     version = subprocess.run([str(llama_bin), "--version"], capture_output=True, text=True).stderr.strip()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -243,6 +259,8 @@ def main() -> None:
                        "--threads", str(args.threads), "--log-format", "text"]
         if not caching:
             kandle_args.append("--no-prefix-cache")
+        if args.level != "native":
+            kandle_args += ["--kernels", args.level]
         servers = [
             Server("kandle", kandle_args, kport, constrained),
             Server("llama.cpp", [str(llama_bin), "-m", gguf, "--host", "127.0.0.1", "--port", str(lport), "-np", "8",
@@ -272,7 +290,7 @@ def main() -> None:
             for server in servers:
                 server.stop()
 
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} cores), threads {args.threads}")
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} cores), threads {args.threads}, level {args.level}")
     print(f"llama.cpp: {version.splitlines()[0] if version else 'unknown'}; model: {pathlib.Path(gguf).name}")
     print(f"runs: {args.runs}, max_tokens {args.max_tokens}; medians; ratio = kandle / llama.cpp "
           "(for TTFT lower is better)")

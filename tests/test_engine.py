@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import pathlib
 import subprocess
 import time
 import urllib.error
@@ -176,3 +177,26 @@ def test_ready_reports_the_kernels_and_threads(smollm2, key_dir):
     assert ready["compute"]["threads"] == 1
     assert ready["compute"]["device"] == "cpu", ready
     assert ready["model"]["quantization"] == "Q4_1"
+
+
+def test_kernels_can_be_held_to_a_level_the_cpu_runs(smollm2, key_dir):
+    # Scalar: every CPU runs it.
+    w = serve(smollm2, key_dir, "--kernels", "scalar", "--threads", "1")
+    try:
+        with urllib.request.urlopen(w.base_url + "/ready", timeout=5) as r:
+            assert json.load(r)["compute"]["kernels"] == "scalar"
+        held = client(w).chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=2)
+    finally:
+        w.stop()
+    assert held.usage.completion_tokens >= 1
+    # A level this CPU lacks is refused at start, naming what it runs.
+    flags = pathlib.Path("/proc/cpuinfo").read_text()
+    lacking = next((isa for isa, flag in (("avx512-vnni", "avx512_vnni"), ("avx-vnni", "avx_vnni"),
+                                          ("avx512", "avx512bw"), ("avx2", "avx2")) if f" {flag}" not in flags), None)
+    if lacking is None:
+        pytest.skip("this CPU runs every level")
+    run = subprocess.run([str(worker_binary()), "serve", "--model", str(smollm2), "--no-auth", "--port", "0",
+                          "--kernels", lacking], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0, run
+    assert f"does not run the {lacking} kernels" in run.stderr + run.stdout, run

@@ -133,6 +133,12 @@ pub struct ServeConfig {
     #[arg(long, env = "KANDLE_THREADS", default_value_t = 0, value_parser = in_range(engine::THREADS))]
     pub threads: usize,
 
+    /// The CPU kernels' instruction set (scalar, avx2, avx512, avx-vnni,
+    /// avx512-vnni), e.g. to measure AVX2 on an AVX-512 machine; refused at
+    /// start when this CPU does not run it. Default: the best it runs.
+    #[arg(long, env = "KANDLE_KERNELS", value_enum)]
+    pub kernels: Option<crate::runtime::Isa>,
+
     /// Where the model runs: auto (the first GPU this process can see in a CUDA
     /// build, else the CPU), cpu, cuda or cuda:N.
     #[arg(long, env = "KANDLE_DEVICE", default_value = "auto")]

@@ -109,6 +109,7 @@ fn load(
         quantize: config.quantize,
         threads: config.threads,
         device: config.device,
+        kernels: config.kernels,
     };
     let loaded =
         crate::model::load(&config.model, &options).with_context(|| format!("loading {}", config.model.display()))?;

@@ -71,9 +71,10 @@ pub fn load(path: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadE
         Err(_) => None,
     };
     let inv_freq = inverse_frequencies(config.head_dim, config.rope_theta, None, factors.as_deref());
-    let weights = Weights::from_gguf(&content, &mut reader, &config, &device)?;
+    let level = options.kernel_level()?;
+    let weights = Weights::from_gguf(&content, &mut reader, &config, &device, level)?;
     let context = context_limit.map_or(config.context, |l| l.min(config.context));
-    let model = Model::new(config, weights, &inv_freq, context, device, options.resolved_threads())?;
+    let model = Model::new(config, weights, &inv_freq, context, device, options.resolved_threads(), level)?;
     phases.end("weights");
     Ok(LoadedModel { info, model, tokenizer, template, special, phases })
 }

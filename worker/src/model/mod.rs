@@ -88,6 +88,8 @@ pub struct LoadOptions<'a> {
     pub threads: usize,
     /// Where the model runs.
     pub device: crate::runtime::device::DeviceChoice,
+    /// The CPU kernels' instruction set; `None`: the best this CPU runs.
+    pub kernels: Option<crate::runtime::Isa>,
 }
 
 impl LoadOptions<'_> {
@@ -101,6 +103,15 @@ impl LoadOptions<'_> {
     }
 
     /// Opens the device the model is loaded on.
+    /// The CPU kernels' level: the one asked for, if this CPU runs it (the
+    /// check detection makes), else the best it runs.
+    pub fn kernel_level(&self) -> Result<crate::runtime::Level, LoadError> {
+        match self.kernels {
+            None => Ok(crate::runtime::Level::detect()),
+            Some(isa) => crate::runtime::Level::supported(isa).map_err(LoadError::Unsupported),
+        }
+    }
+
     pub fn open_device(&self) -> Result<candle_core::Device, LoadError> {
         let device = self.device.open().map_err(LoadError::Unsupported)?;
         tracing::info!(device = %crate::runtime::device::name(&device), choice = %self.device, "device");

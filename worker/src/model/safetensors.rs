@@ -44,13 +44,14 @@ pub fn load(dir: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadEr
         Quantize::Q8_0 => GgmlDType::Q8_0,
         Quantize::Q4K => GgmlDType::Q4K,
     });
-    let weights = Weights::from_safetensors(&tensors, &model_config, dtype, quantize, &device)
+    let level = options.kernel_level()?;
+    let weights = Weights::from_safetensors(&tensors, &model_config, dtype, quantize, &device, level)
         .map_err(|e| LoadError::Format(format!("the {architecture} checkpoint does not match its config.json: {e}")))?;
     let inv_freq =
         inverse_frequencies(model_config.head_dim, model_config.rope_theta, model_config.llama3_scaling.as_ref(), None);
     let context_length = model_config.context as u64;
     let context = context_limit.map_or(model_config.context, |l| l.min(model_config.context));
-    let model = Model::new(model_config, weights, &inv_freq, context, device, options.resolved_threads())?;
+    let model = Model::new(model_config, weights, &inv_freq, context, device, options.resolved_threads(), level)?;
     phases.end("weights");
     let quantization = match options.quantize {
         Some(Quantize::Q8_0) => "Q8_0".to_string(),

@@ -30,7 +30,7 @@ pub use config::{Architecture, ModelConfig, RopeStyle};
 use cpu::CpuModel;
 pub use kv_cache::KvCache;
 use pool::{Pool, Shared};
-use qmatmul::Level;
+pub use qmatmul::{Isa, Level};
 use rope::Rope;
 use weights::Weights;
 
@@ -102,7 +102,8 @@ pub struct Model {
 
 impl Model {
     /// `context`: the longest sequence the model will run (rotary tables cover
-    /// it); `threads`: the compute threads of the forward pass.
+    /// it); `threads`: the compute threads of the forward pass; `level`: the
+    /// CPU kernels' instruction set (the one the weights were packed at).
     pub fn new(
         config: ModelConfig,
         weights: Weights,
@@ -110,11 +111,12 @@ impl Model {
         context: usize,
         device: Device,
         threads: usize,
+        level: Level,
     ) -> Result<Self> {
         let pool = Pool::new(threads)?;
         let vocab_rows = weights.embedding.vocab();
         let backend = match weights.into_cpu(&device)? {
-            Ok(cpu) => Backend::Cpu(Box::new(CpuModel::new(config.clone(), cpu, inv_freq, context, Level::detect()))),
+            Ok(cpu) => Backend::Cpu(Box::new(CpuModel::new(config.clone(), cpu, inv_freq, context, level))),
             Err(weights) => {
                 let rope = Rope::new(inv_freq, context, config.rope_style, weights.dtype, &device)?;
                 Backend::Tensors { weights, rope }

@@ -31,8 +31,8 @@ pub enum Linear {
 
 impl Linear {
     /// A quantized projection, with kandle's own kernel where it has one.
-    fn quantized(weight: QTensor, bias: Option<Tensor>, device: &Device) -> Result<Self> {
-        match packed(&weight, device)? {
+    fn quantized(weight: QTensor, bias: Option<Tensor>, device: &Device, level: Level) -> Result<Self> {
+        match packed(&weight, device, level)? {
             Some(packed) => Ok(Self::Packed { weight: Arc::new(packed), bias }),
             None => Ok(Self::Quantized { weight: QMatMul::from_qtensor(weight)?, bias }),
         }
@@ -81,14 +81,14 @@ impl Linear {
     }
 }
 
-/// `weight` repacked for kandle's kernels, where it has one for the type and device.
-fn packed(weight: &QTensor, device: &Device) -> Result<Option<PackedWeights>> {
+/// `weight` repacked for kandle's kernels at `level`, where it has one for the type and device.
+fn packed(weight: &QTensor, device: &Device, level: Level) -> Result<Option<PackedWeights>> {
     let Some(format) = Format::from_ggml(weight.dtype()) else { return Ok(None) };
     if !device.is_cpu() {
         return Ok(None);
     }
     let (n, k) = weight.shape().dims2()?;
-    Ok(PackedWeights::from_gguf(&weight.data()?, n, k, format, Level::detect()))
+    Ok(PackedWeights::from_gguf(&weight.data()?, n, k, format, level))
 }
 
 /// The token-embedding table; quantized tables give up only the rows a step needs.
@@ -160,11 +160,12 @@ impl Weights {
         reader: &mut R,
         config: &ModelConfig,
         device: &Device,
+        level: Level,
     ) -> Result<Self> {
         let mut tensor = |name: &str| content.tensor(reader, name, device);
         let table = tensor("token_embd.weight")?;
         // Tied embeddings: the output projection is the embedding table, shared.
-        let (embedding, tied) = match packed(&table, device)? {
+        let (embedding, tied) = match packed(&table, device, level)? {
             Some(p) => {
                 let p = Arc::new(p);
                 (Embedding::Packed(p.clone()), Linear::Packed { weight: p, bias: None })
@@ -175,7 +176,7 @@ impl Weights {
             }
         };
         let lm_head = match tensor("output.weight") {
-            Ok(t) => Linear::quantized(t, None, device)?,
+            Ok(t) => Linear::quantized(t, None, device, level)?,
             Err(_) => tied,
         };
         let norm = tensor("output_norm.weight")?.dequantize(device)?;
@@ -185,7 +186,7 @@ impl Weights {
             let mut linear = |name: &str, with_bias: bool| -> Result<Linear> {
                 let weight = t(&format!("{name}.weight"))?;
                 let bias = if with_bias { Some(t(&format!("{name}.bias"))?.dequantize(device)?) } else { None };
-                Linear::quantized(weight, bias, device)
+                Linear::quantized(weight, bias, device, level)
             };
             let qkv_bias = config.architecture == Architecture::Qwen2;
             let (q, k, v, o) = (
@@ -228,6 +229,7 @@ impl Weights {
         dtype: DType,
         quantize: Option<GgmlDType>,
         device: &Device,
+        level: Level,
     ) -> Result<Self> {
         let dtype = if quantize.is_some() { DType::F32 } else { dtype };
         let get = |name: &str| tensors.load(name, device)?.to_dtype(dtype);
@@ -236,7 +238,7 @@ impl Weights {
             let weight = get(&format!("{name}.weight"))?;
             match quantize {
                 Some(q) if weight.dim(1)?.is_multiple_of(q.block_size()) => {
-                    Linear::quantized(QTensor::quantize(&weight, q)?, bias, device)
+                    Linear::quantized(QTensor::quantize(&weight, q)?, bias, device, level)
                 }
                 _ => Ok(Linear::Dense(candle_nn::Linear::new(weight, bias))),
             }
@@ -245,7 +247,9 @@ impl Weights {
         // Quantized checkpoints run the embedding table and the output layer
         // through the same kernels as the other layers, where the sizes allow.
         let packed_table = match quantize {
-            Some(q) if table.dim(1)?.is_multiple_of(q.block_size()) => packed(&QTensor::quantize(&table, q)?, device)?,
+            Some(q) if table.dim(1)?.is_multiple_of(q.block_size()) => {
+                packed(&QTensor::quantize(&table, q)?, device, level)?
+            }
             _ => None,
         };
         let (embedding, tied) = match packed_table {

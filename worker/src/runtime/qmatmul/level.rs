@@ -3,8 +3,8 @@
 //! "this CPU has these instructions", so safe code cannot ask for AVX-512 on a
 //! CPU without it.
 
-/// An instruction set the kernels are written for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// An instruction set the kernels are written for (`--kernels`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Isa {
     /// Portable Rust, the reference.
     Scalar,
@@ -21,7 +21,7 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The name `/ready` and the start-up log use.
+    /// The name `/ready`, the start-up log and `--kernels` use.
     pub fn name(self) -> &'static str {
         match self {
             Self::Scalar => "scalar",
@@ -73,6 +73,17 @@ impl Level {
         levels
     }
 
+    /// `isa` if this CPU runs it (the check detection makes): how `--kernels`
+    /// holds a run to a lower level than the best. The error names what the
+    /// CPU runs.
+    pub fn supported(isa: Isa) -> Result<Self, String> {
+        let available = Self::available();
+        available.iter().copied().find(|level| level.0 == isa).ok_or_else(|| {
+            let names: Vec<_> = available.iter().map(|level| level.0.name()).collect();
+            format!("this CPU does not run the {} kernels (it runs: {})", isa.name(), names.join(", "))
+        })
+    }
+
     pub fn isa(self) -> Isa {
         self.0
     }
@@ -96,6 +107,20 @@ impl Level {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_what_the_cpu_runs_is_supported() {
+        let available = Level::available();
+        for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::AvxVnni, Isa::Avx512Vnni] {
+            match Level::supported(isa) {
+                Ok(level) => assert!(available.contains(&level) && level.isa() == isa),
+                Err(e) => {
+                    assert!(!available.iter().any(|l| l.isa() == isa));
+                    assert!(e.contains(isa.name()) && e.contains("scalar"), "{e}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn detection_lists_scalar_first_and_picks_the_best() {
