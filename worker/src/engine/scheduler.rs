@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use super::blocks::{block_keys, chain_hash, BlockError, BlockKey, BlockPool, PrefixHash};
 use super::sampler::Sampler;
-use super::sequence::{Sequence, SequenceSpec, StepContext, StepOutcome};
+use super::sequence::{Phase, Sequence, SequenceSpec, StepContext, StepOutcome};
 use super::{EngineConfig, ForwardPass, Load, Queued};
 use crate::metrics::Metrics;
 use crate::runtime::{Logits, StepSequence};
@@ -177,6 +177,7 @@ impl Scheduler {
             match self.waiting.pop_front() {
                 Some(Waiting::Request(q)) => self.start_request(*q),
                 Some(Waiting::Preempted(mut s)) => {
+                    s.readmit();
                     self.attach_cached_prefix(&mut s);
                     self.running.push(*s);
                 }
@@ -321,7 +322,8 @@ impl Scheduler {
         if plan.is_empty() {
             return self.remove(refused);
         }
-        let prefill: usize = plan.iter().filter(|&&(i, _)| self.running[i].pending() > 1).map(|&(_, n)| n).sum();
+        let prefill: usize =
+            plan.iter().filter(|&&(i, _)| self.running[i].phase() == Phase::Prefill).map(|&(_, n)| n).sum();
         self.metrics.observe_step(inputs.len(), inputs.iter().map(|s| s.tokens.len()).sum(), prefill);
         let (pass, logits) = (&self.pass, &mut self.logits);
         // Grammar masks of the sequences whose logits this step yields are
@@ -358,7 +360,7 @@ impl Scheduler {
         let mut forks = Vec::new();
         for (r, &(i, n)) in plan.iter().enumerate() {
             let Some(seq) = self.running.get_mut(i) else { continue };
-            seq.computed += n;
+            seq.advance(n);
             register_full_blocks(&mut self.pool, seq);
             if seq.pending() > 0 {
                 continue; // mid-prompt chunk: its logits are not needed
@@ -404,14 +406,14 @@ impl Scheduler {
     fn plan(&mut self) -> Vec<(usize, usize)> {
         let mut budget = self.config.max_batch_tokens.max(1);
         let mut wanted: Vec<(u64, usize)> = Vec::new();
-        for s in self.running.iter().filter(|s| s.pending() == 1) {
+        for s in self.running.iter().filter(|s| s.phase() == Phase::Decode) {
             wanted.push((s.admitted, 1));
             budget -= 1;
             if budget == 0 {
                 break;
             }
         }
-        for s in self.running.iter().filter(|s| s.pending() > 1) {
+        for s in self.running.iter().filter(|s| s.phase() == Phase::Prefill) {
             if budget == 0 {
                 break;
             }
@@ -460,7 +462,7 @@ impl Scheduler {
             return false;
         };
         let mut seq = self.running.remove(victim);
-        let result = self.pool.release_all(&mut seq.blocks);
+        let result = self.pool.release_all(&mut seq.preempt());
         self.check(result);
         if seq.admitted == for_admitted && self.running.is_empty() {
             // Alone and still out of blocks: the pool cannot hold this sequence.
@@ -471,9 +473,6 @@ impl Scheduler {
         }
         tracing::debug!(request = seq.request_id, tokens = seq.tokens.len(), "preempted; will recompute");
         self.metrics.preemptions.inc();
-        seq.computed = 0;
-        seq.registered = 0;
-        seq.prefix_hash = seq.cache_root;
         let retry = seq.admitted != for_admitted;
         self.waiting.push_front(Waiting::Preempted(Box::new(seq)));
         retry

@@ -18,11 +18,30 @@ use super::{ChoiceUsage, Delta, Event, FinishReason, TokenLogprob};
 /// Text the engine inserts to end reasoning that ran out of budget.
 const FORCED_THINK_CLOSE: &str = "\n</think>\n\n";
 
+/// Where a sequence is in its life. The scheduler decides by it and moves it
+/// only through the methods that change it ([`Sequence::advance`],
+/// [`Sequence::accept`], [`Sequence::preempt`], [`Sequence::readmit`] and the
+/// ends); [`Sequence::consistent`] states what each phase implies of the
+/// counters, and the scheduler's tests check it after every round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Known tokens to compute, several a step: the prompt, everything again
+    /// after a preemption, or tokens a grammar forced.
+    Prefill,
+    /// Every token but the last sampled one is in the cache: one a step.
+    Decode,
+    /// Its blocks were taken back: it waits to be computed from the start.
+    Preempted,
+    /// Finished, cut or failed: it gets no more steps.
+    Ended,
+}
+
 pub struct Sequence {
     pub request_id: u64,
     pub index: usize,
     /// Order of admission: the youngest sequence is preempted first.
     pub admitted: u64,
+    phase: Phase,
     sampler: Sampler,
     detokenizer: Detokenizer,
     shaper: OutputShaper,
@@ -92,6 +111,7 @@ impl Sequence {
             request_id: spec.request_id,
             index: spec.index,
             admitted,
+            phase: Phase::Prefill,
             sampler: spec.sampler,
             detokenizer: Detokenizer::default(),
             shaper: OutputShaper::new(spec.reasoning, spec.stop),
@@ -124,6 +144,45 @@ impl Sequence {
     /// Tokens not yet in the cache: the (rest of the) prompt, or the last token.
     pub fn pending(&self) -> usize {
         self.tokens.len() - self.computed
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// A step computed `n` more of its tokens.
+    pub fn advance(&mut self, n: usize) {
+        debug_assert!(matches!(self.phase, Phase::Prefill | Phase::Decode), "advance in {:?}", self.phase);
+        self.computed += n;
+    }
+
+    /// Gives its blocks back to be released and waits to be computed again
+    /// from the start (its prefix hash back at the root).
+    pub fn preempt(&mut self) -> Vec<u32> {
+        self.phase = Phase::Preempted;
+        self.computed = 0;
+        self.registered = 0;
+        self.prefix_hash = self.cache_root;
+        std::mem::take(&mut self.blocks)
+    }
+
+    /// Admitted again after a preemption.
+    pub fn readmit(&mut self) {
+        debug_assert_eq!(self.phase, Phase::Preempted);
+        self.phase = Phase::Prefill;
+    }
+
+    /// Whether the counters say what the phase does (the scheduler's tests ask after every round).
+    #[cfg(test)]
+    pub fn consistent(&self) -> bool {
+        self.computed <= self.tokens.len()
+            && self.registered <= self.blocks.len()
+            && match self.phase {
+                Phase::Prefill => self.pending() >= 1,
+                Phase::Decode => self.pending() == 1,
+                Phase::Preempted => self.blocks.is_empty() && self.computed == 0 && self.registered == 0,
+                Phase::Ended => true,
+            }
     }
 
     /// Computes the grammar mask the next [`Sequence::accept`] applies, when
@@ -166,6 +225,10 @@ impl Sequence {
                 let sampled = self.sampler.forced(token);
                 outcome = self.take(sampled, false, ctx)?;
             }
+        }
+        if matches!(outcome, StepOutcome::Running) {
+            // Tokens a grammar or a reasoning budget forced are computed together.
+            self.phase = if self.pending() > 1 { Phase::Prefill } else { Phase::Decode };
         }
         Ok(outcome)
     }
@@ -253,6 +316,7 @@ impl Sequence {
     }
 
     fn finish(&mut self, last: Shaped, reason: FinishReason) -> StepOutcome {
+        self.phase = Phase::Ended;
         self.emit(last, None);
         let usage = ChoiceUsage { cached_tokens: self.cached_tokens, ..self.usage };
         let _ = self.events.send(Event::Finished { index: self.index, reason, usage });

@@ -4,8 +4,9 @@
 //! slot written in the same step; its next token is a function of every token
 //! it read, so a sequence computed from a wrong block answers differently
 //! from the same request run alone. After every step each block's reference
-//! count must equal the block tables that list it; at the end every block is
-//! back in the pool.
+//! count must equal the block tables that list it and every sequence's
+//! counters must agree with its phase; at the end every block is back in the
+//! pool.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -182,6 +183,15 @@ impl Harness {
         }
         for b in 0..s.pool.total() as u32 {
             assert_eq!(s.pool.references(b), listed.get(&b).copied().unwrap_or(0), "block {b}'s count");
+        }
+        // Every sequence is where its container says, and its counters agree with its phase.
+        for seq in &s.running {
+            assert!(matches!(seq.phase(), Phase::Prefill | Phase::Decode) && seq.consistent(), "{:?}", seq.phase());
+        }
+        for waiting in &s.waiting {
+            if let Waiting::Preempted(seq) = waiting {
+                assert!(seq.phase() == Phase::Preempted && seq.consistent());
+            }
         }
         let broken = self.broken.lock().expect("broken");
         assert!(broken.is_empty(), "{broken:?}");
