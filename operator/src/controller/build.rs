@@ -638,6 +638,31 @@ mod tests {
         assert!(args(&c).contains(&"--no-prefix-cache".to_string()));
         assert_eq!(flag(&c, "--sampling-defaults").as_deref(), Some(r#"{"temperature":0.7,"topP":0.8}"#));
         assert_eq!(flag(&c, "--chat-template").as_deref(), Some("/etc/kandle/template/chat_template.jinja"));
+        // The whole line in the order pods have always had: a reordering would
+        // restart every worker on an operator upgrade.
+        let tail = args(&c).split_off(13);
+        assert_eq!(
+            tail,
+            [
+                "--api-keys-dir",
+                KEYS_DIR,
+                "--max-context",
+                "2048",
+                "--max-batch-size",
+                "4",
+                "--max-batch-tokens",
+                "128",
+                "--kv-cache-memory",
+                "2Gi",
+                "--no-prefix-cache",
+                "--threads",
+                "6",
+                "--sampling-defaults",
+                r#"{"temperature":0.7,"topP":0.8}"#,
+                "--chat-template",
+                "/etc/kandle/template/chat_template.jinja"
+            ]
+        );
         let template = c.deployment.spec.clone().and_then(|s| s.template.metadata).and_then(|m| m.annotations);
         assert_eq!(template.and_then(|a| a.get(TEMPLATE_ANNOTATION).cloned()).as_deref(), Some("{{ messages }}"));
         // Label values cannot hold every model name; the label carries the object's name.

@@ -39,36 +39,32 @@ impl ServeArgs {
         }
         flag("host", self.host.clone());
         flag("port", self.port.to_string());
-        if let Some(dir) = &self.api_keys_dir {
-            flag("api-keys-dir", dir.clone());
+        // The order pods had before this type: an operator upgrade that
+        // reorders them would restart every worker for nothing.
+        match &self.api_keys_dir {
+            Some(dir) => flag("api-keys-dir", dir.clone()),
+            None => args.push("--no-auth".into()),
         }
-        let numbers = [
-            ("max-context", self.max_context),
-            ("max-batch-size", self.max_batch_size),
-            ("max-batch-tokens", self.max_batch_tokens),
-            ("threads", self.threads),
-        ];
-        for (name, value) in numbers {
+        let number = |args: &mut Vec<String>, name: &str, value: Option<i32>| {
             if let Some(value) = value {
-                flag(name, value.to_string());
+                args.extend([format!("--{name}"), value.to_string()]);
             }
-        }
-        let texts = [
-            ("kv-cache-memory", &self.kv_cache_memory),
-            ("sampling-defaults", &self.sampling_defaults),
-            ("chat-template", &self.chat_template),
-        ];
-        for (name, value) in texts {
+        };
+        let text = |args: &mut Vec<String>, name: &str, value: &Option<String>| {
             if let Some(value) = value {
-                flag(name, value.clone());
+                args.extend([format!("--{name}"), value.clone()]);
             }
-        }
-        if self.api_keys_dir.is_none() {
-            args.push("--no-auth".into());
-        }
+        };
+        number(&mut args, "max-context", self.max_context);
+        number(&mut args, "max-batch-size", self.max_batch_size);
+        number(&mut args, "max-batch-tokens", self.max_batch_tokens);
+        text(&mut args, "kv-cache-memory", &self.kv_cache_memory);
         if self.no_prefix_cache {
             args.push("--no-prefix-cache".into());
         }
+        number(&mut args, "threads", self.threads);
+        text(&mut args, "sampling-defaults", &self.sampling_defaults);
+        text(&mut args, "chat-template", &self.chat_template);
         args
     }
 }

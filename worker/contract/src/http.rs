@@ -50,17 +50,21 @@ impl ErrorBody {
     }
 }
 
-/// A ready worker's `/ready` answer.
+/// A ready worker's `/ready` answer. Read leniently: a worker older than a
+/// field still reports its model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReadyDocument {
     /// `ready`.
+    #[serde(default)]
     pub status: String,
     pub model: ModelInfo,
+    #[serde(default)]
     pub compute: Compute,
 }
 
 /// How the forward pass runs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Compute {
     /// The CPU dispatch level of kandle's kernels (`avx512-vnni`, `avx-vnni`,
     /// `avx512`, `avx2`, `scalar`), or `candle` where candle's operations run the model.
@@ -83,5 +87,14 @@ mod tests {
             serde_json::json!({"error": {"message": "No.", "type": "invalid_request_error", "param": "model", "code": null}})
         );
         assert_eq!(serde_json::from_value::<ErrorBody>(json).expect("reads back"), body);
+    }
+
+    #[test]
+    fn an_older_workers_ready_document_still_gives_its_model() {
+        let old = serde_json::json!({"status": "ready", "model": {"architecture": "llama", "quantization": "Q4_1",
+            "contextLength": 8192, "parameters": 1}});
+        let ready: ReadyDocument = serde_json::from_value(old).expect("reads");
+        assert_eq!(ready.model.architecture, "llama");
+        assert_eq!(ready.compute, Compute::default());
     }
 }

@@ -177,8 +177,8 @@ impl Scheduler {
             match self.waiting.pop_front() {
                 Some(Waiting::Request(q)) => self.start_request(*q),
                 Some(Waiting::Preempted(mut s)) => {
-                    s.readmit();
                     self.attach_cached_prefix(&mut s);
+                    s.begin();
                     self.running.push(*s);
                 }
                 None => break,
@@ -224,6 +224,7 @@ impl Scheduler {
         let mut seq = Sequence::new(first, self.admission());
         self.attach_cached_prefix(&mut seq);
         seq.cached_tokens = seq.computed;
+        seq.begin();
         self.running.push(seq);
         if !specs.is_empty() {
             self.forks.push(Fork { request_id, specs });
@@ -286,6 +287,7 @@ impl Scheduler {
             seq.registered = shared;
             seq.prefix_hash = prefix_hash;
             seq.cached_tokens = seq.computed;
+            seq.begin();
             self.running.push(seq);
         }
     }

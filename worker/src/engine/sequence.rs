@@ -19,20 +19,21 @@ use super::{ChoiceUsage, Delta, Event, FinishReason, TokenLogprob};
 const FORCED_THINK_CLOSE: &str = "\n</think>\n\n";
 
 /// Where a sequence is in its life. The scheduler decides by it and moves it
-/// only through the methods that change it ([`Sequence::advance`],
-/// [`Sequence::accept`], [`Sequence::preempt`], [`Sequence::readmit`] and the
+/// only through the methods that change it ([`Sequence::begin`],
+/// [`Sequence::advance`], [`Sequence::accept`], [`Sequence::preempt`] and the
 /// ends); [`Sequence::consistent`] states what each phase implies of the
 /// counters, and the scheduler's tests check it after every round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Known tokens to compute, several a step: the prompt, everything again
-    /// after a preemption, or tokens a grammar forced.
+    /// Several known tokens to compute, in chunks: the prompt, everything
+    /// again after a preemption, or tokens a grammar forced.
     Prefill,
-    /// Every token but the last sampled one is in the cache: one a step.
+    /// One token to compute a step: the last sampled one (or the one prompt
+    /// token the prefix cache left).
     Decode,
     /// Its blocks were taken back: it waits to be computed from the start.
     Preempted,
-    /// Finished, cut or failed: it gets no more steps.
+    /// Finished or cut short (a failed sequence is removed at once instead).
     Ended,
 }
 
@@ -166,10 +167,19 @@ impl Sequence {
         std::mem::take(&mut self.blocks)
     }
 
-    /// Admitted again after a preemption.
-    pub fn readmit(&mut self) {
-        debug_assert_eq!(self.phase, Phase::Preempted);
-        self.phase = Phase::Prefill;
+    /// Admitted (again, after a preemption), with whatever the prefix cache
+    /// gave it already counted as computed.
+    pub fn begin(&mut self) {
+        debug_assert!(matches!(self.phase, Phase::Prefill | Phase::Preempted), "begin in {:?}", self.phase);
+        self.phase = self.running_phase();
+    }
+
+    fn running_phase(&self) -> Phase {
+        if self.pending() > 1 {
+            Phase::Prefill
+        } else {
+            Phase::Decode
+        }
     }
 
     /// Whether the counters say what the phase does (the scheduler's tests ask after every round).
@@ -227,8 +237,8 @@ impl Sequence {
             }
         }
         if matches!(outcome, StepOutcome::Running) {
-            // Tokens a grammar or a reasoning budget forced are computed together.
-            self.phase = if self.pending() > 1 { Phase::Prefill } else { Phase::Decode };
+            // Tokens a grammar forced after the sampled one are computed together.
+            self.phase = self.running_phase();
         }
         Ok(outcome)
     }

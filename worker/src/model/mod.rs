@@ -25,6 +25,9 @@ pub enum LoadError {
     Unsupported(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// `--kernels` names a level this CPU does not run.
+    #[error("--kernels: {0}")]
+    Kernels(String),
 }
 
 /// The runtime's verdict on a model's shape, in the loader's words.
@@ -102,16 +105,16 @@ impl LoadOptions<'_> {
         }
     }
 
-    /// Opens the device the model is loaded on.
-    /// The CPU kernels' level: the one asked for, if this CPU runs it (the
-    /// check detection makes), else the best it runs.
+    /// The CPU kernels' level: the best this CPU runs, or the one `--kernels`
+    /// asks for, refused when the CPU lacks it (the check detection makes).
     pub fn kernel_level(&self) -> Result<crate::runtime::Level, LoadError> {
         match self.kernels {
             None => Ok(crate::runtime::Level::detect()),
-            Some(isa) => crate::runtime::Level::supported(isa).map_err(LoadError::Unsupported),
+            Some(isa) => crate::runtime::Level::supported(isa).map_err(LoadError::Kernels),
         }
     }
 
+    /// Opens the device the model is loaded on.
     pub fn open_device(&self) -> Result<candle_core::Device, LoadError> {
         let device = self.device.open().map_err(LoadError::Unsupported)?;
         tracing::info!(device = %crate::runtime::device::name(&device), choice = %self.device, "device");
