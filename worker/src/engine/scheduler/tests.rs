@@ -147,6 +147,16 @@ fn collect(rx: &mut mpsc::UnboundedReceiver<Event>, answer: &mut Answer) {
 
 impl Harness {
     fn submit(&mut self, prompt: Vec<u32>, n: usize, max_tokens: usize) -> mpsc::UnboundedReceiver<Event> {
+        self.submit_with(prompt, n, max_tokens, None)
+    }
+
+    fn submit_with(
+        &mut self,
+        prompt: Vec<u32>,
+        n: usize,
+        max_tokens: usize,
+        constraint: Option<crate::engine::grammar::Constraint>,
+    ) -> mpsc::UnboundedReceiver<Event> {
         let (events, rx) = mpsc::unbounded_channel();
         let request = GenerateRequest {
             prompt,
@@ -155,7 +165,7 @@ impl Harness {
             stop: Vec::new(),
             n,
             reasoning: ReasoningMode::Off,
-            constraint: None,
+            constraint,
             shown: Vec::new(),
             cache_salt: None,
             events,
@@ -356,4 +366,38 @@ fn a_sequence_that_cannot_run_fails_alone() {
     let failure = b.failed.expect("failed");
     assert!(failure.contains("outside the vocabulary"), "{failure}");
     assert_eq!(h.scheduler.pool.available(), h.scheduler.pool.total());
+}
+
+/// A grammar that forces three tokens after every second sampled letter: the
+/// sequence goes from Decode back to Prefill (the forced tokens computed as
+/// one chunk) and answers as it does alone.
+#[test]
+fn tokens_a_grammar_forces_are_one_prefill_chunk() {
+    use crate::engine::grammar::{Grammars, OutputFormat};
+    let grammar = || {
+        let tokenizer = Arc::new(byte_tokenizer(&[]));
+        let end = tokenizer.token_to_id("<end>").expect("end");
+        let grammars = Grammars::new(tokenizer, end).expect("grammars");
+        grammars.constraint(&OutputFormat::Lark(r#"start: (/[a-p]/ /[a-p]/ "xyz")+"#.into())).expect("constraint")
+    };
+    let mut h = harness(16, 2);
+    let prompt: Vec<u32> = h.letters[..6].to_vec();
+    let mut rx = h.submit_with(prompt.clone(), 1, 9, Some(grammar()));
+    let mut phases = Vec::new();
+    while !h.idle() {
+        h.tick();
+        phases.extend(h.scheduler.running.iter().map(|s| s.phase()));
+    }
+    let mut got = Answer::default();
+    collect(&mut rx, &mut got);
+    assert!(got.texts[&0].starts_with(|c: char| c.is_ascii_lowercase()) && got.texts[&0].contains("xyz"), "{got:?}");
+    let back = phases.windows(2).any(|w| w == [Phase::Decode, Phase::Prefill]);
+    assert!(back, "never went back to Prefill: {phases:?}");
+
+    let mut alone = harness(64, 4);
+    let mut rx = alone.submit_with(prompt, 1, 9, Some(grammar()));
+    alone.run_until_idle();
+    let mut want = Answer::default();
+    collect(&mut rx, &mut want);
+    assert_eq!(got, want);
 }
