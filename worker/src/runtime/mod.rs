@@ -198,7 +198,7 @@ impl Model {
     /// values written to their blocks. Leaves the logits of each sequence's last
     /// token in `logits`, one row per sequence.
     pub fn forward(&self, sequences: &[StepSequence], cache: &KvCache, logits: &mut Logits) -> Result<()> {
-        let (plan, tokens) = self.plan(sequences, self.context(), cache.block_size())?;
+        let (plan, tokens) = self.plan(sequences, cache)?;
         match &self.backend {
             Backend::Cpu(cpu) => cpu.forward(&self.pool, &plan, &tokens, cache, logits),
             Backend::Tensors { weights, rope } => {
@@ -213,31 +213,24 @@ impl Model {
 
     /// Where each sequence's tokens go in the step, checked against the context
     /// and its blocks.
-    fn plan(&self, sequences: &[StepSequence], context: usize, block: usize) -> Result<(AttentionPlan, Vec<u32>)> {
+    fn plan(&self, sequences: &[StepSequence], cache: &KvCache) -> Result<(AttentionPlan, Vec<u32>)> {
         let cfg = &self.config;
         let mut tokens = Vec::new();
         let mut plan = Vec::with_capacity(sequences.len());
         for seq in sequences {
-            let end = seq.start + seq.tokens.len();
-            if seq.tokens.is_empty() || end > context || seq.blocks.len() * block < end {
-                candle_core::bail!(
-                    "a step sequence of {} tokens at {} does not fit (context {context}, {} blocks)",
-                    seq.tokens.len(),
-                    seq.start,
-                    seq.blocks.len()
-                );
-            }
+            // The scheduler asked already; a step that reaches here unchecked fails whole.
+            self.check(seq, cache).map_err(candle_core::Error::msg)?;
             plan.push(SequenceSlice {
                 query_start: tokens.len(),
                 query_len: seq.tokens.len(),
-                context_len: end,
+                context_len: seq.start + seq.tokens.len(),
                 blocks: seq.blocks.clone(),
             });
             tokens.extend_from_slice(&seq.tokens);
         }
         let plan = AttentionPlan {
             sequences: plan,
-            block_size: block,
+            block_size: cache.block_size(),
             heads: cfg.heads,
             kv_heads: cfg.kv_heads,
             head_dim: cfg.head_dim,
