@@ -5,16 +5,14 @@
 //! kept inside the tenant's (`tenant:<name>:<salt>`), so it can narrow the
 //! sharing further but never reach another tenant's blocks.
 
-use std::collections::HashMap;
-
-use serde_json::value::RawValue;
+use super::json_body::{members, with_last_member};
 
 /// The request body with `cache_salt` set for `tenant`, written as the last
 /// member so that it is the one the worker reads. `None` leaves the body as it
 /// is: not an object, or a `cache_salt` that is not a string (the worker
 /// answers that with a 400).
 pub fn salted(json: &[u8], tenant: &str) -> Option<Vec<u8>> {
-    let members: HashMap<String, &RawValue> = serde_json::from_slice(json).ok()?;
+    let members = members(json)?;
     let salt = match members.get("cache_salt").map(|raw| raw.get()) {
         None | Some("null") => format!("tenant:{tenant}"),
         Some(raw) => {
@@ -22,16 +20,7 @@ pub fn salted(json: &[u8], tenant: &str) -> Option<Vec<u8>> {
             format!("tenant:{tenant}:{given}")
         }
     };
-    let close = json.iter().rposition(|&b| b == b'}')?;
-    let member = format!(r#""cache_salt":{}"#, serde_json::Value::String(salt));
-    let mut out = Vec::with_capacity(json.len() + member.len() + 1);
-    out.extend_from_slice(&json[..close]);
-    if !members.is_empty() {
-        out.push(b',');
-    }
-    out.extend_from_slice(member.as_bytes());
-    out.extend_from_slice(&json[close..]);
-    Some(out)
+    with_last_member(json, &members, "cache_salt", &serde_json::Value::String(salt).to_string())
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ pub mod discovery;
 mod errors;
 mod file_watch;
 mod hold;
+mod json_body;
 mod metrics;
 mod model_list;
 mod model_name;

@@ -10,6 +10,8 @@ use axum::body::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::json_body::{replaced, span_of};
+
 /// The fields of a JSON object that may carry the model: `model` itself, or
 /// `data` (the `/api/v1` envelope, whose `data` is the chat completion).
 #[derive(Deserialize)]
@@ -33,21 +35,13 @@ fn model_span(json: &[u8]) -> Option<Range<usize>> {
     if !text.starts_with('"') {
         return None;
     }
-    // The raw value borrows from `json`, so its address says where it lies.
-    let start = (text.as_ptr() as usize).checked_sub(json.as_ptr() as usize)?;
-    let end = start.checked_add(text.len())?;
-    (end <= json.len()).then_some(start..end)
+    span_of(json, text)
 }
 
 /// `json` with its model (see [`model_span`]) set to `name`; `None` when it names none.
 pub fn with_model(json: &[u8], name: &str) -> Option<Vec<u8>> {
     let span = model_span(json)?;
-    let quoted = serde_json::to_vec(name).ok()?;
-    let mut out = Vec::with_capacity(json.len() - span.len() + quoted.len());
-    out.extend_from_slice(&json[..span.start]);
-    out.extend_from_slice(&quoted);
-    out.extend_from_slice(&json[span.end..]);
-    Some(out)
+    Some(replaced(json, span, &serde_json::to_vec(name).ok()?))
 }
 
 /// Takes the complete lines (up to the last newline) out of `pending`, leaving

@@ -248,19 +248,18 @@ async fn admit(
                 caller.admission = admission;
                 return Ok(running);
             }
-            // A bucket refills on a known clock: wait when it refills by the
-            // deadline. A place among the concurrent requests frees when
-            // another ends: look again often until the deadline.
-            Decision::Refused(admission, refusal) if tokio::time::Instant::now() + pause_for(&refusal) <= deadline => {
-                caller.admission = admission;
-                let pause = pause_for(&refusal);
-                tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
-                    () = state.inner.lifecycle.draining() => return Err(RouterError::shutting_down()),
-                }
-            }
             Decision::Refused(admission, refusal) => {
                 caller.admission = admission;
+                // A bucket refills on a known clock: wait when it refills by
+                // the deadline. A place among the concurrent requests frees
+                // when another ends: look again often until the deadline.
+                let pause = pause_for(&refusal);
+                if tokio::time::Instant::now() + pause <= deadline {
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => continue,
+                        () = state.inner.lifecycle.draining() => return Err(RouterError::shutting_down()),
+                    }
+                }
                 let labels = TenantModelLimit {
                     tenant: tenant.name.clone(),
                     model: caller.model.clone(),
@@ -367,9 +366,7 @@ async fn route(
         );
         let started = Instant::now();
         access.attempt(&endpoint.url);
-        if let Some(charge) = charge.as_mut() {
-            charge.owed_if_dropped = estimated_tokens(bytes.len());
-        }
+        owe(&mut charge, estimated_tokens(bytes.len()));
         let upstream = state
             .inner
             .client
@@ -384,9 +381,7 @@ async fn route(
             // last attempt's answer passes through as it is (Retry-After included).
             Ok(answer) if is_busy(answer.status()) && tried.len() + 1 < attempts => {
                 tracing::info!(endpoint = %endpoint.url, status = answer.status().as_u16(), "worker busy; trying another");
-                if let Some(charge) = charge.as_mut() {
-                    charge.owed_if_dropped = 0;
-                }
+                owe(&mut charge, 0);
                 state.metrics().retries.inc();
                 tried.push(endpoint.clone());
             }
@@ -400,9 +395,7 @@ async fn route(
             // Nothing reached the worker: another one may take the request.
             Err(e) if e.is_connect() => {
                 tracing::warn!(endpoint = %endpoint.url, error = %e, "worker unreachable; trying another");
-                if let Some(charge) = charge.as_mut() {
-                    charge.owed_if_dropped = 0;
-                }
+                owe(&mut charge, 0);
                 endpoint.mark_down(state.inner.settings.cooldown);
                 state.metrics().retries.inc();
                 tried.push(endpoint.clone());
@@ -410,9 +403,7 @@ async fn route(
             // The worker failed the request (the client did not leave): the
             // error costs no tokens, as the worker's own errors do not.
             Err(e) => {
-                if let Some(charge) = charge.as_mut() {
-                    charge.owed_if_dropped = 0;
-                }
+                owe(&mut charge, 0);
                 return Err((pool.model.clone(), RouterError::upstream(e)));
             }
         }
@@ -560,6 +551,14 @@ impl Drop for Charge {
         if self.owed_if_dropped > 0 {
             self.record(usage::Usage { prompt: self.owed_if_dropped, ..Default::default() });
         }
+    }
+}
+
+/// Sets what a tenant request owes if its client leaves now: the request's
+/// estimate while a worker has it, nothing while none does.
+fn owe(charge: &mut Option<Charge>, tokens: u64) {
+    if let Some(charge) = charge {
+        charge.owed_if_dropped = tokens;
     }
 }
 

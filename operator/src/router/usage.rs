@@ -7,15 +7,12 @@
 //! and, for what was relayed, a token per content chunk of a stream or per
 //! four bytes of a JSON body.
 
-use std::collections::HashMap;
-use std::ops::Range;
-
 use axum::body::Bytes;
 use serde::Deserialize;
-use serde_json::value::RawValue;
 
 pub use kandle_contract::http::PROMPT_TOKENS_HEADER;
 
+use super::json_body::{members, replaced, span_of, with_last_member};
 use super::model_name::complete_lines;
 
 /// Token counts of one answer.
@@ -46,20 +43,14 @@ struct StreamOptions {
 /// are read as the worker reads them (escaped names decoded, the last of a
 /// repeated name wins), so no spelling of the body keeps the usage away.
 pub fn with_usage_reported(json: &[u8]) -> Option<(Vec<u8>, bool)> {
-    let members: HashMap<String, &RawValue> = serde_json::from_slice(json).ok()?;
+    let members = members(json)?;
     if members.get("stream").map(|raw| raw.get()) != Some("true") {
         return None;
     }
     let raw = members.get("stream_options").filter(|raw| raw.get() != "null");
     let Some(raw) = raw else {
-        // No stream_options (or null): one that asks for usage, written last
-        // so that it is the one the worker reads.
-        let close = json.iter().rposition(|&b| b == b'}')?;
-        let mut out = Vec::with_capacity(json.len() + 40);
-        out.extend_from_slice(&json[..close]);
-        out.extend_from_slice(br#","stream_options":{"include_usage":true}"#);
-        out.extend_from_slice(&json[close..]);
-        return Some((out, false));
+        // No stream_options (or null): one that asks for usage.
+        return Some((with_last_member(json, &members, "stream_options", r#"{"include_usage":true}"#)?, false));
     };
     let options: StreamOptions = serde_json::from_str(raw.get()).unwrap_or_default();
     if options.include_usage == Some(true) {
@@ -70,19 +61,7 @@ pub fn with_usage_reported(json: &[u8]) -> Option<(Vec<u8>, bool)> {
     let mut object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(raw.get()).ok()?;
     object.insert("include_usage".into(), serde_json::Value::Bool(true));
     let span = span_of(json, raw.get())?;
-    let replacement = serde_json::to_vec(&object).ok()?;
-    let mut out = Vec::with_capacity(json.len() + 24);
-    out.extend_from_slice(&json[..span.start]);
-    out.extend_from_slice(&replacement);
-    out.extend_from_slice(&json[span.end..]);
-    Some((out, false))
-}
-
-/// Where `part` (borrowed from `whole`) lies in it.
-fn span_of(whole: &[u8], part: &str) -> Option<Range<usize>> {
-    let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
-    let end = start.checked_add(part.len())?;
-    (end <= whole.len()).then_some(start..end)
+    Some((replaced(json, span, &serde_json::to_vec(&object).ok()?), false))
 }
 
 #[derive(Deserialize)]

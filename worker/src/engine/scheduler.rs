@@ -264,16 +264,15 @@ impl Scheduler {
         let fork = self.forks.swap_remove(at);
         let bs = self.config.block_size;
         // Every fork has the parent's prompt: one hash chain serves them all.
-        let Some(prompt) = fork.specs.first().map(|s| s.prompt.clone()) else { return };
+        let Some((prompt, root)) = fork.specs.first().map(|s| (s.prompt.clone(), s.cache_root)) else { return };
         let shared = (prompt.len().saturating_sub(1) / bs).min(parent_blocks.len());
-        let Some(root) = fork.specs.first().map(|s| s.cache_root) else { return };
         let prefix_hash = block_keys(root, &prompt[..shared * bs], bs).last().map_or(root, |key| key.hash);
         for spec in fork.specs {
             let mut seq = Sequence::new(spec, self.admission());
             for &b in &parent_blocks[..shared] {
                 if let Err(e) = self.pool.share(b) {
-                    self.check(Err(e.clone()));
                     seq.fail(&format!("internal error: {e}"));
+                    self.check(Err(e));
                     let result = self.pool.release_all(&mut seq.blocks);
                     self.check(result);
                     break;
