@@ -74,5 +74,12 @@ cargo test --workspace --locked -- --skip request_fuzz
 # The request fuzz pass on its own, so that its count of cases shows in the output.
 cargo test --workspace --locked --test integration request_fuzz -- --nocapture
 
+stage loom
+# The forward pass's thread pool under every interleaving loom reaches (its
+# dispatch, barrier, sleep, panic and shutdown paths). `--cfg loom` changes every
+# crate's flags, so it builds in a target directory of its own, and the pool is a
+# crate with no dependency but loom: this stage compiles loom and the pool only.
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="$CARGO_TARGET_DIR-loom" cargo test -p kandle-pool --lib --locked
+
 stage pytest
 python3 -m pytest tests -q --durations=10

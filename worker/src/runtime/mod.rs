@@ -16,7 +16,7 @@ pub mod config;
 mod cpu;
 pub mod device;
 pub mod kv_cache;
-pub mod pool;
+use kandle_pool as pool;
 pub mod qmatmul;
 pub mod rope;
 pub mod weights;

@@ -4,16 +4,24 @@
 //! Threads spin briefly for the next dispatch, then sleep on a condition
 //! variable; a panic on any thread is re-raised on the caller once every
 //! thread has left the closure.
+//!
+//! Built with `--cfg loom`, every atomic, lock, thread and the cell that hands
+//! the closure over come from loom ([`sync`]), and the tests in `loom_tests`
+//! check the dispatch, the barrier, sleeping, panics and shutdown under every
+//! interleaving loom reaches (`scripts/test.sh`, stage `loom`).
 
-use std::cell::UnsafeCell;
+mod sync;
+
 use std::ops::Range;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 
-/// Spins before a waiting thread yields its core (barrier) or sleeps (between dispatches).
-const SPINS: usize = 1 << 14;
+use sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use sync::{hint, thread, Arc, Condvar, Mutex, UnsafeCell};
+
+/// Spins before a waiting thread yields its core (barrier) or sleeps (between
+/// dispatches). Under loom each spin is a scheduling point: two are enough to
+/// reach both the spinning and the sleeping paths.
+const SPINS: usize = if cfg!(loom) { 2 } else { 1 << 14 };
 
 type Job = *const (dyn Fn(&Worker<'_>) + Sync);
 
@@ -41,7 +49,7 @@ unsafe impl Send for Inner {}
 
 pub struct Pool {
     inner: Arc<Inner>,
-    handles: Vec<JoinHandle<()>>,
+    handles: Vec<thread::JoinHandle<()>>,
     /// One dispatch at a time.
     running: Mutex<()>,
 }
@@ -76,9 +84,9 @@ impl Worker<'_> {
             }
             spins += 1;
             if spins.is_multiple_of(SPINS) {
-                std::thread::yield_now();
+                thread::yield_now();
             } else {
-                std::hint::spin_loop();
+                hint::spin_loop();
             }
         }
     }
@@ -118,7 +126,7 @@ impl Pool {
         let handles = (1..threads)
             .map(|index| {
                 let inner = inner.clone();
-                std::thread::Builder::new().name(format!("kandle-compute-{index}")).spawn(move || serve(&inner, index))
+                thread::Builder::new().name(format!("kandle-compute-{index}")).spawn(move || serve(&inner, index))
             })
             .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Self { inner, handles, running: Mutex::new(()) })
@@ -135,15 +143,14 @@ impl Pool {
         if inner.threads == 1 {
             return f(&caller);
         }
-        let _one_at_a_time = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let one_at_a_time = self.running.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: no thread reads `job` until `generation` moves below, and the
         // previous dispatch's threads have all finished (we waited for them).
         // The lifetime is erased; `f` outlives its use because this function
         // waits for every thread before returning.
-        unsafe {
-            let job: Job = std::mem::transmute::<&(dyn Fn(&Worker<'_>) + Sync), Job>(f);
-            *inner.job.get() = Some(job);
-        }
+        let job = unsafe { std::mem::transmute::<&(dyn Fn(&Worker<'_>) + Sync), Job>(f) };
+        // SAFETY: as above, no thread reads the cell while it is written.
+        inner.job.with_mut(|cell| unsafe { *cell = Some(job) });
         inner.finished.store(0, Ordering::Relaxed);
         inner.panicked.store(false, Ordering::Relaxed);
         // A panicking dispatch can leave a barrier half counted.
@@ -161,11 +168,14 @@ impl Pool {
         while inner.finished.load(Ordering::Acquire) < inner.threads - 1 {
             spins += 1;
             if spins.is_multiple_of(SPINS) {
-                std::thread::yield_now();
+                thread::yield_now();
             } else {
-                std::hint::spin_loop();
+                hint::spin_loop();
             }
         }
+        // Every thread has left the closure: the next dispatch may start, and
+        // the lock is released before a panic is re-raised (not poisoned).
+        drop(one_at_a_time);
         if let Err(payload) = outcome {
             resume_unwind(payload);
         }
@@ -189,21 +199,20 @@ fn serve(inner: &Inner, index: usize) {
             }
             spins += 1;
             if spins < SPINS {
-                std::hint::spin_loop();
+                hint::spin_loop();
                 continue;
             }
-            let guard = inner.sleep.lock().unwrap_or_else(|e| e.into_inner());
-            let _guard = inner
-                .wake
-                .wait_while(guard, |_| {
-                    inner.generation.load(Ordering::Acquire) == seen && !inner.shutdown.load(Ordering::Acquire)
-                })
-                .unwrap_or_else(|e| e.into_inner());
+            // The dispatcher moves `generation` before it takes this lock to
+            // notify, so a thread that saw no move under the lock is woken.
+            let mut guard = inner.sleep.lock().unwrap_or_else(|e| e.into_inner());
+            while inner.generation.load(Ordering::Acquire) == seen && !inner.shutdown.load(Ordering::Acquire) {
+                guard = inner.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
+            }
         }
         seen = inner.generation.load(Ordering::Acquire);
         // SAFETY: see `unsafe impl Sync for Inner`: the job was stored before the
         // generation moved, and stays alive until this thread counts itself finished.
-        let job = unsafe { (*inner.job.get()).map(|job| &*job) };
+        let job = inner.job.with(|cell| unsafe { (*cell).map(|job| &*job) });
         if let Some(job) = job {
             let worker = Worker { index, count: inner.threads, inner };
             if catch_unwind(AssertUnwindSafe(|| job(&worker))).is_err() {
@@ -308,8 +317,10 @@ impl<T: Copy + Default> Default for Shared<T> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
 
     #[test]
@@ -365,5 +376,110 @@ mod tests {
             count.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(count.load(Ordering::Relaxed), 2);
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+
+    use loom::cell::UnsafeCell;
+
+    use super::*;
+
+    /// One slot per thread, every access visible to loom.
+    struct Slots([UnsafeCell<usize>; 2]);
+    // SAFETY: the tests write a slot only from its own thread, and read another
+    // thread's slot only after a barrier or the end of the dispatch; loom fails
+    // the test if that order does not make the accesses happen-before each other.
+    unsafe impl Sync for Slots {}
+
+    impl Slots {
+        fn new() -> Self {
+            Self([UnsafeCell::new(0), UnsafeCell::new(0)])
+        }
+
+        /// Thread `index`'s slot (a method, so closures capture `Slots`, not its cells).
+        fn of(&self, index: usize) -> &UnsafeCell<usize> {
+            &self.0[index]
+        }
+    }
+
+    fn model(test: impl Fn() + Sync + Send + 'static) {
+        let mut builder = loom::model::Builder::new();
+        builder.preemption_bound = Some(3);
+        builder.check(test);
+    }
+
+    #[test]
+    fn each_dispatch_hands_the_job_over_and_its_barrier_orders_the_phases() {
+        model(|| {
+            let pool = Pool::new(2).expect("pool");
+            let slots = Slots::new();
+            for round in 1..=2 {
+                pool.run(&|w| {
+                    // SAFETY: each thread writes its own slot.
+                    slots.of(w.index).with_mut(|slot| unsafe { *slot = round * 10 + w.index });
+                    w.barrier();
+                    // SAFETY: the other thread wrote its slot before the barrier.
+                    let other = slots.of(1 - w.index).with(|slot| unsafe { *slot });
+                    assert_eq!(other, round * 10 + 1 - w.index);
+                });
+            }
+            for (index, slot) in slots.0.iter().enumerate() {
+                // SAFETY: `run` returned: every thread has finished its writes.
+                assert_eq!(slot.with(|slot| unsafe { *slot }), 20 + index);
+            }
+        });
+    }
+
+    #[test]
+    fn a_pool_drops_cleanly_whether_its_threads_spin_or_sleep() {
+        model(|| {
+            let pool = Pool::new(3).expect("pool");
+            assert_eq!(pool.threads(), 3);
+            drop(pool);
+        });
+    }
+
+    #[test]
+    fn a_panic_on_a_pool_thread_reaches_the_caller_waiting_at_a_barrier() {
+        quiet_expected_panics();
+        model(|| {
+            let pool = Pool::new(2).expect("pool");
+            let outcome = catch_unwind(AssertUnwindSafe(|| {
+                pool.run(&|w| {
+                    if w.index == 1 {
+                        panic!("{EXPECTED}");
+                    }
+                    w.barrier();
+                })
+            }));
+            assert!(outcome.is_err());
+            let slots = Slots::new();
+            pool.run(&|w| {
+                // SAFETY: each thread writes its own slot.
+                slots.of(w.index).with_mut(|slot| unsafe { *slot = 1 });
+                w.barrier();
+            });
+            // SAFETY: `run` returned: every thread has finished its writes.
+            assert!(slots.0.iter().all(|slot| slot.with(|slot| unsafe { *slot }) == 1));
+        });
+    }
+
+    const EXPECTED: &str = "expected panic of a pool thread";
+
+    /// The panic test panics once per interleaving: only other panics (loom's
+    /// reports among them) are printed.
+    fn quiet_expected_panics() {
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let message = info.payload().downcast_ref::<String>().map(String::as_str);
+            let message = message.or_else(|| info.payload().downcast_ref::<&str>().copied());
+            let expected = [EXPECTED, "another thread of the forward pass panicked"];
+            if !message.is_some_and(|m| expected.contains(&m)) {
+                report(info);
+            }
+        }));
     }
 }
