@@ -52,7 +52,7 @@ impl Linear {
                 let output = Output { data: &out, stride: n, offset: 0, add: false };
                 pool.run(&|w| {
                     // SAFETY: each thread writes its own columns; nothing writes the activations.
-                    unsafe { weight.matmul(&a, w.share(n, 4), &output) }
+                    unsafe { weight.matmul(&a, w.share(n, weight.column_align()), &output) }
                 });
                 (Tensor::from_slice(out.as_slice(), (rows, n), x.device())?, bias)
             }

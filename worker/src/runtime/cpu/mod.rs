@@ -176,7 +176,7 @@ impl CpuModel {
                 w.barrier();
                 let mut offset = 0;
                 for part in &layer.qkv {
-                    let cols = w.share(part.shape().0, 4);
+                    let cols = w.share(part.shape().0, part.column_align());
                     // SAFETY: each thread writes its own columns of `qkv`; the
                     // input was written before the barrier.
                     unsafe {
@@ -247,7 +247,7 @@ impl CpuModel {
                     unsafe { s.attn_input.quantize_rows(t..t + 1, s.attn.get(t * q_width..(t + 1) * q_width)) };
                 }
                 w.barrier();
-                let cols = w.share(hidden, 4);
+                let cols = w.share(hidden, layer.o.column_align());
                 // SAFETY: own columns of `x`; the input is complete.
                 unsafe {
                     layer.o.matmul(&s.attn_input, cols, &Output { data: &s.x, stride: hidden, offset: 0, add: true })
@@ -257,7 +257,7 @@ impl CpuModel {
                 w.barrier();
                 let mut offset = 0;
                 for part in &layer.gate_up {
-                    let cols = w.share(inter, 4);
+                    let cols = w.share(inter, part.column_align());
                     // SAFETY: own columns of `gate_up`.
                     unsafe {
                         part.matmul(&s.input, cols, &Output { data: &s.gate_up, stride: 2 * inter, offset, add: false })
@@ -275,7 +275,7 @@ impl CpuModel {
                     }
                 }
                 w.barrier();
-                let cols = w.share(hidden, 4);
+                let cols = w.share(hidden, layer.down.column_align());
                 // SAFETY: own columns of `x`.
                 unsafe {
                     layer.down.matmul(&s.mid_input, cols, &Output { data: &s.x, stride: hidden, offset: 0, add: true })
@@ -293,7 +293,7 @@ impl CpuModel {
                 }
             }
             w.barrier();
-            let cols = w.share(vocab, 4);
+            let cols = w.share(vocab, self.weights.lm_head.column_align());
             // SAFETY: own columns of the logits.
             unsafe {
                 self.weights.lm_head.matmul(

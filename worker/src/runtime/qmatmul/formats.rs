@@ -27,11 +27,19 @@ pub enum Format {
 /// How repacked values are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Storage {
-    /// Two 4-bit values per byte: byte `j` holds value `j` (low nibble) and
-    /// `j + 16` (high nibble).
+    /// Two 4-bit values per byte (the layout says which two).
     Nibbles,
     /// One value per byte.
     Bytes,
+}
+
+impl Storage {
+    pub fn values_per_byte(self) -> usize {
+        match self {
+            Self::Nibbles => 2,
+            Self::Bytes => 1,
+        }
+    }
 }
 
 impl Format {

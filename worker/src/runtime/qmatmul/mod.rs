@@ -2,9 +2,12 @@
 //! transpose of a `[n, k]` GGUF-quantized weight matrix.
 //!
 //! Weights are repacked once at load (see [`formats`]) into 32-value blocks of
-//! small unsigned integers with a scale and an offset, interleaved by groups
-//! of four columns (block `b` of the four, then block `b + 1`), so a tile of
-//! four columns streams one array of values and one of scales. Activations are quantized once
+//! small unsigned integers with a scale and an offset, laid out for the
+//! level's kernels ([`Layout`]): the scalar and AVX-512/VNNI levels interleave
+//! blocks by groups of four columns (block `b` of the four, then block
+//! `b + 1`), so a tile of four columns streams one array of values and one of
+//! scales; the AVX2 level puts eight columns side by side in each vector
+//! ([`lanes`]). Activations are quantized once
 //! per layer input to signed bytes per 32-value block (`x ≈ da * qa`) and
 //! reused by every projection that reads that input. A block's contribution is
 //! then `dw * da * Σ u·qa + m * da * Σ qa`: one integer dot product of unsigned
@@ -19,6 +22,7 @@
 //! feature detection ([`Level`]); tests hold every variant to the reference.
 
 pub mod formats;
+mod lanes;
 mod level;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
@@ -148,10 +152,65 @@ pub struct PackedWeights {
     k: usize,
     nb: usize,
     format: Format,
-    /// Values: 16 (nibbles) or 32 (bytes) per block, in [`slot`] order.
+    /// Values: 16 (nibbles) or 32 (bytes) per block, where `layout` puts them.
     q: Vec<u8>,
     scales: Scales,
     level: Level,
+    layout: Layout,
+}
+
+/// Where a matrix's values and scales are stored, chosen by the level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Block `b` of a group of [`GROUP`] columns side by side ([`slot`]).
+    Blocks,
+    /// Eight columns side by side in every 32-byte chunk ([`lanes`]).
+    Lanes,
+}
+
+impl Layout {
+    fn of(level: Level) -> Self {
+        if level.isa() == Isa::Avx2 {
+            Self::Lanes
+        } else {
+            Self::Blocks
+        }
+    }
+
+    /// Columns stored together (the matrix is padded to a multiple).
+    fn columns(self) -> usize {
+        match self {
+            Self::Blocks => GROUP,
+            Self::Lanes => lanes::LANES,
+        }
+    }
+
+    /// The byte holding value `j` of block `b` of column `col`, and whether
+    /// the value is its high nibble.
+    fn value_at(self, format: Format, nb: usize, col: usize, b: usize, j: usize) -> (usize, bool) {
+        match (self, format.storage()) {
+            (Self::Blocks, Storage::Nibbles) => (slot(nb, col, b) * BLOCK / 2 + j % 16, j >= 16),
+            (Self::Blocks, Storage::Bytes) => (slot(nb, col, b) * BLOCK + j, false),
+            (Self::Lanes, storage) => lanes::value_at(storage, nb, col, b, j),
+        }
+    }
+
+    /// The index of scale `h` of block `b` of column `col` among f16 pairs
+    /// (`half`) or f32 scales.
+    fn scale_at(self, half: bool, spb: usize, nb: usize, col: usize, b: usize, h: usize) -> usize {
+        match self {
+            Self::Blocks => slot(nb, col, b) * spb + h,
+            Self::Lanes => lanes::scale_at(half, spb, nb, col, b, h),
+        }
+    }
+
+    /// A decoded value as stored (and back: each mapping is its own inverse).
+    fn stored(self, format: Format, u: u8) -> u8 {
+        match self {
+            Self::Blocks => u,
+            Self::Lanes => lanes::stored(format, u),
+        }
+    }
 }
 
 /// Per block (two per block for Q6_K): scale and offset.
@@ -201,42 +260,46 @@ impl PackedWeights {
         if n == 0 || !k.is_multiple_of(per_block) || bytes.len() != n * k / per_block * format.block_bytes() {
             return None;
         }
-        let (nb, spb) = (k / BLOCK, format.scales_per_block());
-        let packed_bytes = if format.storage() == Storage::Nibbles { 16 } else { 32 };
-        let slots = n.div_ceil(GROUP) * GROUP * nb;
-        let mut q = vec![0u8; slots * packed_bytes];
-        let (mut d, mut m) = (vec![0f32; slots * spb], vec![0f32; slots * spb]);
+        let (nb, spb, storage) = (k / BLOCK, format.scales_per_block(), format.storage());
+        let layout = Layout::of(level);
+        let columns = n.div_ceil(layout.columns()) * layout.columns();
+        let mut q = vec![0u8; columns * nb * BLOCK / storage.values_per_byte()];
+        let (mut d, mut m) = (vec![0f32; columns * nb * spb], vec![0f32; columns * nb * spb]);
         let mut blocks = Vec::with_capacity(per_block / BLOCK);
         let mut next = 0;
         for gguf_block in bytes.chunks_exact(format.block_bytes()) {
             blocks.clear();
             formats::decode(format, gguf_block, &mut blocks);
             for block in &blocks {
-                let slot = slot(nb, next / nb, next % nb);
+                let (col, b) = (next / nb, next % nb);
                 next += 1;
-                let values = &mut q[slot * packed_bytes..(slot + 1) * packed_bytes];
-                match format.storage() {
-                    Storage::Nibbles => {
-                        values.iter_mut().enumerate().for_each(|(j, v)| *v = block.u[j] | (block.u[j + 16] << 4))
-                    }
-                    Storage::Bytes => values.copy_from_slice(&block.u),
+                for (j, u) in block.u.iter().enumerate() {
+                    let (at, high) = layout.value_at(format, nb, col, b, j);
+                    q[at] |= if high { layout.stored(format, *u) << 4 } else { layout.stored(format, *u) };
                 }
-                d[slot * spb..(slot + 1) * spb].copy_from_slice(&block.d[..spb]);
-                m[slot * spb..(slot + 1) * spb].copy_from_slice(&block.m[..spb]);
+                for h in 0..spb {
+                    // f32 positions here; f16 pairs are put in their order below.
+                    let at = layout.scale_at(false, spb, nb, col, b, h);
+                    (d[at], m[at]) = (block.d[h], block.m[h]);
+                }
             }
         }
         // K-quants' folded scales are rarely exact in f16: they stay f32 without trying.
-        let half = (format.block_values() == BLOCK)
-            .then(|| d.iter().zip(&m).map(|(d, m)| [f16::from_f32(*d), f16::from_f32(*m)]).collect::<Vec<_>>());
-        let scales = match half {
-            Some(half)
-                if half.iter().zip(d.iter().zip(&m)).all(|(h, (d, m))| h[0].to_f32() == *d && h[1].to_f32() == *m) =>
-            {
-                Scales::Half(half)
+        let exact = format.block_values() == BLOCK
+            && d.iter().zip(&m).all(|(d, m)| f16::from_f32(*d).to_f32() == *d && f16::from_f32(*m).to_f32() == *m);
+        let scales = if exact {
+            let mut half = vec![[f16::ZERO; 2]; d.len()];
+            for col in 0..columns {
+                for b in 0..nb {
+                    let from = layout.scale_at(false, spb, nb, col, b, 0);
+                    half[layout.scale_at(true, spb, nb, col, b, 0)] = [f16::from_f32(d[from]), f16::from_f32(m[from])];
+                }
             }
-            _ => Scales::Full { d, m },
+            Scales::Half(half)
+        } else {
+            Scales::Full { d, m }
         };
-        Some(Self { n, k, nb, format, q, scales, level })
+        Some(Self { n, k, nb, format, q, scales, level, layout })
     }
 
     /// `[n, k]`.
@@ -248,34 +311,41 @@ impl PackedWeights {
         self.format
     }
 
-    /// Value `j` of block `blk`.
-    fn value(&self, blk: usize, j: usize) -> u8 {
-        match self.format.storage() {
-            Storage::Nibbles => {
-                let byte = self.q[blk * 16 + j % 16];
-                if j < 16 {
-                    byte & 0x0f
-                } else {
-                    byte >> 4
-                }
-            }
-            Storage::Bytes => self.q[blk * BLOCK + j],
-        }
+    /// Value `j` of block `b` of column `col`, as the format's decoding gave it.
+    fn value(&self, col: usize, b: usize, j: usize) -> u8 {
+        let (at, high) = self.layout.value_at(self.format, self.nb, col, b, j);
+        let byte = self.q[at];
+        let stored = match (self.format.storage(), high) {
+            (Storage::Nibbles, false) => byte & 0x0f,
+            (Storage::Nibbles, true) => byte >> 4,
+            (Storage::Bytes, _) => byte,
+        };
+        self.layout.stored(self.format, stored)
+    }
+
+    /// Scale and offset of value `j` of block `b` of column `col`.
+    fn scale(&self, col: usize, b: usize, j: usize) -> (f32, f32) {
+        let spb = self.format.scales_per_block();
+        let h = if spb == 2 { j / 16 } else { 0 };
+        let half = matches!(self.scales, Scales::Half(_));
+        self.scales.get(self.layout.scale_at(half, spb, self.nb, col, b, h))
     }
 
     /// Row `index` of the `[n, k]` matrix in f32 (an embedding lookup).
     pub fn dequantize_row(&self, index: usize, out: &mut [f32]) {
         assert!(index < self.n && out.len() == self.k, "row {index} of {}x{}", self.n, self.k);
-        let spb = self.format.scales_per_block();
         for (b, values) in out.chunks_exact_mut(BLOCK).enumerate() {
-            let blk = slot(self.nb, index, b);
             for (j, v) in values.iter_mut().enumerate() {
-                let u = self.value(blk, j);
-                let h = if spb == 2 { j / 16 } else { 0 };
-                let (d, m) = self.scales.get(blk * spb + h);
-                *v = d * f32::from(u) + m;
+                let (d, m) = self.scale(index, b, j);
+                *v = d * f32::from(self.value(index, b, j)) + m;
             }
         }
+    }
+
+    /// Column ranges given to different threads should start on multiples of
+    /// this (a range may start anywhere; aligned ones share no stored group).
+    pub fn column_align(&self) -> usize {
+        self.layout.columns()
     }
 
     /// Columns `cols` of `a × Wᵀ` into `out`.
@@ -293,6 +363,13 @@ impl PackedWeights {
         );
         // SAFETY: the caller rules out writers of the activations.
         let view = unsafe { a.view() };
+        #[cfg(target_arch = "x86_64")]
+        if self.layout == Layout::Lanes {
+            // SAFETY: the lanes layout is chosen only at the AVX2 level, made
+            // only by detecting AVX2, FMA and F16C; the rest is the caller's,
+            // and the output holds every row (asserted above).
+            return unsafe { lanes::matmul(self, &view, a.rows, cols, out) };
+        }
         // Rows in chunks whose activations stay in L1 while the columns pass.
         const ROW_CHUNK: usize = 32;
         for chunk in (0..a.rows).step_by(ROW_CHUNK) {
@@ -364,12 +441,6 @@ impl PackedWeights {
         }
         #[cfg(not(target_arch = "x86_64"))]
         scalar::tile(self, a, row, col, out)
-    }
-
-    /// A copy at another level (tests force each level on the same weights).
-    #[cfg(test)]
-    fn at_level(&self, level: Level) -> Self {
-        Self { q: self.q.clone(), scales: self.scales.clone(), level, ..*self }
     }
 }
 

@@ -83,17 +83,18 @@ fn repacking_keeps_every_value_of_every_format() {
 }
 
 /// Against dequantize + f32 matmul on odd shapes (576, 1536 are not multiples
-/// of 256; K-quants need inner sizes that are) and row counts that exercise
-/// every tile shape, at every level the CPU runs. Tolerance: the 8-bit
+/// of 256; K-quants need inner sizes that are; column counts that leave a
+/// group part empty) and row counts that exercise every tile shape and cross
+/// a row chunk, at every level the CPU runs, each packing the bytes its way. Tolerance: the 8-bit
 /// quantization of the activations, 1% of the output's scale. Levels agree
 /// with the scalar reference to float rounding (the integers are the same).
 #[test]
 fn every_format_at_every_level_matches_the_dequantized_reference() {
     for format in Format::ALL {
         let shapes: &[(usize, usize, usize)] = if format.block_values() == 256 {
-            &[(576, 1536, 1), (1536, 768, 6), (40, 256, 9), (7, 512, 2)]
+            &[(576, 1536, 1), (1536, 768, 6), (40, 256, 9), (7, 512, 2), (9, 256, 67)]
         } else {
-            &[(576, 576, 1), (1536, 576, 7), (576, 1536, 3), (40, 64, 5), (23, 96, 9), (5, 32, 33)]
+            &[(576, 576, 1), (1536, 576, 7), (576, 1536, 3), (40, 64, 5), (23, 96, 9), (5, 32, 33), (9, 64, 70)]
         };
         for &(n, k, rows) in shapes {
             let bytes = random_gguf(format, n, k, (n * k + rows) as u64);
@@ -108,10 +109,10 @@ fn every_format_at_every_level_matches_the_dequantized_reference() {
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
             let mut a = Activations::new();
             a.quantize(&x, rows, k);
-            let packed = PackedWeights::from_gguf(&bytes, n, k, format, Level::SCALAR).expect("packs");
             let mut reference = None;
             for level in Level::available() {
-                let got = multiply(&packed.at_level(level), &a, rows, n);
+                let packed = PackedWeights::from_gguf(&bytes, n, k, format, level).expect("packs");
+                let got = multiply(&packed, &a, rows, n);
                 let err = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
                 assert!(err / scale < 0.01, "{format:?} {level:?} {n}x{k} rows {rows}: {err} of {scale}");
                 let reference = reference.get_or_insert(got.clone());
@@ -122,12 +123,19 @@ fn every_format_at_every_level_matches_the_dequantized_reference() {
     }
 }
 
-/// Column ranges split anywhere, stored or added, land in the right places.
+/// Column ranges split anywhere, stored or added, land in the right places,
+/// at every level (each layout pads its own way).
 #[test]
 fn column_ranges_and_accumulation_write_their_own_elements() {
+    for level in Level::available() {
+        column_ranges_at(level);
+    }
+}
+
+fn column_ranges_at(level: Level) {
     let (n, k, rows) = (13, 64, 5);
     let bytes = random_gguf(Format::Q4_1, n, k, 3);
-    let packed = PackedWeights::from_gguf(&bytes, n, k, Format::Q4_1, Level::detect()).expect("packs");
+    let packed = PackedWeights::from_gguf(&bytes, n, k, Format::Q4_1, level).expect("packs");
     let x: Vec<f32> = (0..rows * k).map(|i| (i % 17) as f32 / 8.0 - 1.0).collect();
     let mut a = Activations::new();
     a.quantize(&x, rows, k);
@@ -146,7 +154,28 @@ fn column_ranges_and_accumulation_write_their_own_elements() {
     for r in 0..rows {
         for c in 0..stride {
             let want = if (2..2 + n).contains(&c) { whole[r * n + c - 2] + 1.0 } else { 1.0 };
-            assert!((got[r * stride + c] - want).abs() < 1e-5, "({r}, {c})");
+            assert!((got[r * stride + c] - want).abs() < 1e-5, "{level:?} ({r}, {c})");
+        }
+    }
+}
+
+/// An embedding lookup reads every format's row back as the dequantized
+/// matrix has it, in every layout.
+#[test]
+fn rows_dequantize_as_the_reference_at_every_level() {
+    for format in Format::ALL {
+        let (n, k) = (11, format.block_values() * 2);
+        let bytes = random_gguf(format, n, k, 11 + format as u64);
+        let want = dequantized(format, &bytes, n, k);
+        for level in Level::available() {
+            let packed = PackedWeights::from_gguf(&bytes, n, k, format, level).expect("packs");
+            let mut row = vec![0f32; k];
+            for r in 0..n {
+                packed.dequantize_row(r, &mut row);
+                for (i, (g, w)) in row.iter().zip(&want[r * k..(r + 1) * k]).enumerate() {
+                    assert!((g - w).abs() <= 1e-6 * w.abs().max(1e-3), "{format:?} {level:?} ({r}, {i}): {g} vs {w}");
+                }
+            }
         }
     }
 }

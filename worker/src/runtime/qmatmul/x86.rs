@@ -1,13 +1,13 @@
-//! x86 variants of the tile kernel. One body, instantiated per level with the
+//! x86 variants of the tile kernel over the four-column block layout (the
+//! AVX2 level has its own layout and kernel, `lanes.rs`). One body, instantiated per level with the
 //! level's CPU features enabled (so its intrinsics inline), differing only in
 //! the integer dot product of a weight block with an activation block:
 //!
-//! - AVX2: `vpmaddubsw` (u8 × i8 pairs to i16) then `vpmaddwd` (pairs to i32).
-//!   Q8_0's repacked values reach 255, which could saturate the i16 pairs, so
-//!   that level multiplies the signed values instead (`|w| × sign(w)·a`) and
-//!   leaves out the offset the repacking added.
-//! - AVX-512 (F/BW/VL): the same with EVEX encodings and 32 vector registers,
-//!   which take larger tiles.
+//! - AVX-512 (F/BW/VL): `vpmaddubsw` (u8 × i8 pairs to i16) then `vpmaddwd`
+//!   (pairs to i32), with EVEX encodings and 32 vector registers, which take
+//!   larger tiles. Q8_0's repacked values reach 255, which could saturate the
+//!   i16 pairs, so that level multiplies the signed values instead
+//!   (`|w| × sign(w)·a`) and leaves out the offset the repacking added.
 //! - AVX-VNNI and AVX-512 VNNI: `vpdpbusd` (u8 × i8 quadruples straight to
 //!   i32, no intermediate saturation), VEX or EVEX encoded; the EVEX level also
 //!   has 32 vector registers for larger tiles.
@@ -58,11 +58,11 @@ pub(super) unsafe fn tile<const R: usize, const C: usize>(
         };
     }
     match level.isa() {
-        Isa::Avx2 => at!(avx2),
         Isa::Avx512 => at!(avx512),
         Isa::AvxVnni => at!(avx_vnni),
         Isa::Avx512Vnni => at!(avx512_vnni),
-        Isa::Scalar => super::scalar::tile(w, a, row, col, out),
+        // The AVX2 level stores its weights in lanes (`lanes.rs`), never here.
+        Isa::Avx2 | Isa::Scalar => super::scalar::tile(w, a, row, col, out),
     }
 }
 
@@ -162,20 +162,15 @@ macro_rules! tile_kernel {
     };
 }
 
-mod avx2 {
+mod avx512 {
     use std::arch::x86_64::*;
 
     use super::super::{slot, ActivationView, PackedWeights, Scales, BLOCK};
 
-    #[target_feature(enable = "avx2,fma,f16c")]
+    /// `vpmaddubsw` then `vpmaddwd`, EVEX encoded.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
     #[inline]
     fn dot<const WIDE: bool>(w: __m256i, a: __m256i) -> __m256i {
-        maddubs_dot::<WIDE>(w, a)
-    }
-
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    pub(super) fn maddubs_dot<const WIDE: bool>(w: __m256i, a: __m256i) -> __m256i {
         let pairs = if WIDE {
             // Back to signed values, then |w| × (a with w's sign): at most
             // 2 · 128 · 127 per pair, inside i16.
@@ -186,21 +181,6 @@ mod avx2 {
             _mm256_maddubs_epi16(w, a)
         };
         _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
-    }
-
-    tile_kernel!("avx2,fma,f16c", true);
-}
-
-mod avx512 {
-    use std::arch::x86_64::*;
-
-    use super::super::{slot, ActivationView, PackedWeights, Scales, BLOCK};
-
-    /// As AVX2's, with the EVEX encodings and 32 vector registers.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
-    #[inline]
-    fn dot<const WIDE: bool>(w: __m256i, a: __m256i) -> __m256i {
-        super::avx2::maddubs_dot::<WIDE>(w, a)
     }
 
     tile_kernel!("avx2,fma,f16c,avx512f,avx512bw,avx512vl", true);
