@@ -2,7 +2,8 @@
 """kandle-worker against llama-server on the same GGUF file, in one run.
 
     python3 scripts/bench_engine.py [--runs 3] [--max-tokens 128] [--concurrency 1,4,8]
-                                    [--gguf FILE] [--level native|avx2]
+                                    [--gguf FILE | --quantize Q8_0|Q4_K_M|...] [--level native|avx2]
+                                    [--prefix-cache off|on|both]
 
 Builds (once, cached in ~/.cache/kandle/llama-cpp) llama-server from the llama.cpp
 sources vendored in the llama-cpp-python sdist on PyPI, and kandle-worker in
@@ -18,8 +19,12 @@ llama.cpp's grammar sampler), prefix cache off, to compare with the
 unconstrained figures of the same run. With --level avx2 both are held to
 AVX2: kandle-worker --kernels avx2 (refused on a CPU without it) against a
 llama-server built with GGML_NATIVE=OFF and only AVX/AVX2/FMA/F16C on (cached
-apart from the native build). Not part of CI: it takes minutes and wants an
-otherwise idle machine.
+apart from the native build). With --quantize TYPE both serve a copy of SmolLM2
+requantized by llama.cpp's own llama-quantize (built once beside llama-server;
+the copy is cached in ~/.cache/kandle/llama-cpp/models): Q8_0 and Q4_K_M are
+what people download most (Q4_K_M of SmolLM2 is Q5_0 where a row of 576 values
+cannot hold 256-value K-quant blocks, Q4_K and Q6_K elsewhere). Not part of CI:
+it takes minutes and wants an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -117,6 +122,24 @@ def build_llama_server(level: str) -> pathlib.Path:
     subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
                    check=True)
     return binary
+
+
+def requantized(source: str, kind: str) -> str:
+    """`source` requantized to `kind` by llama-quantize (cached)."""
+    out = CACHE / "models" / f"{pathlib.Path(source).stem.rsplit('.', 1)[0]}.{kind}.gguf"
+    if out.exists():
+        return str(out)
+    build = build_llama_server("native").parent.parent
+    tool = build / "bin" / "llama-quantize"
+    if not tool.exists():
+        subprocess.run(["cmake", "--build", str(build), "--target", "llama-quantize", "-j", str(os.cpu_count() or 2)],
+                       check=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial")
+    subprocess.run([str(tool), "--allow-requantize", source, str(partial), kind], check=True,
+                   stdout=subprocess.DEVNULL)
+    partial.rename(out)
+    return str(out)
 
 
 def build_kandle() -> pathlib.Path:
@@ -227,6 +250,9 @@ def prefill(server: Server, salt: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gguf", default=None, help="GGUF file (default: SmolLM2 from scripts/fetch-smollm2.sh)")
+    parser.add_argument("--quantize", default=None, metavar="TYPE",
+                        help="serve the GGUF requantized to TYPE by llama-quantize (Q8_0, Q4_K_M, ...)")
+    parser.add_argument("--prefix-cache", choices=["off", "on", "both"], default="both")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--concurrency", default="1,4,8")
@@ -238,13 +264,15 @@ def main() -> None:
     args = parser.parse_args()
     gguf = args.gguf or subprocess.run([str(ROOT / "scripts" / "fetch-smollm2.sh")], capture_output=True, text=True,
                                        check=True).stdout.strip()
+    if args.quantize:
+        gguf = requantized(gguf, args.quantize)
     llama_bin = build_llama_server(args.level)
     kandle_bin = build_kandle()
     version = subprocess.run([str(llama_bin), "--version"], capture_output=True, text=True).stderr.strip()
     levels = [int(c) for c in args.concurrency.split(",")]
     table: dict[tuple[str, str, str], list[float]] = {}
 
-    modes = [(False, None), (True, None)]
+    modes = [(caching, None) for caching in (False, True) if args.prefix_cache in ("both", "on" if caching else "off")]
     if args.json_schema:
         modes.append((False, {"type": "json_schema", "json_schema": {"name": "essay", "schema": ESSAY_SCHEMA}}))
     for caching, response_format in modes:

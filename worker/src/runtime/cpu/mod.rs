@@ -5,10 +5,14 @@
 //!
 //! Work is split so that no two threads write the same element: projections
 //! by output columns (q, k and v in one phase reading one quantized input, as
-//! gate and up do), rows by token, attention by (token, head).
+//! gate and up do), rows by token, attention by tiles of queries
+//! ([`attend`]: a prompt's tokens by the heads of one KV group, or a decoded
+//! token's single head), which threads claim, largest first, from a counter.
 
+mod attend;
 mod ops;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::Result;
@@ -66,7 +70,11 @@ struct Scratch {
     mid: Shared<f32>,
     mid_input: Activations,
     last_input: Activations,
-    scores: Shared<f32>,
+    /// The step's attention tiles, largest first; per layer, the counter
+    /// threads claim them from; per thread, its buffers.
+    tiles: Vec<AttendItem>,
+    claimed: Vec<AtomicUsize>,
+    attend: Vec<Mutex<attend::Buffers>>,
     positions: Vec<usize>,
     slots: Vec<usize>,
     /// `slots` sorted, to check that no two tokens share one.
@@ -74,6 +82,24 @@ struct Scratch {
     /// Per token: its sequence in the plan.
     owners: Vec<usize>,
     last: Vec<usize>,
+}
+
+/// One tile of a step's attention.
+struct AttendItem {
+    tile: attend::Tile,
+    /// The step's index of the tile's first token.
+    token: usize,
+    /// Its first query head, and the KV head those heads read.
+    head: usize,
+    kv_head: usize,
+    /// Its sequence in the plan.
+    sequence: usize,
+}
+
+impl AttendItem {
+    fn cost(&self) -> usize {
+        self.tile.tokens * self.tile.heads * (self.tile.first + self.tile.tokens)
+    }
 }
 
 impl CpuModel {
@@ -142,7 +168,38 @@ impl CpuModel {
         if let Some(pair) = s.sorted_slots.windows(2).find(|pair| pair[0] == pair[1]) {
             candle_core::bail!("two tokens of one step write KV slot {}", pair[0]);
         }
-        let longest = plan.sequences.iter().map(|q| q.context_len).max().unwrap_or(0);
+        let group = cfg.heads / cfg.kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        s.tiles.clear();
+        for (sequence, seq) in plan.sequences.iter().enumerate() {
+            let first = seq.context_len - seq.query_len;
+            // A decoded token's heads go one by one (enough pieces for every
+            // thread); a prompt's tokens go by tiles of a KV group's heads,
+            // which share each conversion of the keys and values.
+            let (tokens, heads) = if seq.query_len == 1 { (1, 1) } else { (attend::TOKENS, group) };
+            for head in (0..cfg.heads).step_by(heads) {
+                for start in (0..seq.query_len).step_by(tokens) {
+                    let tile = attend::Tile {
+                        first: first + start,
+                        tokens: tokens.min(seq.query_len - start),
+                        heads,
+                        dim: hd,
+                        scale,
+                    };
+                    s.tiles.push(AttendItem {
+                        tile,
+                        token: seq.query_start + start,
+                        head,
+                        kv_head: head / group,
+                        sequence,
+                    });
+                }
+            }
+        }
+        s.tiles.sort_by_key(|item| std::cmp::Reverse(item.cost()));
+        s.claimed.resize_with(self.weights.layers.len(), AtomicUsize::default);
+        s.claimed.iter_mut().for_each(|c| *c.get_mut() = 0);
+        s.attend.resize_with(pool.threads(), Mutex::default);
         s.x.resize(n * hidden);
         s.normed.resize(n * hidden);
         s.input.prepare(n, hidden);
@@ -153,12 +210,10 @@ impl CpuModel {
         s.mid.resize(n * inter);
         s.mid_input.prepare(n, inter);
         s.last_input.prepare(rows, hidden);
-        s.scores.resize(pool.threads() * longest);
         logits.resize(rows, vocab);
         let s = &*s;
         let eps = cfg.rms_eps as f32;
         let level = self.level;
-        let scale = 1.0 / (hd as f32).sqrt();
         let half = hd / 2;
         let interleaved = cfg.rope_style == RopeStyle::Interleaved;
         let logits_out = logits.shared();
@@ -216,31 +271,31 @@ impl CpuModel {
                     }
                 }
                 w.barrier();
-                // Attention: (token, head) items dealt round-robin (later tokens of
-                // a prefill chunk attend over more positions).
-                // SAFETY: each thread has its own stretch of `scores`.
-                let scores = unsafe { s.scores.get_mut(w.index * longest..(w.index + 1) * longest) };
                 // SAFETY: the cache was written before the barrier; nothing writes it now.
                 let (keys, values) = unsafe { (k_cache.get(0..k_cache.len()), v_cache.get(0..v_cache.len())) };
-                let group = cfg.heads / cfg.kv_heads;
-                for item in (w.index..n * cfg.heads).step_by(w.count) {
-                    let (t, h) = (item / cfg.heads, item % cfg.heads);
-                    let seq = &plan.sequences[s.owners[t]];
-                    // SAFETY: the q and output of (t, h) are this thread's alone.
-                    let (q, out) = unsafe {
-                        (
-                            s.qkv.get(t * qkv_width + h * hd..t * qkv_width + (h + 1) * hd),
-                            s.attn.get_mut(t * q_width + h * hd..t * q_width + (h + 1) * hd),
-                        )
-                    };
-                    let kv_head = (h / group) * hd;
+                let mut buffers = s.attend[w.index].lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    let claim = s.claimed[i].fetch_add(1, Ordering::Relaxed);
+                    let Some(item) = s.tiles.get(claim) else { break };
+                    let seq = &plan.sequences[item.sequence];
+                    let kv_head = item.kv_head * hd;
                     let row = |j: usize| {
                         let slot = seq.blocks[j / plan.block_size] as usize * plan.block_size + j % plan.block_size;
                         let at = slot * kv_width + kv_head;
                         (&keys[at..at + hd], &values[at..at + hd])
                     };
-                    ops::attend(level, q, s.positions[t] + 1, scale, row, scores, out);
+                    let query = |t: usize, h: usize| {
+                        let at = (item.token + t) * qkv_width + (item.head + h) * hd;
+                        // SAFETY: q was written before the barrier; nothing writes it now.
+                        unsafe { s.qkv.get(at..at + hd) }
+                    };
+                    attend::attend(level, &item.tile, query, row, &mut buffers, |t, h, out| {
+                        let at = (item.token + t) * q_width + (item.head + h) * hd;
+                        // SAFETY: each (token, head) belongs to one tile, claimed by one thread.
+                        unsafe { s.attn.get_mut(at..at + hd) }.copy_from_slice(out);
+                    });
                 }
+                drop(buffers);
                 w.barrier();
                 for t in my_rows.clone() {
                     // SAFETY: rows are split between threads; attention finished at the barrier.
