@@ -46,7 +46,7 @@ impl Linear {
                 let input = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 let (n, _) = weight.shape();
                 let mut a = Activations::new();
-                a.quantize(&input, rows, k);
+                a.quantize(weight.level(), &input, rows, k);
                 let mut out = Shared::new();
                 out.resize(rows * n);
                 let output = Output { data: &out, stride: n, offset: 0, add: false };

@@ -164,6 +164,8 @@ mod x86 {
 
     use half::f16;
 
+    use super::super::ops::x86::exp;
+
     /// # Safety
     /// The CPU has AVX2, FMA and F16C; `src.len() == out.len()`.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -229,30 +231,6 @@ mod x86 {
             let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0b01));
             *o = scale * _mm_cvtss_f32(s);
         }
-    }
-
-    /// `e^x` lane by lane, within a few ulp for `x` in [-87, 88] (below: 0,
-    /// which softmax reads as no weight).
-    /// Range reduction `x = n·ln 2 + r`, `|r| ≤ ln 2 / 2`, then a degree-6
-    /// polynomial for `e^r` (Taylor's coefficients, tuned as in Cephes' expf).
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    fn exp(x: __m256) -> __m256 {
-        let live = _mm256_cmp_ps::<_CMP_GT_OQ>(x, _mm256_set1_ps(-87.0));
-        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0)), _mm256_set1_ps(88.0));
-        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
-            x,
-            _mm256_set1_ps(std::f32::consts::LOG2_E),
-        ));
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut y = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
-            y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
-        }
-        let y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
-        let two_n = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
-        _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(two_n)), live)
     }
 
     /// # Safety

@@ -5,13 +5,15 @@
 //!
 //! Work is split so that no two threads write the same element: projections
 //! by output columns (q, k and v in one phase reading one quantized input, as
-//! gate and up do), rows by token, attention by tiles of queries
-//! ([`attend`]: a prompt's tokens by the heads of one KV group, or a decoded
-//! token's single head), which threads claim, largest first, from a counter.
+//! gate and up do), row-wise work by pieces of rows (so one token's row is
+//! split too), attention by tiles of queries ([`attend`]: a sequence's tokens
+//! by the heads of one KV group), which threads claim, largest first, from a
+//! counter.
 
 mod attend;
 mod ops;
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -21,7 +23,7 @@ use super::attention::AttentionPlan;
 use super::config::{ModelConfig, RopeStyle};
 use super::kv_cache::KvCache;
 use super::pool::{Pool, Shared, Worker};
-use super::qmatmul::{Activations, Level, Output, PackedWeights};
+use super::qmatmul::{Activations, Level, Output, PackedWeights, BLOCK};
 use super::Logits;
 
 pub struct CpuLayer {
@@ -173,16 +175,14 @@ impl CpuModel {
         s.tiles.clear();
         for (sequence, seq) in plan.sequences.iter().enumerate() {
             let first = seq.context_len - seq.query_len;
-            // A decoded token's heads go one by one (enough pieces for every
-            // thread); a prompt's tokens go by tiles of a KV group's heads,
-            // which share each conversion of the keys and values.
-            let (tokens, heads) = if seq.query_len == 1 { (1, 1) } else { (attend::TOKENS, group) };
-            for head in (0..cfg.heads).step_by(heads) {
-                for start in (0..seq.query_len).step_by(tokens) {
+            // Tiles of a KV group's heads, which share each conversion of the
+            // keys and values, and of a prompt's tokens.
+            for head in (0..cfg.heads).step_by(group) {
+                for start in (0..seq.query_len).step_by(attend::TOKENS) {
                     let tile = attend::Tile {
                         first: first + start,
-                        tokens: tokens.min(seq.query_len - start),
-                        heads,
+                        tokens: attend::TOKENS.min(seq.query_len - start),
+                        heads: group,
                         dim: hd,
                         scale,
                     };
@@ -227,7 +227,7 @@ impl CpuModel {
             }
             w.barrier();
             for (i, layer) in self.weights.layers.iter().enumerate() {
-                self.norm_rows(w, s, &layer.attn_norm, eps, &my_rows);
+                self.norm_rows(w, s, &layer.attn_norm, eps, n);
                 w.barrier();
                 let mut offset = 0;
                 for part in &layer.qkv {
@@ -297,9 +297,12 @@ impl CpuModel {
                 }
                 drop(buffers);
                 w.barrier();
-                for t in my_rows.clone() {
-                    // SAFETY: rows are split between threads; attention finished at the barrier.
-                    unsafe { s.attn_input.quantize_rows(t..t + 1, s.attn.get(t * q_width..(t + 1) * q_width)) };
+                for (t, part) in pieces(w, n, q_width) {
+                    let at = t * q_width;
+                    // SAFETY: pieces are split between threads; attention finished at the barrier.
+                    unsafe {
+                        s.attn_input.quantize_part(level, t, part.clone(), s.attn.get(at + part.start..at + part.end))
+                    };
                 }
                 w.barrier();
                 let cols = w.share(hidden, layer.o.column_align());
@@ -308,7 +311,7 @@ impl CpuModel {
                     layer.o.matmul(&s.attn_input, cols, &Output { data: &s.x, stride: hidden, offset: 0, add: true })
                 };
                 w.barrier();
-                self.norm_rows(w, s, &layer.ffn_norm, eps, &my_rows);
+                self.norm_rows(w, s, &layer.ffn_norm, eps, n);
                 w.barrier();
                 let mut offset = 0;
                 for part in &layer.gate_up {
@@ -320,13 +323,17 @@ impl CpuModel {
                     offset += inter;
                 }
                 w.barrier();
-                for t in my_rows.clone() {
-                    // SAFETY: rows are split between threads.
+                for (t, part) in pieces(w, n, inter) {
+                    let (gate, up, mid) = (t * 2 * inter, t * 2 * inter + inter, t * inter);
+                    // SAFETY: pieces are split between threads; gate and up are complete.
                     unsafe {
-                        let gu = s.gate_up.get(t * 2 * inter..(t + 1) * 2 * inter);
-                        let mid = s.mid.get_mut(t * inter..(t + 1) * inter);
-                        ops::silu_mul(&gu[..inter], &gu[inter..], mid);
-                        s.mid_input.quantize_rows(t..t + 1, mid);
+                        let mid = s.mid.get_mut(mid + part.start..mid + part.end);
+                        let (gate, up) = (
+                            s.gate_up.get(gate + part.start..gate + part.end),
+                            s.gate_up.get(up + part.start..up + part.end),
+                        );
+                        ops::silu_mul(level, gate, up, mid);
+                        s.mid_input.quantize_part(level, t, part, mid);
                     }
                 }
                 w.barrier();
@@ -338,13 +345,14 @@ impl CpuModel {
                 w.barrier();
             }
             // The last token of each sequence: final norm, then the output layer.
-            for r in w.share(rows, 1) {
-                // SAFETY: rows are split between threads; the layers are done.
+            for (r, part) in pieces(w, rows, hidden) {
+                let t = s.last[r];
+                // SAFETY: pieces are split between threads; the layers are done.
                 unsafe {
-                    let t = s.last[r];
-                    let normed = s.normed.get_mut(r * hidden..(r + 1) * hidden);
-                    ops::rms_norm(s.x.get(t * hidden..(t + 1) * hidden), &self.weights.norm, eps, normed);
-                    s.last_input.quantize_rows(r..r + 1, normed);
+                    let x = s.x.get(t * hidden..(t + 1) * hidden);
+                    let normed = s.normed.get_mut(r * hidden + part.start..r * hidden + part.end);
+                    ops::rms_scale(x, part.clone(), &self.weights.norm, eps, normed);
+                    s.last_input.quantize_part(level, r, part, normed);
                 }
             }
             w.barrier();
@@ -361,18 +369,30 @@ impl CpuModel {
         Ok(())
     }
 
-    /// RMS-norms this thread's rows of `x` into `normed` and quantizes them as
-    /// the next projections' input.
-    fn norm_rows(&self, _w: &Worker<'_>, s: &Scratch, weight: &[f32], eps: f32, rows: &std::ops::Range<usize>) {
+    /// RMS-norms this thread's pieces of the `rows` rows of `x` into `normed`
+    /// and quantizes them as the next projections' input.
+    fn norm_rows(&self, w: &Worker<'_>, s: &Scratch, weight: &[f32], eps: f32, rows: usize) {
         let hidden = self.config.hidden;
-        for t in rows.clone() {
-            // SAFETY: rows are split between threads; `x` is complete at the barrier before.
+        for (t, part) in pieces(w, rows, hidden) {
+            // SAFETY: pieces are split between threads; `x` is complete at the barrier before.
             unsafe {
                 let x = s.x.get(t * hidden..(t + 1) * hidden);
-                let normed = s.normed.get_mut(t * hidden..(t + 1) * hidden);
-                ops::rms_norm(x, weight, eps, normed);
-                s.input.quantize_rows(t..t + 1, normed);
+                let normed = s.normed.get_mut(t * hidden + part.start..t * hidden + part.end);
+                ops::rms_scale(x, part.clone(), weight, eps, normed);
+                s.input.quantize_part(self.level, t, part, normed);
             }
         }
     }
+}
+
+/// This thread's share of a row-wise phase over `rows` rows of `k` values, in
+/// whole quantization blocks, so that a single token's row is split between
+/// threads too: `(row, values)` for each row it touches.
+fn pieces(w: &Worker<'_>, rows: usize, k: usize) -> impl Iterator<Item = (usize, Range<usize>)> {
+    let nb = k / BLOCK;
+    let mine = w.share(rows * nb, 1);
+    (mine.start / nb.max(1)..mine.end.div_ceil(nb.max(1))).map(move |t| {
+        let (start, end) = (mine.start.max(t * nb) - t * nb, mine.end.min((t + 1) * nb) - t * nb);
+        (t, start * BLOCK..end * BLOCK)
+    })
 }

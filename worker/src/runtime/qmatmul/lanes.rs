@@ -86,71 +86,44 @@ pub(super) unsafe fn matmul(
     cols: Range<usize>,
     out: &Output<'_>,
 ) {
-    // Rows in chunks whose activations stay in L2 while each group's weights
-    // (a few KiB) stay in L1 for every row tile of the chunk.
-    const ROW_CHUNK: usize = 64;
-    let nibbles = w.format.storage() == Storage::Nibbles;
-    for chunk in (0..rows).step_by(ROW_CHUNK) {
-        let chunk_end = (chunk + ROW_CHUNK).min(rows);
-        for group in cols.start / LANES..cols.end.div_ceil(LANES) {
-            let lanes =
-                cols.start.max(group * LANES) - group * LANES..cols.end.min((group + 1) * LANES) - group * LANES;
-            let mut row = chunk;
-            while row < chunk_end {
-                let left = chunk_end - row;
-                // Nibbles leave registers for four rows; the byte formats' wider
-                // sums for two.
-                // SAFETY: forwarded from the caller; the rows are below `rows`.
-                row += unsafe {
-                    match (left, nibbles) {
-                        (1, _) => rows_tile::<1>(w, a, row, group, lanes.clone(), out),
-                        (2, _) | (_, false) => rows_tile::<2>(w, a, row, group, lanes.clone(), out),
-                        (3, true) => rows_tile::<3>(w, a, row, group, lanes.clone(), out),
-                        _ => rows_tile::<4>(w, a, row, group, lanes.clone(), out),
-                    }
-                };
+    let half = matches!(w.scales, super::Scales::Half(_));
+    // SAFETY: the caller's CPU has AVX2, FMA and F16C, and the rest is the
+    // caller's; the flags are the format's (nibble values below 16, 5-bit
+    // below 32, Q6_K's below 64 with two f32 scales, Q8_0 signed), which is
+    // what each instance assumes.
+    unsafe {
+        match (w.format, half) {
+            (Format::Q4_0 | Format::Q4_1 | Format::Q4_K, true) => {
+                avx2::columns::<true, 8, false, false, true>(w, a, rows, cols, out)
             }
+            (Format::Q4_0 | Format::Q4_1 | Format::Q4_K, false) => {
+                avx2::columns::<true, 8, false, false, false>(w, a, rows, cols, out)
+            }
+            (Format::Q5_0 | Format::Q5_1 | Format::Q5_K, true) => {
+                avx2::columns::<false, 4, false, false, true>(w, a, rows, cols, out)
+            }
+            (Format::Q5_0 | Format::Q5_1 | Format::Q5_K, false) => {
+                avx2::columns::<false, 4, false, false, false>(w, a, rows, cols, out)
+            }
+            (Format::Q8_0, true) => avx2::columns::<false, 1, false, true, true>(w, a, rows, cols, out),
+            (Format::Q8_0, false) => avx2::columns::<false, 1, false, true, false>(w, a, rows, cols, out),
+            (Format::Q6_K, _) => avx2::columns::<false, 2, true, false, false>(w, a, rows, cols, out),
         }
     }
 }
 
-/// One tile of `R` rows by one group, its lanes `lanes` stored. Returns `R`.
+/// Writes (or adds) lanes `lanes` of a finished tile of rows `row..row + R`, group `group`.
 ///
 /// # Safety
-/// As for [`matmul`]; `row + R <= rows`.
+/// No other thread touches these output elements.
 #[cfg(target_arch = "x86_64")]
-unsafe fn rows_tile<const R: usize>(
-    w: &PackedWeights,
-    a: &ActivationView<'_>,
+unsafe fn store<const R: usize>(
+    tile: &[[f32; LANES]; R],
     row: usize,
     group: usize,
     lanes: Range<usize>,
     out: &Output<'_>,
-) -> usize {
-    let mut tile = [[0f32; LANES]; R];
-    let half = matches!(w.scales, super::Scales::Half(_));
-    // SAFETY: the caller's CPU has AVX2, FMA and F16C; the flags below are
-    // the format's (nibble values below 16, 5-bit below 32, Q6_K's below 64
-    // with two f32 scales, Q8_0 signed), which is what each instance assumes.
-    unsafe {
-        match (w.format, half) {
-            (Format::Q4_0 | Format::Q4_1 | Format::Q4_K, true) => {
-                avx2::tile::<R, true, 8, false, false, true>(w, a, row, group, &mut tile)
-            }
-            (Format::Q4_0 | Format::Q4_1 | Format::Q4_K, false) => {
-                avx2::tile::<R, true, 8, false, false, false>(w, a, row, group, &mut tile)
-            }
-            (Format::Q5_0 | Format::Q5_1 | Format::Q5_K, true) => {
-                avx2::tile::<R, false, 4, false, false, true>(w, a, row, group, &mut tile)
-            }
-            (Format::Q5_0 | Format::Q5_1 | Format::Q5_K, false) => {
-                avx2::tile::<R, false, 4, false, false, false>(w, a, row, group, &mut tile)
-            }
-            (Format::Q8_0, true) => avx2::tile::<R, false, 1, false, true, true>(w, a, row, group, &mut tile),
-            (Format::Q8_0, false) => avx2::tile::<R, false, 1, false, true, false>(w, a, row, group, &mut tile),
-            (Format::Q6_K, _) => avx2::tile::<R, false, 2, true, false, false>(w, a, row, group, &mut tile),
-        }
-    }
+) {
     for (r, values) in tile.iter().enumerate() {
         let at = (row + r) * out.stride + out.offset + group * LANES;
         // SAFETY: the caller gives this thread these columns of these rows.
@@ -162,16 +135,80 @@ unsafe fn rows_tile<const R: usize>(
             dst.copy_from_slice(values);
         }
     }
-    R
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
-    use super::{group_block_bytes, LANES};
+    use super::{group_block_bytes, store, LANES};
     use crate::runtime::qmatmul::formats::Storage;
-    use crate::runtime::qmatmul::{ActivationView, PackedWeights, Scales, BLOCK};
+    use crate::runtime::qmatmul::{ActivationView, Output, PackedWeights, Scales, BLOCK};
+
+    /// Columns `cols` of `rows` rows, with the format's flags (see [`tile`]).
+    ///
+    /// # Safety
+    /// As for [`super::matmul`]; the flags are the weights' format's.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn columns<
+        const NIBBLES: bool,
+        const SPAN: usize,
+        const PAIR: bool,
+        const WIDE: bool,
+        const HALF: bool,
+    >(
+        w: &PackedWeights,
+        a: &ActivationView<'_>,
+        rows: usize,
+        cols: Range<usize>,
+        out: &Output<'_>,
+    ) {
+        // Rows in chunks whose activations stay in L2 while each group's
+        // weights (a few KiB) stay in L1 for every row tile of the chunk.
+        const ROW_CHUNK: usize = 64;
+        let (nb, spb) = (w.nb, if PAIR { 2 } else { 1 });
+        let groups = cols.start / LANES..cols.end.div_ceil(LANES);
+        // Every block the tiles below read, checked once.
+        let bytes = group_block_bytes(if NIBBLES { Storage::Nibbles } else { Storage::Bytes });
+        assert!(groups.end * nb * bytes <= w.q.len(), "columns {cols:?} outside the weights");
+        let scales = match &w.scales {
+            Scales::Half(dm) => HALF.then_some(dm.len()),
+            Scales::Full { d, m } => (!HALF).then_some(d.len().min(m.len()) / spb),
+        };
+        assert!(scales.is_some_and(|len| groups.end * nb * LANES <= len), "the scales are not the kernel's");
+        assert!(rows * nb <= a.d.len() && a.q.len() == a.d.len() * BLOCK, "rows outside the activations");
+        for chunk in (0..rows).step_by(ROW_CHUNK) {
+            let chunk_end = (chunk + ROW_CHUNK).min(rows);
+            for group in groups.clone() {
+                let lanes =
+                    cols.start.max(group * LANES) - group * LANES..cols.end.min((group + 1) * LANES) - group * LANES;
+                let mut row = chunk;
+                while row < chunk_end {
+                    // Nibbles leave registers for four rows; the byte formats'
+                    // wider sums for two.
+                    macro_rules! rows {
+                        ($r:literal) => {{
+                            let mut t = [[0f32; LANES]; $r];
+                            // SAFETY: the group and rows `row..row + R` are inside
+                            // what was checked above; the output is the caller's.
+                            unsafe {
+                                tile::<$r, NIBBLES, SPAN, PAIR, WIDE, HALF>(w, a, row, group, &mut t);
+                                store(&t, row, group, lanes.clone(), out);
+                            }
+                            $r
+                        }};
+                    }
+                    row += match (chunk_end - row, NIBBLES) {
+                        (1, _) => rows!(1),
+                        (2, _) | (_, false) => rows!(2),
+                        (3, true) => rows!(3),
+                        _ => rows!(4),
+                    };
+                }
+            }
+        }
+    }
 
     /// `R` rows of one group: `out[r][c]` is row `row + r` times column
     /// `group * 8 + c`. `NIBBLES`: 4-bit storage; `SPAN`: chunks summed in
@@ -180,9 +217,12 @@ mod avx2 {
     /// no offsets; `HALF`: f16 scale pairs.
     ///
     /// # Safety
-    /// The CPU has AVX2, FMA and F16C; the flags are the weights' format's.
+    /// The CPU has AVX2, FMA and F16C; the flags are the weights' format's;
+    /// the group's blocks and scales and rows `row..row + R` are inside the
+    /// weights and activations (which [`columns`] checks once for all its tiles).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn tile<
+    #[inline]
+    unsafe fn tile<
         const R: usize,
         const NIBBLES: bool,
         const SPAN: usize,
@@ -198,18 +238,9 @@ mod avx2 {
     ) {
         let nb = w.nb;
         let bytes = group_block_bytes(if NIBBLES { Storage::Nibbles } else { Storage::Bytes });
-        let spb = if PAIR { 2 } else { 1 };
-        assert!((group + 1) * nb * bytes <= w.q.len(), "group {group} outside the weights");
-        assert!((row + R) * nb <= a.d.len() && a.q.len() == a.d.len() * BLOCK, "rows outside the activations");
         let (pairs, d, m) = match &w.scales {
-            Scales::Half(dm) => {
-                assert!(HALF && (group + 1) * nb * LANES <= dm.len(), "f16 scales of group {group}");
-                (dm.as_ptr().cast::<u8>(), std::ptr::null(), std::ptr::null())
-            }
-            Scales::Full { d, m } => {
-                assert!(!HALF && (group + 1) * nb * spb * LANES <= d.len().min(m.len()), "scales of group {group}");
-                (std::ptr::null(), d.as_ptr(), m.as_ptr())
-            }
+            Scales::Half(dm) => (dm.as_ptr().cast::<u8>(), std::ptr::null(), std::ptr::null()),
+            Scales::Full { d, m } => (std::ptr::null(), d.as_ptr(), m.as_ptr()),
         };
         let (wq, aq, ad, asums) = (w.q.as_ptr(), a.q.as_ptr(), a.d.as_ptr(), a.s.as_ptr());
         let ones = _mm256_set1_epi16(1);
@@ -219,7 +250,7 @@ mod avx2 {
             let at = group * nb + b;
             // SAFETY (every access below): block `at` of the group is inside
             // the weights and the scales, and block `b` of rows
-            // `row..row + R` inside the activations (asserted above).
+            // `row..row + R` inside the activations (the caller's).
             let chunks = unsafe { wq.add(at * bytes) };
             let acts = unsafe { aq.add((row * nb + b) * BLOCK) };
             let mut sums16 = [_mm256_setzero_si256(); R];

@@ -24,6 +24,7 @@
 pub mod formats;
 mod lanes;
 mod level;
+mod quantize;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -81,43 +82,41 @@ impl Activations {
         self.k
     }
 
-    /// Quantizes `x` (`rows.len()` rows of `k`) into `rows`.
+    /// Quantizes `x` as values `part` (whole blocks) of row `row`.
     ///
     /// # Safety
-    /// No other thread reads or writes these rows' data during the call.
-    pub unsafe fn quantize_rows(&self, rows: Range<usize>, x: &[f32]) {
-        let (k, nb) = (self.k, self.k / BLOCK);
-        assert_eq!(x.len(), rows.len() * k, "quantize_rows: {} values for {rows:?} rows of {k}", x.len());
-        // SAFETY: the caller gives this thread these rows alone.
+    /// No other thread reads or writes these blocks' data during the call.
+    pub unsafe fn quantize_part(&self, level: Level, row: usize, part: Range<usize>, x: &[f32]) {
+        assert!(
+            row < self.rows && part.end <= self.k && part.start.is_multiple_of(BLOCK) && part.end.is_multiple_of(BLOCK),
+            "values {part:?} of row {row} are not whole blocks of {} rows of {}",
+            self.rows,
+            self.k
+        );
+        assert_eq!(x.len(), part.len(), "quantize_part: {} values for {part:?}", x.len());
+        let (first, last) = ((row * self.k + part.start) / BLOCK, (row * self.k + part.end) / BLOCK);
+        // SAFETY: the caller gives this thread these blocks alone.
         let (q, d, s) = unsafe {
             (
-                self.q.get_mut(rows.start * k..rows.end * k),
-                self.d.get_mut(rows.start * nb..rows.end * nb),
-                self.s.get_mut(8 * rows.start * nb..8 * rows.end * nb),
+                self.q.get_mut(first * BLOCK..last * BLOCK),
+                self.d.get_mut(first..last),
+                self.s.get_mut(8 * first..8 * last),
             )
         };
-        for (b, (xs, qs)) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).enumerate() {
-            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = amax / 127.0;
-            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            let mut halves = [0i32; 2];
-            for (j, (q, v)) in qs.iter_mut().zip(xs).enumerate() {
-                *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
-                halves[j / 16] += i32::from(*q);
-            }
-            d[b] = scale;
-            let lanes = &mut s[8 * b..8 * b + 8];
-            lanes.fill(0.0);
-            lanes[0] = scale * halves[0] as f32;
-            lanes[4] = scale * halves[1] as f32;
+        for (((xs, qs), d), s) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).zip(d).zip(s.chunks_exact_mut(8))
+        {
+            *d = quantize::block(level, xs, qs, s);
         }
     }
 
-    /// Sizes and quantizes every row on this thread.
-    pub fn quantize(&mut self, x: &[f32], rows: usize, k: usize) {
+    /// Sizes and quantizes every row (`x`: `rows` rows of `k`) on this thread.
+    pub fn quantize(&mut self, level: Level, x: &[f32], rows: usize, k: usize) {
         self.prepare(rows, k);
-        // SAFETY: `&mut self`: no other thread can reach the buffers.
-        unsafe { self.quantize_rows(0..rows, x) }
+        assert_eq!(x.len(), rows * k, "quantize: {} values for {rows} rows of {k}", x.len());
+        for (row, x) in x.chunks_exact(k).enumerate() {
+            // SAFETY: `&mut self`: no other thread can reach the buffers.
+            unsafe { self.quantize_part(level, row, 0..k, x) };
+        }
     }
 
     /// The buffers, for the kernels.
@@ -309,6 +308,11 @@ impl PackedWeights {
 
     pub fn format(&self) -> Format {
         self.format
+    }
+
+    /// The level its kernels run at (and its activations are quantized at).
+    pub fn level(&self) -> Level {
+        self.level
     }
 
     /// Value `j` of block `b` of column `col`, as the format's decoding gave it.

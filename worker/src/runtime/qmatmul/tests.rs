@@ -108,7 +108,7 @@ fn every_format_at_every_level_matches_the_dequantized_reference() {
             }
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
             let mut a = Activations::new();
-            a.quantize(&x, rows, k);
+            a.quantize(Level::SCALAR, &x, rows, k);
             let mut reference = None;
             for level in Level::available() {
                 let packed = PackedWeights::from_gguf(&bytes, n, k, format, level).expect("packs");
@@ -138,7 +138,7 @@ fn column_ranges_at(level: Level) {
     let packed = PackedWeights::from_gguf(&bytes, n, k, Format::Q4_1, level).expect("packs");
     let x: Vec<f32> = (0..rows * k).map(|i| (i % 17) as f32 / 8.0 - 1.0).collect();
     let mut a = Activations::new();
-    a.quantize(&x, rows, k);
+    a.quantize(Level::SCALAR, &x, rows, k);
     let whole = multiply(&packed, &a, rows, n);
     // Into columns 2.. of a wider output that already holds ones, adding.
     let stride = n + 3;
