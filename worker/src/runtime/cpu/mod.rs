@@ -173,16 +173,19 @@ impl CpuModel {
         let group = cfg.heads / cfg.kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         s.tiles.clear();
+        // Tiles of a KV group's heads, which share each conversion of the keys
+        // and values, and of a prompt's tokens; heads one by one when a step of
+        // decoded tokens would leave threads without a tile.
+        let decoding = plan.sequences.iter().all(|seq| seq.query_len == 1);
+        let heads = if decoding && plan.sequences.len() * cfg.kv_heads < pool.threads() { 1 } else { group };
         for (sequence, seq) in plan.sequences.iter().enumerate() {
             let first = seq.context_len - seq.query_len;
-            // Tiles of a KV group's heads, which share each conversion of the
-            // keys and values, and of a prompt's tokens.
-            for head in (0..cfg.heads).step_by(group) {
+            for head in (0..cfg.heads).step_by(heads) {
                 for start in (0..seq.query_len).step_by(attend::TOKENS) {
                     let tile = attend::Tile {
                         first: first + start,
                         tokens: attend::TOKENS.min(seq.query_len - start),
-                        heads: group,
+                        heads,
                         dim: hd,
                         scale,
                     };

@@ -68,8 +68,8 @@ pub(super) mod x86 {
 
     use half::f16;
 
-    /// `e^x` lane by lane, within a few ulp for `x` in [-87, 88] (below: 0,
-    /// which softmax reads as no weight).
+    /// `e^x` lane by lane, within a few ulp for `x` in [-87, 88]; below, 0
+    /// (softmax reads it as no weight), above, e^88, and for NaN, 0.
     /// Range reduction `x = n·ln 2 + r`, `|r| ≤ ln 2 / 2`, then a degree-6
     /// polynomial for `e^r` (Taylor's coefficients, tuned as in Cephes' expf).
     #[target_feature(enable = "avx2,fma")]

@@ -86,6 +86,9 @@ pub(super) unsafe fn matmul(
     cols: Range<usize>,
     out: &Output<'_>,
 ) {
+    if cols.is_empty() {
+        return;
+    }
     let half = matches!(w.scales, super::Scales::Half(_));
     // SAFETY: the caller's CPU has AVX2, FMA and F16C, and the rest is the
     // caller's; the flags are the format's (nibble values below 16, 5-bit
@@ -177,7 +180,10 @@ mod avx2 {
             Scales::Full { d, m } => (!HALF).then_some(d.len().min(m.len()) / spb),
         };
         assert!(scales.is_some_and(|len| groups.end * nb * LANES <= len), "the scales are not the kernel's");
-        assert!(rows * nb <= a.d.len() && a.q.len() == a.d.len() * BLOCK, "rows outside the activations");
+        assert!(
+            rows * nb <= a.d.len() && a.q.len() == a.d.len() * BLOCK && a.s.len() == 8 * a.d.len(),
+            "rows outside the activations"
+        );
         for chunk in (0..rows).step_by(ROW_CHUNK) {
             let chunk_end = (chunk + ROW_CHUNK).min(rows);
             for group in groups.clone() {

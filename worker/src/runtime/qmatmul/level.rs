@@ -122,6 +122,17 @@ mod tests {
         }
     }
 
+    /// A machine with the AVX2 level's features tests that level (every
+    /// "at every level" test would otherwise compare scalar with scalar).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn an_avx2_machine_runs_the_avx2_level() {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx2") && has!("fma") && has!("f16c") {
+            assert!(Level::available().iter().any(|l| l.isa() == Isa::Avx2));
+        }
+    }
+
     #[test]
     fn detection_lists_scalar_first_and_picks_the_best() {
         let available = Level::available();

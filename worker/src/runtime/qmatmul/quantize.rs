@@ -1,8 +1,12 @@
 //! Activations to signed bytes, one 32-value block at a time: the scale
 //! `d = max|x| / 127`, the values `round(x / d)` (ties to even, which is what
-//! the vector conversion does), and `d · Σ q` over each half of the block
-//! (lanes 0 and 4 of eight, the layout [`super::Activations`] keeps). A scalar
-//! reference and an AVX2 variant, which tests hold to identical bytes.
+//! the vector conversion does) within ±127, and `d · Σ q` over each half of
+//! the block (lanes 0 and 4 of eight, the layout [`super::Activations`]
+//! keeps). A block whose scale is below the smallest normal float (its 1/d
+//! would overflow) is all zeros. A scalar reference and an AVX2 variant, which
+//! tests hold to identical bytes for finite input (with a NaN or an infinity
+//! in a block the model has already failed; the bytes then stay within ±127
+//! but may differ between the two).
 
 use super::{Level, BLOCK};
 
@@ -19,7 +23,7 @@ pub fn block(level: Level, x: &[f32], q: &mut [i8], s: &mut [f32]) -> f32 {
     let _ = level;
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let scale = amax / 127.0;
-    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    let inv = if scale >= f32::MIN_POSITIVE { 1.0 / scale } else { 0.0 };
     let mut halves = [0i32; 2];
     for (j, (q, v)) in q.iter_mut().zip(x).enumerate() {
         *q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
@@ -56,10 +60,14 @@ mod x86 {
         let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
         let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<0b01>(m, m)));
         let scale = amax / 127.0;
-        let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
-        // Rounded to nearest even (the default rounding), within ±127 since
-        // every |x| ≤ amax.
-        let i: [__m256i; 4] = std::array::from_fn(|k| _mm256_cvtps_epi32(_mm256_mul_ps(v[k], inv)));
+        let inv = _mm256_set1_ps(if scale >= f32::MIN_POSITIVE { 1.0 / scale } else { 0.0 });
+        // Rounded to nearest even (the default rounding). Every |x| ≤ amax
+        // keeps finite values within ±127; the clamp (a NaN becomes 127)
+        // keeps -128, which the sign trick of Q8_0 cannot take, out.
+        let (high, low) = (_mm256_set1_ps(127.0), _mm256_set1_ps(-127.0));
+        let i: [__m256i; 4] = std::array::from_fn(|k| {
+            _mm256_cvtps_epi32(_mm256_max_ps(_mm256_min_ps(_mm256_mul_ps(v[k], inv), high), low))
+        });
         let halves = [sum_i32(_mm256_add_epi32(i[0], i[1])), sum_i32(_mm256_add_epi32(i[2], i[3]))];
         // i32 → i16 → i8 packs lanes within 128-bit halves; the permutation
         // puts the 32 bytes back in order.
@@ -80,7 +88,8 @@ mod tests {
     use super::*;
 
     /// Every level gives the reference's bytes, scale and sums: random blocks,
-    /// ties (values that land on .5), zeros and one huge value.
+    /// ties (values that land on .5, where ties to even and away from zero
+    /// part), zeros, one huge value and a block too small to scale.
     #[test]
     fn every_level_quantizes_as_the_reference() {
         let mut blocks: Vec<Vec<f32>> = (0..200)
@@ -88,15 +97,27 @@ mod tests {
             .collect();
         blocks.push((0..BLOCK).map(|j| j as f32 - 15.5).collect());
         blocks.push((0..BLOCK).map(|j| (j as f32 - 16.0) * 127.0 / 32.0).collect());
+        blocks.push((0..BLOCK).map(|j| if j == 0 { 127.0 } else { (j as f32 - 16.0) + 0.5 }).collect());
         blocks.push(vec![0.0; BLOCK]);
+        blocks.push((0..BLOCK).map(|j| (j as f32 - 16.0) * 1e-38).collect());
         blocks.push((0..BLOCK).map(|j| if j == 3 { -1e30 } else { 1.0 }).collect());
         for x in &blocks {
             let (mut want_q, mut want_s) = ([0i8; BLOCK], [0f32; 8]);
             let want = block(Level::SCALAR, x, &mut want_q, &mut want_s);
+            assert!(want_q.iter().all(|q| *q != -128));
             for level in Level::available() {
                 let (mut q, mut s) = ([0i8; BLOCK], [1f32; 8]);
                 assert_eq!(block(level, x, &mut q, &mut s), want, "{level:?} scale");
                 assert_eq!((q, s), (want_q, want_s), "{level:?} {x:?}");
+            }
+        }
+        // Non-finite input: any bytes, but never -128.
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let x: Vec<f32> = (0..BLOCK).map(|j| if j == 5 { bad } else { j as f32 - 9.0 }).collect();
+            for level in Level::available() {
+                let (mut q, mut s) = ([0i8; BLOCK], [0f32; 8]);
+                block(level, &x, &mut q, &mut s);
+                assert!(q.iter().all(|q| *q != -128), "{level:?} {bad}: {q:?}");
             }
         }
     }

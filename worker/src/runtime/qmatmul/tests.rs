@@ -97,29 +97,48 @@ fn every_format_at_every_level_matches_the_dequantized_reference() {
             &[(576, 576, 1), (1536, 576, 7), (576, 1536, 3), (40, 64, 5), (23, 96, 9), (5, 32, 33), (9, 64, 70)]
         };
         for &(n, k, rows) in shapes {
-            let bytes = random_gguf(format, n, k, (n * k + rows) as u64);
-            let w = dequantized(format, &bytes, n, k);
-            let x: Vec<f32> = (0..rows * k).map(|i| ((i * 7919 % 2003) as f32 / 1000.0) - 1.0).collect();
-            let mut want = vec![0f32; rows * n];
-            for r in 0..rows {
-                for c in 0..n {
-                    want[r * n + c] = (0..k).map(|i| x[r * k + i] * w[c * k + i]).sum();
-                }
-            }
-            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-            let mut a = Activations::new();
-            a.quantize(Level::SCALAR, &x, rows, k);
-            let mut reference = None;
-            for level in Level::available() {
-                let packed = PackedWeights::from_gguf(&bytes, n, k, format, level).expect("packs");
-                let got = multiply(&packed, &a, rows, n);
-                let err = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
-                assert!(err / scale < 0.01, "{format:?} {level:?} {n}x{k} rows {rows}: {err} of {scale}");
-                let reference = reference.get_or_insert(got.clone());
-                let diff = got.iter().zip(reference.iter()).map(|(g, r)| (g - r).abs()).fold(0f32, f32::max);
-                assert!(diff / scale < 1e-5, "{format:?} {level:?} {n}x{k} rows {rows}: {diff} from scalar");
-            }
+            matches_the_reference(format, &random_gguf(format, n, k, (n * k + rows) as u64), n, k, rows);
         }
+    }
+}
+
+/// Q8_0 scales above 511.75 make offsets (-128 d) no f16 holds: those
+/// matrices keep f32 scales, a kernel instance of their own at each level.
+#[test]
+fn q8_0_with_scales_past_f16_offsets_matches_the_reference() {
+    let (n, k, rows) = (13, 96, 5);
+    let mut bytes = random_gguf(Format::Q8_0, n, k, 5);
+    for block in bytes.chunks_exact_mut(Format::Q8_0.block_bytes()) {
+        block[..2].copy_from_slice(&f16::from_f32(1000.0).to_le_bytes());
+    }
+    let packed = PackedWeights::from_gguf(&bytes, n, k, Format::Q8_0, Level::SCALAR).expect("packs");
+    assert!(matches!(packed.scales, Scales::Full { .. }));
+    matches_the_reference(Format::Q8_0, &bytes, n, k, rows);
+}
+
+/// `rows` rows times the `[n, k]` matrix of `bytes` at every level against
+/// dequantize + f32 matmul, and every level against the first (scalar).
+fn matches_the_reference(format: Format, bytes: &[u8], n: usize, k: usize, rows: usize) {
+    let w = dequantized(format, bytes, n, k);
+    let x: Vec<f32> = (0..rows * k).map(|i| ((i * 7919 % 2003) as f32 / 1000.0) - 1.0).collect();
+    let mut want = vec![0f32; rows * n];
+    for r in 0..rows {
+        for c in 0..n {
+            want[r * n + c] = (0..k).map(|i| x[r * k + i] * w[c * k + i]).sum();
+        }
+    }
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    let mut a = Activations::new();
+    a.quantize(Level::SCALAR, &x, rows, k);
+    let mut reference = None;
+    for level in Level::available() {
+        let packed = PackedWeights::from_gguf(bytes, n, k, format, level).expect("packs");
+        let got = multiply(&packed, &a, rows, n);
+        let err = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+        assert!(err / scale < 0.01, "{format:?} {level:?} {n}x{k} rows {rows}: {err} of {scale}");
+        let reference = reference.get_or_insert(got.clone());
+        let diff = got.iter().zip(reference.iter()).map(|(g, r)| (g - r).abs()).fold(0f32, f32::max);
+        assert!(diff / scale < 1e-5, "{format:?} {level:?} {n}x{k} rows {rows}: {diff} from scalar");
     }
 }
 
