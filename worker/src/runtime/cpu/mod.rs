@@ -218,6 +218,9 @@ impl CpuModel {
         let eps = cfg.rms_eps as f32;
         let level = self.level;
         let half = hd / 2;
+        // Heads of whole quantization blocks are quantized as attention
+        // stores them, with no phase (and barrier) of their own.
+        let heads_quantize_alone = hd.is_multiple_of(BLOCK);
         let interleaved = cfg.rope_style == RopeStyle::Interleaved;
         let logits_out = logits.shared();
 
@@ -293,21 +296,36 @@ impl CpuModel {
                         unsafe { s.qkv.get(at..at + hd) }
                     };
                     attend::attend(level, &item.tile, query, row, &mut buffers, |t, h, out| {
-                        let at = (item.token + t) * q_width + (item.head + h) * hd;
-                        // SAFETY: each (token, head) belongs to one tile, claimed by one thread.
-                        unsafe { s.attn.get_mut(at..at + hd) }.copy_from_slice(out);
+                        let (t, h) = (item.token + t, item.head + h);
+                        let at = t * q_width + h * hd;
+                        // SAFETY: each (token, head) belongs to one tile, claimed
+                        // by one thread, and so do its whole blocks of the input.
+                        unsafe {
+                            if heads_quantize_alone {
+                                s.attn_input.quantize_part(level, t, h * hd..(h + 1) * hd, out);
+                            } else {
+                                s.attn.get_mut(at..at + hd).copy_from_slice(out);
+                            }
+                        }
                     });
                 }
                 drop(buffers);
                 w.barrier();
-                for (t, part) in pieces(w, n, q_width) {
-                    let at = t * q_width;
-                    // SAFETY: pieces are split between threads; attention finished at the barrier.
-                    unsafe {
-                        s.attn_input.quantize_part(level, t, part.clone(), s.attn.get(at + part.start..at + part.end))
-                    };
+                if !heads_quantize_alone {
+                    for (t, part) in pieces(w, n, q_width) {
+                        let at = t * q_width;
+                        // SAFETY: pieces are split between threads; attention finished at the barrier.
+                        unsafe {
+                            s.attn_input.quantize_part(
+                                level,
+                                t,
+                                part.clone(),
+                                s.attn.get(at + part.start..at + part.end),
+                            )
+                        };
+                    }
+                    w.barrier();
                 }
-                w.barrier();
                 let cols = w.share(hidden, layer.o.column_align());
                 // SAFETY: own columns of `x`; the input is complete.
                 unsafe {
