@@ -183,6 +183,15 @@ mod x86 {
         }
     }
 
+    /// Sum of the eight lanes.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn sum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 0b01)))
+    }
+
     /// Sum of the eight lanes of each of eight vectors, as one vector.
     #[target_feature(enable = "avx2")]
     #[inline]
@@ -226,10 +235,7 @@ mod x86 {
                 // SAFETY: row `j` and lanes `d..d + 8` are inside both.
                 unsafe { acc = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(d)), _mm256_loadu_ps(kp.add(j * dim + d)), acc) };
             }
-            let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0b01));
-            *o = scale * _mm_cvtss_f32(s);
+            *o = scale * sum(acc);
         }
     }
 
@@ -256,10 +262,7 @@ mod x86 {
         let e = exp(_mm256_sub_ps(unsafe { _mm256_loadu_ps(tail.as_ptr()) }, m));
         unsafe { _mm256_storeu_ps(tail.as_mut_ptr(), e) };
         s[body..].copy_from_slice(&tail[..rest]);
-        let total = _mm256_add_ps(total, e);
-        let t = _mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1));
-        let t = _mm_add_ps(t, _mm_movehl_ps(t, t));
-        _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 0b01)))
+        sum(_mm256_add_ps(total, e))
     }
 
     /// # Safety
@@ -295,11 +298,8 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::ops::tests::values;
     use super::*;
-
-    fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n).map(|i| (((i + seed) * 7919 % 2003) as f32 / 1000.0) - 1.0).collect()
-    }
 
     /// Each kernel at every level against its scalar reference, on lengths
     /// with and without a tail.

@@ -91,9 +91,8 @@ struct AttendItem {
     tile: attend::Tile,
     /// The step's index of the tile's first token.
     token: usize,
-    /// Its first query head, and the KV head those heads read.
+    /// Its first query head.
     head: usize,
-    kv_head: usize,
     /// Its sequence in the plan.
     sequence: usize,
 }
@@ -189,13 +188,7 @@ impl CpuModel {
                         dim: hd,
                         scale,
                     };
-                    s.tiles.push(AttendItem {
-                        tile,
-                        token: seq.query_start + start,
-                        head,
-                        kv_head: head / group,
-                        sequence,
-                    });
+                    s.tiles.push(AttendItem { tile, token: seq.query_start + start, head, sequence });
                 }
             }
         }
@@ -284,7 +277,8 @@ impl CpuModel {
                     let claim = s.claimed[i].fetch_add(1, Ordering::Relaxed);
                     let Some(item) = s.tiles.get(claim) else { break };
                     let seq = &plan.sequences[item.sequence];
-                    let kv_head = item.kv_head * hd;
+                    // The KV head the tile's query heads read.
+                    let kv_head = item.head / group * hd;
                     let row = |j: usize| {
                         let slot = seq.blocks[j / plan.block_size] as usize * plan.block_size + j % plan.block_size;
                         let at = slot * kv_width + kv_head;

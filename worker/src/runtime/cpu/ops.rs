@@ -34,6 +34,10 @@ pub fn silu_mul(level: Level, gate: &[f32], up: &[f32], out: &mut [f32]) {
         return unsafe { x86::silu_mul(gate, up, out) };
     }
     let _ = level;
+    silu_mul_scalar(gate, up, out);
+}
+
+fn silu_mul_scalar(gate: &[f32], up: &[f32], out: &mut [f32]) {
     for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
         *o = g / (1.0 + (-g).exp()) * u;
     }
@@ -107,9 +111,7 @@ pub(super) mod x86 {
                 _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_div_ps(_mm256_mul_ps(g, u), _mm256_add_ps(one, e)));
             }
         }
-        for ((o, g), u) in out[body..].iter_mut().zip(&gate[body..]).zip(&up[body..]) {
-            *o = g / (1.0 + (-g).exp()) * u;
-        }
+        super::silu_mul_scalar(&gate[body..], &up[body..], &mut out[body..]);
     }
 
     /// # Safety
@@ -131,10 +133,11 @@ pub(super) mod x86 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn values(n: usize, seed: usize) -> Vec<f32> {
+    /// `n` values in [-1, 1), spread over the range by `seed` (the CPU kernels' tests share them).
+    pub(in crate::runtime::cpu) fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n).map(|i| (((i + seed) * 7919 % 2003) as f32 / 1000.0) - 1.0).collect()
     }
 

@@ -213,7 +213,6 @@ impl Layout {
 }
 
 /// Per block (two per block for Q6_K): scale and offset.
-#[derive(Clone)]
 enum Scales {
     /// The f16 pairs of the formats that store them so (and whose offsets are
     /// the stored minimum or a power of two times the scale, so exact in f16):

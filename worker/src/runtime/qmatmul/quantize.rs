@@ -23,7 +23,7 @@ pub fn block(level: Level, x: &[f32], q: &mut [i8], s: &mut [f32]) -> f32 {
     let _ = level;
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let scale = amax / 127.0;
-    let inv = if scale >= f32::MIN_POSITIVE { 1.0 / scale } else { 0.0 };
+    let inv = inverse(scale);
     let mut halves = [0i32; 2];
     for (j, (q, v)) in q.iter_mut().zip(x).enumerate() {
         *q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
@@ -33,6 +33,16 @@ pub fn block(level: Level, x: &[f32], q: &mut [i8], s: &mut [f32]) -> f32 {
     s[0] = scale * halves[0] as f32;
     s[4] = scale * halves[1] as f32;
     scale
+}
+
+/// `1 / scale`, or 0 for a scale below the smallest normal float (whose
+/// inverse would overflow): the block is then all zeros.
+fn inverse(scale: f32) -> f32 {
+    if scale >= f32::MIN_POSITIVE {
+        1.0 / scale
+    } else {
+        0.0
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -60,7 +70,7 @@ mod x86 {
         let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
         let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<0b01>(m, m)));
         let scale = amax / 127.0;
-        let inv = _mm256_set1_ps(if scale >= f32::MIN_POSITIVE { 1.0 / scale } else { 0.0 });
+        let inv = _mm256_set1_ps(super::inverse(scale));
         // Rounded to nearest even (the default rounding). Every |x| ≤ amax
         // keeps finite values within ±127; the clamp (a NaN becomes 127)
         // keeps -128, which the sign trick of Q8_0 cannot take, out.
