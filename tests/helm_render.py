@@ -24,7 +24,8 @@ NON_DEFAULT = {
     "logLevel": "debug",
     "controller": {"replicas": 3, "nodeSelector": {"pool": "system"},
                    "tolerations": [{"key": "system", "operator": "Exists", "effect": "NoSchedule"}]},
-    "router": {"replicas": 4, "prefixAffinity": True, "maxBodyBytes": 1048576,
+    "gateway": {"inferencePools": False, "endpointPicker": {"name": "shared-epp", "port": 9100, "failureMode": "FailOpen"}},
+    "router": {"replicas": 4, "prefixRouting": False, "maxBodyBytes": 1048576,
                "service": {"type": "LoadBalancer", "port": 8443, "annotations": {"example.com/lb": "internal"}},
                "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
                    {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",

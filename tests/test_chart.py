@@ -61,7 +61,18 @@ def test_default_install():
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
     router = find(objects, "Deployment", "kandle-router")
-    assert container(router)["args"][:3] == ["router", "--port", "8080"]
+    args = container(router)["args"]
+    assert args[:3] == ["router", "--port", "8080"]
+    assert args[args.index("--prefix-load-factor") + 1] == "1.25"
+    assert "--no-prefix-routing" not in args
+    # InferencePools: the controller may write them, by name only, and names
+    # the picker <name>-epp:9002, FailClose, unless a spec says otherwise.
+    rules = find(objects, "ClusterRole", "kandle-controller")["rules"]
+    pools = [r for r in rules if "inference.networking.k8s.io" in r["apiGroups"]]
+    assert pools == [{"apiGroups": ["inference.networking.k8s.io"], "resources": ["inferencepools"],
+                      "verbs": ["get", "create", "patch", "delete"]}]
+    assert (env["KANDLE_ENDPOINT_PICKER_NAME"], env["KANDLE_ENDPOINT_PICKER_PORT"],
+            env["KANDLE_ENDPOINT_PICKER_FAILURE_MODE"]) == ("{name}-epp", "9002", "FailClose")
     service = find(objects, "Service", "kandle-router")
     assert service["spec"]["ports"][0]["port"] == 80
     assert service["spec"]["selector"] == router["spec"]["selector"]["matchLabels"]
@@ -90,7 +101,11 @@ def test_non_default_values():
     router = find(objects, "Deployment", "kandle-router")
     args = container(router)["args"]
     assert args[args.index("--namespace") + 1] == "models"
-    assert "--prefix-affinity" in args
+    assert "--no-prefix-routing" in args and "--prefix-load-factor" not in args
+    # gateway.inferencePools off: no rule on InferencePools; the picker defaults as given.
+    assert not any("inference.networking.k8s.io" in r["apiGroups"] for r in role["rules"])
+    assert (env["KANDLE_ENDPOINT_PICKER_NAME"], env["KANDLE_ENDPOINT_PICKER_PORT"],
+            env["KANDLE_ENDPOINT_PICKER_FAILURE_MODE"]) == ("shared-epp", "9100", "FailOpen")
     assert args[args.index("--max-body-bytes") + 1] == "1048576"
     assert router["spec"]["replicas"] == 4
     service = find(objects, "Service", "kandle-router")

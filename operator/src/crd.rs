@@ -237,6 +237,16 @@ mod tests {
         let mut open = valid_spec();
         open["auth"] = json!({"disabled": true});
         assert_eq!(admit(&manifest(open)), Ok(()));
+        for gateway in [
+            json!({}),
+            json!({"inferencePool": {}}),
+            json!({"inferencePool": {"endpointPickerRef": {"name": "epp", "port": {"number": 9002}, "failureMode": "FailOpen"}}}),
+            json!({"inferencePool": {"endpointPickerRef": {"group": "x.example.com", "kind": "Picker"}}}),
+        ] {
+            let mut spec = valid_spec();
+            spec["gateway"] = gateway.clone();
+            assert_eq!(admit(&manifest(spec)), Ok(()), "{gateway}");
+        }
         for name in ["a", "qwen2-5-0-5b", &"a".repeat(63)] {
             let mut m = manifest(valid_spec());
             m["metadata"]["name"] = json!(name);
@@ -292,6 +302,18 @@ mod tests {
             ),
             ("bad sha256", Box::new(|s| s["source"]["sha256"] = json!("abc")), "/spec/source/sha256"),
             ("negative replicas", Box::new(|s| s["replicas"] = json!(-1)), "/spec/replicas"),
+            (
+                "unknown picker failure mode",
+                Box::new(|s| {
+                    s["gateway"] = json!({"inferencePool": {"endpointPickerRef": {"failureMode": "Sometimes"}}})
+                }),
+                "/spec/gateway/inferencePool/endpointPickerRef/failureMode",
+            ),
+            (
+                "picker port 0",
+                Box::new(|s| s["gateway"] = json!({"inferencePool": {"endpointPickerRef": {"port": {"number": 0}}}})),
+                "/spec/gateway/inferencePool/endpointPickerRef/port/number",
+            ),
             (
                 "scaling min above max",
                 Box::new(|s| s["scaling"] = json!({"minReplicas": 3, "maxReplicas": 2})),

@@ -28,6 +28,12 @@ pub mod labels {
     pub const MODEL: &str = "kandle.dev/model";
     pub const WORKER: &str = "kandle-worker";
     pub const MANAGER: &str = "kandle";
+    /// Which metric names a pod's model server exposes, as Gateway API
+    /// Inference Extension endpoint pickers read it: the extension's own key
+    /// (its pickers up to v1.5) and llm-d's (llm-d's picker from v0.9).
+    pub const ENGINE_TYPE_KEYS: [&str; 2] = ["inference.networking.k8s.io/engine-type", "llm-d.ai/engine-type"];
+    /// kandle workers expose vLLM's names (`vllm:num_requests_waiting`, ...).
+    pub const ENGINE_TYPE: &str = "vllm";
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use kandle_operator::controller::{self, build::BuildSettings, ControllerConfig};
+use kandle_operator::api::FailureMode as PickerFailureMode;
+use kandle_operator::controller::build::{BuildSettings, PickerDefaults};
+use kandle_operator::controller::{self, ControllerConfig};
 use kandle_operator::http::Probes;
 use kandle_operator::leader::{Elector, LeaseConfig};
 use kandle_operator::router::proxy::RouterSettings;
@@ -51,13 +53,14 @@ struct RouterArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "KANDLE_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     max_body_bytes: usize,
-    /// Send conversations with the same opening to the same worker (bounded by
-    /// --affinity-max-imbalance).
-    #[arg(long, env = "KANDLE_PREFIX_AFFINITY")]
-    prefix_affinity: bool,
-    /// Requests the affinity worker may carry above the least loaded one.
-    #[arg(long, env = "KANDLE_AFFINITY_MAX_IMBALANCE", default_value_t = 2)]
-    affinity_max_imbalance: usize,
+    /// Choose workers by load alone, not by where a prompt's prefix was served.
+    #[arg(long, env = "KANDLE_NO_PREFIX_ROUTING")]
+    no_prefix_routing: bool,
+    /// Prefix routing's load bound: a worker takes requests for the prefixes it
+    /// holds while it carries less than this factor times the mean load
+    /// (rounded up); past it the next worker in line does. At least 1.
+    #[arg(long, env = "KANDLE_PREFIX_LOAD_FACTOR", default_value_t = 1.25, value_parser = load_factor)]
+    prefix_load_factor: f64,
     /// Seconds to connect to a worker before trying another.
     #[arg(long, env = "KANDLE_CONNECT_TIMEOUT", default_value_t = 5)]
     connect_timeout: u64,
@@ -116,6 +119,17 @@ struct ControllerArgs {
     /// Cluster DNS domain, for the endpoints reported in status.
     #[arg(long, env = "KANDLE_CLUSTER_DOMAIN", default_value = "cluster.local")]
     cluster_domain: String,
+    /// The endpoint picker Service of InferencePools whose spec names none;
+    /// `{name}` stands for the ModelDeployment's name.
+    #[arg(long, env = "KANDLE_ENDPOINT_PICKER_NAME", default_value_t = PickerDefaults::default().name)]
+    endpoint_picker_name: String,
+    /// Its port, when the spec names none.
+    #[arg(long, env = "KANDLE_ENDPOINT_PICKER_PORT", default_value_t = PickerDefaults::default().port,
+          value_parser = clap::value_parser!(i32).range(1..=65535))]
+    endpoint_picker_port: i32,
+    /// FailClose or FailOpen, when the spec says neither.
+    #[arg(long, env = "KANDLE_ENDPOINT_PICKER_FAILURE_MODE", default_value = "FailClose")]
+    endpoint_picker_failure_mode: PickerFailureMode,
     /// Address of /metrics, /health and /ready.
     #[arg(long, env = "KANDLE_METRICS_ADDRESS", default_value = "0.0.0.0:8081")]
     metrics_address: SocketAddr,
@@ -212,6 +226,11 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
             worker_image: args.worker_image,
             worker_image_cuda: args.worker_image_cuda,
             cluster_domain: args.cluster_domain,
+            endpoint_picker: PickerDefaults {
+                name: args.endpoint_picker_name,
+                port: args.endpoint_picker_port,
+                failure_mode: args.endpoint_picker_failure_mode,
+            },
         },
         identity,
         router_namespace: args.lease_namespace.clone(),
@@ -252,8 +271,8 @@ async fn run_router(args: RouterArgs) -> anyhow::Result<()> {
         discovery,
         settings: RouterSettings {
             max_body_bytes: args.max_body_bytes,
-            prefix_affinity: args.prefix_affinity,
-            max_imbalance: args.affinity_max_imbalance,
+            prefix_routing: !args.no_prefix_routing,
+            prefix_load_factor: args.prefix_load_factor,
             cooldown: Duration::from_secs(5),
             model_list_timeout: Duration::from_secs(args.model_list_timeout),
             hold_timeout: args.hold_timeout,
@@ -284,5 +303,14 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {},
         () = terminate => {},
+    }
+}
+
+/// `--prefix-load-factor`: a finite number of at least 1 (below 1 no worker
+/// could be under the bound when all are busy).
+fn load_factor(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(f) if f.is_finite() && f >= 1.0 => Ok(f),
+        _ => Err(format!("`{text}` is not a number of at least 1")),
     }
 }

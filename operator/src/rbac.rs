@@ -37,6 +37,13 @@ pub fn controller_rules() -> Vec<PolicyRule> {
     ]
 }
 
+/// The controller's rules for `spec.gateway.inferencePool` (the chart's
+/// `gateway.inferencePools`): InferencePools applied and deleted by name,
+/// never listed or watched.
+pub fn gateway_rules() -> Vec<PolicyRule> {
+    vec![rule("inference.networking.k8s.io", &["inferencepools"], &["get", "create", "patch", "delete"])]
+}
+
 /// Cluster-wide (or per watched namespace) rules of `kandle-operator router`
 /// discovering pools in Kubernetes.
 pub fn router_rules() -> Vec<PolicyRule> {
@@ -61,14 +68,19 @@ pub fn leader_election_rules() -> Vec<PolicyRule> {
 #[serde(rename_all = "camelCase")]
 struct RulesFile {
     controller: Vec<PolicyRule>,
+    gateway: Vec<PolicyRule>,
     leader_election: Vec<PolicyRule>,
     router: Vec<PolicyRule>,
 }
 
 /// The YAML the chart reads.
 pub fn yaml() -> Result<String, serde_yaml::Error> {
-    let file =
-        RulesFile { controller: controller_rules(), leader_election: leader_election_rules(), router: router_rules() };
+    let file = RulesFile {
+        controller: controller_rules(),
+        gateway: gateway_rules(),
+        leader_election: leader_election_rules(),
+        router: router_rules(),
+    };
     Ok(format!("# Generated from operator/src/rbac.rs; do not edit.\n{}", serde_yaml::to_string(&file)?))
 }
 

@@ -57,7 +57,8 @@ fn rules_of(docs: &[Value], kind: &str, name: &str) -> Vec<PolicyRule> {
     serde_json::from_value(doc["rules"].clone()).expect("rules")
 }
 
-fn check(values: &str, role_kind: &str) {
+/// `gateway_rules`: whether the chart grants the InferencePool rules (`gateway.inferencePools`).
+fn check(values: &str, role_kind: &str, gateway_rules: bool) {
     let docs = render(values);
     assert!(!docs.is_empty());
     for doc in &docs {
@@ -74,17 +75,21 @@ fn check(values: &str, role_kind: &str) {
             other => panic!("unexpected kind {other} rendered"),
         }
     }
-    assert_eq!(rules_of(&docs, role_kind, "kandle-controller"), rbac::controller_rules());
+    let mut controller = rbac::controller_rules();
+    if gateway_rules {
+        controller.extend(rbac::gateway_rules());
+    }
+    assert_eq!(rules_of(&docs, role_kind, "kandle-controller"), controller);
     assert_eq!(rules_of(&docs, role_kind, "kandle-router"), rbac::router_rules());
     assert_eq!(rules_of(&docs, "Role", "kandle-leader-election"), rbac::leader_election_rules());
 }
 
 #[test]
 fn default_values_render_typed_manifests_with_exact_rbac() {
-    check("{}", "ClusterRole");
+    check("{}", "ClusterRole", true);
 }
 
 #[test]
 fn non_default_values_render_typed_manifests_with_exact_rbac() {
-    check("\"non-default\"", "Role");
+    check("\"non-default\"", "Role", false);
 }

@@ -1,11 +1,16 @@
 //! The `ModelDeployment` custom resource (`kandle.dev/v1alpha1`).
 
 mod checked;
+mod gateway;
 mod spec;
 mod status;
 mod tenant;
 
 pub use checked::{Checked, Undecodable};
+pub use gateway::{
+    EndpointPickerRef, FailureMode, GatewaySpec, InferencePool, InferencePoolGateway, InferencePoolSpec, MatchLabels,
+    PickerRefSpec, PortNumber,
+};
 pub use kandle_contract::SamplingDefaults;
 pub use spec::{
     AuthSpec, EngineSpec, ModelDeployment, ModelDeploymentSpec, ModelSource, PodTemplate, ScalingSpec, SecretReference,

@@ -11,6 +11,7 @@ use kandle_contract::SamplingDefaults;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+use super::gateway::GatewaySpec;
 use super::status::ModelDeploymentStatus;
 
 /// A pool of kandle workers serving one model behind the OpenAI-compatible API.
@@ -123,6 +124,11 @@ pub struct ModelDeploymentSpec {
     /// Scheduling and metadata of the worker pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<PodTemplate>,
+
+    /// How gateways outside kandle reach the pool (the Gateway API Inference
+    /// Extension's InferencePool).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewaySpec>,
 }
 
 fn default_replicas() -> i32 {

@@ -7,10 +7,40 @@ use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::Api;
 
 use super::build::Children;
+use crate::api::InferencePool;
 use crate::{Error, Result, FIELD_MANAGER};
 
-/// Applies every child and returns the Deployment as the API server has it (with status).
-pub async fn run(client: &kube::Client, namespace: &str, name: &str, children: &Children) -> Result<Deployment> {
+/// What the API server holds after an apply.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    /// The Deployment as the API server has it (with status).
+    pub deployment: Deployment,
+    pub inference_pool: InferencePoolState,
+}
+
+/// Whether the InferencePool the spec asks for exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InferencePoolState {
+    /// The spec asks for none.
+    NotAsked,
+    Applied,
+    /// The API server has no InferencePool resource: the Gateway API Inference
+    /// Extension's CRDs are not installed.
+    CrdMissing,
+    /// The operator may not write InferencePools (installed with the chart's
+    /// `gateway.inferencePools` off).
+    Forbidden,
+}
+
+/// Applies every child. An InferencePool the spec no longer asks for is
+/// deleted when `had_inference_pool` (the status says one was asked for).
+pub async fn run(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    children: &Children,
+    had_inference_pool: bool,
+) -> Result<Applied> {
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
     let deployment = deployments
@@ -30,7 +60,26 @@ pub async fn run(client: &kube::Client, namespace: &str, name: &str, children: &
             Err(e) => return Err(e.into()),
         },
     }
-    Ok(deployment)
+    let pools: Api<InferencePool> = Api::namespaced(client.clone(), namespace);
+    let inference_pool = match &children.inference_pool {
+        Some(pool) => match pools.patch(name, &params, &Patch::Apply(pool)).await {
+            Ok(_) => InferencePoolState::Applied,
+            // Applying creates a missing object, so a 404 means a missing resource type.
+            Err(kube::Error::Api(s)) if s.code == 404 => InferencePoolState::CrdMissing,
+            Err(kube::Error::Api(s)) if s.code == 403 => InferencePoolState::Forbidden,
+            Err(e) => return Err(rejected("InferencePool", e)),
+        },
+        None if had_inference_pool => match pools.delete(name, &DeleteParams::default()).await {
+            // 404: already gone, or the CRD with it.
+            Ok(_) => InferencePoolState::NotAsked,
+            Err(kube::Error::Api(s)) if s.code == 404 => InferencePoolState::NotAsked,
+            // Not allowed to delete: nor, then, to have made it.
+            Err(kube::Error::Api(s)) if s.code == 403 => InferencePoolState::NotAsked,
+            Err(e) => return Err(e.into()),
+        },
+        None => InferencePoolState::NotAsked,
+    };
+    Ok(Applied { deployment, inference_pool })
 }
 
 /// An answer that says the object itself is wrong (or not allowed) becomes

@@ -21,7 +21,10 @@ use kandle_contract::http::{HEALTH_PATH, READY_PATH};
 use kandle_contract::source::{hub_dir, hub_revision, url_dir, PVC_MOUNT};
 use kandle_contract::{SourceError, SourceUrl};
 
-use crate::api::{ModelDeployment, ModelSource};
+use crate::api::{
+    EndpointPickerRef, FailureMode, InferencePool, InferencePoolSpec, MatchLabels, ModelDeployment, ModelSource,
+    PortNumber,
+};
 use crate::{labels, Error, Result, WORKER_PORT};
 
 pub const KEYS_DIR: &str = "/var/run/kandle/keys";
@@ -49,6 +52,25 @@ pub struct BuildSettings {
     pub worker_image_cuda: String,
     /// Cluster DNS domain, for the endpoint in status.
     pub cluster_domain: String,
+    /// The endpoint picker of InferencePools whose spec leaves it out.
+    pub endpoint_picker: PickerDefaults,
+}
+
+/// What an InferencePool's endpoint picker reference gets for the fields its
+/// spec leaves out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PickerDefaults {
+    /// The picker Service's name; `{name}` stands for the ModelDeployment's.
+    pub name: String,
+    /// Its port (the Gateway API Inference Extension picker's gRPC port is 9002).
+    pub port: i32,
+    pub failure_mode: FailureMode,
+}
+
+impl Default for PickerDefaults {
+    fn default() -> Self {
+        Self { name: "{name}-epp".into(), port: 9002, failure_mode: FailureMode::FailClose }
+    }
 }
 
 impl Default for BuildSettings {
@@ -57,6 +79,7 @@ impl Default for BuildSettings {
             worker_image: "ghcr.io/kandle-dev/kandle:latest".into(),
             worker_image_cuda: "ghcr.io/kandle-dev/kandle:latest-cuda".into(),
             cluster_domain: "cluster.local".into(),
+            endpoint_picker: PickerDefaults::default(),
         }
     }
 }
@@ -112,6 +135,8 @@ pub struct Children {
     pub service: Service,
     /// Present when replicas > 1; otherwise any existing one is deleted.
     pub pdb: Option<PodDisruptionBudget>,
+    /// Present when `spec.gateway.inferencePool` asks for one.
+    pub inference_pool: Option<InferencePool>,
 }
 
 /// Labels that select the pool's pods (stable for the object's life).
@@ -175,6 +200,7 @@ pub fn children(md: &ModelDeployment, location: &ModelLocation, settings: &Build
         }),
         status: None,
     };
+    let inference_pool = inference_pool(md, &name, meta.clone(), &settings.endpoint_picker);
     let pdb = (md.spec.replicas > 1).then(|| PodDisruptionBudget {
         metadata: meta,
         spec: Some(PodDisruptionBudgetSpec {
@@ -184,7 +210,37 @@ pub fn children(md: &ModelDeployment, location: &ModelLocation, settings: &Build
         }),
         status: None,
     });
-    Ok(Children { deployment, service, pdb })
+    Ok(Children { deployment, service, pdb, inference_pool })
+}
+
+/// The InferencePool `spec.gateway.inferencePool` asks for: the pool's pods on
+/// the worker port, and the endpoint picker the spec names, completed from
+/// the operator's defaults (a Service's port is required, other kinds' not).
+fn inference_pool(
+    md: &ModelDeployment,
+    name: &str,
+    metadata: ObjectMeta,
+    defaults: &PickerDefaults,
+) -> Option<InferencePool> {
+    let asked = md.spec.gateway.as_ref()?.inference_pool.as_ref()?;
+    let given = asked.endpoint_picker_ref.clone().unwrap_or_default();
+    let is_service =
+        given.kind.as_deref().is_none_or(|k| k == "Service") && given.group.as_deref().unwrap_or("").is_empty();
+    let port = given.port.or_else(|| is_service.then_some(PortNumber { number: defaults.port }));
+    Some(InferencePool {
+        metadata,
+        spec: InferencePoolSpec {
+            selector: MatchLabels { match_labels: selector_labels(name) },
+            target_ports: vec![PortNumber { number: WORKER_PORT }],
+            endpoint_picker_ref: EndpointPickerRef {
+                group: given.group,
+                kind: given.kind,
+                name: given.name.unwrap_or_else(|| defaults.name.replace("{name}", name)),
+                port,
+                failure_mode: given.failure_mode.unwrap_or(defaults.failure_mode),
+            },
+        },
+    })
 }
 
 /// The restricted pod security profile of every kandle container.
@@ -208,6 +264,9 @@ fn pod_template(
     let pod = spec.pod.clone().unwrap_or_default();
     let mut pod_labels = pod.labels.clone();
     pod_labels.extend(child_labels(name));
+    for key in labels::ENGINE_TYPE_KEYS {
+        pod_labels.insert(key.into(), labels::ENGINE_TYPE.into());
+    }
     let mut annotations = pod.annotations.clone();
 
     let mut volumes =
@@ -760,5 +819,78 @@ mod tests {
         assert!(matches!(ModelLocation::of(&pinned), Ok(ModelLocation::Download { file: None, .. })));
         let err = location("http://mirror.internal/m.gguf").expect_err("unpinned");
         assert!(err.to_string().contains("needs sha256"), "{err}");
+    }
+
+    #[test]
+    fn an_inference_pool_selects_the_workers_and_names_the_picker() {
+        assert!(build(base()).inference_pool.is_none(), "none unless asked");
+        let mut spec = base();
+        spec["gateway"] = json!({"inferencePool": {}});
+        let c = build(spec);
+        let pool = c.inference_pool.clone().expect("an InferencePool");
+        let value = serde_json::to_value(&pool).expect("serializes");
+        assert_eq!(value["apiVersion"], "inference.networking.k8s.io/v1");
+        assert_eq!(value["kind"], "InferencePool");
+        // Named and labelled as the other children, owned by the ModelDeployment.
+        assert_eq!(pool.metadata, c.service.metadata);
+        let owner = &pool.metadata.owner_references.clone().expect("owner")[0];
+        assert_eq!((owner.kind.as_str(), owner.uid.as_str(), owner.controller), ("ModelDeployment", "u-1", Some(true)));
+        // The selector is the Deployment's: every worker pod, and only those.
+        let selector = c.deployment.spec.clone().expect("spec").selector.match_labels.expect("labels");
+        assert_eq!(value["spec"]["selector"], json!({"matchLabels": selector}));
+        let template =
+            c.deployment.spec.clone().and_then(|s| s.template.metadata).and_then(|m| m.labels).expect("pod labels");
+        assert!(selector.iter().all(|(k, v)| template.get(k) == Some(v)));
+        assert_eq!(value["spec"]["targetPorts"], json!([{"number": 8080}]));
+        assert_eq!(
+            value["spec"]["endpointPickerRef"],
+            json!({"name": "chat-epp", "port": {"number": 9002}, "failureMode": "FailClose"})
+        );
+
+        // The spec's picker wins field by field; a kind other than Service needs no port.
+        let mut spec = base();
+        spec["gateway"] =
+            json!({"inferencePool": {"endpointPickerRef": {"name": "shared-epp", "failureMode": "FailOpen"}}});
+        let value = serde_json::to_value(build(spec).inference_pool).expect("serializes");
+        assert_eq!(
+            value["spec"]["endpointPickerRef"],
+            json!({"name": "shared-epp", "port": {"number": 9002}, "failureMode": "FailOpen"})
+        );
+        let mut spec = base();
+        spec["gateway"] =
+            json!({"inferencePool": {"endpointPickerRef": {"group": "picker.example.com", "kind": "Picker"}}});
+        let value = serde_json::to_value(build(spec).inference_pool).expect("serializes");
+        assert_eq!(
+            value["spec"]["endpointPickerRef"],
+            json!({"group": "picker.example.com", "kind": "Picker", "name": "chat-epp", "failureMode": "FailClose"})
+        );
+        // The operator's defaults fill what the spec leaves out.
+        let mut spec = base();
+        spec["gateway"] = json!({"inferencePool": {"endpointPickerRef": {"port": {"number": 9100}}}});
+        let md = md(spec);
+        let location = ModelLocation::of(&md.spec.source).expect("servable");
+        let settings = BuildSettings {
+            endpoint_picker: PickerDefaults {
+                name: "epp-{name}-v1".into(),
+                port: 1,
+                failure_mode: FailureMode::FailOpen,
+            },
+            ..BuildSettings::default()
+        };
+        let pool = children(&md, &location, &settings).expect("builds").inference_pool.expect("pool");
+        let picker = pool.spec.endpoint_picker_ref;
+        assert_eq!(
+            (picker.name.as_str(), picker.port, picker.failure_mode),
+            ("epp-chat-v1", Some(PortNumber { number: 9100 }), FailureMode::FailOpen)
+        );
+    }
+
+    #[test]
+    fn worker_pods_tell_endpoint_pickers_their_metric_names() {
+        let c = build(base());
+        let labels = c.deployment.spec.and_then(|s| s.template.metadata).and_then(|m| m.labels).expect("pod labels");
+        for key in ["inference.networking.k8s.io/engine-type", "llm-d.ai/engine-type"] {
+            assert_eq!(labels.get(key).map(String::as_str), Some("vllm"), "{key}");
+        }
     }
 }

@@ -71,8 +71,9 @@ async fn reconcile_valid(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
         }
     };
     let children = build::children(md, &location, &ctx.settings)?;
-    let deployment = match apply::run(&ctx.client, &namespace, &name, &children).await {
-        Ok(deployment) => deployment,
+    let had_inference_pool = previous.conditions.iter().any(|c| c.type_ == status::INFERENCE_POOL_READY);
+    let applied = match apply::run(&ctx.client, &namespace, &name, &children, had_inference_pool).await {
+        Ok(applied) => applied,
         Err(error @ Error::ChildRejected { .. }) => {
             // Only the API server can judge some fields: say what it said, on the object.
             let problem = validate::Problem { reason: "ChildRejected", message: error.to_string() };
@@ -82,7 +83,7 @@ async fn reconcile_valid(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
         }
         Err(error) => return Err(error),
     };
-    let mut status = status::compute(md, status::Observed::Applied(&deployment), &ctx.settings.cluster_domain, &now);
+    let mut status = status::compute(md, status::Observed::Applied(&applied), &ctx.settings.cluster_domain, &now);
     status.model = model(md, &status, ctx).await;
     status::publish(&md.metadata, &previous, status, &ctx.client, &ctx.events).await?;
     Ok(Action::requeue(RESYNC))

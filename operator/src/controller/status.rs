@@ -1,12 +1,12 @@
 //! Status: computed from what was observed (a pure function), patched only when it
 //! changed, with an event for each condition that flips.
 
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
+use super::apply::{Applied, InferencePoolState};
 use super::build::selector_string;
 use super::events::{EventPublisher, EventType};
 use super::validate::Problem;
@@ -16,14 +16,16 @@ use crate::{Error, Result, FIELD_MANAGER, WORKER_PORT};
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
+/// Present while `spec.gateway.inferencePool` asks for an InferencePool.
+pub const INFERENCE_POOL_READY: &str = "InferencePoolReady";
 
 /// What the reconciler saw this round.
 #[derive(Debug, Clone)]
 pub enum Observed<'a> {
     /// The spec cannot run (missing Secret, name conflict, unsupported source).
     Invalid(&'a Problem),
-    /// The children were applied; this is the Deployment as the API server has it.
-    Applied(&'a Deployment),
+    /// The children were applied.
+    Applied(&'a Applied),
 }
 
 /// Computes the status. Conditions whose status and reason did not change keep
@@ -43,8 +45,13 @@ pub fn compute(
     let cond = |type_: &str, status: bool, reason: &str, message: String| builder.make(type_, status, reason, message);
 
     let (replicas, ready, conditions) = match observed {
-        Observed::Invalid(problem) => (previous.replicas, previous.ready_replicas, builder.problem(problem)),
-        Observed::Applied(deployment) => {
+        Observed::Invalid(problem) => {
+            // The InferencePool stays as it was until the spec can be applied again.
+            let mut conditions = builder.problem(problem);
+            conditions.extend(previous.conditions.iter().filter(|c| c.type_ == INFERENCE_POOL_READY).cloned());
+            (previous.replicas, previous.ready_replicas, conditions)
+        }
+        Observed::Applied(Applied { deployment, inference_pool }) => {
             let s = deployment.status.clone().unwrap_or_default();
             let ready = s.ready_replicas.unwrap_or(0);
             let updated = s.updated_replicas.unwrap_or(0);
@@ -76,7 +83,32 @@ pub fn compute(
                 Some(c) => cond(DEGRADED, true, "RolloutStalled", c.message.clone().unwrap_or_default()),
                 None => cond(DEGRADED, false, "AsExpected", "the spec is valid and its children are applied".into()),
             };
-            (s.replicas.unwrap_or(0), ready, vec![ready_cond, progressing, degraded])
+            let mut conditions = vec![ready_cond, progressing, degraded];
+            match inference_pool {
+                InferencePoolState::NotAsked => {}
+                InferencePoolState::Applied => conditions.push(cond(
+                    INFERENCE_POOL_READY,
+                    true,
+                    "Applied",
+                    format!("InferencePool {name} (inference.networking.k8s.io/v1) selects the ready workers"),
+                )),
+                InferencePoolState::CrdMissing => conditions.push(cond(
+                    INFERENCE_POOL_READY,
+                    false,
+                    "InferencePoolCRDMissing",
+                    "the InferencePool CRD (inferencepools.inference.networking.k8s.io/v1) is not installed: install \
+                     the Gateway API Inference Extension's CRDs; kandle's router serves the pool meanwhile"
+                        .into(),
+                )),
+                InferencePoolState::Forbidden => conditions.push(cond(
+                    INFERENCE_POOL_READY,
+                    false,
+                    "InferencePoolForbidden",
+                    "the operator may not write InferencePools: install the chart with gateway.inferencePools=true"
+                        .into(),
+                )),
+            }
+            (s.replicas.unwrap_or(0), ready, conditions)
         }
     };
     let phase = phase(&conditions, desired);
@@ -200,7 +232,8 @@ pub async fn publish(
             continue;
         }
         published.push(&c.reason);
-        let warning = (c.type_ == DEGRADED && c.status == "True") || (c.type_ == READY && c.status == "False");
+        let warning = (c.type_ == DEGRADED && c.status == "True")
+            || ((c.type_ == READY || c.type_ == INFERENCE_POOL_READY) && c.status == "False");
         let type_ = if warning { EventType::Warning } else { EventType::Normal };
         let note = format!("{} is {}: {}", c.type_, c.status, c.message);
         if let Err(e) = events.publish(&regarding, type_, &c.reason, &note).await {

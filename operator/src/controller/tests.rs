@@ -120,7 +120,7 @@ async fn serve(mut handle: Handle, calls: Vec<Call>) -> Vec<Seen> {
         let (group, resource) = group_resource(&path);
         let v = verb(&method, &path);
         assert!(
-            rbac::allows(&rbac::controller_rules(), &group, &resource, v),
+            rbac::allows(&[rbac::controller_rules(), rbac::gateway_rules()].concat(), &group, &resource, v),
             "RBAC does not allow {v} on {group}/{resource}"
         );
         if method == Method::PATCH {
@@ -243,6 +243,7 @@ const SERVICE: &str = "/api/v1/namespaces/models/services/smollm2";
 const PDB: &str = "/apis/policy/v1/namespaces/models/poddisruptionbudgets/smollm2";
 const STATUS: &str = "/apis/kandle.dev/v1alpha1/namespaces/models/modeldeployments/smollm2/status";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/models/events";
+const INFERENCE_POOL: &str = "/apis/inference.networking.k8s.io/v1/namespaces/models/inferencepools/smollm2";
 
 fn event_reply() -> Value {
     json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e", "namespace": NS},
@@ -601,4 +602,82 @@ async fn one_undecodable_object_does_not_stop_the_controller() {
     assert!(degraded["message"].as_str().unwrap_or("").contains("spec.engine.defaults.top_k"), "{degraded}");
     let _ = stop.send(());
     tokio::time::timeout(TIMEOUT, controller).await.expect("stops on shutdown").expect("controller task");
+}
+
+/// An InferencePool as the API server returns it.
+fn stored_pool() -> Value {
+    let mut pool = bare("inference.networking.k8s.io/v1", "InferencePool", "smollm2");
+    pool["spec"] = json!({"selector": {"matchLabels": {"app": "x"}}, "targetPorts": [{"number": 8080}],
+                          "endpointPickerRef": {"name": "smollm2-epp", "port": {"number": 9002}, "failureMode": "FailClose"}});
+    pool
+}
+
+fn forbidden() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "forbidden"})
+}
+
+/// `spec.gateway.inferencePool`: applied with the other children where the
+/// InferencePool CRD is installed; where it is not (or the operator may not
+/// write it), a condition says so and the pool still runs; removed from the
+/// spec, the InferencePool is deleted.
+#[tokio::test]
+async fn an_inference_pool_is_applied_where_its_crd_is_installed_and_reported_where_not() {
+    let mut spec = smollm2_spec();
+    spec["gateway"] = json!({"inferencePool": {"endpointPickerRef": {"failureMode": "FailOpen"}}});
+    let target = md("smollm2", "uid-1", "2026-01-01T00:00:00Z", spec);
+    let round = |pool_status: u16, pool_reply: Value| {
+        let mut calls = applied_round(bare("apps/v1", "Deployment", "smollm2"), 0);
+        calls.push(Call::new(Method::PATCH, INFERENCE_POOL, pool_status, pool_reply));
+        calls.push(Call::new(Method::PATCH, STATUS, 200, stored("smollm2")));
+        calls.extend(events(4));
+        calls
+    };
+
+    // Installed: applied, owned by the ModelDeployment, selecting its pods.
+    let seen = run(target.clone(), &[], round(200, stored_pool())).await;
+    let pool = &seen[4].body;
+    assert_eq!(pool["kind"], "InferencePool");
+    assert_eq!(pool["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+    assert_eq!(pool["spec"]["selector"]["matchLabels"], seen[1].body["spec"]["selector"]["matchLabels"]);
+    assert_eq!(pool["spec"]["targetPorts"], json!([{"number": 8080}]));
+    assert_eq!(
+        pool["spec"]["endpointPickerRef"],
+        json!({"name": "smollm2-epp", "port": {"number": 9002}, "failureMode": "FailOpen"})
+    );
+    let status = &seen[5].body;
+    let ready = condition(status, "InferencePoolReady");
+    assert_eq!((ready["status"].as_str(), ready["reason"].as_str()), (Some("True"), Some("Applied")));
+    assert_eq!(condition(status, "Degraded")["status"], "False");
+
+    // Not installed: the API server has no such resource (404). The reconcile
+    // succeeds, the workers run, and the condition and a warning say why.
+    let seen = run(target.clone(), &[], round(404, not_found())).await;
+    let status = &seen[5].body;
+    let missing = condition(status, "InferencePoolReady");
+    assert_eq!(
+        (missing["status"].as_str(), missing["reason"].as_str()),
+        (Some("False"), Some("InferencePoolCRDMissing"))
+    );
+    assert!(missing["message"].as_str().unwrap_or("").contains("inferencepools.inference.networking.k8s.io"));
+    assert_eq!(condition(status, "Degraded")["status"], "False");
+    let warning = seen[6..].iter().find(|e| e.body["reason"] == "InferencePoolCRDMissing").expect("an event");
+    assert_eq!(warning.body["type"], "Warning");
+
+    // Not allowed (the chart's gateway.inferencePools off): said the same way.
+    let seen = run(target.clone(), &[], round(403, forbidden())).await;
+    assert_eq!(condition(&seen[5].body, "InferencePoolReady")["reason"], "InferencePoolForbidden");
+
+    // Taken out of the spec: the one made before is deleted, and the condition goes.
+    let applied = run(target.clone(), &[], round(200, stored_pool())).await;
+    let mut removed = md("smollm2", "uid-1", "2026-01-01T00:00:00Z", smollm2_spec());
+    removed.status = Some(serde_json::from_value(applied[5].body["status"].clone()).expect("status"));
+    let mut calls = applied_round(bare("apps/v1", "Deployment", "smollm2"), 0);
+    calls.push(Call::new(Method::DELETE, INFERENCE_POOL, 200, stored_pool()));
+    calls.push(Call::new(Method::PATCH, STATUS, 200, stored("smollm2")));
+    let seen = run(removed, &[], calls).await;
+    assert!(seen[5].body["status"]["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .all(|c| c["type"] != "InferencePoolReady"));
 }

@@ -42,6 +42,13 @@ pub struct TenantModelLimit {
     pub limit: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelOutcome {
+    pub model: String,
+    /// `hit`, `miss`, `overloaded` or `short` (see `balancer::Outcome`).
+    pub outcome: &'static str,
+}
+
 pub struct RouterMetrics {
     registry: Registry,
     pub requests: Family<ModelStatus, Counter>,
@@ -51,6 +58,7 @@ pub struct RouterMetrics {
     pub upstream_latency: Histogram,
     pub time_to_first_byte: Histogram,
     pub retries: Counter,
+    pub prefix_routing: Family<ModelOutcome, Counter>,
     pub tenant_requests: Family<TenantModelStatus, Counter>,
     pub tenant_tokens: Family<TenantModelKind, Counter>,
     pub tenant_rate_limited: Family<TenantModelLimit, Counter>,
@@ -93,6 +101,13 @@ impl Default for RouterMetrics {
             "Requests retried on another worker after a connect failure, a 429 or a 503",
             retries.clone(),
         );
+        let prefix_routing = Family::<ModelOutcome, Counter>::default();
+        registry.register(
+            "kandle_router_prefix_routing",
+            "Prefix-aware choices by model and outcome: hit (sent where its prefix was served), miss (no endpoint \
+             served it), overloaded (the preferred endpoint was past the load bound), short (under one block)",
+            prefix_routing.clone(),
+        );
         let tenant_requests = Family::<TenantModelStatus, Counter>::default();
         registry.register(
             "kandle_router_tenant_requests",
@@ -120,6 +135,7 @@ impl Default for RouterMetrics {
             upstream_latency,
             time_to_first_byte,
             retries,
+            prefix_routing,
             tenant_requests,
             tenant_tokens,
             tenant_rate_limited,

@@ -12,6 +12,8 @@ mod json_body;
 mod metrics;
 mod model_list;
 mod model_name;
+mod prefix;
+mod prefix_index;
 pub mod proxy;
 pub mod quota;
 pub mod routes_file;

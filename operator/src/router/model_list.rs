@@ -95,7 +95,7 @@ async fn pool_models(
     if let Some(answer) = state.model_lists().get(&cache_key) {
         return answer;
     }
-    let Some(endpoint) = balancer::pick(pool, &[], None, 0, Instant::now()) else { return PoolAnswer::Unavailable };
+    let Some((endpoint, _)) = balancer::pick(pool, &[], None, Instant::now()) else { return PoolAnswer::Unavailable };
     // The limit covers the whole exchange, body included: a worker that hangs
     // leaves its pool out of this list instead of holding the list back.
     let mut request =

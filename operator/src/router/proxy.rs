@@ -24,9 +24,13 @@ use super::balancer;
 use super::cache_salt;
 use super::errors::RouterError;
 use super::hold::{Holding, Place};
-use super::metrics::{ModelLabel, ModelStatus, RouterMetrics, TenantModelKind, TenantModelLimit, TenantModelStatus};
+use super::metrics::{
+    ModelLabel, ModelOutcome, ModelStatus, RouterMetrics, TenantModelKind, TenantModelLimit, TenantModelStatus,
+};
 use super::model_list::ModelListCache;
 use super::model_name::{self, Renamer};
+use super::prefix;
+use super::prefix_index::PrefixIndex;
 use super::quota::{Admission, Decision, Quotas, Running, Which};
 use super::table::{InFlight, Pool, Routes};
 use super::tenants_file::Tenants;
@@ -41,9 +45,12 @@ const MAX_ATTEMPTS: usize = 3;
 #[derive(Debug, Clone)]
 pub struct RouterSettings {
     pub max_body_bytes: usize,
-    pub prefix_affinity: bool,
-    /// Requests the affinity endpoint may carry above the least loaded one.
-    pub max_imbalance: usize,
+    /// Prefix-aware endpoint choice; off, the least loaded endpoint only.
+    pub prefix_routing: bool,
+    /// Prefix-aware choice's load bound: an endpoint takes requests by
+    /// preference while it carries less than this factor (at least 1) times
+    /// the mean load, rounded up.
+    pub prefix_load_factor: f64,
     /// How long an endpoint that refused a connection is skipped.
     pub cooldown: Duration,
     /// How long one pool may take to list its models before the list goes
@@ -90,6 +97,7 @@ struct Inner {
     holding: Arc<Holding>,
     lifecycle: Arc<Lifecycle>,
     tenancy: Tenancy,
+    prefixes: PrefixIndex,
 }
 
 impl RouterState {
@@ -110,6 +118,7 @@ impl RouterState {
                 holding,
                 lifecycle: Arc::default(),
                 tenancy,
+                prefixes: PrefixIndex::default(),
             }),
         }
     }
@@ -350,16 +359,27 @@ async fn route(
         _running: running,
         owed_if_dropped: 0,
     });
-    let affinity = if state.inner.settings.prefix_affinity { balancer::prefix_key(&bytes) } else { None };
+    // The prompt's blocks as the chosen worker will see them: renamed, salted.
+    let settings = &state.inner.settings;
+    let blocks = if settings.prefix_routing { prefix::chat_blocks(&bytes, &pool.model) } else { None };
+    let prefix = blocks.as_deref().map(|blocks| balancer::Prefix {
+        index: &state.inner.prefixes,
+        blocks,
+        load_factor: settings.prefix_load_factor,
+    });
     // Each attempt goes to another worker; a large pool is not walked end to end.
     let attempts = pool.endpoints.len().min(MAX_ATTEMPTS);
     let mut tried = Vec::new();
     loop {
-        let picked = (tried.len() < attempts)
-            .then(|| balancer::pick(&pool, &tried, affinity, state.inner.settings.max_imbalance, Instant::now()));
-        let Some(endpoint) = picked.flatten() else {
+        let picked = (tried.len() < attempts).then(|| balancer::pick(&pool, &tried, prefix.as_ref(), Instant::now()));
+        let Some((endpoint, outcome)) = picked.flatten() else {
             return Err((pool.model.clone(), RouterError::no_endpoint(&model)));
         };
+        // How the request's first choice went (a retry's is not a routing decision).
+        if let Some(outcome) = outcome.filter(|_| tried.is_empty()) {
+            let labels = ModelOutcome { model: pool.model.clone(), outcome: outcome.label() };
+            state.metrics().prefix_routing.get_or_create(&labels).inc();
+        }
         let guard = endpoint.start();
         let gauge = ModelGauge::start(
             state.metrics().in_flight.get_or_create(&ModelLabel { model: pool.model.clone() }).clone(),

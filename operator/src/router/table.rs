@@ -35,6 +35,9 @@ fn can_come_up() -> bool {
 #[derive(Debug)]
 pub struct Endpoint {
     pub url: String,
+    /// A fixed fingerprint of the URL: the endpoint's name in prefix routing,
+    /// the same in every router replica.
+    pub key: u64,
     in_flight: AtomicUsize,
     /// Milliseconds since `epoch` until which the endpoint is skipped after a
     /// failed connection (0: never failed).
@@ -44,7 +47,8 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn new(url: String) -> Self {
-        Self { url, in_flight: AtomicUsize::new(0), down_until_ms: AtomicU64::new(0), epoch: Instant::now() }
+        let key = super::prefix::fingerprint(url.as_bytes());
+        Self { url, key, in_flight: AtomicUsize::new(0), down_until_ms: AtomicU64::new(0), epoch: Instant::now() }
     }
 
     pub fn in_flight(&self) -> usize {

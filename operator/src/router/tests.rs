@@ -75,8 +75,8 @@ fn kandle_worker(served: &'static str) -> impl Fn(&Value) -> Response + Send + S
 fn settings() -> RouterSettings {
     RouterSettings {
         max_body_bytes: 1 << 20,
-        prefix_affinity: false,
-        max_imbalance: 2,
+        prefix_routing: true,
+        prefix_load_factor: 1.25,
         cooldown: Duration::from_secs(5),
         model_list_timeout: Duration::from_millis(300),
         hold_timeout: Duration::from_secs(5),
@@ -334,4 +334,66 @@ async fn a_stopping_router_answers_its_held_requests_and_refuses_new_ones() {
 
 async fn chat_owned(router: String, body: Value) -> (StatusCode, reqwest::header::HeaderMap, String) {
     chat(&router, body).await
+}
+
+async fn metric_lines(router: &str, name: &str) -> Vec<String> {
+    let text = reqwest::get(format!("{router}/metrics")).await.unwrap().text().await.unwrap();
+    text.lines().filter(|l| l.starts_with(name)).map(str::to_string).collect()
+}
+
+/// Requests that share a long system prompt reach the worker that served it,
+/// whatever they ask; other prompts spread; the outcomes are counted.
+#[tokio::test]
+async fn a_shared_system_prompt_keeps_to_one_worker() {
+    let workers = [
+        FakeWorker::start(kandle_worker("m")).await,
+        FakeWorker::start(kandle_worker("m")).await,
+        FakeWorker::start(kandle_worker("m")).await,
+    ];
+    let on = router(vec![pool("m", &[], &workers.iter().collect::<Vec<_>>())], settings()).await;
+    let system = |n: usize| (0..100).map(|i| format!("Rule {i} of policy {n}. ")).collect::<String>();
+    let ask = |n: usize, question: usize| {
+        json!({"model": "m", "messages": [{"role": "system", "content": system(n)},
+                                          {"role": "user", "content": format!("Question {question}?")}]})
+    };
+    for question in 0..6 {
+        for policy in 0..4 {
+            assert_eq!(chat(&on, ask(policy, question)).await.0, StatusCode::OK);
+        }
+    }
+    // Each policy's requests all went to one worker.
+    for policy in 0..4 {
+        let marker = format!("policy {policy}.");
+        let holding: Vec<usize> = (0..workers.len())
+            .filter(|&w| {
+                workers[w].seen().iter().any(|r| r["messages"][0]["content"].as_str().unwrap().contains(&marker))
+            })
+            .collect();
+        assert_eq!(holding.len(), 1, "policy {policy} went to workers {holding:?}");
+    }
+    let counted = metric_lines(&on, "kandle_router_prefix_routing_total").await;
+    let count = |outcome: &str| -> u64 {
+        let prefix = format!("kandle_router_prefix_routing_total{{model=\"m\",outcome=\"{outcome}\"}} ");
+        counted.iter().find_map(|l| l.strip_prefix(&prefix)).map_or(0, |n| n.parse().unwrap())
+    };
+    assert_eq!((count("miss"), count("hit"), count("overloaded")), (4, 20, 0), "{counted:?}");
+    // A short prompt goes by load, counted as short.
+    assert_eq!(chat(&on, ask_short()).await.0, StatusCode::OK);
+    let counted = metric_lines(&on, "kandle_router_prefix_routing_total").await;
+    assert!(counted.iter().any(|l| l.contains("outcome=\"short\"} 1")), "{counted:?}");
+
+    // Off, the same workload spreads by load alone and nothing is counted.
+    let spread: Vec<FakeWorker> =
+        futures::future::join_all((0..3).map(|_| FakeWorker::start(kandle_worker("m")))).await;
+    let settings = RouterSettings { prefix_routing: false, ..settings() };
+    let off = router(vec![pool("m", &[], &spread.iter().collect::<Vec<_>>())], settings).await;
+    for question in 0..3 {
+        assert_eq!(chat(&off, ask(0, question)).await.0, StatusCode::OK);
+    }
+    assert!(spread.iter().all(|w| w.seen().len() == 1));
+    assert!(metric_lines(&off, "kandle_router_prefix_routing").await.is_empty());
+}
+
+fn ask_short() -> Value {
+    json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
 }
