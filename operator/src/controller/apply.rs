@@ -19,7 +19,7 @@ pub struct Applied {
 }
 
 /// Whether the InferencePool the spec asks for exists.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InferencePoolState {
     /// The spec asks for none.
     NotAsked,
@@ -30,6 +30,8 @@ pub enum InferencePoolState {
     /// The operator may not write InferencePools (installed with the chart's
     /// `gateway.inferencePools` off).
     Forbidden,
+    /// The API server refused it (the extension's own validation): its message.
+    Rejected(String),
 }
 
 /// Applies every child. An InferencePool the spec no longer asks for is
@@ -67,14 +69,16 @@ pub async fn run(
             // Applying creates a missing object, so a 404 means a missing resource type.
             Err(kube::Error::Api(s)) if s.code == 404 => InferencePoolState::CrdMissing,
             Err(kube::Error::Api(s)) if s.code == 403 => InferencePoolState::Forbidden,
-            Err(e) => return Err(rejected("InferencePool", e)),
+            // The workers run all the same: the condition says what was refused.
+            Err(kube::Error::Api(s)) if matches!(s.code, 400 | 422 | 500) => InferencePoolState::Rejected(s.message),
+            Err(e) => return Err(e.into()),
         },
         None if had_inference_pool => match pools.delete(name, &DeleteParams::default()).await {
             // 404: already gone, or the CRD with it.
             Ok(_) => InferencePoolState::NotAsked,
             Err(kube::Error::Api(s)) if s.code == 404 => InferencePoolState::NotAsked,
-            // Not allowed to delete: nor, then, to have made it.
-            Err(kube::Error::Api(s)) if s.code == 403 => InferencePoolState::NotAsked,
+            // Not allowed to delete (RBAC taken away since): said, and tried again.
+            Err(kube::Error::Api(s)) if s.code == 403 => InferencePoolState::Forbidden,
             Err(e) => return Err(e.into()),
         },
         None => InferencePoolState::NotAsked,

@@ -224,8 +224,8 @@ fn inference_pool(
 ) -> Option<InferencePool> {
     let asked = md.spec.gateway.as_ref()?.inference_pool.as_ref()?;
     let given = asked.endpoint_picker_ref.clone().unwrap_or_default();
-    let is_service =
-        given.kind.as_deref().is_none_or(|k| k == "Service") && given.group.as_deref().unwrap_or("").is_empty();
+    // The extension's rule: a Service (the default kind, whatever the group) needs a port.
+    let is_service = given.kind.as_deref().is_none_or(|k| k == "Service");
     let port = given.port.or_else(|| is_service.then_some(PortNumber { number: defaults.port }));
     Some(InferencePool {
         metadata,
@@ -264,8 +264,11 @@ fn pod_template(
     let pod = spec.pod.clone().unwrap_or_default();
     let mut pod_labels = pod.labels.clone();
     pod_labels.extend(child_labels(name));
-    for key in labels::ENGINE_TYPE_KEYS {
-        pod_labels.insert(key.into(), labels::ENGINE_TYPE.into());
+    // Only behind a gateway: a label change rolls the pods.
+    if spec.gateway.as_ref().is_some_and(|g| g.inference_pool.is_some()) {
+        for key in labels::ENGINE_TYPE_KEYS {
+            pod_labels.insert(key.into(), labels::ENGINE_TYPE.into());
+        }
     }
     let mut annotations = pod.annotations.clone();
 
@@ -864,6 +867,11 @@ mod tests {
             value["spec"]["endpointPickerRef"],
             json!({"group": "picker.example.com", "kind": "Picker", "name": "chat-epp", "failureMode": "FailClose"})
         );
+        // Without a kind it is a Service (the extension's default), whose port is required.
+        let mut spec = base();
+        spec["gateway"] = json!({"inferencePool": {"endpointPickerRef": {"group": "x.example.com"}}});
+        let pool = build(spec).inference_pool.expect("pool");
+        assert_eq!(pool.spec.endpoint_picker_ref.port, Some(PortNumber { number: 9002 }));
         // The operator's defaults fill what the spec leaves out.
         let mut spec = base();
         spec["gateway"] = json!({"inferencePool": {"endpointPickerRef": {"port": {"number": 9100}}}});
@@ -886,11 +894,16 @@ mod tests {
     }
 
     #[test]
-    fn worker_pods_tell_endpoint_pickers_their_metric_names() {
-        let c = build(base());
-        let labels = c.deployment.spec.and_then(|s| s.template.metadata).and_then(|m| m.labels).expect("pod labels");
+    fn worker_pods_behind_a_gateway_tell_endpoint_pickers_their_metric_names() {
+        let pod_labels = |c: Children| c.deployment.spec.and_then(|s| s.template.metadata).and_then(|m| m.labels);
+        let mut spec = base();
+        spec["gateway"] = json!({"inferencePool": {}});
+        let labels = pod_labels(build(spec)).expect("pod labels");
         for key in ["inference.networking.k8s.io/engine-type", "llm-d.ai/engine-type"] {
             assert_eq!(labels.get(key).map(String::as_str), Some("vllm"), "{key}");
         }
+        // Not otherwise: an operator upgrade does not roll every pool.
+        let labels = pod_labels(build(base())).expect("pod labels");
+        assert!(!labels.keys().any(|k| k.ends_with("/engine-type")), "{labels:?}");
     }
 }

@@ -107,6 +107,12 @@ pub fn compute(
                     "the operator may not write InferencePools: install the chart with gateway.inferencePools=true"
                         .into(),
                 )),
+                InferencePoolState::Rejected(message) => conditions.push(cond(
+                    INFERENCE_POOL_READY,
+                    false,
+                    "InferencePoolRejected",
+                    format!("the API server refused the InferencePool: {message}"),
+                )),
             }
             (s.replicas.unwrap_or(0), ready, conditions)
         }
@@ -132,8 +138,10 @@ pub fn compute(
 pub fn undecodable(bad: &Undecodable, now: &Time) -> ModelDeploymentStatus {
     let previous = stored_status(bad);
     let problem = Problem { reason: "InvalidSpec", message: format!("cannot read the spec: {}", bad.error) };
-    let conditions =
+    let mut conditions =
         Conditions { previous: &previous.conditions, generation: bad.metadata.generation, now }.problem(&problem);
+    // The InferencePool stays as it was until the spec can be read again.
+    conditions.extend(previous.conditions.iter().filter(|c| c.type_ == INFERENCE_POOL_READY).cloned());
     ModelDeploymentStatus {
         observed_generation: bad.metadata.generation,
         phase: Some("Degraded".into()),

@@ -667,6 +667,15 @@ async fn an_inference_pool_is_applied_where_its_crd_is_installed_and_reported_wh
     let seen = run(target.clone(), &[], round(403, forbidden())).await;
     assert_eq!(condition(&seen[5].body, "InferencePoolReady")["reason"], "InferencePoolForbidden");
 
+    // Refused by the extension's validation: said on the condition, the pool runs on.
+    let invalid = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid", "code": 422,
+                         "message": "spec.endpointPickerRef: port is required"});
+    let seen = run(target.clone(), &[], round(422, invalid)).await;
+    let refused = condition(&seen[5].body, "InferencePoolReady");
+    assert_eq!(refused["reason"], "InferencePoolRejected");
+    assert!(refused["message"].as_str().unwrap_or("").contains("port is required"));
+    assert_eq!(condition(&seen[5].body, "Degraded")["status"], "False");
+
     // Taken out of the spec: the one made before is deleted, and the condition goes.
     let applied = run(target.clone(), &[], round(200, stored_pool())).await;
     let mut removed = md("smollm2", "uid-1", "2026-01-01T00:00:00Z", smollm2_spec());

@@ -1,9 +1,11 @@
 //! Endpoint choice. Without a prompt prefix to go by: fewest requests in
 //! flight, ties rotating. With one (the prompt's block hashes): the endpoint
-//! that served the longest run of its leading blocks, then the endpoint its
-//! first block hashes to (rendezvous hashing, the same on every router
-//! replica), each only while under a load bound (consistent hashing with
-//! bounded loads); endpoints that just failed are skipped either way.
+//! that served the longest run of its leading blocks; among equals (and for a
+//! prefix no endpoint served) the least loaded, then the one the first block
+//! ranks highest by rendezvous hashing (the same ranking on every router
+//! replica); the preferred endpoint only while under a load bound (as in
+//! consistent hashing with bounded loads), else the next in that order.
+//! Endpoints that just failed are skipped either way.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -27,13 +29,17 @@ pub struct Prefix<'a> {
 pub enum Outcome {
     /// Sent to the endpoint that served the longest part of its prefix.
     Hit,
-    /// No endpoint served any of its blocks: sent where its first block hashes.
+    /// No endpoint served any of its blocks: sent to the least loaded,
+    /// ties going where its first block ranks highest.
     Miss,
     /// The preferred endpoint (a hit or the hashed one) was past the load
     /// bound: sent to the next in line.
     Overloaded,
     /// Shorter than one block: sent to the least loaded endpoint.
     Short,
+    /// Not a chat request the router can read (the worker's 400 will say
+    /// why): sent to the least loaded endpoint.
+    Unreadable,
 }
 
 impl Outcome {
@@ -43,6 +49,7 @@ impl Outcome {
             Self::Miss => "miss",
             Self::Overloaded => "overloaded",
             Self::Short => "short",
+            Self::Unreadable => "unreadable",
         }
     }
 }
@@ -87,30 +94,24 @@ fn least_loaded(pool: &Pool, loads: &[usize]) -> usize {
 
 fn by_prefix(prefix: &Prefix<'_>, candidates: &[&Arc<Endpoint>], loads: &[usize]) -> (usize, Outcome) {
     let keys: Vec<u64> = candidates.iter().map(|e| e.key).collect();
-    let cap = load_cap(loads, prefix.load_factor);
+    let matched = prefix.index.matched(prefix.blocks, &keys);
     let first_block = prefix.blocks[0];
-    let mut outcome = Outcome::Miss;
-    let chosen = prefix.index.choose(prefix.blocks, &keys, |matched| {
-        let mut order: Vec<usize> = (0..candidates.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse((matched[i], rendezvous(first_block, keys[i]))));
-        let preferred = order[0];
-        match order.iter().copied().find(|&i| loads[i] < cap) {
-            Some(i) if i == preferred => {
-                outcome = if matched[i] > 0 { Outcome::Hit } else { Outcome::Miss };
-                i
-            }
-            Some(i) => {
-                outcome = Outcome::Overloaded;
-                i
-            }
-            // Unreachable with a factor of at least 1 (the loads cannot all
-            // reach a cap above their mean); the least loaded then.
-            None => {
-                outcome = Outcome::Overloaded;
-                (0..loads.len()).min_by_key(|&i| loads[i]).unwrap_or(preferred)
-            }
-        }
+    let mut order: Vec<usize> = (0..candidates.len()).collect();
+    order.sort_by_key(|&i| {
+        (std::cmp::Reverse(matched[i]), loads[i], std::cmp::Reverse(rendezvous(first_block, keys[i])))
     });
+    let preferred = order[0];
+    let cap = load_cap(loads, prefix.load_factor);
+    // Some endpoint is under the cap when the factor is at least 1 (the loads
+    // cannot all reach a cap above their mean); the preferred one otherwise.
+    let chosen = order.iter().copied().find(|&i| loads[i] < cap).unwrap_or(preferred);
+    let outcome = if chosen != preferred {
+        Outcome::Overloaded
+    } else if matched[chosen] > 0 {
+        Outcome::Hit
+    } else {
+        Outcome::Miss
+    };
     (chosen, outcome)
 }
 
@@ -155,9 +156,11 @@ mod tests {
         pick(pool, exclude, None, now()).map(|(e, _)| e.url.clone())
     }
 
+    /// A choice for `blocks`, which the chosen endpoint then serves.
     fn by_blocks(pool: &Pool, index: &PrefixIndex, blocks: &[u64]) -> (usize, Outcome) {
         let prefix = Prefix { index, blocks, load_factor: 1.25 };
         let (chosen, outcome) = pick(pool, &[], Some(&prefix), now()).expect("an endpoint");
+        index.record(blocks, chosen.key);
         let at = pool.endpoints.iter().position(|e| Arc::ptr_eq(e, &chosen)).expect("a pool endpoint");
         (at, outcome.expect("an outcome"))
     }
@@ -274,6 +277,21 @@ mod tests {
         let (chosen, outcome) = pick(&p, &[], Some(&prefix), now()).expect("an endpoint");
         assert!(!Arc::ptr_eq(&chosen, &p.endpoints[home]));
         assert_eq!(outcome, Some(Outcome::Short));
+    }
+
+    #[test]
+    fn new_prefixes_and_ties_go_to_the_least_loaded() {
+        let p = pool(3);
+        let index = PrefixIndex::default();
+        let _busy = (load(&p, 0, 1), load(&p, 1, 1));
+        for block in 0..20 {
+            assert_eq!(by_blocks(&p, &index, &[block]), (2, Outcome::Miss));
+        }
+        // A prefix two endpoints hold equally: the less loaded of them.
+        index.record(&[500, 501], p.endpoints[0].key);
+        index.record(&[500, 501], p.endpoints[1].key);
+        let _more = load(&p, 1, 1);
+        assert_eq!(by_blocks(&p, &index, &[500, 501, 502]), (0, Outcome::Hit));
     }
 
     #[test]

@@ -16,6 +16,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
+use super::json_body::members;
+
 /// Bytes per block: about 64 tokens of English text.
 pub const BLOCK_BYTES: usize = 256;
 /// Blocks hashed at most (256 KiB of prompt): a prefix that long already
@@ -31,22 +33,30 @@ const FIELD: u8 = 0x1f;
 /// only), or `None` when the body is not a chat request the router can read
 /// (the worker answers those with a 400).
 pub fn chat_blocks(body: &[u8], model: &str) -> Option<Vec<u64>> {
-    let request: ChatPrompt<'_> = serde_json::from_slice(body).ok()?;
+    // Members as the worker reads them: the last of a repeated name wins (a
+    // tenant's salt is written after the client's).
+    let members = members(body)?;
+    let messages: Vec<Message<'_>> = serde_json::from_str(members.get("messages")?.get()).ok()?;
+    let tools = members.get("tools").copied().filter(|raw| raw.get() != "null");
+    let salt: Option<String> = match members.get("cache_salt") {
+        Some(raw) => serde_json::from_str(raw.get()).ok()?,
+        None => None,
+    };
     let mut rendered = Vec::with_capacity(body.len());
-    if let Some(tools) = request.tools {
+    if let Some(tools) = tools {
         // Templates place tool definitions ahead of the conversation.
         rendered.extend_from_slice(b"tools");
         rendered.push(FIELD);
         rendered.extend_from_slice(tools.get().as_bytes());
         rendered.push(END_OF_MESSAGE);
     }
-    for message in &request.messages {
+    for message in &messages {
         message.render(&mut rendered);
         if rendered.len() >= BLOCK_BYTES * MAX_BLOCKS {
             break;
         }
     }
-    Some(chained(&rendered, model, request.cache_salt.unwrap_or("")))
+    Some(chained(&rendered, model, salt.as_deref().unwrap_or("")))
 }
 
 /// A fixed 64-bit fingerprint of `bytes` (the first 8 bytes of its SHA-256).
@@ -80,16 +90,6 @@ fn chained(rendered: &[u8], model: &str, salt: &str) -> Vec<u64> {
         .collect()
 }
 
-#[derive(Deserialize)]
-struct ChatPrompt<'a> {
-    #[serde(borrow)]
-    messages: Vec<Message<'a>>,
-    #[serde(borrow, default)]
-    tools: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    cache_salt: Option<&'a str>,
-}
-
 /// The fields of a message a template renders. Content is text or a list of
 /// parts (text parts by their text, others as written); everything else the
 /// template shows of a message (a name, tool calls, the call answered) by its
@@ -100,33 +100,33 @@ struct Message<'a> {
     role: Option<&'a RawValue>,
     #[serde(borrow, default)]
     name: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    content: Option<Content<'a>>,
+    #[serde(default)]
+    content: Option<Content>,
     #[serde(borrow, default)]
     tool_calls: Option<&'a RawValue>,
     #[serde(borrow, default)]
     tool_call_id: Option<&'a RawValue>,
 }
 
+// Untagged enums buffer what they read, which a borrowed `RawValue` cannot
+// come from: their other cases hold owned values.
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum Content<'a> {
+enum Content {
     Text(String),
-    Parts(Vec<Part<'a>>),
-    #[serde(borrow)]
-    Other(&'a RawValue),
+    Parts(Vec<Part>),
+    Other(serde_json::Value),
 }
 
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum Part<'a> {
+enum Part {
     Text {
         #[serde(rename = "type")]
         _kind: TextKind,
         text: String,
     },
-    #[serde(borrow)]
-    Other(&'a RawValue),
+    Other(serde_json::Value),
 }
 
 #[derive(Deserialize)]
@@ -151,11 +151,11 @@ impl Message<'_> {
                 for part in parts {
                     match part {
                         Part::Text { text, .. } => out.extend_from_slice(text.as_bytes()),
-                        Part::Other(value) => out.extend_from_slice(value.get().as_bytes()),
+                        Part::Other(value) => out.extend_from_slice(value.to_string().as_bytes()),
                     }
                 }
             }
-            Some(Content::Other(value)) => out.extend_from_slice(value.get().as_bytes()),
+            Some(Content::Other(value)) => out.extend_from_slice(value.to_string().as_bytes()),
             None => {}
         }
         out.push(FIELD);
@@ -217,10 +217,36 @@ mod tests {
         let body = json!({"messages": messages}).to_string();
         assert_ne!(chat_blocks(body.as_bytes(), "other-model"), Some(plain.clone()));
         assert_ne!(blocks(json!({"messages": messages, "cache_salt": "tenant:a"})), plain);
+        assert_ne!(blocks(json!({"messages": messages, "cache_salt": "tenant:\"a\"\n"})), plain);
+        assert_eq!(blocks(json!({"messages": messages, "cache_salt": null})), plain);
+        // A repeated member reads as the worker reads it: the last one (the
+        // router writes a tenant's salt after the client's).
+        let clients = format!(r#"{{"messages":{messages},"cache_salt":"mine"}}"#);
+        let salted = crate::router::cache_salt::salted(clients.as_bytes(), "a");
+        let salted = salted.expect("an object");
+        assert_eq!(
+            chat_blocks(&salted, "m"),
+            Some(blocks(json!({"messages": messages, "cache_salt": "tenant:a:mine"})))
+        );
         assert_ne!(blocks(json!({"messages": messages, "tools": [{"type": "function"}]})), plain);
-        // Text given as parts renders as the same text.
+        // Text given as parts renders as the same text; other parts and
+        // contents count as written.
         let parts = json!([{"role": "user", "content": [{"type": "text", "text": long("q")}]}]);
         assert_eq!(blocks(json!({"messages": parts})), plain);
+        let image =
+            json!({"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{}", "A".repeat(600))}});
+        let with_image =
+            blocks(json!({"messages": [{"role": "user", "content": [image, {"type": "text", "text": "what?"}]}]}));
+        let other_image =
+            json!({"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{}", "B".repeat(600))}});
+        assert!(with_image.len() >= 2);
+        assert_ne!(
+            with_image,
+            blocks(
+                json!({"messages": [{"role": "user", "content": [other_image, {"type": "text", "text": "what?"}]}]})
+            )
+        );
+        assert!(!blocks(json!({"messages": [{"role": "user", "content": {"odd": long("x")}}]})).is_empty());
         // Other fields of the body do not matter.
         assert_eq!(blocks(json!({"messages": messages, "temperature": 0.2, "model": "x"})), plain);
     }

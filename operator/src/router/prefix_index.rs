@@ -62,40 +62,47 @@ impl PrefixIndex {
     }
 
     /// For each of `endpoints` (their keys), how many of `blocks`' leading
-    /// blocks it served; `decide` picks one of them by index, which is then
-    /// recorded as holding every block. One lock over both, so concurrent
-    /// requests with one prefix see each other's choice.
-    pub fn choose(&self, blocks: &[u64], endpoints: &[u64], decide: impl FnOnce(&[usize]) -> usize) -> usize {
+    /// blocks it served.
+    pub fn matched(&self, blocks: &[u64], endpoints: &[u64]) -> Vec<usize> {
+        self.lock().matched(blocks, endpoints)
+    }
+
+    /// Records that `endpoint` served every one of `blocks`.
+    pub fn record(&self, blocks: &[u64], endpoint: u64) {
+        self.lock().record(blocks, endpoint, self.capacity);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A poisoned lock only means another request panicked mid-update; the
         // map is still a valid (if approximate) index.
-        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let matched = state.matched(blocks, endpoints);
-        let chosen = decide(&matched);
-        if let Some(&endpoint) = endpoints.get(chosen) {
-            state.record(blocks, endpoint, self.capacity);
-        }
-        chosen
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Blocks remembered now.
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.state.lock().map(|s| s.blocks.len()).unwrap_or(0)
+        self.lock().blocks.len()
     }
 }
 
 impl State {
+    /// A block's hash is chained over every block before it, so an endpoint
+    /// that served block `d` served the whole prefix up to it: its match is
+    /// the deepest block it is among the holders of (a shared opening block
+    /// that has since had other holders does not cut it short).
     fn matched(&self, blocks: &[u64], endpoints: &[u64]) -> Vec<usize> {
         let mut matched = vec![0; endpoints.len()];
-        let mut still: Vec<usize> = (0..endpoints.len()).collect();
-        for (depth, block) in blocks.iter().enumerate() {
-            let Some(holders) = self.blocks.get(block) else { break };
-            still.retain(|&i| holders.holds(endpoints[i]));
-            if still.is_empty() {
-                break;
+        let mut open = endpoints.len();
+        for (depth, block) in blocks.iter().enumerate().rev() {
+            let Some(holders) = self.blocks.get(block) else { continue };
+            for (i, &endpoint) in endpoints.iter().enumerate() {
+                if matched[i] == 0 && holders.holds(endpoint) {
+                    matched[i] = depth + 1;
+                    open -= 1;
+                }
             }
-            for &i in &still {
-                matched[i] = depth + 1;
+            if open == 0 {
+                break;
             }
         }
         matched
@@ -124,67 +131,47 @@ mod tests {
     use super::*;
 
     #[test]
-    fn leading_blocks_count_until_the_first_one_an_endpoint_lacks() {
+    fn an_endpoint_matches_up_to_the_deepest_block_it_served() {
         let index = PrefixIndex::default();
         let (a, b, c) = (11, 22, 33);
-        index.choose(&[1, 2, 3, 4], &[a, b], |_| 0);
-        index.choose(&[1, 2, 7], &[a, b], |_| 1);
-        let mut seen = Vec::new();
-        index.choose(&[1, 2, 3, 9], &[a, b, c], |m| {
-            seen = m.to_vec();
-            2
-        });
-        assert_eq!(seen, vec![3, 2, 0]);
-        // c now holds 1, 2, 3 and 9; a block in the middle missing ends the match.
-        index.choose(&[1, 5, 3], &[a, b, c], |m| {
-            seen = m.to_vec();
-            0
-        });
-        assert_eq!(seen, vec![1, 1, 1]);
+        index.record(&[1, 2, 3, 4], a);
+        index.record(&[1, 2, 7], b);
+        assert_eq!(index.matched(&[1, 2, 3, 9], &[a, b, c]), vec![3, 2, 0]);
+        // Block 1 shared by more endpoints than it remembers: `a` still
+        // matches through its deeper blocks (chained hashes imply the rest).
+        for other in 100..110 {
+            index.record(&[1], other);
+        }
+        assert_eq!(index.matched(&[1, 2, 3, 4, 5], &[a, b, c, 109]), vec![4, 2, 0, 1]);
+        assert_eq!(index.matched(&[], &[a]), vec![0]);
+        assert_eq!(index.matched(&[8], &[]), Vec::<usize>::new());
     }
 
     #[test]
     fn a_block_remembers_its_latest_holders_only() {
         let index = PrefixIndex::default();
         for endpoint in 1..=(HOLDERS as u64 + 1) {
-            index.choose(&[7], &[endpoint], |_| 0);
+            index.record(&[7], endpoint);
         }
         let all: Vec<u64> = (1..=(HOLDERS as u64 + 1)).collect();
-        let mut seen = Vec::new();
-        index.choose(&[7], &all, |m| {
-            seen = m.to_vec();
-            usize::MAX // an index past the list records nothing
-        });
+        let seen = index.matched(&[7], &all);
         assert_eq!(seen[0], 0, "the oldest holder was dropped");
         assert!(seen[1..].iter().all(|&m| m == 1));
         // Touching a holder again moves it first without duplicating it.
-        index.choose(&[7], &[3], |_| 0);
-        index.choose(&[7], &[9], |_| 0);
-        index.choose(&[7], &all, |m| {
-            seen = m.to_vec();
-            usize::MAX
-        });
-        assert_eq!(seen, vec![0, 0, 1, 1, 1]);
+        index.record(&[7], 3);
+        index.record(&[7], 9);
+        assert_eq!(index.matched(&[7], &all), vec![0, 0, 1, 1, 1]);
     }
 
     #[test]
     fn the_least_recently_routed_blocks_are_forgotten_past_capacity() {
         let index = PrefixIndex::with_capacity(100);
-        index.choose(&[1], &[5], |_| 0);
+        index.record(&[1], 5);
         for block in 1000..1200 {
-            index.choose(&[block], &[5], |_| 0);
+            index.record(&[block], 5);
         }
         assert!(index.len() <= 100);
-        let mut seen = Vec::new();
-        index.choose(&[1], &[5], |m| {
-            seen = m.to_vec();
-            usize::MAX
-        });
-        assert_eq!(seen, vec![0]);
-        index.choose(&[1199], &[5], |m| {
-            seen = m.to_vec();
-            usize::MAX
-        });
-        assert_eq!(seen, vec![1], "recent blocks stay");
+        assert_eq!(index.matched(&[1], &[5]), vec![0]);
+        assert_eq!(index.matched(&[1199], &[5]), vec![1], "recent blocks stay");
     }
 }

@@ -1,9 +1,10 @@
 //! The routing API: reads `model`, picks a worker, and relays the request and its
 //! (streamed) answer without buffering.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
@@ -97,7 +98,8 @@ struct Inner {
     holding: Arc<Holding>,
     lifecycle: Arc<Lifecycle>,
     tenancy: Tenancy,
-    prefixes: PrefixIndex,
+    /// Per pool (by its model): which workers served which prompt blocks.
+    prefixes: Mutex<HashMap<String, Arc<PrefixIndex>>>,
 }
 
 impl RouterState {
@@ -118,7 +120,7 @@ impl RouterState {
                 holding,
                 lifecycle: Arc::default(),
                 tenancy,
-                prefixes: PrefixIndex::default(),
+                prefixes: Mutex::default(),
             }),
         }
     }
@@ -158,6 +160,13 @@ impl RouterState {
 
     pub(super) fn tenancy(&self) -> &Tenancy {
         &self.inner.tenancy
+    }
+
+    /// The prefix index of the pool serving `model` (made on first use; one
+    /// per pool, so pools neither wait on nor evict each other's blocks).
+    fn prefix_index(&self, model: &str) -> Arc<PrefixIndex> {
+        let mut indexes = self.inner.prefixes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        indexes.entry(model.to_string()).or_default().clone()
     }
 
     /// The caller's tenant when tenants are on (`Ok(None)` when they are off).
@@ -362,11 +371,13 @@ async fn route(
     // The prompt's blocks as the chosen worker will see them: renamed, salted.
     let settings = &state.inner.settings;
     let blocks = if settings.prefix_routing { prefix::chat_blocks(&bytes, &pool.model) } else { None };
-    let prefix = blocks.as_deref().map(|blocks| balancer::Prefix {
-        index: &state.inner.prefixes,
+    let index = blocks.as_ref().map(|_| state.prefix_index(&pool.model));
+    let prefix = blocks.as_deref().zip(index.as_deref()).map(|(blocks, index)| balancer::Prefix {
+        index,
         blocks,
         load_factor: settings.prefix_load_factor,
     });
+    let unreadable = (settings.prefix_routing && blocks.is_none()).then_some(balancer::Outcome::Unreadable);
     // Each attempt goes to another worker; a large pool is not walked end to end.
     let attempts = pool.endpoints.len().min(MAX_ATTEMPTS);
     let mut tried = Vec::new();
@@ -376,7 +387,7 @@ async fn route(
             return Err((pool.model.clone(), RouterError::no_endpoint(&model)));
         };
         // How the request's first choice went (a retry's is not a routing decision).
-        if let Some(outcome) = outcome.filter(|_| tried.is_empty()) {
+        if let Some(outcome) = outcome.or(unreadable).filter(|_| tried.is_empty()) {
             let labels = ModelOutcome { model: pool.model.clone(), outcome: outcome.label() };
             state.metrics().prefix_routing.get_or_create(&labels).inc();
         }
@@ -406,6 +417,10 @@ async fn route(
                 tried.push(endpoint.clone());
             }
             Ok(answer) => {
+                // The worker took the prompt on: its prefix cache now holds the blocks.
+                if let (Some(prefix), true) = (&prefix, answer.status().is_success()) {
+                    prefix.index.record(prefix.blocks, endpoint.key);
+                }
                 state.metrics().upstream_latency.observe(started.elapsed().as_secs_f64());
                 count(state, &pool.model, answer.status());
                 let first_byte = (started, state.metrics().time_to_first_byte.clone());
