@@ -1,6 +1,6 @@
-//! The AVX2 level's layout and kernel: eight columns side by side in every
-//! vector, so one load of weights feeds eight columns and a tile's sums never
-//! need a horizontal reduction.
+//! The layout and kernels of every x86 level (AVX2 and up): eight columns
+//! side by side in every vector, so one load of weights feeds eight columns
+//! and a tile's sums never need a horizontal reduction.
 //!
 //! Layout. Columns go in groups of [`LANES`]; for each group and 32-value
 //! block the values sit in 32-byte chunks, column `c` at bytes `4c..4c + 4`:
@@ -24,6 +24,8 @@
 use std::ops::Range;
 
 use super::formats::Storage;
+#[cfg(target_arch = "x86_64")]
+use super::Isa;
 use super::{ActivationView, Format, Output, PackedWeights, BLOCK};
 
 /// Columns side by side in a vector.
@@ -72,12 +74,14 @@ pub fn stored(format: Format, u: u8) -> u8 {
     }
 }
 
-/// Columns `cols` of `a × Wᵀ` (`rows` rows) into `out`.
+/// Columns `cols` of `a × Wᵀ` (`rows` rows) into `out`, with the kernel of
+/// the weights' level.
 ///
 /// # Safety
-/// The CPU has AVX2, FMA and F16C; no other thread reads or writes the
-/// output elements of these columns, nor writes the activations, during the
-/// call; the output holds every row (the caller checks it).
+/// The CPU has the weights' level's features (AVX2, FMA and F16C at least);
+/// no other thread reads or writes the output elements of these columns, nor
+/// writes the activations, during the call; the output holds every row (the
+/// caller checks it).
 #[cfg(target_arch = "x86_64")]
 pub(super) unsafe fn matmul(
     w: &PackedWeights,
@@ -89,28 +93,13 @@ pub(super) unsafe fn matmul(
     if cols.is_empty() {
         return;
     }
-    let half = matches!(w.scales, super::Scales::Half(_));
-    // SAFETY: the caller's CPU has AVX2, FMA and F16C, and the rest is the
-    // caller's; the flags are the format's (nibble values below 16, 5-bit
-    // below 32, Q6_K's below 64 with two f32 scales, Q8_0 signed), which is
-    // what each instance assumes.
+    // SAFETY: the caller's CPU has the level's features; the rest is the caller's.
     unsafe {
-        match (w.format, half) {
-            (Format::Q4_0 | Format::Q4_1 | Format::Q4_K, true) => {
-                avx2::columns::<true, 8, false, false, true>(w, a, rows, cols, out)
-            }
-            (Format::Q4_0 | Format::Q4_1 | Format::Q4_K, false) => {
-                avx2::columns::<true, 8, false, false, false>(w, a, rows, cols, out)
-            }
-            (Format::Q5_0 | Format::Q5_1 | Format::Q5_K, true) => {
-                avx2::columns::<false, 4, false, false, true>(w, a, rows, cols, out)
-            }
-            (Format::Q5_0 | Format::Q5_1 | Format::Q5_K, false) => {
-                avx2::columns::<false, 4, false, false, false>(w, a, rows, cols, out)
-            }
-            (Format::Q8_0, true) => avx2::columns::<false, 1, false, true, true>(w, a, rows, cols, out),
-            (Format::Q8_0, false) => avx2::columns::<false, 1, false, true, false>(w, a, rows, cols, out),
-            (Format::Q6_K, _) => avx2::columns::<false, 2, true, false, false>(w, a, rows, cols, out),
+        match w.level.isa() {
+            Isa::AvxVnni => avx_vnni::matmul(w, a, rows, cols, out),
+            Isa::Avx512Vnni => avx512_vnni::matmul(w, a, rows, cols, out),
+            Isa::Avx512 => avx512::matmul(w, a, rows, cols, out),
+            Isa::Avx2 | Isa::Scalar => avx2::matmul(w, a, rows, cols, out),
         }
     }
 }
@@ -140,6 +129,311 @@ unsafe fn store<const R: usize>(
     }
 }
 
+/// The kernel, instantiated per level with the level's CPU features enabled
+/// (so its intrinsics inline). Levels differ in how a chunk of weights meets
+/// four activation bytes per column: `maddubs` (`vpmaddubsw` pair sums in 16
+/// bits, widened every `SPAN` chunks by `vpmaddwd`) or `dpbusd` (VNNI's
+/// `vpdpbusd`: four products straight into 32-bit sums, nothing to widen).
+#[cfg(target_arch = "x86_64")]
+macro_rules! lanes_kernel {
+    (maddubs, $features:literal) => {
+        /// Pair sums go to 16-bit sums, widened by the caller.
+        const DIRECT: bool = false;
+
+        /// Adds one chunk's pair sums for `R` rows: weights `wv` times the
+        /// four activation bytes at `acts` (row `r`'s at `acts + r * stride`)
+        /// broadcast to every lane.
+        ///
+        /// # Safety
+        /// The CPU has the module's features; four bytes are readable at each row's `acts`.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn chunk<const R: usize, const WIDE: bool>(
+            wv: __m256i,
+            acts: *const i8,
+            stride: usize,
+            sums: &mut [__m256i; R],
+        ) {
+            let wu = if WIDE { _mm256_sign_epi8(wv, wv) } else { wv };
+            for (r, sum) in sums.iter_mut().enumerate() {
+                // SAFETY: the caller's.
+                let av = _mm256_set1_epi32(unsafe { acts.add(r * stride).cast::<i32>().read_unaligned() });
+                let av = if WIDE { _mm256_sign_epi8(av, wv) } else { av };
+                *sum = _mm256_add_epi16(*sum, _mm256_maddubs_epi16(wu, av));
+            }
+        }
+
+        lanes_kernel!(@body $features);
+    };
+    (dpbusd $dot:ident, $features:literal) => {
+        /// Products go straight to the 32-bit sums.
+        const DIRECT: bool = true;
+
+        /// Adds one chunk's four-value dot products for `R` rows to their
+        /// 32-bit sums: weights `wv` times the four activation bytes at `acts`
+        /// (row `r`'s at `acts + r * stride`) broadcast to every lane.
+        ///
+        /// # Safety
+        /// The CPU has the module's features; four bytes are readable at each row's `acts`.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn chunk<const R: usize, const WIDE: bool>(
+            wv: __m256i,
+            acts: *const i8,
+            stride: usize,
+            sums: &mut [__m256i; R],
+        ) {
+            let wu = if WIDE { _mm256_sign_epi8(wv, wv) } else { wv };
+            for (r, sum) in sums.iter_mut().enumerate() {
+                // SAFETY: the caller's.
+                let av = _mm256_set1_epi32(unsafe { acts.add(r * stride).cast::<i32>().read_unaligned() });
+                let av = if WIDE { _mm256_sign_epi8(av, wv) } else { av };
+                *sum = $dot(*sum, wu, av);
+            }
+        }
+
+        lanes_kernel!(@body $features);
+    };
+    (@body $features:literal) => {
+        /// Columns `cols` of `rows` rows, in the instance the format needs.
+        ///
+        /// # Safety
+        /// As for [`super::matmul`], with the module's features.
+        pub(super) unsafe fn matmul(
+            w: &PackedWeights,
+            a: &ActivationView<'_>,
+            rows: usize,
+            cols: Range<usize>,
+            out: &Output<'_>,
+        ) {
+            let half = matches!(w.scales, Scales::Half(_));
+            // SAFETY: the caller's; the flags are the format's (nibble values
+            // below 16, 5-bit below 32, Q6_K's below 64 with two f32 scales,
+            // Q8_0 signed), which is what each instance assumes.
+            unsafe {
+                match (w.format, half) {
+                    (Format::Q4_0 | Format::Q4_1 | Format::Q4_K, true) => {
+                        columns::<true, 8, false, false, true>(w, a, rows, cols, out)
+                    }
+                    (Format::Q4_0 | Format::Q4_1 | Format::Q4_K, false) => {
+                        columns::<true, 8, false, false, false>(w, a, rows, cols, out)
+                    }
+                    (Format::Q5_0 | Format::Q5_1 | Format::Q5_K, true) => {
+                        columns::<false, 4, false, false, true>(w, a, rows, cols, out)
+                    }
+                    (Format::Q5_0 | Format::Q5_1 | Format::Q5_K, false) => {
+                        columns::<false, 4, false, false, false>(w, a, rows, cols, out)
+                    }
+                    (Format::Q8_0, true) => columns::<false, 1, false, true, true>(w, a, rows, cols, out),
+                    (Format::Q8_0, false) => columns::<false, 1, false, true, false>(w, a, rows, cols, out),
+                    (Format::Q6_K, _) => columns::<false, 2, true, false, false>(w, a, rows, cols, out),
+                }
+            }
+        }
+        /// Columns `cols` of `rows` rows, with the format's flags (see [`tile`]).
+        ///
+        /// # Safety
+        /// As for [`super::matmul`]; the flags are the weights' format's.
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn columns<
+            const NIBBLES: bool,
+            const SPAN: usize,
+            const PAIR: bool,
+            const WIDE: bool,
+            const HALF: bool,
+        >(
+            w: &PackedWeights,
+            a: &ActivationView<'_>,
+            rows: usize,
+            cols: Range<usize>,
+            out: &Output<'_>,
+        ) {
+            // Rows in chunks whose activations stay in L2 while each group's
+            // weights (a few KiB) stay in L1 for every row tile of the chunk.
+            const ROW_CHUNK: usize = 64;
+            let (nb, spb) = (w.nb, if PAIR { 2 } else { 1 });
+            let groups = cols.start / LANES..cols.end.div_ceil(LANES);
+            // Every block the tiles below read, checked once.
+            let bytes = group_block_bytes(if NIBBLES { Storage::Nibbles } else { Storage::Bytes });
+            assert!(groups.end * nb * bytes <= w.q.len(), "columns {cols:?} outside the weights");
+            let scales = match &w.scales {
+                Scales::Half(dm) => HALF.then_some(dm.len()),
+                Scales::Full { d, m } => (!HALF).then_some(d.len().min(m.len()) / spb),
+            };
+            assert!(scales.is_some_and(|len| groups.end * nb * LANES <= len), "the scales are not the kernel's");
+            assert!(
+                rows * nb <= a.d.len() && a.q.len() == a.d.len() * BLOCK && a.s.len() == 8 * a.d.len(),
+                "rows outside the activations"
+            );
+            for chunk in (0..rows).step_by(ROW_CHUNK) {
+                let chunk_end = (chunk + ROW_CHUNK).min(rows);
+                for group in groups.clone() {
+                    let lanes =
+                        cols.start.max(group * LANES) - group * LANES..cols.end.min((group + 1) * LANES) - group * LANES;
+                    let mut row = chunk;
+                    while row < chunk_end {
+                        // Nibbles leave registers for four rows; the byte formats'
+                        // wider sums for two.
+                        macro_rules! rows {
+                            ($r:literal) => {{
+                                let mut t = [[0f32; LANES]; $r];
+                                // SAFETY: the group and rows `row..row + R` are inside
+                                // what was checked above; the output is the caller's.
+                                unsafe {
+                                    tile::<$r, NIBBLES, SPAN, PAIR, WIDE, HALF>(w, a, row, group, &mut t);
+                                    store(&t, row, group, lanes.clone(), out);
+                                }
+                                $r
+                            }};
+                        }
+                        row += match (chunk_end - row, NIBBLES) {
+                            (1, _) => rows!(1),
+                            (2, _) | (_, false) => rows!(2),
+                            (3, true) => rows!(3),
+                            _ => rows!(4),
+                        };
+                    }
+                }
+            }
+        }
+
+        /// `R` rows of one group: `out[r][c]` is row `row + r` times column
+        /// `group * 8 + c`. `NIBBLES`: 4-bit storage; `SPAN`: chunks summed in
+        /// 16 bits before widening (without VNNI) (a divisor of 4, or 8 without `PAIR`);
+        /// `PAIR`: two f32 scales per block (Q6_K); `WIDE`: Q8_0's signed bytes,
+        /// no offsets; `HALF`: f16 scale pairs.
+        ///
+        /// # Safety
+        /// The CPU has AVX2, FMA and F16C; the flags are the weights' format's;
+        /// the group's blocks and scales and rows `row..row + R` are inside the
+        /// weights and activations (which [`columns`] checks once for all its tiles).
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn tile<
+            const R: usize,
+            const NIBBLES: bool,
+            const SPAN: usize,
+            const PAIR: bool,
+            const WIDE: bool,
+            const HALF: bool,
+        >(
+            w: &PackedWeights,
+            a: &ActivationView<'_>,
+            row: usize,
+            group: usize,
+            out: &mut [[f32; LANES]; R],
+        ) {
+            let nb = w.nb;
+            let bytes = group_block_bytes(if NIBBLES { Storage::Nibbles } else { Storage::Bytes });
+            let (pairs, d, m) = match &w.scales {
+                Scales::Half(dm) => (dm.as_ptr().cast::<u8>(), std::ptr::null(), std::ptr::null()),
+                Scales::Full { d, m } => (std::ptr::null(), d.as_ptr(), m.as_ptr()),
+            };
+            let (wq, aq, ad, asums) = (w.q.as_ptr(), a.q.as_ptr(), a.d.as_ptr(), a.s.as_ptr());
+            let ones = _mm256_set1_epi16(1);
+            let low = _mm256_set1_epi8(0x0f);
+            let mut acc = [_mm256_setzero_ps(); R];
+            for b in 0..nb {
+                let at = group * nb + b;
+                // SAFETY (every access below): block `at` of the group is inside
+                // the weights and the scales, and block `b` of rows
+                // `row..row + R` inside the activations (the caller's).
+                let chunks = unsafe { wq.add(at * bytes) };
+                let acts = unsafe { aq.add((row * nb + b) * BLOCK) };
+                let mut sums16 = [_mm256_setzero_si256(); R];
+                // Widened sums: of the block, or (PAIR) of its first and second half.
+                let mut first = [_mm256_setzero_si256(); R];
+                let mut second = [_mm256_setzero_si256(); R];
+                if NIBBLES {
+                    let target = if DIRECT { &mut first } else { &mut sums16 };
+                    for i in 0..4 {
+                        let v = unsafe { _mm256_loadu_si256(chunks.add(32 * i).cast()) };
+                        let lo = _mm256_and_si256(v, low);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                        // SAFETY: chunks `i` and `i + 4` of the rows' blocks.
+                        unsafe {
+                            chunk::<R, false>(lo, acts.add(4 * i), nb * BLOCK, target);
+                            chunk::<R, false>(hi, acts.add(4 * (i + 4)), nb * BLOCK, target);
+                        }
+                    }
+                    if !DIRECT {
+                        for r in 0..R {
+                            first[r] = _mm256_madd_epi16(sums16[r], ones);
+                        }
+                    }
+                } else {
+                    for g in 0..8 {
+                        let target = match (DIRECT, PAIR && g >= 4) {
+                            (true, true) => &mut second,
+                            (true, false) => &mut first,
+                            (false, _) => &mut sums16,
+                        };
+                        // SAFETY: chunk `g` of the group's block and of the rows' blocks.
+                        unsafe {
+                            let v = _mm256_loadu_si256(chunks.add(32 * g).cast());
+                            chunk::<R, WIDE>(v, acts.add(4 * g), nb * BLOCK, target);
+                        }
+                        if !DIRECT && (g + 1) % SPAN == 0 {
+                            for r in 0..R {
+                                let widened = _mm256_madd_epi16(sums16[r], ones);
+                                if PAIR && g >= 4 {
+                                    second[r] = _mm256_add_epi32(second[r], widened);
+                                } else {
+                                    first[r] = _mm256_add_epi32(first[r], widened);
+                                }
+                                sums16[r] = _mm256_setzero_si256();
+                            }
+                        }
+                    }
+                }
+                // The group's eight scales and offsets (two sets for PAIR).
+                let (d0, m0, d1, m1) = unsafe {
+                    if HALF {
+                        let x = _mm256_cvtph_ps(_mm_loadu_si128(pairs.add(at * LANES * 4).cast()));
+                        let y = _mm256_cvtph_ps(_mm_loadu_si128(pairs.add(at * LANES * 4 + 16).cast()));
+                        let (d, m) = (_mm256_shuffle_ps::<0b10_00_10_00>(x, y), _mm256_shuffle_ps::<0b11_01_11_01>(x, y));
+                        (d, m, d, m)
+                    } else if PAIR {
+                        let at = 2 * at * LANES;
+                        (
+                            _mm256_loadu_ps(d.add(at)),
+                            _mm256_loadu_ps(m.add(at)),
+                            _mm256_loadu_ps(d.add(at + LANES)),
+                            _mm256_loadu_ps(m.add(at + LANES)),
+                        )
+                    } else {
+                        let (d, m) = (_mm256_loadu_ps(d.add(at * LANES)), _mm256_loadu_ps(m.add(at * LANES)));
+                        (d, m, d, m)
+                    }
+                };
+                for r in 0..R {
+                    let ab = (row + r) * nb + b;
+                    // Activation scale, and `da * Σ qa` over each half of the block.
+                    let (da, lo, hi) = unsafe {
+                        (
+                            _mm256_broadcast_ss(&*ad.add(ab)),
+                            _mm256_broadcast_ss(&*asums.add(8 * ab)),
+                            _mm256_broadcast_ss(&*asums.add(8 * ab + 4)),
+                        )
+                    };
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(first[r]), _mm256_mul_ps(d0, da), acc[r]);
+                    if PAIR {
+                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(second[r]), _mm256_mul_ps(d1, da), acc[r]);
+                    }
+                    if !WIDE {
+                        acc[r] = _mm256_fmadd_ps(m0, lo, acc[r]);
+                        acc[r] = _mm256_fmadd_ps(m1, hi, acc[r]);
+                    }
+                }
+            }
+            for (values, sums) in out.iter_mut().zip(&acc) {
+                // SAFETY: eight floats into an array of eight.
+                unsafe { _mm256_storeu_ps(values.as_mut_ptr(), *sums) };
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -147,222 +441,47 @@ mod avx2 {
 
     use super::{group_block_bytes, store, LANES};
     use crate::runtime::qmatmul::formats::Storage;
-    use crate::runtime::qmatmul::{ActivationView, Output, PackedWeights, Scales, BLOCK};
+    use crate::runtime::qmatmul::{ActivationView, Format, Output, PackedWeights, Scales, BLOCK};
 
-    /// Columns `cols` of `rows` rows, with the format's flags (see [`tile`]).
-    ///
-    /// # Safety
-    /// As for [`super::matmul`]; the flags are the weights' format's.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn columns<
-        const NIBBLES: bool,
-        const SPAN: usize,
-        const PAIR: bool,
-        const WIDE: bool,
-        const HALF: bool,
-    >(
-        w: &PackedWeights,
-        a: &ActivationView<'_>,
-        rows: usize,
-        cols: Range<usize>,
-        out: &Output<'_>,
-    ) {
-        // Rows in chunks whose activations stay in L2 while each group's
-        // weights (a few KiB) stay in L1 for every row tile of the chunk.
-        const ROW_CHUNK: usize = 64;
-        let (nb, spb) = (w.nb, if PAIR { 2 } else { 1 });
-        let groups = cols.start / LANES..cols.end.div_ceil(LANES);
-        // Every block the tiles below read, checked once.
-        let bytes = group_block_bytes(if NIBBLES { Storage::Nibbles } else { Storage::Bytes });
-        assert!(groups.end * nb * bytes <= w.q.len(), "columns {cols:?} outside the weights");
-        let scales = match &w.scales {
-            Scales::Half(dm) => HALF.then_some(dm.len()),
-            Scales::Full { d, m } => (!HALF).then_some(d.len().min(m.len()) / spb),
-        };
-        assert!(scales.is_some_and(|len| groups.end * nb * LANES <= len), "the scales are not the kernel's");
-        assert!(
-            rows * nb <= a.d.len() && a.q.len() == a.d.len() * BLOCK && a.s.len() == 8 * a.d.len(),
-            "rows outside the activations"
-        );
-        for chunk in (0..rows).step_by(ROW_CHUNK) {
-            let chunk_end = (chunk + ROW_CHUNK).min(rows);
-            for group in groups.clone() {
-                let lanes =
-                    cols.start.max(group * LANES) - group * LANES..cols.end.min((group + 1) * LANES) - group * LANES;
-                let mut row = chunk;
-                while row < chunk_end {
-                    // Nibbles leave registers for four rows; the byte formats'
-                    // wider sums for two.
-                    macro_rules! rows {
-                        ($r:literal) => {{
-                            let mut t = [[0f32; LANES]; $r];
-                            // SAFETY: the group and rows `row..row + R` are inside
-                            // what was checked above; the output is the caller's.
-                            unsafe {
-                                tile::<$r, NIBBLES, SPAN, PAIR, WIDE, HALF>(w, a, row, group, &mut t);
-                                store(&t, row, group, lanes.clone(), out);
-                            }
-                            $r
-                        }};
-                    }
-                    row += match (chunk_end - row, NIBBLES) {
-                        (1, _) => rows!(1),
-                        (2, _) | (_, false) => rows!(2),
-                        (3, true) => rows!(3),
-                        _ => rows!(4),
-                    };
-                }
-            }
-        }
-    }
+    lanes_kernel!(maddubs, "avx2,fma,f16c");
+}
 
-    /// `R` rows of one group: `out[r][c]` is row `row + r` times column
-    /// `group * 8 + c`. `NIBBLES`: 4-bit storage; `SPAN`: chunks summed in
-    /// 16 bits before widening (a divisor of 4, or 8 without `PAIR`);
-    /// `PAIR`: two f32 scales per block (Q6_K); `WIDE`: Q8_0's signed bytes,
-    /// no offsets; `HALF`: f16 scale pairs.
-    ///
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C; the flags are the weights' format's;
-    /// the group's blocks and scales and rows `row..row + R` are inside the
-    /// weights and activations (which [`columns`] checks once for all its tiles).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn tile<
-        const R: usize,
-        const NIBBLES: bool,
-        const SPAN: usize,
-        const PAIR: bool,
-        const WIDE: bool,
-        const HALF: bool,
-    >(
-        w: &PackedWeights,
-        a: &ActivationView<'_>,
-        row: usize,
-        group: usize,
-        out: &mut [[f32; LANES]; R],
-    ) {
-        let nb = w.nb;
-        let bytes = group_block_bytes(if NIBBLES { Storage::Nibbles } else { Storage::Bytes });
-        let (pairs, d, m) = match &w.scales {
-            Scales::Half(dm) => (dm.as_ptr().cast::<u8>(), std::ptr::null(), std::ptr::null()),
-            Scales::Full { d, m } => (std::ptr::null(), d.as_ptr(), m.as_ptr()),
-        };
-        let (wq, aq, ad, asums) = (w.q.as_ptr(), a.q.as_ptr(), a.d.as_ptr(), a.s.as_ptr());
-        let ones = _mm256_set1_epi16(1);
-        let low = _mm256_set1_epi8(0x0f);
-        let mut acc = [_mm256_setzero_ps(); R];
-        for b in 0..nb {
-            let at = group * nb + b;
-            // SAFETY (every access below): block `at` of the group is inside
-            // the weights and the scales, and block `b` of rows
-            // `row..row + R` inside the activations (the caller's).
-            let chunks = unsafe { wq.add(at * bytes) };
-            let acts = unsafe { aq.add((row * nb + b) * BLOCK) };
-            let mut sums16 = [_mm256_setzero_si256(); R];
-            // Widened sums: of the block, or (PAIR) of its first and second half.
-            let mut first = [_mm256_setzero_si256(); R];
-            let mut second = [_mm256_setzero_si256(); R];
-            if NIBBLES {
-                for i in 0..4 {
-                    let v = unsafe { _mm256_loadu_si256(chunks.add(32 * i).cast()) };
-                    let lo = _mm256_and_si256(v, low);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-                    // SAFETY: chunks `i` and `i + 4` of the rows' blocks.
-                    unsafe {
-                        pair_sums::<R, false>(lo, acts.add(4 * i), nb * BLOCK, &mut sums16);
-                        pair_sums::<R, false>(hi, acts.add(4 * (i + 4)), nb * BLOCK, &mut sums16);
-                    }
-                }
-                for r in 0..R {
-                    first[r] = _mm256_madd_epi16(sums16[r], ones);
-                }
-            } else {
-                for g in 0..8 {
-                    // SAFETY: chunk `g` of the group's block and of the rows' blocks.
-                    unsafe {
-                        let v = _mm256_loadu_si256(chunks.add(32 * g).cast());
-                        pair_sums::<R, WIDE>(v, acts.add(4 * g), nb * BLOCK, &mut sums16);
-                    }
-                    if (g + 1) % SPAN == 0 {
-                        for r in 0..R {
-                            let widened = _mm256_madd_epi16(sums16[r], ones);
-                            if PAIR && g >= 4 {
-                                second[r] = _mm256_add_epi32(second[r], widened);
-                            } else {
-                                first[r] = _mm256_add_epi32(first[r], widened);
-                            }
-                            sums16[r] = _mm256_setzero_si256();
-                        }
-                    }
-                }
-            }
-            // The group's eight scales and offsets (two sets for PAIR).
-            let (d0, m0, d1, m1) = unsafe {
-                if HALF {
-                    let x = _mm256_cvtph_ps(_mm_loadu_si128(pairs.add(at * LANES * 4).cast()));
-                    let y = _mm256_cvtph_ps(_mm_loadu_si128(pairs.add(at * LANES * 4 + 16).cast()));
-                    let (d, m) = (_mm256_shuffle_ps::<0b10_00_10_00>(x, y), _mm256_shuffle_ps::<0b11_01_11_01>(x, y));
-                    (d, m, d, m)
-                } else if PAIR {
-                    let at = 2 * at * LANES;
-                    (
-                        _mm256_loadu_ps(d.add(at)),
-                        _mm256_loadu_ps(m.add(at)),
-                        _mm256_loadu_ps(d.add(at + LANES)),
-                        _mm256_loadu_ps(m.add(at + LANES)),
-                    )
-                } else {
-                    let (d, m) = (_mm256_loadu_ps(d.add(at * LANES)), _mm256_loadu_ps(m.add(at * LANES)));
-                    (d, m, d, m)
-                }
-            };
-            for r in 0..R {
-                let ab = (row + r) * nb + b;
-                // Activation scale, and `da * Σ qa` over each half of the block.
-                let (da, lo, hi) = unsafe {
-                    (
-                        _mm256_broadcast_ss(&*ad.add(ab)),
-                        _mm256_broadcast_ss(&*asums.add(8 * ab)),
-                        _mm256_broadcast_ss(&*asums.add(8 * ab + 4)),
-                    )
-                };
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(first[r]), _mm256_mul_ps(d0, da), acc[r]);
-                if PAIR {
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(second[r]), _mm256_mul_ps(d1, da), acc[r]);
-                }
-                if !WIDE {
-                    acc[r] = _mm256_fmadd_ps(m0, lo, acc[r]);
-                    acc[r] = _mm256_fmadd_ps(m1, hi, acc[r]);
-                }
-            }
-        }
-        for (values, sums) in out.iter_mut().zip(&acc) {
-            // SAFETY: eight floats into an array of eight.
-            unsafe { _mm256_storeu_ps(values.as_mut_ptr(), *sums) };
-        }
-    }
+/// AVX2's kernel with EVEX encodings and 32 vector registers.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+    use std::ops::Range;
 
-    /// Adds one chunk's pair sums for `R` rows: weights `wv` times the four
-    /// activation bytes at `acts` (row `r`'s at `acts + r * stride`) broadcast
-    /// to every lane.
-    ///
-    /// # Safety
-    /// The CPU has AVX2; four bytes are readable at each row's `acts`.
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    unsafe fn pair_sums<const R: usize, const WIDE: bool>(
-        wv: __m256i,
-        acts: *const i8,
-        stride: usize,
-        sums: &mut [__m256i; R],
-    ) {
-        let wu = if WIDE { _mm256_sign_epi8(wv, wv) } else { wv };
-        for (r, sum) in sums.iter_mut().enumerate() {
-            // SAFETY: the caller's.
-            let av = _mm256_set1_epi32(unsafe { acts.add(r * stride).cast::<i32>().read_unaligned() });
-            let av = if WIDE { _mm256_sign_epi8(av, wv) } else { av };
-            *sum = _mm256_add_epi16(*sum, _mm256_maddubs_epi16(wu, av));
-        }
-    }
+    use super::{group_block_bytes, store, LANES};
+    use crate::runtime::qmatmul::formats::Storage;
+    use crate::runtime::qmatmul::{ActivationView, Format, Output, PackedWeights, Scales, BLOCK};
+
+    lanes_kernel!(maddubs, "avx2,fma,f16c,avx512f,avx512bw,avx512vl");
+}
+
+/// VEX-encoded `vpdpbusd` (Alder Lake and later).
+#[cfg(target_arch = "x86_64")]
+mod avx_vnni {
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::{group_block_bytes, store, LANES};
+    use crate::runtime::qmatmul::formats::Storage;
+    use crate::runtime::qmatmul::{ActivationView, Format, Output, PackedWeights, Scales, BLOCK};
+
+    lanes_kernel!(dpbusd _mm256_dpbusd_avx_epi32, "avx2,fma,f16c,avxvnni");
+}
+
+/// EVEX-encoded 256-bit `vpdpbusd` and 32 vector registers (Ice Lake,
+/// Sapphire Rapids, Zen 4 and later).
+#[cfg(target_arch = "x86_64")]
+mod avx512_vnni {
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::{group_block_bytes, store, LANES};
+    use crate::runtime::qmatmul::formats::Storage;
+    use crate::runtime::qmatmul::{ActivationView, Format, Output, PackedWeights, Scales, BLOCK};
+
+    lanes_kernel!(dpbusd _mm256_dpbusd_epi32, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni");
 }

@@ -10,13 +10,15 @@ pub enum Isa {
     Scalar,
     /// AVX2 + FMA + F16C: `vpmaddubsw` + `vpmaddwd`.
     Avx2,
-    /// AVX-512 F/BW/VL: AVX2's instructions with 32 vector registers
-    /// (larger tiles): Skylake-SP and Cascade Lake without VNNI use it.
+    /// AVX-512 F/BW/VL: AVX2's kernels EVEX encoded, with 32 vector
+    /// registers: Skylake-SP and Cascade Lake without VNNI use it.
     Avx512,
-    /// AVX-VNNI (VEX, 256-bit `vpdpbusd`): Alder Lake and later.
+    /// AVX-VNNI (VEX, 256-bit `vpdpbusd`: four products straight to 32
+    /// bits): Alder Lake and later.
     AvxVnni,
-    /// AVX-512 F/BW/VL + VNNI (EVEX `vpdpbusd`, 32 vector registers): Ice Lake,
-    /// Sapphire Rapids, Zen 4 and later.
+    /// AVX-512 F/BW/VL + VNNI (EVEX 256-bit `vpdpbusd`, 32 vector registers):
+    /// Ice Lake, Sapphire Rapids, Zen 4 and later. (256-bit vectors: the
+    /// eight-column layout is AVX2's at every level.)
     Avx512Vnni,
 }
 
@@ -86,11 +88,6 @@ impl Level {
 
     pub fn isa(self) -> Isa {
         self.0
-    }
-
-    /// Whether the level has 32 vector registers (room for 4 × 4 tiles).
-    pub(super) fn wide_tiles(self) -> bool {
-        matches!(self.0, Isa::Avx512 | Isa::Avx512Vnni)
     }
 
     /// The name `/ready` and the start-up log report.

@@ -3,10 +3,10 @@
 //!
 //! Weights are repacked once at load (see [`formats`]) into 32-value blocks of
 //! small unsigned integers with a scale and an offset, laid out for the
-//! level's kernels ([`Layout`]): the scalar and AVX-512/VNNI levels interleave
-//! blocks by groups of four columns (block `b` of the four, then block
-//! `b + 1`), so a tile of four columns streams one array of values and one of
-//! scales; the AVX2 level puts eight columns side by side in each vector
+//! level's kernels ([`Layout`]): the scalar level interleaves blocks by
+//! groups of four columns (block `b` of the four, then block `b + 1`), so a
+//! tile of four columns streams one array of values and one of scales; every
+//! x86 level (AVX2 and up) puts eight columns side by side in each vector
 //! ([`lanes`]). Activations are quantized once
 //! per layer input to signed bytes per 32-value block (`x ≈ da * qa`) and
 //! reused by every projection that reads that input. A block's contribution is
@@ -26,8 +26,6 @@ mod lanes;
 mod level;
 mod quantize;
 mod scalar;
-#[cfg(target_arch = "x86_64")]
-mod x86;
 
 use std::ops::Range;
 
@@ -169,7 +167,7 @@ enum Layout {
 
 impl Layout {
     fn of(level: Level) -> Self {
-        if level.isa() == Isa::Avx2 {
+        if cfg!(target_arch = "x86_64") && level.has_avx2() {
             Self::Lanes
         } else {
             Self::Blocks
@@ -368,9 +366,10 @@ impl PackedWeights {
         let view = unsafe { a.view() };
         #[cfg(target_arch = "x86_64")]
         if self.layout == Layout::Lanes {
-            // SAFETY: the lanes layout is chosen only at the AVX2 level, made
-            // only by detecting AVX2, FMA and F16C; the rest is the caller's,
-            // and the output holds every row (asserted above).
+            // SAFETY: the lanes layout is chosen only at levels of AVX2 and
+            // up, made only by detecting their features (AVX2, FMA and F16C
+            // included); the rest is the caller's, and the output holds every
+            // row (asserted above).
             return unsafe { lanes::matmul(self, &view, a.rows, cols, out) };
         }
         // Rows in chunks whose activations stay in L1 while the columns pass.
@@ -385,9 +384,7 @@ impl PackedWeights {
                     match left {
                         1 => self.columns::<1, 4>(&view, row, cols.clone(), out),
                         2 => self.columns::<2, 4>(&view, row, cols.clone(), out),
-                        3 if self.level.wide_tiles() => self.columns::<3, 4>(&view, row, cols.clone(), out),
                         3 => self.columns::<3, 2>(&view, row, cols.clone(), out),
-                        _ if self.level.wide_tiles() => self.columns::<4, 4>(&view, row, cols.clone(), out),
                         _ => self.columns::<4, 2>(&view, row, cols.clone(), out),
                     }
                 };
@@ -426,7 +423,7 @@ impl PackedWeights {
         R
     }
 
-    /// One `R × C` tile at the chosen level.
+    /// One `R × C` tile by the scalar reference (the block layout's kernel).
     fn tile<const R: usize, const C: usize>(
         &self,
         a: &ActivationView<'_>,
@@ -435,14 +432,6 @@ impl PackedWeights {
         out: &mut [[f32; C]; R],
     ) {
         assert!(col + C <= self.n && (row + R) * a.nb <= a.d.len(), "tile outside the matrices");
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: a `Level` is made only by detection (`level.rs`: its field
-        // is private there), so the CPU has the features of the kernels it
-        // selects; the tile is in bounds (asserted above).
-        unsafe {
-            x86::tile(self.level, self, a, row, col, out)
-        }
-        #[cfg(not(target_arch = "x86_64"))]
         scalar::tile(self, a, row, col, out)
     }
 }
