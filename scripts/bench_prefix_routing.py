@@ -220,6 +220,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--kv-cache-memory", default="96M")
     parser.add_argument("--workloads", default="shared,uniform")
+    parser.add_argument("--modes", default="prefix,least-load,ideal")
+    parser.add_argument("--load-factor", default=None, help="the prefix router's --prefix-load-factor")
     parser.add_argument("--bin-dir", default=str(ROOT / "target" / "release"))
     args = parser.parse_args()
     os.environ["KANDLE_WORKER_BIN"] = str(pathlib.Path(args.bin_dir) / "kandle-worker")
@@ -245,7 +247,7 @@ def main() -> None:
                     modes = ["prefix", "least-load"] if run % 2 == 0 else ["least-load", "prefix"]
                     if name == "shared":
                         modes.append("ideal")
-                    for mode in modes:
+                    for mode in [m for m in modes if m in args.modes.split(",")]:
                         workers = start_workers(n, args.kv_cache_memory)
                         router = None
                         try:
@@ -258,7 +260,8 @@ def main() -> None:
                                 routes = pathlib.Path(tmp) / "routes.yaml"
                                 endpoints = ", ".join(f'"{w.base_url}"' for w in workers)
                                 routes.write_text(f"models:\n  - model: smollm2\n    endpoints: [{endpoints}]\n")
-                                extra = [] if mode == "prefix" else ["--no-prefix-routing"]
+                                extra = ["--no-prefix-routing"] if mode == "least-load" else (
+                                    ["--prefix-load-factor", args.load_factor] if args.load_factor else [])
                                 router = Router(["--routes", str(routes), "--host", "127.0.0.1", "--port", "0", *extra])
                                 router.wait_ready()
                                 address = router.address

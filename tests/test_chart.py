@@ -63,7 +63,7 @@ def test_default_install():
     router = find(objects, "Deployment", "kandle-router")
     args = container(router)["args"]
     assert args[:3] == ["router", "--port", "8080"]
-    assert args[args.index("--prefix-load-factor") + 1] == "1.25"
+    assert args[args.index("--prefix-load-factor") + 1] == "2"
     assert "--no-prefix-routing" not in args
     # InferencePools: the controller may write them, by name only, and names
     # the picker <name>-epp:9002, FailClose, unless a spec says otherwise.

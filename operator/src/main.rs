@@ -59,7 +59,7 @@ struct RouterArgs {
     /// Prefix routing's load bound: a worker takes requests for the prefixes it
     /// holds while it carries less than this factor times the mean load
     /// (rounded up); past it the next worker in line does. At least 1.
-    #[arg(long, env = "KANDLE_PREFIX_LOAD_FACTOR", default_value_t = 1.25, value_parser = load_factor)]
+    #[arg(long, env = "KANDLE_PREFIX_LOAD_FACTOR", default_value_t = 2.0, value_parser = load_factor)]
     prefix_load_factor: f64,
     /// Seconds to connect to a worker before trying another.
     #[arg(long, env = "KANDLE_CONNECT_TIMEOUT", default_value_t = 5)]

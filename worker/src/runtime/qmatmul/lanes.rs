@@ -136,12 +136,13 @@ unsafe fn store<const R: usize>(
 /// `vpdpbusd`: four products straight into 32-bit sums, nothing to widen).
 #[cfg(target_arch = "x86_64")]
 macro_rules! lanes_kernel {
-    (maddubs, $features:literal) => {
-        /// Pair sums go to 16-bit sums, widened by the caller.
-        const DIRECT: bool = false;
+    (direct: $direct:literal, |$sum:ident, $w:ident, $a:ident| $add:expr, $features:literal) => {
+        /// Whether `chunk` adds to 32-bit sums (else to 16-bit pair sums,
+        /// which the caller widens every `SPAN` chunks).
+        const DIRECT: bool = $direct;
 
-        /// Adds one chunk's pair sums for `R` rows: weights `wv` times the
-        /// four activation bytes at `acts` (row `r`'s at `acts + r * stride`)
+        /// Adds one chunk for `R` rows: weights `wv` times the four
+        /// activation bytes at `acts` (row `r`'s at `acts + r * stride`)
         /// broadcast to every lane.
         ///
         /// # Safety
@@ -159,36 +160,8 @@ macro_rules! lanes_kernel {
                 // SAFETY: the caller's.
                 let av = _mm256_set1_epi32(unsafe { acts.add(r * stride).cast::<i32>().read_unaligned() });
                 let av = if WIDE { _mm256_sign_epi8(av, wv) } else { av };
-                *sum = _mm256_add_epi16(*sum, _mm256_maddubs_epi16(wu, av));
-            }
-        }
-
-        lanes_kernel!(@body $features);
-    };
-    (dpbusd $dot:ident, $features:literal) => {
-        /// Products go straight to the 32-bit sums.
-        const DIRECT: bool = true;
-
-        /// Adds one chunk's four-value dot products for `R` rows to their
-        /// 32-bit sums: weights `wv` times the four activation bytes at `acts`
-        /// (row `r`'s at `acts + r * stride`) broadcast to every lane.
-        ///
-        /// # Safety
-        /// The CPU has the module's features; four bytes are readable at each row's `acts`.
-        #[target_feature(enable = $features)]
-        #[inline]
-        unsafe fn chunk<const R: usize, const WIDE: bool>(
-            wv: __m256i,
-            acts: *const i8,
-            stride: usize,
-            sums: &mut [__m256i; R],
-        ) {
-            let wu = if WIDE { _mm256_sign_epi8(wv, wv) } else { wv };
-            for (r, sum) in sums.iter_mut().enumerate() {
-                // SAFETY: the caller's.
-                let av = _mm256_set1_epi32(unsafe { acts.add(r * stride).cast::<i32>().read_unaligned() });
-                let av = if WIDE { _mm256_sign_epi8(av, wv) } else { av };
-                *sum = $dot(*sum, wu, av);
+                let ($sum, $w, $a) = (*sum, wu, av);
+                *sum = $add;
             }
         }
 
@@ -443,7 +416,7 @@ mod avx2 {
     use crate::runtime::qmatmul::formats::Storage;
     use crate::runtime::qmatmul::{ActivationView, Format, Output, PackedWeights, Scales, BLOCK};
 
-    lanes_kernel!(maddubs, "avx2,fma,f16c");
+    lanes_kernel!(direct: false, |sum, w, a| _mm256_add_epi16(sum, _mm256_maddubs_epi16(w, a)), "avx2,fma,f16c");
 }
 
 /// AVX2's kernel with EVEX encodings and 32 vector registers.
@@ -456,7 +429,11 @@ mod avx512 {
     use crate::runtime::qmatmul::formats::Storage;
     use crate::runtime::qmatmul::{ActivationView, Format, Output, PackedWeights, Scales, BLOCK};
 
-    lanes_kernel!(maddubs, "avx2,fma,f16c,avx512f,avx512bw,avx512vl");
+    lanes_kernel!(
+        direct: false,
+        |sum, w, a| _mm256_add_epi16(sum, _mm256_maddubs_epi16(w, a)),
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl"
+    );
 }
 
 /// VEX-encoded `vpdpbusd` (Alder Lake and later).
@@ -469,7 +446,7 @@ mod avx_vnni {
     use crate::runtime::qmatmul::formats::Storage;
     use crate::runtime::qmatmul::{ActivationView, Format, Output, PackedWeights, Scales, BLOCK};
 
-    lanes_kernel!(dpbusd _mm256_dpbusd_avx_epi32, "avx2,fma,f16c,avxvnni");
+    lanes_kernel!(direct: true, |sum, w, a| _mm256_dpbusd_avx_epi32(sum, w, a), "avx2,fma,f16c,avxvnni");
 }
 
 /// EVEX-encoded 256-bit `vpdpbusd` and 32 vector registers (Ice Lake,
@@ -483,5 +460,9 @@ mod avx512_vnni {
     use crate::runtime::qmatmul::formats::Storage;
     use crate::runtime::qmatmul::{ActivationView, Format, Output, PackedWeights, Scales, BLOCK};
 
-    lanes_kernel!(dpbusd _mm256_dpbusd_epi32, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni");
+    lanes_kernel!(
+        direct: true,
+        |sum, w, a| _mm256_dpbusd_epi32(sum, w, a),
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+    );
 }
