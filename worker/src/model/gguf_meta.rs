@@ -68,6 +68,21 @@ impl<'a> Metadata<'a> {
             .collect()
     }
 
+    /// An array of floats (any float or integer type).
+    pub fn float_array(&self, key: &str) -> Option<Vec<f64>> {
+        match self.get(key) {
+            Some(Value::Array(values)) => values
+                .iter()
+                .map(|v| match v {
+                    Value::F32(x) => Some(f64::from(*x)),
+                    Value::F64(x) => Some(*x),
+                    other => value_as_i64(other).map(|x| x as f64),
+                })
+                .collect(),
+            _ => None,
+        }
+    }
+
     pub fn int_array(&self, key: &str) -> Option<Vec<i64>> {
         match self.get(key) {
             Some(Value::Array(values)) => values.iter().map(value_as_i64).collect(),
