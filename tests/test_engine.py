@@ -177,6 +177,8 @@ def test_ready_reports_the_kernels_and_threads(smollm2, key_dir):
     assert ready["compute"]["threads"] == 1
     assert ready["compute"]["device"] == "cpu", ready
     assert ready["model"]["quantization"] == "Q4_1"
+    # SmolLM2's GGUF carries its template.
+    assert ready["chat_template"] == "model", ready
 
 
 def test_kernels_can_be_held_to_a_level_the_cpu_runs(smollm2, key_dir):

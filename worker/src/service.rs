@@ -16,7 +16,7 @@ use crate::engine::tool_grammar::{self, CallChoice};
 use crate::engine::tool_prompt;
 use crate::engine::{Engine, EngineConfig, EngineModel, Event, GenerateRequest, ReasoningMode, StartError};
 use crate::metrics::Metrics;
-use crate::model::{ChatTemplate, LoadedModel, ModelInfo, RenderOptions, SpecialTokens};
+use crate::model::{ChatTemplate, LoadedModel, ModelInfo, RenderOptions, SpecialTokens, TemplateOrigin};
 use crate::runtime::{KvCache, ModelConfig};
 
 /// Tokens per KV block.
@@ -35,6 +35,8 @@ pub struct ModelService {
     pub engine: Engine,
     pub tokenizer: Arc<tokenizers::Tokenizer>,
     pub template: ChatTemplate,
+    /// Where the template comes from, as `/ready` reports it.
+    pub template_origin: TemplateOrigin,
     pub special: SpecialTokens,
     /// Tokens per sequence: the model's context clipped by `--max-context`.
     pub max_context: usize,
@@ -176,6 +178,7 @@ impl ModelService {
             engine,
             tokenizer,
             template: loaded.template,
+            template_origin: loaded.template_origin,
             special: loaded.special,
             max_context,
             kv_capacity: num_blocks * BLOCK_SIZE,

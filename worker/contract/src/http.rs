@@ -60,6 +60,23 @@ pub struct ReadyDocument {
     pub model: ModelInfo,
     #[serde(default)]
     pub compute: Compute,
+    /// Where the chat template comes from.
+    #[serde(default)]
+    pub chat_template: TemplateOrigin,
+}
+
+/// Where the chat template a worker renders comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TemplateOrigin {
+    /// The model's own: GGUF `tokenizer.chat_template`, `tokenizer_config.json`
+    /// or `chat_template.jinja`.
+    #[default]
+    Model,
+    /// `--chat-template` (a ModelDeployment's `engine.chatTemplate`).
+    Flag,
+    /// The model has none: ChatML, kandle's documented default.
+    Default,
 }
 
 /// How the forward pass runs.

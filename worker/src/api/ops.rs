@@ -32,6 +32,7 @@ pub async fn ready(State(state): State<AppState>) -> Response {
                 status: "ready".into(),
                 model: service.info.clone(),
                 compute: service.compute.clone(),
+                chat_template: service.template_origin,
             })
             .into_response(),
         },

@@ -4,10 +4,27 @@ use minijinja::value::Serde;
 use minijinja::{context, Environment, Error as JinjaError, ErrorKind};
 use serde_json::Value as Json;
 
+use kandle_contract::http::TemplateOrigin;
+
 use super::LoadError;
 use crate::engine::tool_calls::ToolFormat;
 
 const TEMPLATE_NAME: &str = "chat";
+
+/// The template to render: the flag's, else the model's own, else ChatML
+/// (said in the log: a base model without a template may answer poorly in it).
+pub fn choose(flag: Option<&str>, model: Option<String>) -> (String, TemplateOrigin) {
+    match (flag, model) {
+        (Some(flag), _) => (flag.to_string(), TemplateOrigin::Flag),
+        (None, Some(own)) => (own, TemplateOrigin::Model),
+        (None, None) => {
+            tracing::warn!(
+                "the model has no chat template: rendering chats in ChatML, the default (set --chat-template for another)"
+            );
+            (CHATML.to_string(), TemplateOrigin::Default)
+        }
+    }
+}
 
 /// ChatML, for models that ship no template of their own.
 pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
@@ -229,5 +246,14 @@ mod tests {
     #[test]
     fn broken_template_is_a_load_error() {
         assert!(ChatTemplate::new("{% for %}", "", "").is_err());
+    }
+
+    #[test]
+    fn the_flag_wins_then_the_models_own_then_chatml() {
+        assert_eq!(choose(Some("flag"), Some("own".into())), ("flag".to_string(), TemplateOrigin::Flag));
+        assert_eq!(choose(None, Some("own".into())), ("own".to_string(), TemplateOrigin::Model));
+        assert_eq!(choose(None, None), (CHATML.to_string(), TemplateOrigin::Default));
+        let ready = serde_json::to_value(TemplateOrigin::Default).expect("serializes");
+        assert_eq!(ready, "default");
     }
 }

@@ -9,7 +9,8 @@ use candle_core::quantized::GgmlDType;
 
 use super::gguf_meta::Metadata;
 use super::{
-    end_of_turn_ids, tokenizer, ChatTemplate, LoadError, LoadOptions, LoadedModel, ModelInfo, SpecialTokens, CHATML,
+    chat_template, end_of_turn_ids, tokenizer, ChatTemplate, LoadError, LoadOptions, LoadedModel, ModelInfo,
+    SpecialTokens,
 };
 use crate::runtime::config::{Architecture, ModelConfig, RopeStyle, SUPPORTED};
 use crate::runtime::rope::inverse_frequencies;
@@ -57,10 +58,8 @@ pub fn load(path: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadE
         eos_text: eos.map(|(_, t)| t).unwrap_or_default(),
     };
 
-    let source = template_override
-        .map(str::to_string)
-        .or_else(|| meta.string("tokenizer.chat_template").map(str::to_string))
-        .unwrap_or_else(|| CHATML.to_string());
+    let (source, template_origin) =
+        chat_template::choose(template_override, meta.string("tokenizer.chat_template").map(str::to_string));
     let bos_text = special.bos.as_ref().map(|(_, t)| t.as_str()).unwrap_or("");
     let template = ChatTemplate::new(&source, bos_text, &special.eos_text)?;
     phases.end("tokenizer");
@@ -76,7 +75,7 @@ pub fn load(path: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadE
     let context = context_limit.map_or(config.context, |l| l.min(config.context));
     let model = Model::new(config, weights, &inv_freq, context, device, options.resolved_threads(), level)?;
     phases.end("weights");
-    Ok(LoadedModel { info, model, tokenizer, template, special, phases })
+    Ok(LoadedModel { info, model, tokenizer, template, template_origin, special, phases })
 }
 
 /// The model's shape from llama.cpp's metadata keys (`{arch}.embedding_length`, ...).

@@ -9,7 +9,8 @@ pub mod tokenizer;
 
 use std::path::Path;
 
-pub use chat_template::{ChatTemplate, RenderOptions, TemplateFeatures, CHATML};
+pub use chat_template::{ChatTemplate, RenderOptions, TemplateFeatures};
+pub use kandle_contract::http::TemplateOrigin;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -67,6 +68,7 @@ pub struct LoadedModel {
     pub model: crate::runtime::Model,
     pub tokenizer: tokenizers::Tokenizer,
     pub template: ChatTemplate,
+    pub template_origin: TemplateOrigin,
     pub special: SpecialTokens,
     /// How long each part of loading took.
     pub phases: crate::startup::Phases,

@@ -9,8 +9,8 @@ use candle_core::DType;
 use serde_json::Value as Json;
 
 use super::{
-    end_of_turn_ids, token_id, tokenizer, ChatTemplate, LoadError, LoadOptions, LoadedModel, ModelInfo, Quantize,
-    SpecialTokens, CHATML,
+    chat_template, end_of_turn_ids, token_id, tokenizer, ChatTemplate, LoadError, LoadOptions, LoadedModel, ModelInfo,
+    Quantize, SpecialTokens,
 };
 use crate::runtime::config::ModelConfig;
 use crate::runtime::rope::inverse_frequencies;
@@ -83,10 +83,7 @@ pub fn load(dir: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadEr
         stop_ids,
         eos_text,
     };
-    let source = match template_override {
-        Some(t) => t.to_string(),
-        None => template_source(dir, &tok_config)?,
-    };
+    let (source, template_origin) = chat_template::choose(template_override, template_source(dir, &tok_config)?);
     let bos_text = special.bos.as_ref().map(|(_, t)| t.as_str()).unwrap_or("");
     let template = ChatTemplate::new(&source, bos_text, &special.eos_text)?;
     phases.end("tokenizer");
@@ -96,6 +93,7 @@ pub fn load(dir: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadEr
         model,
         tokenizer,
         template,
+        template_origin,
         special,
         phases,
     })
@@ -125,23 +123,23 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
 }
 
 /// The template from tokenizer_config.json (a string, or a list of named templates
-/// of which `default` is used), else chat_template.jinja, else ChatML.
-fn template_source(dir: &Path, tok_config: &Json) -> Result<String, LoadError> {
+/// of which `default` is used), else chat_template.jinja, if any.
+fn template_source(dir: &Path, tok_config: &Json) -> Result<Option<String>, LoadError> {
     match tok_config.get("chat_template") {
-        Some(Json::String(s)) => return Ok(s.clone()),
+        Some(Json::String(s)) => return Ok(Some(s.clone())),
         Some(Json::Array(list)) => {
             let default = list.iter().find(|t| t.get("name").and_then(Json::as_str) == Some("default"));
             if let Some(s) = default.and_then(|t| t.get("template")).and_then(Json::as_str) {
-                return Ok(s.to_string());
+                return Ok(Some(s.to_string()));
             }
         }
         _ => {}
     }
     let jinja = dir.join("chat_template.jinja");
     if jinja.is_file() {
-        return read(&jinja);
+        return read(&jinja).map(Some);
     }
-    Ok(CHATML.to_string())
+    Ok(None)
 }
 
 fn config_eos_ids(config: &Json) -> Vec<u32> {
