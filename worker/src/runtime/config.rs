@@ -116,7 +116,7 @@ impl ModelConfig {
             rope_theta: config.get("rope_theta").and_then(Json::as_f64).unwrap_or(10_000.0),
             rope_style: RopeStyle::Halves,
             llama3_scaling,
-            context: uint("max_position_embeddings")?,
+            context: within_window(uint("max_position_embeddings")?, hf_window(config)),
         })
     }
 
@@ -138,5 +138,58 @@ impl ModelConfig {
         } else {
             Err(ConfigError::Format(format!("inconsistent model shape: {self:?}")))
         }
+    }
+}
+
+/// The sliding window a `config.json` declares and uses (Qwen2 and Qwen3
+/// declare one with `use_sliding_window: false`; Mistral v0.1 uses its 4096).
+fn hf_window(config: &Json) -> Option<usize> {
+    let used = config.get("use_sliding_window").and_then(Json::as_bool).unwrap_or(true);
+    config.get("sliding_window").and_then(Json::as_u64).filter(|_| used).map(|w| w as usize)
+}
+
+/// The context served: the model's, clipped to its sliding window when it
+/// declares one. kandle's attention reads every earlier position, so past
+/// the window it would attend to what the model never does: rather than
+/// answer wrongly, longer prompts are refused as past the context.
+pub fn within_window(context: usize, window: Option<usize>) -> usize {
+    match window {
+        Some(window) if window > 0 && window < context => {
+            tracing::warn!(
+                window,
+                context,
+                "the model declares sliding-window attention, which kandle does not run yet: serving {window} tokens \
+                 of its {context}"
+            );
+            window
+        }
+        _ => context,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn config(extra: Json) -> Json {
+        let mut c = json!({"model_type": "mistral", "hidden_size": 64, "num_attention_heads": 4,
+                           "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 100,
+                           "max_position_embeddings": 32768});
+        if let (Some(c), Some(extra)) = (c.as_object_mut(), extra.as_object()) {
+            c.extend(extra.clone());
+        }
+        c
+    }
+
+    #[test]
+    fn a_used_sliding_window_bounds_the_served_context() {
+        let context = |extra: Json| ModelConfig::from_hf(&config(extra)).expect("a config").context;
+        assert_eq!(context(json!({"sliding_window": 4096})), 4096);
+        assert_eq!(context(json!({"sliding_window": 4096, "use_sliding_window": false})), 32768);
+        assert_eq!(context(json!({"sliding_window": null})), 32768);
+        assert_eq!(context(json!({"sliding_window": 65536})), 32768);
+        assert_eq!(context(json!({})), 32768);
     }
 }
