@@ -12,7 +12,7 @@ use super::{
     chat_template, end_of_turn_ids, tokenizer, ChatTemplate, LoadError, LoadOptions, LoadedModel, ModelInfo,
     SpecialTokens,
 };
-use crate::runtime::config::{within_window, Architecture, ModelConfig, RopeStyle, SUPPORTED};
+use crate::runtime::config::{Architecture, ModelConfig, RopeStyle, SUPPORTED};
 use crate::runtime::rope::inverse_frequencies;
 use crate::runtime::weights::Weights;
 use crate::runtime::Model;
@@ -104,10 +104,8 @@ fn model_config(meta: &Metadata<'_>, content: &Content, arch: &str) -> Result<Mo
         // llama.cpp permutes Llama's q/k weights for interleaved pairs; Qwen keeps halves.
         rope_style: if architecture == Architecture::Llama { RopeStyle::Interleaved } else { RopeStyle::Halves },
         llama3_scaling: None,
-        context: within_window(
-            uint("context_length")?,
-            meta.uint(&format!("{arch}.attention.sliding_window")).map(|w| w as usize),
-        ),
+        context: uint("context_length")?,
+        sliding_window: meta.uint(&format!("{arch}.attention.sliding_window")).filter(|&w| w > 0).map(|w| w as usize),
     };
     config.check()?;
     Ok(config)

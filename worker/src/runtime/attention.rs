@@ -31,6 +31,8 @@ pub struct AttentionPlan {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// Sliding-window attention: positions a query reads, its own included.
+    pub window: Option<usize>,
 }
 
 /// `q`: `[tokens, heads, head_dim]`; the caches: `[slots, kv_heads, head_dim]`.
@@ -56,15 +58,23 @@ fn gathered_attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, plan: &Att
         let k = k_cache.index_select(&rows, 0)?.to_dtype(DType::F32)?;
         let v = v_cache.index_select(&rows, 0)?.to_dtype(DType::F32)?;
         let q = q.narrow(0, seq.query_start, seq.query_len)?;
-        outs.push(causal_attention(&q, &k, &v, seq.context_len - seq.query_len, group)?);
+        outs.push(causal_attention(&q, &k, &v, seq.context_len - seq.query_len, group, plan.window)?);
     }
     Tensor::cat(&outs, 0)
 }
 
 /// Causal softmax attention of one sequence: `q` `[t, heads, d]` (the first at
 /// position `first`) over `k`, `v` `[n, kv_heads, d]`, query head `h` reading
-/// key/value head `h / group`.
-fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, first: usize, group: usize) -> Result<Tensor> {
+/// key/value head `h / group`, each over its last `window` positions.
+fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    first: usize,
+    group: usize,
+    window: Option<usize>,
+) -> Result<Tensor> {
+    let window = window.unwrap_or(usize::MAX);
     let (t, h, d) = q.dims3()?;
     let (n, kv_heads, _) = k.dims3()?;
     let repeat = |x: &Tensor| x.unsqueeze(2)?.expand((n, kv_heads, group, d))?.reshape((n, h, d));
@@ -72,8 +82,11 @@ fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, first: usize, group: usi
     let (q, k, v) =
         (q.transpose(0, 1)?.contiguous()?, k.transpose(0, 1)?.contiguous()?, v.transpose(0, 1)?.contiguous()?);
     let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
-    let mask: Vec<f32> =
-        (0..t).flat_map(|i| (0..n).map(move |j| if j <= first + i { 0.0 } else { f32::NEG_INFINITY })).collect();
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..n).map(move |j| if j <= first + i && first + i - j < window { 0.0 } else { f32::NEG_INFINITY })
+        })
+        .collect();
     let mask = Tensor::from_vec(mask, (t, n), q.device())?;
     let weights = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
     weights.matmul(&v)?.transpose(0, 1)?.contiguous()
@@ -154,15 +167,17 @@ impl PagedAttention {
                 let slot = seq.blocks[position / p.block_size] as usize * p.block_size + position % p.block_size;
                 (slot * p.kv_heads + kv_head) * dim
             };
+            // Up to its own position, within the window.
+            let earliest = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
             scores.clear();
-            scores.extend((0..=pos).map(|j| k.dot(at(j), qrow) * scale));
+            scores.extend((earliest..=pos).map(|j| k.dot(at(j), qrow) * scale));
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
             for s in scores.iter_mut() {
                 *s = (*s - max).exp();
                 sum += *s;
             }
-            for (j, w) in scores.iter().enumerate() {
+            for (j, w) in (earliest..).zip(scores.iter()) {
                 v.axpy(at(j), w / sum, o);
             }
         });
@@ -211,12 +226,20 @@ mod tests {
     #[test]
     fn matches_plain_attention_over_scattered_blocks() -> Result<()> {
         for (heads, kv_heads, dim, block) in [(4, 2, 8, 4), (9, 3, 64, 16), (2, 2, 4, 1)] {
-            check_against_reference(heads, kv_heads, dim, block)?;
+            for window in [None, Some(1), Some(4), Some(7)] {
+                check_against_reference(heads, kv_heads, dim, block, window)?;
+            }
         }
         Ok(())
     }
 
-    fn check_against_reference(heads: usize, kv_heads: usize, dim: usize, block: usize) -> Result<()> {
+    fn check_against_reference(
+        heads: usize,
+        kv_heads: usize,
+        dim: usize,
+        block: usize,
+        window: Option<usize>,
+    ) -> Result<()> {
         let dev = Device::Cpu;
         let slots = 16 * block;
         let k_cache = Tensor::randn(0f32, 1.0, (slots, kv_heads, dim), &dev)?;
@@ -236,14 +259,14 @@ mod tests {
             start += new;
         }
         let q = Tensor::randn(0f32, 1.0, (start, heads, dim), &dev)?;
-        let plan = Arc::new(AttentionPlan { sequences, block_size: block, heads, kv_heads, head_dim: dim });
+        let plan = Arc::new(AttentionPlan { sequences, block_size: block, heads, kv_heads, head_dim: dim, window });
         // The CPU's in-place kernel against the other devices' gather-and-attend.
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             let (kc, vc) = (k_cache.to_dtype(dtype)?, v_cache.to_dtype(dtype)?);
             let got = paged_attention(&q, &kc, &vc, &plan)?;
             let want = gathered_attention(&q, &kc, &vc, &plan)?;
             let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff < 1e-4, "{dtype:?} {heads}/{kv_heads}x{dim} block {block}: {diff}");
+            assert!(diff < 1e-4, "{dtype:?} {heads}/{kv_heads}x{dim} block {block} window {window:?}: {diff}");
         }
         Ok(())
     }

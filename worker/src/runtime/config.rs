@@ -70,6 +70,8 @@ pub struct ModelConfig {
     pub llama3_scaling: Option<Llama3Scaling>,
     /// Tokens per sequence the model was trained for.
     pub context: usize,
+    /// Sliding-window attention: positions a token reads, its own included.
+    pub sliding_window: Option<usize>,
 }
 
 impl ModelConfig {
@@ -116,7 +118,8 @@ impl ModelConfig {
             rope_theta: config.get("rope_theta").and_then(Json::as_f64).unwrap_or(10_000.0),
             rope_style: RopeStyle::Halves,
             llama3_scaling,
-            context: within_window(uint("max_position_embeddings")?, hf_window(config)),
+            context: uint("max_position_embeddings")?,
+            sliding_window: hf_window(config),
         })
     }
 
@@ -145,26 +148,7 @@ impl ModelConfig {
 /// declare one with `use_sliding_window: false`; Mistral v0.1 uses its 4096).
 fn hf_window(config: &Json) -> Option<usize> {
     let used = config.get("use_sliding_window").and_then(Json::as_bool).unwrap_or(true);
-    config.get("sliding_window").and_then(Json::as_u64).filter(|_| used).map(|w| w as usize)
-}
-
-/// The context served: the model's, clipped to its sliding window when it
-/// declares one. kandle's attention reads every earlier position, so past
-/// the window it would attend to what the model never does: rather than
-/// answer wrongly, longer prompts are refused as past the context.
-pub fn within_window(context: usize, window: Option<usize>) -> usize {
-    match window {
-        Some(window) if window > 0 && window < context => {
-            tracing::warn!(
-                window,
-                context,
-                "the model declares sliding-window attention, which kandle does not run yet: serving {window} tokens \
-                 of its {context}"
-            );
-            window
-        }
-        _ => context,
-    }
+    config.get("sliding_window").and_then(Json::as_u64).filter(|&w| used && w > 0).map(|w| w as usize)
 }
 
 #[cfg(test)]
@@ -184,12 +168,14 @@ mod tests {
     }
 
     #[test]
-    fn a_used_sliding_window_bounds_the_served_context() {
-        let context = |extra: Json| ModelConfig::from_hf(&config(extra)).expect("a config").context;
-        assert_eq!(context(json!({"sliding_window": 4096})), 4096);
-        assert_eq!(context(json!({"sliding_window": 4096, "use_sliding_window": false})), 32768);
-        assert_eq!(context(json!({"sliding_window": null})), 32768);
-        assert_eq!(context(json!({"sliding_window": 65536})), 32768);
-        assert_eq!(context(json!({})), 32768);
+    fn a_sliding_window_counts_where_the_model_uses_it() {
+        let window = |extra: Json| ModelConfig::from_hf(&config(extra)).expect("a config").sliding_window;
+        assert_eq!(window(json!({"sliding_window": 4096})), Some(4096));
+        assert_eq!(window(json!({"sliding_window": 4096, "use_sliding_window": false})), None);
+        assert_eq!(window(json!({"sliding_window": null})), None);
+        assert_eq!(window(json!({"sliding_window": 0})), None);
+        assert_eq!(window(json!({})), None);
+        // The whole context is served either way.
+        assert_eq!(ModelConfig::from_hf(&config(json!({"sliding_window": 4096}))).expect("a config").context, 32768);
     }
 }

@@ -234,6 +234,7 @@ impl Model {
             heads: cfg.heads,
             kv_heads: cfg.kv_heads,
             head_dim: cfg.head_dim,
+            window: cfg.sliding_window,
         };
         Ok((plan, tokens))
     }

@@ -478,6 +478,50 @@ fn batched_logits_equal_single_sequence_logits() {
     }
 }
 
+/// Sliding-window attention (Mistral's `sliding_window`), dense and quantized
+/// at load: within the window the model is the full-attention one; past it
+/// the window changes the logits (the last tokens no longer read the first),
+/// and sequences batched at different positions get what each gets alone.
+#[test]
+fn a_sliding_window_reads_only_the_last_positions() {
+    const WINDOW: usize = 5;
+    let (full_dir, windowed_dir) = (tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir"));
+    write_checkpoint(full_dir.path(), "mistral", CHATML);
+    write_checkpoint(windowed_dir.path(), "mistral", CHATML);
+    let path = windowed_dir.path().join("config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("config")).expect("json");
+    config["sliding_window"] = json!(WINDOW);
+    config["use_sliding_window"] = json!(true);
+    std::fs::write(&path, config.to_string()).expect("config");
+    let quantized = LoadOptions { quantize: Some(model::Quantize::Q8_0), ..Default::default() };
+    for options in [LoadOptions::default(), quantized] {
+        let full = model::load(full_dir.path(), &options).expect("loads");
+        let windowed = model::load(windowed_dir.path(), &options).expect("loads");
+        assert_eq!(windowed.model.config().sliding_window, Some(WINDOW));
+        let kernels = windowed.model.kernels();
+        let short: Vec<u32> = (1..=WINDOW as u32).collect();
+        let long: Vec<u32> = (1..14).collect();
+        let (a, b) = (alone(&full.model, &short), alone(&windowed.model, &short));
+        let size = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(5.0);
+        assert!(max_diff(&a, &b) < 2e-4 * size, "{kernels}: within the window");
+        let (a, b) = (alone(&full.model, &long), alone(&windowed.model, &long));
+        assert!(max_diff(&a, &b) > 1e-2 * size, "{kernels}: past the window the logits must change");
+
+        let model = &windowed.model;
+        let cache = model.kv_cache(4, 32).expect("cache");
+        let c: Vec<u32> = (40..53).collect();
+        common::forward(model, &[step(&long[..8], 0, &[9, 3, 17, 21]), step(&c[..5], 0, &[2, 30, 11, 6])], &cache);
+        let second = [step(&long[8..], 8, &[9, 3, 17, 21]), step(&c[5..], 5, &[2, 30, 11, 6])];
+        let batched = common::forward(model, &second, &cache);
+        for (name, tokens, got) in [("long", &long, &batched[0]), ("c", &c, &batched[1])] {
+            let expected = alone(model, tokens);
+            let size = expected.iter().fold(0f32, |m, x| m.max(x.abs())).max(5.0);
+            let diff = max_diff(got, &expected);
+            assert!(diff < 2e-4 * size, "{kernels} {name}: {diff}");
+        }
+    }
+}
+
 /// Greedy completions of `prompts`, all submitted at once.
 async fn generate(service: &ModelService, prompts: &[&str], max_tokens: usize) -> Vec<String> {
     let requests: Vec<ChatRequest> = prompts

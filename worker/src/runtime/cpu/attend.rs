@@ -33,6 +33,9 @@ pub struct Tile {
     pub heads: usize,
     pub dim: usize,
     pub scale: f32,
+    /// Positions a query reads, its own included (sliding-window attention);
+    /// `usize::MAX`: every earlier one.
+    pub window: usize,
 }
 
 /// A thread's buffers, reused from tile to tile (they grow, never shrink).
@@ -70,7 +73,9 @@ pub fn attend<'a>(
     b.sum.clear();
     b.sum.resize(queries, 0.0);
     let len = tile.first + tile.tokens;
-    for start in (0..len).step_by(KEYS) {
+    // The first position the tile's first query reads, in whole passes.
+    let earliest = (tile.first + 1).saturating_sub(tile.window);
+    for start in (earliest - earliest % KEYS..len).step_by(KEYS) {
         let count = KEYS.min(len - start);
         for j in 0..count {
             let (k, v) = row(start + j);
@@ -79,11 +84,19 @@ pub fn attend<'a>(
         }
         // Tokens before `start` see none of this pass.
         for i in start.saturating_sub(tile.first)..tile.tokens {
-            let visible = count.min(tile.first + i + 1 - start);
+            // This pass's positions the token reads: up to its own, and
+            // within its window.
+            let position = tile.first + i;
+            let from = (position + 1).saturating_sub(tile.window).max(start) - start;
+            let to = count.min(position + 1 - start);
+            if from >= to {
+                continue;
+            }
+            let (keys, values) = (&b.keys[from * dim..to * dim], &b.values[from * dim..to * dim]);
             for h in 0..tile.heads {
                 let at = i * tile.heads + h;
-                let scores = &mut b.scores[..visible];
-                self::scores(level, query(i, h), &b.keys[..visible * dim], tile.scale, scores);
+                let scores = &mut b.scores[..to - from];
+                self::scores(level, query(i, h), keys, tile.scale, scores);
                 let high = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let max = b.max[at].max(high);
                 // exp(-inf) = 0 on the first pass: nothing to rescale.
@@ -91,7 +104,7 @@ pub fn attend<'a>(
                 let total = exponentials(level, scores, max);
                 b.sum[at] = b.sum[at] * keep + total;
                 b.max[at] = max;
-                accumulate(level, &mut b.out[at * dim..(at + 1) * dim], keep, scores, &b.values[..visible * dim]);
+                accumulate(level, &mut b.out[at * dim..(at + 1) * dim], keep, scores, values);
             }
         }
     }
@@ -355,7 +368,15 @@ mod tests {
     /// attention in f64.
     #[test]
     fn tiles_match_plain_softmax_attention_at_every_level() {
-        for (dim, first, tokens, heads) in [(64, 0, 16, 3), (64, 70, 5, 1), (128, 31, 2, 2), (40, 3, 9, 4)] {
+        let cases = [
+            (64, 0, 16, 3, usize::MAX),
+            (64, 70, 5, 1, usize::MAX),
+            (128, 31, 2, 2, usize::MAX),
+            (40, 3, 9, 4, usize::MAX),
+        ];
+        // Sliding windows: narrower than a pass, across pass boundaries, one position.
+        let windowed = [(64, 70, 16, 2, 20), (64, 40, 9, 1, 33), (40, 5, 12, 3, 1), (64, 0, 16, 1, 8)];
+        for (dim, first, tokens, heads, window) in cases.into_iter().chain(windowed) {
             let len = first + tokens;
             let slots = len + 11;
             let cache: Vec<f16> = values(2 * slots * dim, 5).iter().map(|v| f16::from_f32(*v)).collect();
@@ -366,14 +387,16 @@ mod tests {
             };
             let queries = values(tokens * heads * dim, 9);
             let query = |i: usize, h: usize| &queries[(i * heads + h) * dim..(i * heads + h + 1) * dim];
-            let tile = Tile { first, tokens, heads, dim, scale: 0.125 };
+            let tile = Tile { first, tokens, heads, dim, scale: 0.125, window };
             for level in Level::available() {
                 let mut seen = vec![0usize; tokens * heads];
                 let mut buffers = Buffers::default();
                 attend(level, &tile, query, row, &mut buffers, |i, h, out| {
                     seen[i * heads + h] += 1;
                     let q = query(i, h);
-                    let scores: Vec<f64> = (0..=first + i)
+                    let visible = (first + i + 1).saturating_sub(window)..=first + i;
+                    let scores: Vec<f64> = visible
+                        .clone()
                         .map(|j| 0.125 * q.iter().zip(row(j).0).map(|(a, b)| f64::from(*a) * b.to_f64()).sum::<f64>())
                         .collect();
                     let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -381,7 +404,7 @@ mod tests {
                     let total: f64 = p.iter().sum();
                     for (d, got) in out.iter().enumerate() {
                         let want: f64 =
-                            p.iter().enumerate().map(|(j, p)| p * row(j).1[d].to_f64()).sum::<f64>() / total;
+                            p.iter().zip(visible.clone()).map(|(p, j)| p * row(j).1[d].to_f64()).sum::<f64>() / total;
                         assert!((f64::from(*got) - want).abs() < 1e-5, "{level:?} {dim} token {i} head {h} lane {d}");
                     }
                 });

@@ -187,6 +187,7 @@ impl CpuModel {
                         heads,
                         dim: hd,
                         scale,
+                        window: plan.window.unwrap_or(usize::MAX),
                     };
                     s.tiles.push(AttendItem { tile, token: seq.query_start + start, head, sequence });
                 }
