@@ -77,6 +77,9 @@ pub enum TemplateOrigin {
     Flag,
     /// The model has none: ChatML, kandle's documented default.
     Default,
+    /// A value this reader does not know (from a newer worker).
+    #[serde(other)]
+    Unknown,
 }
 
 /// How the forward pass runs.

@@ -253,6 +253,9 @@ mod tests {
         assert_eq!(choose(Some("flag"), Some("own".into())), ("flag".to_string(), TemplateOrigin::Flag));
         assert_eq!(choose(None, Some("own".into())), ("own".to_string(), TemplateOrigin::Model));
         assert_eq!(choose(None, None), (CHATML.to_string(), TemplateOrigin::Default));
+        // A newer worker's value reads as unknown, not as a broken /ready.
+        let newer: TemplateOrigin = serde_json::from_value(serde_json::json!("file")).expect("reads");
+        assert_eq!(newer, TemplateOrigin::Unknown);
         let ready = serde_json::to_value(TemplateOrigin::Default).expect("serializes");
         assert_eq!(ready, "default");
     }

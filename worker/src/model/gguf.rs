@@ -52,7 +52,11 @@ pub fn load(path: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadE
     stop_ids.sort_unstable();
     stop_ids.dedup();
     let special = SpecialTokens {
-        add_bos: meta.bool("tokenizer.ggml.add_bos_token").unwrap_or(false) && bos.is_some(),
+        // llama.cpp's default: SentencePiece files start with BOS, others not.
+        add_bos: meta
+            .bool("tokenizer.ggml.add_bos_token")
+            .unwrap_or(meta.string("tokenizer.ggml.model") == Some("llama"))
+            && bos.is_some(),
         bos: bos.clone(),
         stop_ids,
         eos_text: eos.map(|(_, t)| t).unwrap_or_default(),

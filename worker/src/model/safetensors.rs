@@ -83,7 +83,11 @@ pub fn load(dir: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadEr
         stop_ids,
         eos_text,
     };
-    let (source, template_origin) = chat_template::choose(template_override, template_source(dir, &tok_config)?);
+    let own = match template_override {
+        Some(_) => None,
+        None => template_source(dir, &tok_config)?,
+    };
+    let (source, template_origin) = chat_template::choose(template_override, own);
     let bos_text = special.bos.as_ref().map(|(_, t)| t.as_str()).unwrap_or("");
     let template = ChatTemplate::new(&source, bos_text, &special.eos_text)?;
     phases.end("tokenizer");

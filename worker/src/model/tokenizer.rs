@@ -68,6 +68,29 @@ pub fn from_gguf(meta: &Metadata<'_>) -> Result<Tokenizer, LoadError> {
     Ok(tokenizer)
 }
 
+/// `tokenizer` for text inside an answer (what a grammar fixes): a
+/// SentencePiece tokenizer's space prefix belongs to the start of a prompt,
+/// not to a fragment, so its `Prepend` normalizer is left out.
+pub fn without_space_prefix(tokenizer: &Tokenizer) -> Tokenizer {
+    let mut fragments = tokenizer.clone();
+    let kept = match tokenizer.get_normalizer() {
+        Some(NormalizerWrapper::Prepend(_)) => None,
+        Some(NormalizerWrapper::Sequence(sequence))
+            if sequence.as_ref().iter().any(|n| matches!(n, NormalizerWrapper::Prepend(_))) =>
+        {
+            let rest = sequence.as_ref().iter().filter(|n| !matches!(n, NormalizerWrapper::Prepend(_))).cloned();
+            Some(NormalizerSequence::new(rest.collect()))
+        }
+        _ => return fragments,
+    };
+    // Setting a normalizer only fails for added tokens that no longer
+    // normalize; then the tokenizer stays as it was.
+    if fragments.with_normalizer(kept).is_err() {
+        return tokenizer.clone();
+    }
+    fragments
+}
+
 /// GPT-2-style byte-level BPE.
 fn byte_level_bpe(meta: &Metadata<'_>, tokens: &[String]) -> Result<Tokenizer, LoadError> {
     let merges = meta
@@ -297,6 +320,17 @@ mod tests {
                 assert_eq!(decoded, text.replace('\u{2581}', " "), "{text:?} prefix {with_prefix}");
             }
         }
+    }
+
+    #[test]
+    fn fragments_are_tokenized_without_the_space_prefix() {
+        let content = sentencepiece_gguf(PIECES, None);
+        let tokenizer = from_gguf(&Metadata::new(&content)).expect("a tokenizer");
+        let tokens = |t: &Tokenizer, text: &str| t.encode(text, false).expect("encodes").get_tokens().to_vec();
+        assert_eq!(tokens(&tokenizer, "hello"), ["\u{2581}hello"]);
+        let fragments = without_space_prefix(&tokenizer);
+        assert_eq!(tokens(&fragments, "hello"), ["hello"]);
+        assert_eq!(tokens(&fragments, "hello world"), ["hello", "\u{2581}world"]);
     }
 
     #[test]

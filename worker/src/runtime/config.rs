@@ -119,7 +119,7 @@ impl ModelConfig {
             rope_style: RopeStyle::Halves,
             llama3_scaling,
             context: uint("max_position_embeddings")?,
-            sliding_window: hf_window(config),
+            sliding_window: hf_window(config, architecture)?,
         })
     }
 
@@ -144,11 +144,22 @@ impl ModelConfig {
     }
 }
 
-/// The sliding window a `config.json` declares and uses (Qwen2 and Qwen3
-/// declare one with `use_sliding_window: false`; Mistral v0.1 uses its 4096).
-fn hf_window(config: &Json) -> Option<usize> {
-    let used = config.get("use_sliding_window").and_then(Json::as_bool).unwrap_or(true);
-    config.get("sliding_window").and_then(Json::as_u64).filter(|&w| used && w > 0).map(|w| w as usize)
+/// The sliding window a `config.json` declares and uses: Mistral v0.1 uses
+/// its 4096 on every layer. Qwen2 and Qwen3 declare one that is off by default
+/// (`use_sliding_window`) and, on, windows only the layers from
+/// `max_window_layers` on: not run here, so refused.
+fn hf_window(config: &Json, architecture: Architecture) -> Result<Option<usize>, ConfigError> {
+    let declared = config.get("sliding_window").and_then(Json::as_u64).filter(|&w| w > 0).map(|w| w as usize);
+    let used = config.get("use_sliding_window").and_then(Json::as_bool);
+    match architecture {
+        Architecture::Llama => Ok(declared.filter(|_| used != Some(false))),
+        Architecture::Qwen2 | Architecture::Qwen3 => match (declared, used) {
+            (Some(_), Some(true)) => {
+                Err(ConfigError::Unsupported("per-layer sliding windows (Qwen's use_sliding_window: true)".into()))
+            }
+            _ => Ok(None),
+        },
+    }
 }
 
 #[cfg(test)]
@@ -175,6 +186,14 @@ mod tests {
         assert_eq!(window(json!({"sliding_window": null})), None);
         assert_eq!(window(json!({"sliding_window": 0})), None);
         assert_eq!(window(json!({})), None);
+        // Qwen's window is off unless asked for, and per layer when it is.
+        let qwen = |extra: Json| {
+            let mut c = config(extra);
+            c["model_type"] = json!("qwen2");
+            ModelConfig::from_hf(&c)
+        };
+        assert_eq!(qwen(json!({"sliding_window": 4096})).expect("a config").sliding_window, None);
+        assert!(qwen(json!({"sliding_window": 4096, "use_sliding_window": true})).is_err());
         // The whole context is served either way.
         assert_eq!(ModelConfig::from_hf(&config(json!({"sliding_window": 4096}))).expect("a config").context, 32768);
     }
