@@ -353,7 +353,7 @@ pub struct StepContext<'a> {
 
 impl StepContext<'_> {
     fn describe(&self, sampled: &Sampled) -> TokenLogprob {
-        let text = |id: u32| self.tokenizer.decode(&[id], false).unwrap_or_default();
+        let text = |id: u32| crate::model::tokenizer::token_text(self.tokenizer, id);
         TokenLogprob {
             token: text(sampled.token),
             logprob: sampled.logprob,

@@ -68,6 +68,17 @@ pub fn from_gguf(meta: &Metadata<'_>) -> Result<Tokenizer, LoadError> {
     Ok(tokenizer)
 }
 
+/// One token's text, as logprobs show it: with the leading space a
+/// SentencePiece piece (`▁Hello`) holds, which its decoder strips from the
+/// start of a text.
+pub fn token_text(tokenizer: &Tokenizer, id: u32) -> String {
+    let decoded = tokenizer.decode(&[id], false).unwrap_or_default();
+    match tokenizer.id_to_token(id) {
+        Some(piece) if piece.starts_with(SPACE) && !decoded.starts_with(' ') => format!(" {decoded}"),
+        _ => decoded,
+    }
+}
+
 /// `tokenizer` for text inside an answer (what a grammar fixes): a
 /// SentencePiece tokenizer's space prefix belongs to the start of a prompt,
 /// not to a fragment, so its `Prepend` normalizer is left out.
@@ -320,6 +331,16 @@ mod tests {
                 assert_eq!(decoded, text.replace('\u{2581}', " "), "{text:?} prefix {with_prefix}");
             }
         }
+    }
+
+    #[test]
+    fn a_tokens_text_keeps_its_leading_space() {
+        let content = sentencepiece_gguf(PIECES, None);
+        let tokenizer = from_gguf(&Metadata::new(&content)).expect("a tokenizer");
+        let id = |piece: &str| tokenizer.token_to_id(piece).expect("a piece");
+        assert_eq!(token_text(&tokenizer, id("\u{2581}world")), " world");
+        assert_eq!(token_text(&tokenizer, id("ld")), "ld");
+        assert_eq!(token_text(&tokenizer, id("\u{2581}")), " ");
     }
 
     #[test]
