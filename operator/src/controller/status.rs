@@ -45,12 +45,7 @@ pub fn compute(
     let cond = |type_: &str, status: bool, reason: &str, message: String| builder.make(type_, status, reason, message);
 
     let (replicas, ready, conditions) = match observed {
-        Observed::Invalid(problem) => {
-            // The InferencePool stays as it was until the spec can be applied again.
-            let mut conditions = builder.problem(problem);
-            conditions.extend(previous.conditions.iter().filter(|c| c.type_ == INFERENCE_POOL_READY).cloned());
-            (previous.replicas, previous.ready_replicas, conditions)
-        }
+        Observed::Invalid(problem) => (previous.replicas, previous.ready_replicas, builder.problem(problem)),
         Observed::Applied(Applied { deployment, inference_pool }) => {
             let s = deployment.status.clone().unwrap_or_default();
             let ready = s.ready_replicas.unwrap_or(0);
@@ -138,10 +133,8 @@ pub fn compute(
 pub fn undecodable(bad: &Undecodable, now: &Time) -> ModelDeploymentStatus {
     let previous = stored_status(bad);
     let problem = Problem { reason: "InvalidSpec", message: format!("cannot read the spec: {}", bad.error) };
-    let mut conditions =
+    let conditions =
         Conditions { previous: &previous.conditions, generation: bad.metadata.generation, now }.problem(&problem);
-    // The InferencePool stays as it was until the spec can be read again.
-    conditions.extend(previous.conditions.iter().filter(|c| c.type_ == INFERENCE_POOL_READY).cloned());
     ModelDeploymentStatus {
         observed_generation: bad.metadata.generation,
         phase: Some("Degraded".into()),
@@ -180,13 +173,17 @@ impl Conditions<'_> {
         }
     }
 
-    /// All three conditions for a spec that cannot run.
+    /// All three conditions for a spec that cannot run; the InferencePool's
+    /// stays as it was until the spec can be applied again (the controller
+    /// deletes a pool the spec no longer asks for only while it is there).
     fn problem(&self, problem: &Problem) -> Vec<Condition> {
-        vec![
+        let mut conditions = vec![
             self.make(READY, false, problem.reason, problem.message.clone()),
             self.make(PROGRESSING, false, problem.reason, "waiting for the spec to be fixed".into()),
             self.make(DEGRADED, true, problem.reason, problem.message.clone()),
-        ]
+        ];
+        conditions.extend(self.previous.iter().filter(|c| c.type_ == INFERENCE_POOL_READY).cloned());
+        conditions
     }
 }
 

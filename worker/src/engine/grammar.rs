@@ -77,7 +77,7 @@ impl Grammars {
         let json: Json =
             serde_json::from_str(&tokenizer.to_string(false).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
         let words = llguidance::token_bytes_from_tokenizer_json(&json).map_err(|e| e.to_string())?;
-        let tokenizer = Arc::new(crate::model::tokenizer::without_space_prefix(&tokenizer));
+        let tokenizer = crate::model::tokenizer::without_space_prefix(&tokenizer);
         let info = TokRxInfo::new(words.len() as u32, eos);
         let trie = TokTrie::from(&info, &words);
         let env: TokEnv = Arc::new(Vocabulary { trie, tokenizer });

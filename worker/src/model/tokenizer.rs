@@ -1,6 +1,7 @@
 //! Tokenizers: read from `tokenizer.json`, or rebuilt from a GGUF file's metadata.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -82,8 +83,8 @@ pub fn token_text(tokenizer: &Tokenizer, id: u32) -> String {
 /// `tokenizer` for text inside an answer (what a grammar fixes): a
 /// SentencePiece tokenizer's space prefix belongs to the start of a prompt,
 /// not to a fragment, so its `Prepend` normalizer is left out.
-pub fn without_space_prefix(tokenizer: &Tokenizer) -> Tokenizer {
-    let mut fragments = tokenizer.clone();
+/// A tokenizer without one is shared, not copied.
+pub fn without_space_prefix(tokenizer: &Arc<Tokenizer>) -> Arc<Tokenizer> {
     let kept = match tokenizer.get_normalizer() {
         Some(NormalizerWrapper::Prepend(_)) => None,
         Some(NormalizerWrapper::Sequence(sequence))
@@ -92,14 +93,15 @@ pub fn without_space_prefix(tokenizer: &Tokenizer) -> Tokenizer {
             let rest = sequence.as_ref().iter().filter(|n| !matches!(n, NormalizerWrapper::Prepend(_))).cloned();
             Some(NormalizerSequence::new(rest.collect()))
         }
-        _ => return fragments,
+        _ => return tokenizer.clone(),
     };
+    let mut fragments = Tokenizer::clone(tokenizer);
     // Setting a normalizer only fails for added tokens that no longer
     // normalize; then the tokenizer stays as it was.
     if fragments.with_normalizer(kept).is_err() {
         return tokenizer.clone();
     }
-    fragments
+    Arc::new(fragments)
 }
 
 /// GPT-2-style byte-level BPE.
@@ -346,12 +348,15 @@ mod tests {
     #[test]
     fn fragments_are_tokenized_without_the_space_prefix() {
         let content = sentencepiece_gguf(PIECES, None);
-        let tokenizer = from_gguf(&Metadata::new(&content)).expect("a tokenizer");
+        let tokenizer = Arc::new(from_gguf(&Metadata::new(&content)).expect("a tokenizer"));
         let tokens = |t: &Tokenizer, text: &str| t.encode(text, false).expect("encodes").get_tokens().to_vec();
         assert_eq!(tokens(&tokenizer, "hello"), ["\u{2581}hello"]);
         let fragments = without_space_prefix(&tokenizer);
         assert_eq!(tokens(&fragments, "hello"), ["hello"]);
         assert_eq!(tokens(&fragments, "hello world"), ["hello", "\u{2581}world"]);
+        // Without a space prefix there is nothing to take out: the same tokenizer.
+        let plain = Arc::new(from_gguf(&Metadata::new(&sentencepiece_gguf(PIECES, Some(false)))).expect("a tokenizer"));
+        assert!(Arc::ptr_eq(&without_space_prefix(&plain), &plain));
     }
 
     #[test]

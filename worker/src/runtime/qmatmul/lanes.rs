@@ -272,7 +272,8 @@ macro_rules! lanes_kernel {
 
         /// `R` rows of one group: `out[r][c]` is row `row + r` times column
         /// `group * 8 + c`. `NIBBLES`: 4-bit storage; `SPAN`: chunks summed in
-        /// 16 bits before widening (without VNNI) (a divisor of 4, or 8 without `PAIR`);
+        /// 16 bits before widening where the chunks are not `DIRECT` (a divisor
+        /// of 4, or 8 without `PAIR`);
         /// `PAIR`: two f32 scales per block (Q6_K); `WIDE`: Q8_0's signed bytes,
         /// no offsets; `HALF`: f16 scale pairs.
         ///
