@@ -154,8 +154,8 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, name: str, args: list[str], port: int, extra: dict):
-        self.name, self.port, self.extra = name, port, extra
+    def __init__(self, name: str, args: list[str], port: int, extra: dict, model: str = "smollm2"):
+        self.name, self.port, self.extra, self.model = name, port, extra, model
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -179,7 +179,7 @@ class Server:
 
     def chat(self, messages: list[dict], max_tokens: int) -> tuple[float, float, int, int]:
         """Streams one completion: (seconds to first token, total seconds, prompt tokens, completion tokens)."""
-        body = {"model": "smollm2", "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
                 "stream": True, "stream_options": {"include_usage": True}, **self.extra}
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/chat/completions",
                                          data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})

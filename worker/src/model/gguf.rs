@@ -13,7 +13,7 @@ use super::{
     SpecialTokens,
 };
 use crate::runtime::config::{Architecture, ModelConfig, RopeStyle, SUPPORTED};
-use crate::runtime::rope::inverse_frequencies;
+use crate::runtime::rope::Frequencies;
 use crate::runtime::weights::Weights;
 use crate::runtime::Model;
 use crate::startup::Phases;
@@ -73,11 +73,11 @@ pub fn load(path: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadE
         Ok(t) => Some(t.dequantize(&device)?.to_vec1::<f32>()?),
         Err(_) => None,
     };
-    let inv_freq = inverse_frequencies(config.head_dim, config.rope_theta, None, factors.as_deref());
+    let frequencies = Frequencies::of(&config, factors.as_deref());
     let level = options.kernel_level()?;
     let weights = Weights::from_gguf(&content, &mut reader, &config, &device, level)?;
     let context = context_limit.map_or(config.context, |l| l.min(config.context));
-    let model = Model::new(config, weights, &inv_freq, context, device, options.resolved_threads(), level)?;
+    let model = Model::new(config, weights, &frequencies, context, device, options.resolved_threads(), level)?;
     phases.end("weights");
     Ok(LoadedModel { info, model, tokenizer, template, template_origin, special, phases })
 }
@@ -94,25 +94,55 @@ fn model_config(meta: &Metadata<'_>, content: &Content, arch: &str) -> Result<Mo
         .get("token_embd.weight")
         .map(|t| t.shape.dims()[0])
         .ok_or_else(|| LoadError::Format("no token_embd.weight tensor".into()))?;
-    let config = ModelConfig {
+    let layers = uint("block_count")?;
+    let head_dim = uint("attention.key_length").unwrap_or(hidden / heads.max(1));
+    let mut config = ModelConfig {
         architecture,
         hidden,
         intermediate: uint("feed_forward_length")?,
-        layers: uint("block_count")?,
+        layers,
         heads,
         kv_heads: uint("attention.head_count_kv").unwrap_or(heads),
-        head_dim: uint("attention.key_length").unwrap_or(hidden / heads.max(1)),
+        head_dim,
         vocab,
         rms_eps: meta.float(&format!("{arch}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
         rope_theta: meta.float(&format!("{arch}.rope.freq_base")).unwrap_or(10_000.0),
-        // llama.cpp permutes Llama's q/k weights for interleaved pairs; Qwen keeps halves.
+        // llama.cpp permutes Llama's q/k weights for interleaved pairs; the others keep halves.
         rope_style: if architecture == Architecture::Llama { RopeStyle::Interleaved } else { RopeStyle::Halves },
         llama3_scaling: None,
         context: uint("context_length")?,
         sliding_window: meta.uint(&format!("{arch}.attention.sliding_window")).filter(|&w| w > 0).map(|w| w as usize),
+        full_attention_layers: Vec::new(),
+        local_rope_theta: None,
+        rope_linear_factor: 1.0,
+        attention_scale: 1.0 / (head_dim as f64).sqrt(),
     };
+    if architecture == Architecture::Gemma3 {
+        gemma3(meta, arch, &mut config)?;
+    }
     config.check()?;
     Ok(config)
+}
+
+/// What llama.cpp's `gemma3` loader fixes rather than reads: every sixth layer
+/// attends globally, the windowed ones rotate with base 10,000 (unless
+/// `rope.freq_base_swa` says otherwise), linear rope scaling applies to the
+/// global layers only, and the 27B model (62 layers) scales scores by
+/// 1/sqrt(hidden / heads) instead of 1/sqrt(head_dim).
+fn gemma3(meta: &Metadata<'_>, arch: &str, config: &mut ModelConfig) -> Result<(), LoadError> {
+    config.full_attention_layers = ModelConfig::every_nth_layer_full(config.layers, 6);
+    config.local_rope_theta = Some(meta.float(&format!("{arch}.rope.freq_base_swa")).unwrap_or(10_000.0));
+    match meta.string(&format!("{arch}.rope.scaling.type")) {
+        None | Some("none") => {}
+        Some("linear") => {
+            config.rope_linear_factor = meta.float(&format!("{arch}.rope.scaling.factor")).unwrap_or(1.0);
+        }
+        Some(other) => return Err(LoadError::Unsupported(format!("Gemma 3 with rope scaling `{other}`"))),
+    }
+    if config.layers == 62 {
+        config.attention_scale = 1.0 / ((config.hidden / config.heads.max(1)) as f64).sqrt();
+    }
+    Ok(())
 }
 
 /// `tokenizer.json` next to the GGUF file wins over the one rebuilt from metadata.

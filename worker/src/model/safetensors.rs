@@ -1,5 +1,5 @@
 //! Hugging Face checkpoints: config.json, *.safetensors, tokenizer.json and
-//! tokenizer_config.json, for the Llama, Qwen2 and Qwen3 architectures.
+//! tokenizer_config.json, for the Llama, Qwen2, Qwen3 and Gemma 3 architectures.
 
 use std::path::{Path, PathBuf};
 
@@ -13,7 +13,7 @@ use super::{
     Quantize, SpecialTokens,
 };
 use crate::runtime::config::ModelConfig;
-use crate::runtime::rope::inverse_frequencies;
+use crate::runtime::rope::Frequencies;
 use crate::runtime::weights::Weights;
 use crate::runtime::Model;
 use crate::startup::Phases;
@@ -34,9 +34,9 @@ pub fn load(dir: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadEr
     phases.end("mmap");
     let parameters = tensors.tensors().iter().map(|(_, view)| view.shape().iter().product::<usize>() as u64).sum();
     // Weights stay in the dtype they come in (the embedding table's).
-    let dtype = tensors
-        .get("model.embed_tokens.weight")
-        .ok()
+    let dtype = ["model.embed_tokens.weight", "language_model.model.embed_tokens.weight"]
+        .iter()
+        .find_map(|name| tensors.get(name).ok())
         .and_then(|view| DType::try_from(view.dtype()).ok())
         .unwrap_or(DType::F32);
     let device = options.open_device()?;
@@ -47,11 +47,10 @@ pub fn load(dir: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadEr
     let level = options.kernel_level()?;
     let weights = Weights::from_safetensors(&tensors, &model_config, dtype, quantize, &device, level)
         .map_err(|e| LoadError::Format(format!("the {architecture} checkpoint does not match its config.json: {e}")))?;
-    let inv_freq =
-        inverse_frequencies(model_config.head_dim, model_config.rope_theta, model_config.llama3_scaling.as_ref(), None);
+    let frequencies = Frequencies::of(&model_config, None);
     let context_length = model_config.context as u64;
     let context = context_limit.map_or(model_config.context, |l| l.min(model_config.context));
-    let model = Model::new(model_config, weights, &inv_freq, context, device, options.resolved_threads(), level)?;
+    let model = Model::new(model_config, weights, &frequencies, context, device, options.resolved_threads(), level)?;
     phases.end("weights");
     let quantization = match options.quantize {
         Some(Quantize::Q8_0) => "Q8_0".to_string(),

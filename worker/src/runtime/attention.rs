@@ -31,6 +31,8 @@ pub struct AttentionPlan {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// The factor scores are multiplied by before the softmax.
+    pub scale: f32,
     /// Sliding-window attention: positions a query reads, its own included.
     pub window: Option<usize>,
 }
@@ -58,7 +60,8 @@ fn gathered_attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, plan: &Att
         let k = k_cache.index_select(&rows, 0)?.to_dtype(DType::F32)?;
         let v = v_cache.index_select(&rows, 0)?.to_dtype(DType::F32)?;
         let q = q.narrow(0, seq.query_start, seq.query_len)?;
-        outs.push(causal_attention(&q, &k, &v, seq.context_len - seq.query_len, group, plan.window)?);
+        let first = seq.context_len - seq.query_len;
+        outs.push(causal_attention(&q, &k, &v, first, group, plan.scale, plan.window)?);
     }
     Tensor::cat(&outs, 0)
 }
@@ -72,6 +75,7 @@ fn causal_attention(
     v: &Tensor,
     first: usize,
     group: usize,
+    scale: f32,
     window: Option<usize>,
 ) -> Result<Tensor> {
     let window = window.unwrap_or(usize::MAX);
@@ -81,7 +85,7 @@ fn causal_attention(
     let (k, v) = (repeat(k)?, repeat(v)?);
     let (q, k, v) =
         (q.transpose(0, 1)?.contiguous()?, k.transpose(0, 1)?.contiguous()?, v.transpose(0, 1)?.contiguous()?);
-    let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
+    let scores = (q.matmul(&k.t()?)? * f64::from(scale))?;
     let mask: Vec<f32> = (0..t)
         .flat_map(|i| {
             (0..n).map(move |j| if j <= first + i && first + i - j < window { 0.0 } else { f32::NEG_INFINITY })
@@ -149,7 +153,7 @@ impl PagedAttention {
         let p = &*self.plan;
         let (heads, dim) = (p.heads, p.head_dim);
         let group = heads / p.kv_heads.max(1);
-        let scale = 1.0 / (dim as f32).sqrt();
+        let scale = p.scale;
         // (sequence, position) of every query token.
         let mut owners = Vec::new();
         for (s, seq) in p.sequences.iter().enumerate() {
@@ -259,7 +263,9 @@ mod tests {
             start += new;
         }
         let q = Tensor::randn(0f32, 1.0, (start, heads, dim), &dev)?;
-        let plan = Arc::new(AttentionPlan { sequences, block_size: block, heads, kv_heads, head_dim: dim, window });
+        let scale = 1.0 / (dim as f32).sqrt();
+        let plan =
+            Arc::new(AttentionPlan { sequences, block_size: block, heads, kv_heads, head_dim: dim, scale, window });
         // The CPU's in-place kernel against the other devices' gather-and-attend.
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             let (kc, vc) = (k_cache.to_dtype(dtype)?, v_cache.to_dtype(dtype)?);

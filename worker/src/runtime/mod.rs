@@ -26,12 +26,12 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Result, Tensor};
 
 pub use attention::{AttentionPlan, SequenceSlice};
-pub use config::{Architecture, ModelConfig, RopeStyle};
+pub use config::{Activation, Architecture, ModelConfig, RopeStyle};
 use cpu::CpuModel;
 pub use kv_cache::KvCache;
 use pool::{Pool, Shared};
 pub use qmatmul::{Isa, Level};
-use rope::Rope;
+use rope::{Frequencies, Rope};
 use weights::Weights;
 
 /// One sequence's part of a step.
@@ -88,7 +88,7 @@ enum Backend {
     Cpu(Box<CpuModel>),
     /// candle tensor operations (plus two custom ops): other devices, dense
     /// weights, and GGUF types kandle has no kernel for.
-    Tensors { weights: Weights, rope: Rope },
+    Tensors { weights: Weights, ropes: Vec<Rope> },
 }
 
 pub struct Model {
@@ -107,7 +107,7 @@ impl Model {
     pub fn new(
         config: ModelConfig,
         weights: Weights,
-        inv_freq: &[f64],
+        frequencies: &Frequencies,
         context: usize,
         device: Device,
         threads: usize,
@@ -116,10 +116,13 @@ impl Model {
         let pool = Pool::new(threads)?;
         let vocab_rows = weights.embedding.vocab();
         let backend = match weights.into_cpu(&device)? {
-            Ok(cpu) => Backend::Cpu(Box::new(CpuModel::new(config.clone(), cpu, inv_freq, context, level))),
+            Ok(cpu) => Backend::Cpu(Box::new(CpuModel::new(config.clone(), cpu, frequencies, context, level))),
             Err(weights) => {
-                let rope = Rope::new(inv_freq, context, config.rope_style, weights.dtype, &device)?;
-                Backend::Tensors { weights, rope }
+                let ropes = frequencies
+                    .tables()
+                    .map(|f| Rope::new(f, context, config.rope_style, weights.dtype, &device))
+                    .collect::<Result<_>>()?;
+                Backend::Tensors { weights, ropes }
             }
         };
         Ok(Self { config, backend, pool, device, vocab_rows })
@@ -165,7 +168,7 @@ impl Model {
     fn context(&self) -> usize {
         match &self.backend {
             Backend::Cpu(cpu) => cpu.context(),
-            Backend::Tensors { rope, .. } => rope.context(),
+            Backend::Tensors { ropes, .. } => ropes.first().map_or(0, Rope::context),
         }
     }
 
@@ -201,8 +204,9 @@ impl Model {
         let (plan, tokens) = self.plan(sequences, cache)?;
         match &self.backend {
             Backend::Cpu(cpu) => cpu.forward(&self.pool, &plan, &tokens, cache, logits),
-            Backend::Tensors { weights, rope } => {
-                let values = self.device.with_context(|| self.forward_tensors(weights, rope, &plan, &tokens, cache))?;
+            Backend::Tensors { weights, ropes } => {
+                let values =
+                    self.device.with_context(|| self.forward_tensors(weights, ropes, &plan, &tokens, cache))?;
                 let (rows, vocab) = values.dims2()?;
                 logits.resize(rows, vocab);
                 logits.values.as_mut_slice().copy_from_slice(&values.flatten_all()?.to_vec1::<f32>()?);
@@ -234,7 +238,9 @@ impl Model {
             heads: cfg.heads,
             kv_heads: cfg.kv_heads,
             head_dim: cfg.head_dim,
-            window: cfg.sliding_window,
+            scale: cfg.attention_scale as f32,
+            // Set per layer.
+            window: None,
         };
         Ok((plan, tokens))
     }
@@ -243,7 +249,7 @@ impl Model {
     fn forward_tensors(
         &self,
         weights: &Weights,
-        rope: &Rope,
+        ropes: &[Rope],
         plan: &AttentionPlan,
         tokens: &[u32],
         cache: &KvCache,
@@ -259,7 +265,8 @@ impl Model {
             last.push((seq.query_start + seq.query_len - 1) as u32);
         }
         let n = tokens.len();
-        let plan = Arc::new(plan.clone());
+        let full = Arc::new(plan.clone());
+        let windowed = Arc::new(AttentionPlan { window: cfg.sliding_window, ..plan.clone() });
         let slots: Arc<[u32]> = slots.into();
         let tokens = Tensor::new(tokens, &self.device)?;
         let positions = Tensor::new(positions.as_slice(), &self.device)?;
@@ -268,28 +275,46 @@ impl Model {
         let pool = &self.pool;
 
         let mut x = weights.embedding.rows(&tokens, dtype)?;
+        if let Some(scale) = cfg.architecture.embedding_scale(cfg.hidden) {
+            x = (x * f64::from(scale))?;
+        }
+        let norm = |x: &Tensor, weight: &Tensor| candle_nn::ops::rms_norm(x, weight, eps);
         for (i, layer) in weights.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let rope = &ropes[Frequencies::table_of(cfg, i)];
+            let plan = if cfg.layer_window(i).is_some() { &windowed } else { &full };
+            let h = norm(&x, &layer.attn_norm)?;
             let mut q = layer.q.forward(&h, pool)?.reshape((n, cfg.heads, cfg.head_dim))?;
             let mut k = layer.k.forward(&h, pool)?.reshape((n, cfg.kv_heads, cfg.head_dim))?;
             let v = layer.v.forward(&h, pool)?.reshape((n, cfg.kv_heads, cfg.head_dim))?;
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                q = candle_nn::ops::rms_norm(&q.contiguous()?, qn, eps)?;
-                k = candle_nn::ops::rms_norm(&k.contiguous()?, kn, eps)?;
+                q = norm(&q.contiguous()?, qn)?;
+                k = norm(&k.contiguous()?, kn)?;
             }
             let q = rope.apply(&q, &positions)?;
             let k = rope.apply(&k, &positions)?;
             let (k_cache, v_cache) = cache.layer(i)?;
             cache.write(i, &k, &v, &slots)?;
-            let attn = attention::paged_attention(&q, k_cache, v_cache, &plan)?;
+            let attn = attention::paged_attention(&q, k_cache, v_cache, plan)?;
             let attn = attn.to_dtype(dtype)?.reshape((n, cfg.heads * cfg.head_dim))?;
-            x = (x + layer.o.forward(&attn, pool)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let gated = (candle_nn::ops::silu(&layer.gate.forward(&h, pool)?)? * layer.up.forward(&h, pool)?)?;
-            x = (x + layer.down.forward(&gated, pool)?)?;
+            let mut out = layer.o.forward(&attn, pool)?;
+            if let Some(post) = &layer.post_attn_norm {
+                out = norm(&out, post)?;
+            }
+            x = (x + out)?;
+            let h = norm(&x, &layer.ffn_norm)?;
+            let gate = layer.gate.forward(&h, pool)?;
+            let gate = match cfg.architecture.activation() {
+                Activation::Silu => candle_nn::ops::silu(&gate)?,
+                Activation::GeluTanh => gate.gelu()?,
+            };
+            let mut out = layer.down.forward(&(gate * layer.up.forward(&h, pool)?)?, pool)?;
+            if let Some(post) = &layer.post_ffn_norm {
+                out = norm(&out, post)?;
+            }
+            x = (x + out)?;
         }
         let last = Tensor::new(last.as_slice(), &self.device)?;
-        let x = candle_nn::ops::rms_norm(&x.index_select(&last, 0)?, &weights.norm, eps)?;
+        let x = norm(&x.index_select(&last, 0)?, &weights.norm)?;
         weights.lm_head.forward(&x, pool)?.to_dtype(DType::F32)
     }
 }

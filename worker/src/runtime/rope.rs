@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use super::config::{Llama3Scaling, RopeStyle};
+use super::config::{Llama3Scaling, ModelConfig, RopeStyle};
 
 pub struct Rope {
     /// `[context, head_dim / 2]`
@@ -42,6 +42,35 @@ pub fn inverse_frequencies(
             }
         })
         .collect()
+}
+
+/// A model's rotary frequencies: one set for its full-attention layers, and
+/// one for its windowed layers where their base differs (Gemma 3).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Frequencies {
+    pub global: Vec<f64>,
+    pub local: Option<Vec<f64>>,
+}
+
+impl Frequencies {
+    /// `factors`: GGUF's per-frequency factors (`rope_freqs.weight`).
+    pub fn of(config: &ModelConfig, factors: Option<&[f32]>) -> Self {
+        let mut global =
+            inverse_frequencies(config.head_dim, config.rope_theta, config.llama3_scaling.as_ref(), factors);
+        global.iter_mut().for_each(|f| *f /= config.rope_linear_factor);
+        let local = config.local_rope_theta.map(|theta| inverse_frequencies(config.head_dim, theta, None, None));
+        Self { global, local }
+    }
+
+    /// The sets in table order: global, then local if any.
+    pub fn tables(&self) -> impl Iterator<Item = &[f64]> {
+        std::iter::once(self.global.as_slice()).chain(self.local.as_deref())
+    }
+
+    /// The table layer `layer` rotates with (an index into [`Self::tables`]).
+    pub fn table_of(config: &ModelConfig, layer: usize) -> usize {
+        usize::from(config.layer_rope_is_local(layer))
+    }
 }
 
 impl Rope {

@@ -135,10 +135,14 @@ pub struct Layer {
     pub k: Linear,
     pub v: Linear,
     pub o: Linear,
-    /// Qwen3's per-head norms of q and k.
+    /// Qwen3's and Gemma 3's per-head norms of q and k.
     pub q_norm: Option<Tensor>,
     pub k_norm: Option<Tensor>,
+    /// Gemma 3's norm of the attention output before the residual add.
+    pub post_attn_norm: Option<Tensor>,
     pub ffn_norm: Tensor,
+    /// Gemma 3's norm of the MLP output before the residual add.
+    pub post_ffn_norm: Option<Tensor>,
     pub gate: Linear,
     pub up: Linear,
     pub down: Linear,
@@ -197,11 +201,14 @@ impl Weights {
             );
             let (gate, up, down) = (linear("ffn_gate", false)?, linear("ffn_up", false)?, linear("ffn_down", false)?);
             let mut norm = |name: &str| t(name)?.dequantize(device);
-            let (q_norm, k_norm) = if config.architecture == Architecture::Qwen3 {
-                (Some(norm("attn_q_norm.weight")?), Some(norm("attn_k_norm.weight")?))
-            } else {
-                (None, None)
-            };
+            let arch = config.architecture;
+            let mut optional = |name: &str, present: bool| present.then(|| norm(name)).transpose();
+            let (q_norm, k_norm) = (
+                optional("attn_q_norm.weight", arch.has_qk_norm())?,
+                optional("attn_k_norm.weight", arch.has_qk_norm())?,
+            );
+            let post_attn_norm = optional("post_attention_norm.weight", arch.has_post_norms())?;
+            let post_ffn_norm = optional("post_ffw_norm.weight", arch.has_post_norms())?;
             layers.push(Layer {
                 attn_norm: norm("attn_norm.weight")?,
                 ffn_norm: norm("ffn_norm.weight")?,
@@ -211,6 +218,8 @@ impl Weights {
                 o,
                 q_norm,
                 k_norm,
+                post_attn_norm,
+                post_ffn_norm,
                 gate,
                 up,
                 down,
@@ -232,7 +241,20 @@ impl Weights {
         level: Level,
     ) -> Result<Self> {
         let dtype = if quantize.is_some() { DType::F32 } else { dtype };
+        let arch = config.architecture;
+        // Gemma 3's multimodal checkpoints keep the language model under `language_model.`.
+        let (root, head) = if tensors.get("language_model.model.embed_tokens.weight").is_ok() {
+            ("language_model.model", "language_model.lm_head")
+        } else {
+            ("model", "lm_head")
+        };
         let get = |name: &str| tensors.load(name, device)?.to_dtype(dtype);
+        // Gemma stores its norms' weights as offsets from 1.
+        let norm = |name: &str| {
+            let w = tensors.load(name, device)?.to_dtype(DType::F32)?;
+            let w = if arch == Architecture::Gemma3 { (w + 1.0)? } else { w };
+            w.to_dtype(dtype)
+        };
         let linear = |name: &str, with_bias: bool| -> Result<Linear> {
             let bias = if with_bias { Some(get(&format!("{name}.bias"))?) } else { None };
             let weight = get(&format!("{name}.weight"))?;
@@ -243,7 +265,7 @@ impl Weights {
                 _ => Ok(Linear::Dense(candle_nn::Linear::new(weight, bias))),
             }
         };
-        let table = get("model.embed_tokens.weight")?;
+        let table = get(&format!("{root}.embed_tokens.weight"))?;
         // Quantized checkpoints run the embedding table and the output layer
         // through the same kernels as the other layers, where the sizes allow.
         let packed_table = match quantize {
@@ -259,37 +281,45 @@ impl Weights {
             }
             None => (Embedding::Dense(table.clone()), Linear::Dense(candle_nn::Linear::new(table, None))),
         };
-        let lm_head = match tensors.get("lm_head.weight") {
-            Ok(_) => linear("lm_head", false)?,
+        let lm_head = match tensors.get(&format!("{head}.weight")) {
+            Ok(_) => linear(head, false)?,
             Err(_) => tied,
         };
         let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
-            let p = format!("model.layers.{i}");
-            let qkv_bias = config.architecture == Architecture::Qwen2;
-            let (q_norm, k_norm) = if config.architecture == Architecture::Qwen3 {
+            let p = format!("{root}.layers.{i}");
+            let qkv_bias = arch == Architecture::Qwen2;
+            let optional = |name: &str, present: bool| present.then(|| norm(&format!("{p}.{name}.weight"))).transpose();
+            let (q_norm, k_norm) =
+                (optional("self_attn.q_norm", arch.has_qk_norm())?, optional("self_attn.k_norm", arch.has_qk_norm())?);
+            // Gemma's post_attention_layernorm is the attention output's norm;
+            // its MLP input norm is pre_feedforward_layernorm.
+            let (post_attn_norm, ffn_norm, post_ffn_norm) = if arch.has_post_norms() {
                 (
-                    Some(get(&format!("{p}.self_attn.q_norm.weight"))?),
-                    Some(get(&format!("{p}.self_attn.k_norm.weight"))?),
+                    optional("post_attention_layernorm", true)?,
+                    norm(&format!("{p}.pre_feedforward_layernorm.weight"))?,
+                    optional("post_feedforward_layernorm", true)?,
                 )
             } else {
-                (None, None)
+                (None, norm(&format!("{p}.post_attention_layernorm.weight"))?, None)
             };
             layers.push(Layer {
-                attn_norm: get(&format!("{p}.input_layernorm.weight"))?,
+                attn_norm: norm(&format!("{p}.input_layernorm.weight"))?,
                 q: linear(&format!("{p}.self_attn.q_proj"), qkv_bias)?,
                 k: linear(&format!("{p}.self_attn.k_proj"), qkv_bias)?,
                 v: linear(&format!("{p}.self_attn.v_proj"), qkv_bias)?,
                 o: linear(&format!("{p}.self_attn.o_proj"), false)?,
                 q_norm,
                 k_norm,
-                ffn_norm: get(&format!("{p}.post_attention_layernorm.weight"))?,
+                post_attn_norm,
+                ffn_norm,
+                post_ffn_norm,
                 gate: linear(&format!("{p}.mlp.gate_proj"), false)?,
                 up: linear(&format!("{p}.mlp.up_proj"), false)?,
                 down: linear(&format!("{p}.mlp.down_proj"), false)?,
             });
         }
-        Ok(Self { embedding, layers, norm: get("model.norm.weight")?, lm_head, dtype })
+        Ok(Self { embedding, layers, norm: norm(&format!("{root}.norm.weight"))?, lm_head, dtype })
     }
 }
 
@@ -319,12 +349,17 @@ impl Weights {
                 (Some(q), Some(k)) => Some((values(q)?, values(k)?)),
                 _ => None,
             };
+            let post_norms = match (&l.post_attn_norm, &l.post_ffn_norm) {
+                (Some(a), Some(f)) => Some((values(a)?, values(f)?)),
+                _ => None,
+            };
             layers.push(CpuLayer {
                 attn_norm: values(&l.attn_norm)?,
                 qkv: [take(&l.q)?, take(&l.k)?, take(&l.v)?],
                 qkv_bias,
                 qk_norm,
                 o: take(&l.o)?,
+                post_norms,
                 ffn_norm: values(&l.ffn_norm)?,
                 gate_up: [take(&l.gate)?, take(&l.up)?],
                 down: take(&l.down)?,

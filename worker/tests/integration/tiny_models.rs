@@ -1,4 +1,4 @@
-//! Tiny Llama, Qwen2 and Qwen3 checkpoints with random weights, written by the test
+//! Tiny Llama, Qwen2, Qwen3 and Gemma 3 checkpoints with random weights, written by the test
 //! itself in the Hugging Face layout, then loaded and served through the HTTP router.
 
 use std::collections::HashMap;
@@ -13,7 +13,7 @@ use kandle_worker::api::request::{ChatRequest, SamplingOverrides};
 use kandle_worker::api::state::{AppState, HttpSettings};
 use kandle_worker::metrics::Metrics;
 use kandle_worker::model::{self, LoadOptions};
-use kandle_worker::runtime::{Logits, StepSequence};
+use kandle_worker::runtime::{Logits, Model, StepSequence};
 use kandle_worker::service::{EngineLimits, ModelService};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -25,6 +25,7 @@ use tokenizers::{AddedToken, Tokenizer};
 use tower::ServiceExt;
 
 use crate::common;
+mod gemma3;
 mod request_fuzz;
 
 const HIDDEN: usize = 32;
@@ -34,6 +35,8 @@ const HEADS: usize = 2;
 const KV_HEADS: usize = 1;
 const HEAD_DIM: usize = HIDDEN / HEADS;
 const CONTEXT: usize = 128;
+/// The tiny Gemma 3's window (its layer 0; layer 1 attends globally).
+const GEMMA_WINDOW: usize = 5;
 const SPECIALS: [(&str, bool); 6] = [
     ("<|im_start|>", true),
     ("<|im_end|>", true),
@@ -93,11 +96,13 @@ fn write_checkpoint(dir: &Path, arch: &str, template: &str) -> u64 {
 
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let gemma = arch == "gemma3";
     let mut put = |name: String, shape: &[usize]| {
-        let t = if name.ends_with("norm.weight") {
-            Tensor::ones(shape, DType::F32, &Device::Cpu).expect("ones")
-        } else {
-            random(&mut rng, shape)
+        let t = match (name.ends_with("norm.weight"), gemma) {
+            // Gemma's norms are offsets from 1: random ones test that they are taken as such.
+            (true, true) => (random(&mut rng, shape) * 0.4).expect("scale"),
+            (true, false) => Tensor::ones(shape, DType::F32, &Device::Cpu).expect("ones"),
+            (false, _) => random(&mut rng, shape),
         };
         tensors.insert(name, t);
     };
@@ -114,9 +119,13 @@ fn write_checkpoint(dir: &Path, arch: &str, template: &str) -> u64 {
             put(format!("{p}.self_attn.k_proj.bias"), &[KV_HEADS * HEAD_DIM]);
             put(format!("{p}.self_attn.v_proj.bias"), &[KV_HEADS * HEAD_DIM]);
         }
-        if arch == "qwen3" {
+        if arch == "qwen3" || gemma {
             put(format!("{p}.self_attn.q_norm.weight"), &[HEAD_DIM]);
             put(format!("{p}.self_attn.k_norm.weight"), &[HEAD_DIM]);
+        }
+        if gemma {
+            put(format!("{p}.pre_feedforward_layernorm.weight"), &[HIDDEN]);
+            put(format!("{p}.post_feedforward_layernorm.weight"), &[HIDDEN]);
         }
         put(format!("{p}.mlp.gate_proj.weight"), &[INTERMEDIATE, HIDDEN]);
         put(format!("{p}.mlp.up_proj.weight"), &[INTERMEDIATE, HIDDEN]);
@@ -127,7 +136,7 @@ fn write_checkpoint(dir: &Path, arch: &str, template: &str) -> u64 {
     let parameters = tensors.values().map(|t| t.elem_count() as u64).sum();
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).expect("save weights");
 
-    let config = json!({
+    let mut config = json!({
         "model_type": arch,
         "architectures": ["TinyForCausalLM"],
         "vocab_size": vocab,
@@ -149,6 +158,16 @@ fn write_checkpoint(dir: &Path, arch: &str, template: &str) -> u64 {
         "eos_token_id": im_end,
         "torch_dtype": "float32",
     });
+    if gemma {
+        // Layer 0 windowed (rotary base 100), layer 1 global (10,000); the
+        // keys candle-transformers' Gemma 3 reads, too.
+        let extra = json!({"hidden_activation": "gelu_pytorch_tanh", "rope_local_base_freq": 100.0,
+            "query_pre_attn_scalar": HEAD_DIM, "sliding_window": GEMMA_WINDOW, "sliding_window_pattern": 2,
+            "final_logit_softcapping": null, "attn_logit_softcapping": null, "rms_norm_eps": 1e-6});
+        if let (Some(c), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
+            c.extend(extra.clone());
+        }
+    }
     std::fs::write(dir.join("config.json"), config.to_string()).expect("config");
     let tok_config = json!({"chat_template": template, "eos_token": "<|im_end|>", "bos_token": null});
     std::fs::write(dir.join("tokenizer_config.json"), tok_config.to_string()).expect("tokenizer config");
@@ -161,7 +180,7 @@ fn step(tokens: &[u32], start: usize, blocks: &[u32]) -> StepSequence {
 
 #[test]
 fn each_architecture_loads_and_runs() {
-    for arch in ["llama", "mistral", "qwen2", "qwen3"] {
+    for arch in ["llama", "mistral", "qwen2", "qwen3", "gemma3"] {
         let dir = tempfile::tempdir().expect("tempdir");
         let parameters = write_checkpoint(dir.path(), arch, CHATML);
         let loaded = model::load(dir.path(), &LoadOptions::default()).unwrap_or_else(|e| panic!("{arch}: {e}"));
@@ -432,7 +451,7 @@ fn token_ids_past_the_embedding_are_refused_before_the_engine() {
 }
 
 /// Logits of a whole prompt run alone from an empty cache.
-fn alone(model: &kandle_worker::runtime::Model, tokens: &[u32]) -> Vec<f32> {
+fn alone(model: &Model, tokens: &[u32]) -> Vec<f32> {
     let cache = model.kv_cache(4, 32).expect("cache");
     let blocks: Vec<u32> = (0..tokens.len().div_ceil(4) as u32).collect();
     common::forward(model, &[step(tokens, 0, &blocks)], &cache).remove(0)
@@ -448,7 +467,8 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 /// logits each gets alone.
 #[test]
 fn batched_logits_equal_single_sequence_logits() {
-    for arch in ["llama", "mistral", "qwen2", "qwen3"] {
+    // Gemma 3's sequences run past its window (5) in its windowed layer.
+    for arch in ["llama", "mistral", "qwen2", "qwen3", "gemma3"] {
         let dir = tempfile::tempdir().expect("tempdir");
         write_checkpoint(dir.path(), arch, CHATML);
         let quantized = LoadOptions { quantize: Some(model::Quantize::Q8_0), ..Default::default() };
@@ -488,24 +508,15 @@ fn a_sliding_window_reads_only_the_last_positions() {
     let (full_dir, windowed_dir) = (tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir"));
     write_checkpoint(full_dir.path(), "mistral", CHATML);
     write_checkpoint(windowed_dir.path(), "mistral", CHATML);
-    let path = windowed_dir.path().join("config.json");
-    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("config")).expect("json");
-    config["sliding_window"] = json!(WINDOW);
-    config["use_sliding_window"] = json!(true);
-    std::fs::write(&path, config.to_string()).expect("config");
+    patch_config(windowed_dir.path(), json!({"sliding_window": WINDOW, "use_sliding_window": true}));
     let quantized = LoadOptions { quantize: Some(model::Quantize::Q8_0), ..Default::default() };
     for options in [LoadOptions::default(), quantized] {
         let full = model::load(full_dir.path(), &options).expect("loads");
         let windowed = model::load(windowed_dir.path(), &options).expect("loads");
         assert_eq!(windowed.model.config().sliding_window, Some(WINDOW));
+        assert_window_cuts_only_past_it(&full.model, &windowed.model, WINDOW);
         let kernels = windowed.model.kernels();
-        let short: Vec<u32> = (1..=WINDOW as u32).collect();
         let long: Vec<u32> = (1..14).collect();
-        let (a, b) = (alone(&full.model, &short), alone(&windowed.model, &short));
-        let size = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(5.0);
-        assert!(max_diff(&a, &b) < 2e-4 * size, "{kernels}: within the window");
-        let (a, b) = (alone(&full.model, &long), alone(&windowed.model, &long));
-        assert!(max_diff(&a, &b) > 1e-2 * size, "{kernels}: past the window the logits must change");
 
         let model = &windowed.model;
         let cache = model.kv_cache(4, 32).expect("cache");
@@ -520,6 +531,29 @@ fn a_sliding_window_reads_only_the_last_positions() {
             assert!(diff < 2e-4 * size, "{kernels} {name}: {diff}");
         }
     }
+}
+
+/// Rewrites the keys of `patch` in the checkpoint's config.json.
+fn patch_config(dir: &Path, patch: Value) {
+    let path = dir.join("config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("config")).expect("json");
+    if let (Some(c), Some(patch)) = (config.as_object_mut(), patch.as_object()) {
+        c.extend(patch.clone());
+    }
+    std::fs::write(&path, config.to_string()).expect("config");
+}
+
+/// Within `window` tokens the windowed model is the full one; past it the
+/// logits change (the last tokens no longer read the first).
+fn assert_window_cuts_only_past_it(full: &Model, windowed: &Model, window: usize) {
+    let kernels = windowed.kernels();
+    let short: Vec<u32> = (1..=window as u32).collect();
+    let long: Vec<u32> = (1..14).collect();
+    let (a, b) = (alone(full, &short), alone(windowed, &short));
+    let size = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(5.0);
+    assert!(max_diff(&a, &b) < 2e-4 * size, "{kernels}: within the window");
+    let (a, b) = (alone(full, &long), alone(windowed, &long));
+    assert!(max_diff(&a, &b) > 1e-2 * size, "{kernels}: past the window the logits must change");
 }
 
 /// Greedy completions of `prompts`, all submitted at once.

@@ -20,10 +20,11 @@ use std::sync::{Arc, Mutex};
 use candle_core::Result;
 
 use super::attention::AttentionPlan;
-use super::config::{ModelConfig, RopeStyle};
+use super::config::{Activation, ModelConfig, RopeStyle};
 use super::kv_cache::KvCache;
 use super::pool::{Pool, Shared, Worker};
 use super::qmatmul::{Activations, Level, Output, PackedWeights, BLOCK};
+use super::rope::Frequencies;
 use super::Logits;
 
 pub struct CpuLayer {
@@ -32,9 +33,11 @@ pub struct CpuLayer {
     pub qkv: [Arc<PackedWeights>; 3],
     /// Qwen2: the biases of q, k and v, concatenated.
     pub qkv_bias: Option<Vec<f32>>,
-    /// Qwen3: per-head norms of q and k.
+    /// Qwen3 and Gemma 3: per-head norms of q and k.
     pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     pub o: Arc<PackedWeights>,
+    /// Gemma 3: norms of the attention and MLP outputs before the residual add.
+    pub post_norms: Option<(Vec<f32>, Vec<f32>)>,
     pub ffn_norm: Vec<f32>,
     /// gate and up.
     pub gate_up: [Arc<PackedWeights>; 2],
@@ -51,9 +54,9 @@ pub struct CpuWeights {
 pub struct CpuModel {
     config: ModelConfig,
     weights: CpuWeights,
+    /// Per set of rotary frequencies ([`Frequencies::tables`]): cos and sin,
     /// `[context, head_dim / 2]` each.
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    rope: Vec<(Vec<f32>, Vec<f32>)>,
     context: usize,
     level: Level,
     scratch: Mutex<Scratch>,
@@ -63,6 +66,8 @@ pub struct CpuModel {
 #[derive(Default)]
 struct Scratch {
     x: Shared<f32>,
+    /// An attention or MLP output before its norm (models with post norms).
+    branch: Shared<f32>,
     normed: Shared<f32>,
     input: Activations,
     qkv: Shared<f32>,
@@ -104,17 +109,29 @@ impl AttendItem {
 }
 
 impl CpuModel {
-    pub fn new(config: ModelConfig, weights: CpuWeights, inv_freq: &[f64], context: usize, level: Level) -> Self {
-        let half = inv_freq.len();
-        let (mut cos, mut sin) = (Vec::with_capacity(context * half), Vec::with_capacity(context * half));
-        for pos in 0..context {
-            for f in inv_freq {
-                let angle = (pos as f64 * f) as f32;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-        Self { config, weights, cos, sin, context, level, scratch: Mutex::default() }
+    pub fn new(
+        config: ModelConfig,
+        weights: CpuWeights,
+        frequencies: &Frequencies,
+        context: usize,
+        level: Level,
+    ) -> Self {
+        let rope = frequencies
+            .tables()
+            .map(|inv_freq| {
+                let half = inv_freq.len();
+                let (mut cos, mut sin) = (Vec::with_capacity(context * half), Vec::with_capacity(context * half));
+                for pos in 0..context {
+                    for f in inv_freq {
+                        let angle = (pos as f64 * f) as f32;
+                        cos.push(angle.cos());
+                        sin.push(angle.sin());
+                    }
+                }
+                (cos, sin)
+            })
+            .collect();
+        Self { config, weights, rope, context, level, scratch: Mutex::default() }
     }
 
     pub fn context(&self) -> usize {
@@ -170,7 +187,7 @@ impl CpuModel {
             candle_core::bail!("two tokens of one step write KV slot {}", pair[0]);
         }
         let group = cfg.heads / cfg.kv_heads;
-        let scale = 1.0 / (hd as f32).sqrt();
+        let scale = plan.scale;
         s.tiles.clear();
         // Tiles of a KV group's heads, which share each conversion of the keys
         // and values, and of a prompt's tokens; heads one by one when a step of
@@ -187,7 +204,8 @@ impl CpuModel {
                         heads,
                         dim: hd,
                         scale,
-                        window: plan.window.unwrap_or(usize::MAX),
+                        // Set per layer.
+                        window: usize::MAX,
                     };
                     s.tiles.push(AttendItem { tile, token: seq.query_start + start, head, sequence });
                 }
@@ -198,6 +216,8 @@ impl CpuModel {
         s.claimed.iter_mut().for_each(|c| *c.get_mut() = 0);
         s.attend.resize_with(pool.threads(), Mutex::default);
         s.x.resize(n * hidden);
+        let post_norms = self.weights.layers.iter().any(|l| l.post_norms.is_some());
+        s.branch.resize(if post_norms { n * hidden } else { 0 });
         s.normed.resize(n * hidden);
         s.input.prepare(n, hidden);
         s.qkv.resize(n * qkv_width);
@@ -217,6 +237,8 @@ impl CpuModel {
         let heads_quantize_alone = hd.is_multiple_of(BLOCK);
         let interleaved = cfg.rope_style == RopeStyle::Interleaved;
         let logits_out = logits.shared();
+        let embedding_scale = cfg.architecture.embedding_scale(hidden);
+        let activation = cfg.architecture.activation();
 
         pool.run(&|w: &Worker<'_>| {
             let my_rows = w.share(n, 1);
@@ -224,9 +246,14 @@ impl CpuModel {
                 // SAFETY: rows are split between threads.
                 let x = unsafe { s.x.get_mut(t * hidden..(t + 1) * hidden) };
                 self.weights.embedding.dequantize_row(tokens[t] as usize, x);
+                if let Some(scale) = embedding_scale {
+                    x.iter_mut().for_each(|v| *v *= scale);
+                }
             }
             w.barrier();
             for (i, layer) in self.weights.layers.iter().enumerate() {
+                let (cos_table, sin_table) = &self.rope[Frequencies::table_of(cfg, i)];
+                let window = cfg.layer_window(i).unwrap_or(usize::MAX);
                 self.norm_rows(w, s, &layer.attn_norm, eps, n);
                 w.barrier();
                 let mut offset = 0;
@@ -250,7 +277,7 @@ impl CpuModel {
                     let (q, kv) = row.split_at_mut(q_width);
                     let (k, v) = kv.split_at_mut(kv_width);
                     let p = s.positions[t];
-                    let (cos, sin) = (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half]);
+                    let (cos, sin) = (&cos_table[p * half..(p + 1) * half], &sin_table[p * half..(p + 1) * half]);
                     for (heads, norm) in
                         [(q, layer.qk_norm.as_ref().map(|n| &n.0)), (&mut *k, layer.qk_norm.as_ref().map(|n| &n.1))]
                     {
@@ -290,7 +317,8 @@ impl CpuModel {
                         // SAFETY: q was written before the barrier; nothing writes it now.
                         unsafe { s.qkv.get(at..at + hd) }
                     };
-                    attend::attend(level, &item.tile, query, row, &mut buffers, |t, h, out| {
+                    let tile = attend::Tile { window, ..item.tile };
+                    attend::attend(level, &tile, query, row, &mut buffers, |t, h, out| {
                         let (t, h) = (item.token + t, item.head + h);
                         let at = t * q_width + h * hd;
                         // SAFETY: each (token, head) belongs to one tile, claimed
@@ -322,11 +350,14 @@ impl CpuModel {
                     w.barrier();
                 }
                 let cols = w.share(hidden, layer.o.column_align());
-                // SAFETY: own columns of `x`; the input is complete.
-                unsafe {
-                    layer.o.matmul(&s.attn_input, cols, &Output { data: &s.x, stride: hidden, offset: 0, add: true })
-                };
+                let post_attn = layer.post_norms.as_ref().map(|(attn, _)| attn);
+                // SAFETY: own columns of `x` (or of the branch, normed into `x` next); the input is complete.
+                unsafe { layer.o.matmul(&s.attn_input, cols, &residual(s, post_attn.is_some(), hidden)) };
                 w.barrier();
+                if let Some(weight) = post_attn {
+                    add_normed_branch(w, s, weight, eps, n, hidden);
+                    w.barrier();
+                }
                 self.norm_rows(w, s, &layer.ffn_norm, eps, n);
                 w.barrier();
                 let mut offset = 0;
@@ -348,17 +379,23 @@ impl CpuModel {
                             s.gate_up.get(gate + part.start..gate + part.end),
                             s.gate_up.get(up + part.start..up + part.end),
                         );
-                        ops::silu_mul(level, gate, up, mid);
+                        match activation {
+                            Activation::Silu => ops::silu_mul(level, gate, up, mid),
+                            Activation::GeluTanh => ops::gelu_tanh_mul(level, gate, up, mid),
+                        }
                         s.mid_input.quantize_part(level, t, part, mid);
                     }
                 }
                 w.barrier();
                 let cols = w.share(hidden, layer.down.column_align());
-                // SAFETY: own columns of `x`.
-                unsafe {
-                    layer.down.matmul(&s.mid_input, cols, &Output { data: &s.x, stride: hidden, offset: 0, add: true })
-                };
+                let post_ffn = layer.post_norms.as_ref().map(|(_, ffn)| ffn);
+                // SAFETY: own columns of `x` (or of the branch).
+                unsafe { layer.down.matmul(&s.mid_input, cols, &residual(s, post_ffn.is_some(), hidden)) };
                 w.barrier();
+                if let Some(weight) = post_ffn {
+                    add_normed_branch(w, s, weight, eps, n, hidden);
+                    w.barrier();
+                }
             }
             // The last token of each sequence: final norm, then the output layer.
             for (r, part) in pieces(w, rows, hidden) {
@@ -397,6 +434,28 @@ impl CpuModel {
                 ops::rms_scale(x, part.clone(), weight, eps, normed);
                 s.input.quantize_part(self.level, t, part, normed);
             }
+        }
+    }
+}
+
+/// Where a projection into the residual stream writes: added to `x`, or, when
+/// a norm comes first, into the branch buffer.
+fn residual(s: &Scratch, normed: bool, hidden: usize) -> Output<'_> {
+    if normed {
+        Output { data: &s.branch, stride: hidden, offset: 0, add: false }
+    } else {
+        Output { data: &s.x, stride: hidden, offset: 0, add: true }
+    }
+}
+
+/// `x += rms_norm(branch) * weight`, this thread's pieces of the `rows` rows.
+fn add_normed_branch(w: &Worker<'_>, s: &Scratch, weight: &[f32], eps: f32, rows: usize, hidden: usize) {
+    for (t, part) in pieces(w, rows, hidden) {
+        // SAFETY: pieces are split between threads; the branch is complete at the barrier before.
+        unsafe {
+            let branch = s.branch.get(t * hidden..(t + 1) * hidden);
+            let x = s.x.get_mut(t * hidden + part.start..t * hidden + part.end);
+            ops::rms_scale_add(branch, part, weight, eps, x);
         }
     }
 }
