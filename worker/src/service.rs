@@ -156,6 +156,7 @@ impl ModelService {
         };
         startup.end("grammar");
         let vocab_rows = loaded.model.vocab_rows();
+        let kv_window = loaded.model.config().kv_window();
         let engine = Engine::start(
             EngineModel { model: loaded.model, tokenizer: tokenizer.clone(), special: loaded.special.clone() },
             EngineConfig {
@@ -166,6 +167,7 @@ impl ModelService {
                 block_size: BLOCK_SIZE,
                 num_blocks,
                 prefix_cache: limits.prefix_cache,
+                kv_window,
                 step_timeout: limits.step_timeout,
             },
             metrics,

@@ -115,6 +115,9 @@ pub struct EngineConfig {
     pub num_blocks: usize,
     /// Share full blocks of common prompt prefixes, and keep them after their sequences end.
     pub prefix_cache: bool,
+    /// Positions behind a token that any layer still reads, when every layer
+    /// attends within a window: blocks wholly behind it are released.
+    pub kv_window: Option<usize>,
     /// A step running longer than this marks the engine stalled (`/health` 503).
     pub step_timeout: Duration,
 }

@@ -131,7 +131,7 @@ impl Scheduler {
         self.load.waiting.fetch_sub(gone_requests, Ordering::SeqCst);
         self.running.retain_mut(|s| {
             if s.abandoned() {
-                freed.append(&mut s.blocks);
+                freed.append(&mut s.take_blocks());
                 false
             } else {
                 true
@@ -258,8 +258,9 @@ impl Scheduler {
     }
 
     /// Starts the other choices of a request whose first choice has computed
-    /// its prompt: they share its full prompt blocks and compute only the rest.
-    fn start_forks(&mut self, request_id: u64, parent_blocks: &[u32]) {
+    /// its prompt: they share its full prompt blocks and compute only the rest
+    /// (the ones it released already stay placeholders in theirs too).
+    fn start_forks(&mut self, request_id: u64, parent_blocks: &[u32], released: usize) {
         let Some(at) = self.forks.iter().position(|f| f.request_id == request_id) else { return };
         let fork = self.forks.swap_remove(at);
         let bs = self.config.block_size;
@@ -267,13 +268,16 @@ impl Scheduler {
         let Some((prompt, root)) = fork.specs.first().map(|s| (s.prompt.clone(), s.cache_root)) else { return };
         let shared = (prompt.len().saturating_sub(1) / bs).min(parent_blocks.len());
         let prefix_hash = block_keys(root, &prompt[..shared * bs], bs).last().map_or(root, |key| key.hash);
+        let released = released.min(shared);
         for spec in fork.specs {
             let mut seq = Sequence::new(spec, self.admission());
-            for &b in &parent_blocks[..shared] {
+            seq.blocks.extend_from_slice(&parent_blocks[..released]);
+            seq.released = released;
+            for &b in &parent_blocks[released..shared] {
                 if let Err(e) = self.pool.share(b) {
                     seq.fail(&format!("internal error: {e}"));
                     self.check(Err(e));
-                    let result = self.pool.release_all(&mut seq.blocks);
+                    let result = self.pool.release_all(&mut seq.take_blocks());
                     self.check(result);
                     break;
                 }
@@ -367,7 +371,7 @@ impl Scheduler {
                 continue; // mid-prompt chunk: its logits are not needed
             }
             if seq.index == 0 && seq.tokens.len() == seq.prompt_len {
-                forks.push((seq.request_id, seq.blocks.clone()));
+                forks.push((seq.request_id, seq.blocks.clone(), seq.released));
             }
             let ctx = StepContext { tokenizer: &self.tokenizer, stop_ids: &self.stop_ids };
             let row = self.logits.row_mut(r);
@@ -395,8 +399,19 @@ impl Scheduler {
             }
         }
         // Forks first: they take references to blocks a finished parent releases.
-        for (request_id, blocks) in forks {
-            self.start_forks(request_id, &blocks);
+        for (request_id, blocks, released) in forks {
+            self.start_forks(request_id, &blocks, released);
+        }
+        if let Some(window) = self.config.kv_window {
+            // After the forks took what they share; not while a sequence's
+            // forks still wait for its prompt (they read its window too).
+            for &(i, _) in &plan {
+                let Some(seq) = self.running.get_mut(i) else { continue };
+                if self.forks.iter().all(|f| f.request_id != seq.request_id) {
+                    let result = release_behind_window(&mut self.pool, seq, window);
+                    self.check(result);
+                }
+            }
         }
         self.remove(finished);
     }
@@ -496,7 +511,7 @@ impl Scheduler {
         indices.dedup();
         for i in indices.into_iter().rev() {
             let mut seq = self.running.remove(i);
-            let result = self.pool.release_all(&mut seq.blocks);
+            let result = self.pool.release_all(&mut seq.take_blocks());
             self.check(result);
         }
     }
@@ -528,6 +543,23 @@ fn register_full_blocks(pool: &mut BlockPool, seq: &mut Sequence) {
         seq.prefix_hash = key.hash;
     }
     seq.registered = full;
+}
+
+/// Releases the sequence's leading blocks no layer reads again: the next
+/// token, at position `computed`, reads `[computed + 1 - window, computed]`,
+/// and later ones less. A registered block stays in the prefix cache, idle:
+/// its keys and values are those of its prefix whoever computed them.
+fn release_behind_window(pool: &mut BlockPool, seq: &mut Sequence, window: usize) -> Result<(), BlockError> {
+    let dead = ((seq.computed + 1).saturating_sub(window) / pool.block_size()).min(seq.registered);
+    let mut first = Ok(());
+    while seq.released < dead {
+        let result = pool.release(seq.blocks[seq.released]);
+        seq.released += 1;
+        if first.is_ok() {
+            first = result;
+        }
+    }
+    first
 }
 
 #[cfg(test)]

@@ -54,6 +54,10 @@ pub struct Sequence {
     pub computed: usize,
     /// KV blocks holding `tokens`, in order.
     pub blocks: Vec<u32>,
+    /// Leading entries of `blocks` already given back because no layer reads
+    /// their positions again (a model whose every layer attends within a
+    /// window): they stay in the table as placeholders, never read.
+    pub released: usize,
     /// Leading full blocks already offered to the prefix cache.
     pub registered: usize,
     /// The prefix hash of the last of those blocks (`cache_root` before the
@@ -121,6 +125,7 @@ impl Sequence {
             tokens: spec.prompt,
             computed: 0,
             blocks: Vec::new(),
+            released: 0,
             registered: 0,
             prefix_hash: spec.cache_root,
             cache_root: spec.cache_root,
@@ -164,7 +169,22 @@ impl Sequence {
         self.computed = 0;
         self.registered = 0;
         self.prefix_hash = self.cache_root;
-        std::mem::take(&mut self.blocks)
+        self.take_blocks()
+    }
+
+    /// Empties the block table; the blocks it still holds, to be released.
+    pub fn take_blocks(&mut self) -> Vec<u32> {
+        let mut blocks = std::mem::take(&mut self.blocks);
+        blocks.drain(..self.released.min(blocks.len()));
+        self.released = 0;
+        blocks
+    }
+
+    /// The blocks it holds (the table past the released placeholders; the
+    /// scheduler's tests count references against them).
+    #[cfg(test)]
+    pub fn held_blocks(&self) -> &[u32] {
+        &self.blocks[self.released.min(self.blocks.len())..]
     }
 
     /// Admitted (again, after a preemption), with whatever the prefix cache
@@ -187,10 +207,13 @@ impl Sequence {
     pub fn consistent(&self) -> bool {
         self.computed <= self.tokens.len()
             && self.registered <= self.blocks.len()
+            && self.released <= self.registered
             && match self.phase {
                 Phase::Prefill => self.pending() >= 1,
                 Phase::Decode => self.pending() == 1,
-                Phase::Preempted => self.blocks.is_empty() && self.computed == 0 && self.registered == 0,
+                Phase::Preempted => {
+                    self.blocks.is_empty() && self.computed == 0 && self.registered == 0 && self.released == 0
+                }
                 Phase::Ended => true,
             }
     }

@@ -54,20 +54,23 @@ fn gathered_attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, plan: &Att
     let group = plan.heads / plan.kv_heads.max(1);
     let mut outs = Vec::with_capacity(plan.sequences.len());
     for seq in &plan.sequences {
+        // From the first position any of its queries reads: blocks before
+        // the window may be released already.
+        let first = seq.context_len - seq.query_len;
+        let earliest = plan.window.map_or(0, |w| (first + 1).saturating_sub(w));
         let rows: Vec<u32> =
-            (0..seq.context_len).map(|p| seq.blocks[p / block] * block as u32 + (p % block) as u32).collect();
+            (earliest..seq.context_len).map(|p| seq.blocks[p / block] * block as u32 + (p % block) as u32).collect();
         let rows = Tensor::new(rows.as_slice(), q.device())?;
         let k = k_cache.index_select(&rows, 0)?.to_dtype(DType::F32)?;
         let v = v_cache.index_select(&rows, 0)?.to_dtype(DType::F32)?;
         let q = q.narrow(0, seq.query_start, seq.query_len)?;
-        let first = seq.context_len - seq.query_len;
-        outs.push(causal_attention(&q, &k, &v, first, group, plan.scale, plan.window)?);
+        outs.push(causal_attention(&q, &k, &v, first - earliest, group, plan.scale, plan.window)?);
     }
     Tensor::cat(&outs, 0)
 }
 
 /// Causal softmax attention of one sequence: `q` `[t, heads, d]` (the first at
-/// position `first`) over `k`, `v` `[n, kv_heads, d]`, query head `h` reading
+/// position `first` of the keys) over `k`, `v` `[n, kv_heads, d]`, query head `h` reading
 /// key/value head `h / group`, each over its last `window` positions.
 fn causal_attention(
     q: &Tensor,

@@ -199,6 +199,13 @@ impl ModelConfig {
         self.sliding_window.filter(|_| !self.full_attention_layers.contains(&layer))
     }
 
+    /// The positions behind a token any layer still reads, when every layer
+    /// attends within the window (Mistral v0.1): KV blocks wholly behind it
+    /// can go. None when some layer reads the whole context (Gemma 3).
+    pub fn kv_window(&self) -> Option<usize> {
+        self.sliding_window.filter(|_| self.full_attention_layers.is_empty())
+    }
+
     /// Whether layer `layer` rotates with the local rotary base (else the global one).
     pub fn layer_rope_is_local(&self, layer: usize) -> bool {
         self.local_rope_theta.is_some() && self.layer_window(layer).is_some()

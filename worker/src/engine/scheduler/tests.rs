@@ -30,6 +30,8 @@ struct Fake {
     slots: Mutex<Vec<Option<(u32, usize)>>>,
     /// What went wrong in a step (a test failure, not a step error).
     broken: Arc<Mutex<Vec<String>>>,
+    /// Sliding-window attention: the positions a token reads, its own included.
+    window: Option<usize>,
 }
 
 fn slot(seq: &StepSequence, p: usize) -> usize {
@@ -67,17 +69,32 @@ impl ForwardPass for Fake {
         for (r, seq) in sequences.iter().enumerate() {
             let mut h: u64 = 0xcbf2_9ce4_8422_2325;
             let mut mix = |t: u32| h = (h ^ u64::from(t)).wrapping_mul(0x0100_0000_01b3);
-            for p in 0..seq.start {
+            // The step's first token reads the cache from `first` on (within
+            // its window): every slot there must hold its position. The
+            // logits are the last token's, of what it reads (so an answer does
+            // not depend on how its prompt was cut into chunks).
+            let last = seq.start + seq.tokens.len() - 1;
+            let (first, mixed) = match self.window {
+                Some(w) => ((seq.start + 1).saturating_sub(w), (last + 1).saturating_sub(w)),
+                None => (0, 0),
+            };
+            for p in first..seq.start {
                 let at = slot(seq, p);
                 match slots[at] {
                     _ if written.contains(&at) => broken.push(format!("slot {at} read while written")),
-                    Some((token, position)) if position == p => mix(token),
+                    Some((token, position)) if position == p => {
+                        if p >= mixed {
+                            mix(token);
+                        }
+                    }
                     other => broken.push(format!("slot {at} holds {other:?}, not position {p}")),
                 }
             }
             for (i, &token) in seq.tokens.iter().enumerate() {
                 slots[slot(seq, seq.start + i)] = Some((token, seq.start + i));
-                mix(token);
+                if seq.start + i >= mixed {
+                    mix(token);
+                }
             }
             let next =
                 if h.is_multiple_of(9) { self.end } else { self.letters[(h % self.letters.len() as u64) as usize] };
@@ -97,6 +114,10 @@ struct Harness {
 }
 
 fn harness(num_blocks: usize, max_batch_size: usize) -> Harness {
+    harness_with_window(num_blocks, max_batch_size, None)
+}
+
+fn harness_with_window(num_blocks: usize, max_batch_size: usize, window: Option<usize>) -> Harness {
     let tokenizer = Arc::new(byte_tokenizer(&[]));
     let end = tokenizer.token_to_id("<end>").expect("end");
     let letters: Vec<u32> = ('a'..='p').map(|c| tokenizer.token_to_id(&c.to_string()).expect("letter")).collect();
@@ -107,6 +128,7 @@ fn harness(num_blocks: usize, max_batch_size: usize) -> Harness {
         end,
         slots: Mutex::new(vec![None; num_blocks * BLOCK]),
         broken: broken.clone(),
+        window,
     };
     let config = EngineConfig {
         max_batch_size,
@@ -116,6 +138,7 @@ fn harness(num_blocks: usize, max_batch_size: usize) -> Harness {
         block_size: BLOCK,
         num_blocks,
         prefix_cache: true,
+        kv_window: window,
         step_timeout: std::time::Duration::from_secs(60),
     };
     let metrics = Arc::new(Metrics::default());
@@ -187,7 +210,7 @@ impl Harness {
         let s = &self.scheduler;
         let mut listed: HashMap<u32, u32> = HashMap::new();
         for seq in &s.running {
-            for &b in &seq.blocks {
+            for &b in seq.held_blocks() {
                 *listed.entry(b).or_default() += 1;
             }
         }
@@ -197,6 +220,9 @@ impl Harness {
         // Every sequence is where its container says, and its counters agree with its phase.
         for seq in &s.running {
             assert!(matches!(seq.phase(), Phase::Prefill | Phase::Decode) && seq.consistent(), "{:?}", seq.phase());
+            // It holds every block its next token reads.
+            let reads_from = s.config.kv_window.map_or(0, |w| (seq.computed + 1).saturating_sub(w));
+            assert!(seq.released * BLOCK <= reads_from, "released {} blocks, reads from {reads_from}", seq.released);
         }
         for waiting in &s.waiting {
             if let Waiting::Preempted(seq) = waiting {
@@ -226,7 +252,11 @@ fn metric(metrics: &Metrics, name: &str) -> f64 {
 
 /// Each request alone in a roomy pool: what it should answer.
 fn alone(prompt: &[u32], n: usize, max_tokens: usize) -> Answer {
-    let mut h = harness(64, 4);
+    alone_with_window(prompt, n, max_tokens, None)
+}
+
+fn alone_with_window(prompt: &[u32], n: usize, max_tokens: usize, window: Option<usize>) -> Answer {
+    let mut h = harness_with_window(64, 4, window);
     let mut rx = h.submit(prompt.to_vec(), n, max_tokens);
     h.run_until_idle();
     let mut answer = Answer::default();
@@ -271,12 +301,17 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
     /// Requests arriving and leaving over a pool too small for all of them
-    /// (prefix sharing, forks, preemption and recompute): no slot shared in a
-    /// step, every count right after every round, every block back at the
-    /// end, and every request that stayed answers as it does alone.
+    /// (prefix sharing, forks, preemption and recompute), with full attention
+    /// or a sliding window (blocks behind it released as sequences go): no
+    /// slot shared in a step, none read that does not hold its position,
+    /// every count right after every round, every block back at the end, and
+    /// every request that stayed answers as it does alone.
     #[test]
-    fn every_block_comes_back_and_every_answer_is_its_own(plans in plans()) {
-        let mut h = harness(12, 3);
+    fn every_block_comes_back_and_every_answer_is_its_own(
+        plans in plans(),
+        window in proptest::option::of(1..10usize),
+    ) {
+        let mut h = harness_with_window(12, 3, window);
         let openings: [Vec<u32>; 3] = [
             h.letters[..9].to_vec(),
             h.letters[3..12].to_vec(),
@@ -316,7 +351,7 @@ proptest! {
             if left[i] {
                 continue;
             }
-            let want = alone(&prompts[i], plan.n, plan.max_tokens);
+            let want = alone_with_window(&prompts[i], plan.n, plan.max_tokens, window);
             prop_assert_eq!(&answers[i], &want, "request {} {:?}", i, plan);
             prop_assert_eq!(answers[i].finished.len(), plan.n);
         }
@@ -400,4 +435,61 @@ fn tokens_a_grammar_forces_are_one_prefill_chunk() {
     let mut want = Answer::default();
     collect(&mut rx, &mut want);
     assert_eq!(got, want);
+}
+
+/// A sliding window: a long sequence holds the blocks of its window and the
+/// one it writes, not its whole length (the KV gauge says so), answers as it
+/// does with every block kept, and its released prompt blocks stay in the
+/// prefix cache for the next request with that prompt.
+#[test]
+fn blocks_behind_a_sliding_window_are_released() {
+    const WINDOW: usize = 6;
+    let mut h = harness_with_window(64, 4, Some(WINDOW));
+    let prompt: Vec<u32> = h.letters[..13].to_vec();
+    let mut rx = h.submit(prompt.clone(), 1, 40);
+    let (mut most_held, mut most_gauge) = (0, 0f64);
+    while !h.idle() {
+        h.tick();
+        most_held = most_held.max(h.scheduler.running.iter().map(|s| s.held_blocks().len()).sum::<usize>());
+        most_gauge = most_gauge.max(metric(&h.metrics, "vllm:kv_cache_usage_perc"));
+    }
+    let mut got = Answer::default();
+    collect(&mut rx, &mut got);
+    assert_eq!(got, alone_with_window(&prompt, 1, 40, Some(WINDOW)));
+    // 13 prompt tokens and 18 answered (the fake ends there) fill 8 blocks;
+    // the prompt, one chunk, holds 4; then the window's blocks and the one
+    // being written.
+    assert_eq!(got.texts[&0].len(), 18, "{got:?}");
+    assert!(most_held <= 4, "held {most_held} blocks at once");
+    assert!(most_gauge <= 4.0 / 64.0 + 1e-9, "gauge reached {most_gauge}");
+    let mut again = h.submit(prompt.clone(), 1, 1);
+    h.run_until_idle();
+    let mut second = Answer::default();
+    collect(&mut again, &mut second);
+    assert_eq!(second, alone_with_window(&prompt, 1, 1, Some(WINDOW)));
+    assert!(metric(&h.metrics, "vllm:prefix_cache_hits_total") >= 12.0, "the prompt's blocks were cached");
+}
+
+/// The other choices of an `n = 2` request start from its first choice's
+/// prompt blocks; when that prompt is computed in chunks (here 15 tokens
+/// beside another sequence's decode token, then 1), the first choice keeps
+/// the blocks behind its window that they still read until they have
+/// started.
+#[test]
+fn forks_read_the_window_their_first_choice_computed() {
+    const WINDOW: usize = 4;
+    let mut h = harness_with_window(64, 4, Some(WINDOW));
+    let other: Vec<u32> = h.letters[8..11].to_vec();
+    let mut first = h.submit(other.clone(), 1, 30);
+    h.tick();
+    h.tick();
+    let prompt: Vec<u32> = h.letters.iter().rev().copied().collect();
+    assert_eq!(prompt.len(), 16);
+    let mut forked = h.submit(prompt.clone(), 2, 6);
+    h.run_until_idle();
+    let (mut a, mut b) = (Answer::default(), Answer::default());
+    collect(&mut first, &mut a);
+    collect(&mut forked, &mut b);
+    assert_eq!(b, alone_with_window(&prompt, 2, 6, Some(WINDOW)));
+    assert_eq!(a, alone_with_window(&other, 1, 30, Some(WINDOW)));
 }
