@@ -12,7 +12,9 @@ use super::{
     chat_template, end_of_turn_ids, tokenizer, ChatTemplate, LoadError, LoadOptions, LoadedModel, ModelInfo,
     SpecialTokens,
 };
-use crate::runtime::config::{Architecture, ModelConfig, RopeStyle, SUPPORTED};
+use candle_core::Device;
+
+use crate::runtime::config::{Architecture, LongRope, ModelConfig, RopeStyle, SUPPORTED};
 use crate::runtime::rope::Frequencies;
 use crate::runtime::weights::Weights;
 use crate::runtime::Model;
@@ -29,7 +31,11 @@ pub fn load(path: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadE
     let meta = Metadata::new(&content);
 
     let architecture = meta.require_string("general.architecture")?.to_string();
-    let config = model_config(&meta, &content, &architecture)?;
+    let mut config = model_config(&meta, &content, &architecture)?;
+    if config.architecture == Architecture::Phi3 {
+        config.longrope = longrope(&meta, &content, &mut reader, &architecture, config.context)?;
+        config.check()?;
+    }
     let info = ModelInfo {
         quantization: quantization(&meta, &content),
         context_length: config.context as u64,
@@ -69,14 +75,15 @@ pub fn load(path: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadE
     phases.end("tokenizer");
 
     let device = options.open_device()?;
-    let factors = match content.tensor(&mut reader, "rope_freqs.weight", &device) {
-        Ok(t) => Some(t.dequantize(&device)?.to_vec1::<f32>()?),
+    let context = context_limit.map_or(config.context, |l| l.min(config.context));
+    // Llama 3's per-frequency divisors.
+    let factors = match content.tensor(&mut reader, "rope_freqs.weight", &Device::Cpu) {
+        Ok(t) => Some(t.dequantize(&Device::Cpu)?.to_vec1::<f32>()?),
         Err(_) => None,
     };
-    let frequencies = Frequencies::of(&config, factors.as_deref());
+    let frequencies = Frequencies::of(&config, factors.as_deref(), context);
     let level = options.kernel_level()?;
     let weights = Weights::from_gguf(&content, &mut reader, &config, &device, level)?;
-    let context = context_limit.map_or(config.context, |l| l.min(config.context));
     let model = Model::new(config, weights, &frequencies, context, device, options.resolved_threads(), level)?;
     phases.end("weights");
     Ok(LoadedModel { info, model, tokenizer, template, template_origin, special, phases })
@@ -104,12 +111,14 @@ fn model_config(meta: &Metadata<'_>, content: &Content, arch: &str) -> Result<Mo
         heads,
         kv_heads: uint("attention.head_count_kv").unwrap_or(heads),
         head_dim,
+        rotary_dim: uint("rope.dimension_count").unwrap_or(head_dim),
         vocab,
         rms_eps: meta.float(&format!("{arch}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
         rope_theta: meta.float(&format!("{arch}.rope.freq_base")).unwrap_or(10_000.0),
         // llama.cpp permutes Llama's q/k weights for interleaved pairs; the others keep halves.
         rope_style: if architecture == Architecture::Llama { RopeStyle::Interleaved } else { RopeStyle::Halves },
         llama3_scaling: None,
+        longrope: None,
         context: uint("context_length")?,
         sliding_window: meta.uint(&format!("{arch}.attention.sliding_window")).filter(|&w| w > 0).map(|w| w as usize),
         full_attention_layers: Vec::new(),
@@ -122,6 +131,36 @@ fn model_config(meta: &Metadata<'_>, content: &Content, arch: &str) -> Result<Mo
     }
     config.check()?;
     Ok(config)
+}
+
+/// Phi-3's LongRoPE from a GGUF file: the factor lists are the tensors
+/// `rope_factors_short` and `rope_factors_long`, the original context and the
+/// cos/sin factor metadata (`rope.scaling.original_context_length`,
+/// `rope.scaling.attn_factor`; without the latter, Hugging Face's formula).
+fn longrope<R: std::io::Read + std::io::Seek>(
+    meta: &Metadata<'_>,
+    content: &Content,
+    reader: &mut R,
+    arch: &str,
+    context: usize,
+) -> Result<Option<LongRope>, LoadError> {
+    let mut list = |name: &str| -> Result<Option<Vec<f64>>, LoadError> {
+        match content.tensor(reader, name, &Device::Cpu) {
+            Ok(t) => Ok(Some(t.dequantize(&Device::Cpu)?.to_vec1::<f32>()?.into_iter().map(f64::from).collect())),
+            Err(_) => Ok(None),
+        }
+    };
+    let (Some(short), Some(long)) = (list("rope_factors_short.weight")?, list("rope_factors_long.weight")?) else {
+        return Ok(None);
+    };
+    let original = meta.require_uint(&format!("{arch}.rope.scaling.original_context_length"))? as usize;
+    let scale = context as f64 / original.max(2) as f64;
+    let attention_factor = meta.float(&format!("{arch}.rope.scaling.attn_factor")).unwrap_or(if scale > 1.0 {
+        (1.0 + scale.ln() / (original.max(2) as f64).ln()).sqrt()
+    } else {
+        1.0
+    });
+    Ok(Some(LongRope { short, long, original_context: original, attention_factor }))
 }
 
 /// What llama.cpp's `gemma3` loader fixes rather than reads: every sixth layer

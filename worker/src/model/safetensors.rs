@@ -47,9 +47,9 @@ pub fn load(dir: &Path, options: &LoadOptions<'_>) -> Result<LoadedModel, LoadEr
     let level = options.kernel_level()?;
     let weights = Weights::from_safetensors(&tensors, &model_config, dtype, quantize, &device, level)
         .map_err(|e| LoadError::Format(format!("the {architecture} checkpoint does not match its config.json: {e}")))?;
-    let frequencies = Frequencies::of(&model_config, None);
     let context_length = model_config.context as u64;
     let context = context_limit.map_or(model_config.context, |l| l.min(model_config.context));
+    let frequencies = Frequencies::of(&model_config, None, context);
     let model = Model::new(model_config, weights, &frequencies, context, device, options.resolved_threads(), level)?;
     phases.end("weights");
     let quantization = match options.quantize {

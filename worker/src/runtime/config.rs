@@ -25,6 +25,9 @@ pub enum Architecture {
     /// scaled embedding, sliding-window layers with their own rotary base
     /// between full-attention ones.
     Gemma3,
+    /// Phi-3 and Phi-4-mini: fused q/k/v and gate/up projections (split at
+    /// load), partial rotary embeddings, LongRoPE.
+    Phi3,
 }
 
 impl Architecture {
@@ -34,12 +37,13 @@ impl Architecture {
             "qwen2" => Some(Self::Qwen2),
             "qwen3" => Some(Self::Qwen3),
             "gemma3" | "gemma3_text" => Some(Self::Gemma3),
+            "phi3" => Some(Self::Phi3),
             _ => None,
         }
     }
 }
 
-pub const SUPPORTED: &str = "llama, mistral, qwen2, qwen3, gemma3";
+pub const SUPPORTED: &str = "llama, mistral, qwen2, qwen3, gemma3, phi3";
 
 impl Architecture {
     /// Per-head RMS norms of q and k before the rotation.
@@ -84,6 +88,28 @@ pub enum RopeStyle {
     Halves,
 }
 
+/// Phi-3's LongRoPE: per-frequency divisors for contexts up to the original
+/// length (`short`) and past it (`long`), and a factor on cos and sin.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LongRope {
+    pub short: Vec<f64>,
+    pub long: Vec<f64>,
+    pub original_context: usize,
+    pub attention_factor: f64,
+}
+
+impl LongRope {
+    /// The divisors for a model served up to `context` tokens (llama.cpp's
+    /// choice: fixed by the served context, not by each sequence's length).
+    pub fn factors(&self, context: usize) -> &[f64] {
+        if context > self.original_context {
+            &self.long
+        } else {
+            &self.short
+        }
+    }
+}
+
 /// Llama 3.x frequency scaling (`rope_scaling.rope_type: llama3`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Llama3Scaling {
@@ -102,11 +128,15 @@ pub struct ModelConfig {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// The leading dimensions of each q and k head that rotate (Phi's partial
+    /// rotary embeddings); `head_dim` for most models.
+    pub rotary_dim: usize,
     pub vocab: usize,
     pub rms_eps: f64,
     pub rope_theta: f64,
     pub rope_style: RopeStyle,
     pub llama3_scaling: Option<Llama3Scaling>,
+    pub longrope: Option<LongRope>,
     /// Tokens per sequence the model was trained for.
     pub context: usize,
     /// Sliding-window attention: positions a token reads, its own included.
@@ -145,7 +175,12 @@ impl ModelConfig {
         let scaling = config.get("rope_scaling").filter(|s| !s.is_null());
         let scaling_type = scaling.and_then(|s| s.get("rope_type").or_else(|| s.get("type"))).and_then(Json::as_str);
         let mut rope_linear_factor = 1.0;
+        let mut longrope = None;
         let llama3_scaling = match scaling {
+            Some(s) if architecture == Architecture::Phi3 && matches!(scaling_type, Some("longrope" | "su")) => {
+                longrope = Some(hf_longrope(config, s)?);
+                None
+            }
             Some(s) if architecture == Architecture::Gemma3 && scaling_type == Some("linear") => {
                 rope_linear_factor = s.get("factor").and_then(Json::as_f64).unwrap_or(1.0);
                 None
@@ -174,11 +209,13 @@ impl ModelConfig {
             heads,
             kv_heads: uint("num_key_value_heads").unwrap_or(heads),
             head_dim,
+            rotary_dim: head_dim,
             vocab: uint("vocab_size")?,
             rms_eps: config.get("rms_norm_eps").and_then(Json::as_f64).unwrap_or(1e-6),
             rope_theta: config.get("rope_theta").and_then(Json::as_f64).unwrap_or(10_000.0),
             rope_style: RopeStyle::Halves,
             llama3_scaling,
+            longrope,
             context: uint("max_position_embeddings")?,
             sliding_window: None,
             full_attention_layers: Vec::new(),
@@ -190,6 +227,10 @@ impl ModelConfig {
             gemma3_hf(config, &mut model)?;
         } else {
             model.sliding_window = hf_window(config, architecture)?;
+        }
+        if let Some(factor) = config.get("partial_rotary_factor").and_then(Json::as_f64) {
+            // Whole pairs of dimensions.
+            model.rotary_dim = ((factor * head_dim as f64) as usize) & !1;
         }
         Ok(model)
     }
@@ -228,6 +269,13 @@ impl ModelConfig {
             && self.heads.is_multiple_of(self.kv_heads)
             && self.head_dim > 0
             && self.head_dim.is_multiple_of(2)
+            && self.rotary_dim > 0
+            && self.rotary_dim <= self.head_dim
+            && self.rotary_dim.is_multiple_of(2)
+            && self
+                .longrope
+                .as_ref()
+                .is_none_or(|l| l.short.len() == self.rotary_dim / 2 && l.long.len() == self.rotary_dim / 2)
             && self.layers > 0
             && self.vocab > 0
             && self.full_attention_layers.iter().all(|&l| l < self.layers)
@@ -241,6 +289,39 @@ impl ModelConfig {
             Err(ConfigError::Format(format!("inconsistent model shape: {self:?}")))
         }
     }
+}
+
+/// Phi-3's `rope_scaling` of type `longrope` (`su` in early configs): the
+/// factor lists, `original_max_position_embeddings`, and the cos/sin factor
+/// (`attention_factor`, else sqrt(1 + ln(s) / ln(original)) with s the
+/// context over the original, as Hugging Face computes it).
+fn hf_longrope(config: &Json, scaling: &Json) -> Result<LongRope, ConfigError> {
+    let list = |key: &str| -> Result<Vec<f64>, ConfigError> {
+        scaling
+            .get(key)
+            .and_then(Json::as_array)
+            .and_then(|a| a.iter().map(Json::as_f64).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| ConfigError::Format(format!("rope_scaling has no numeric `{key}` list")))
+    };
+    let original = config
+        .get("original_max_position_embeddings")
+        .and_then(Json::as_u64)
+        .filter(|&o| o > 1)
+        .ok_or_else(|| ConfigError::Format("longrope needs original_max_position_embeddings".into()))?
+        as usize;
+    let context = config.get("max_position_embeddings").and_then(Json::as_u64).unwrap_or(original as u64) as f64;
+    let scale = context / original as f64;
+    let attention_factor = match scaling.get("attention_factor").and_then(Json::as_f64) {
+        Some(f) => f,
+        None if scale > 1.0 => (1.0 + scale.ln() / (original as f64).ln()).sqrt(),
+        None => 1.0,
+    };
+    Ok(LongRope {
+        short: list("short_factor")?,
+        long: list("long_factor")?,
+        original_context: original,
+        attention_factor,
+    })
 }
 
 /// A multimodal config's language model (`text_config`), else the config itself.
@@ -305,7 +386,7 @@ fn hf_window(config: &Json, architecture: Architecture) -> Result<Option<usize>,
     let declared = config.get("sliding_window").and_then(Json::as_u64).filter(|&w| w > 0).map(|w| w as usize);
     let used = config.get("use_sliding_window").and_then(Json::as_bool);
     match architecture {
-        Architecture::Llama => Ok(declared.filter(|_| used != Some(false))),
+        Architecture::Llama | Architecture::Phi3 => Ok(declared.filter(|_| used != Some(false))),
         Architecture::Gemma3 => Ok(None),
         Architecture::Qwen2 | Architecture::Qwen3 => match (declared, used) {
             (Some(_), Some(true)) => {

@@ -120,7 +120,7 @@ impl Model {
             Err(weights) => {
                 let ropes = frequencies
                     .tables()
-                    .map(|f| Rope::new(f, context, config.rope_style, weights.dtype, &device))
+                    .map(|f| Rope::new(f, frequencies.scale, context, config.rope_style, weights.dtype, &device))
                     .collect::<Result<_>>()?;
                 Backend::Tensors { weights, ropes }
             }

@@ -91,6 +91,26 @@ fn packed(weight: &QTensor, device: &Device, level: Level) -> Result<Option<Pack
     Ok(PackedWeights::from_gguf(&weight.data()?, n, k, format, level))
 }
 
+/// A quantized matrix cut into consecutive row ranges of `rows` rows (a
+/// fused projection into its parts; rows are whole blocks, so the bytes cut cleanly).
+fn split_rows<const N: usize>(whole: &QTensor, rows: [usize; N], device: &Device) -> Result<[QTensor; N]> {
+    let (n, k) = whole.shape().dims2()?;
+    if rows.iter().sum::<usize>() != n {
+        candle_core::bail!("a fused projection of {n} rows cannot split into {rows:?}");
+    }
+    let dtype = whole.dtype();
+    let row_bytes = k / dtype.block_size() * dtype.type_size();
+    let data = whole.data()?;
+    let mut start = 0;
+    let mut parts = Vec::with_capacity(N);
+    for r in rows {
+        let bytes = &data[start * row_bytes..(start + r) * row_bytes];
+        parts.push(candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, bytes, vec![r, k], device)?);
+        start += r;
+    }
+    parts.try_into().map_err(|_| candle_core::Error::Msg("split count".into()))
+}
+
 /// The token-embedding table; quantized tables give up only the rows a step needs.
 pub enum Embedding {
     Packed(Arc<PackedWeights>),
@@ -193,13 +213,24 @@ impl Weights {
                 Linear::quantized(weight, bias, device, level)
             };
             let qkv_bias = config.architecture == Architecture::Qwen2;
-            let (q, k, v, o) = (
-                linear("attn_q", qkv_bias)?,
-                linear("attn_k", qkv_bias)?,
-                linear("attn_v", qkv_bias)?,
-                linear("attn_output", false)?,
-            );
-            let (gate, up, down) = (linear("ffn_gate", false)?, linear("ffn_up", false)?, linear("ffn_down", false)?);
+            let (o, down) = (linear("attn_output", false)?, linear("ffn_down", false)?);
+            let (q, k, v, gate, up) = if config.architecture == Architecture::Phi3 {
+                // Fused q/k/v and gate/up (gate first), split by rows.
+                let (q_rows, kv_rows, inter) =
+                    (config.heads * config.head_dim, config.kv_heads * config.head_dim, config.intermediate);
+                let [q, k, v] = split_rows(&t("attn_qkv.weight")?, [q_rows, kv_rows, kv_rows], device)?;
+                let [gate, up] = split_rows(&t("ffn_up.weight")?, [inter, inter], device)?;
+                let linear = |w| Linear::quantized(w, None, device, level);
+                (linear(q)?, linear(k)?, linear(v)?, linear(gate)?, linear(up)?)
+            } else {
+                (
+                    linear("attn_q", qkv_bias)?,
+                    linear("attn_k", qkv_bias)?,
+                    linear("attn_v", qkv_bias)?,
+                    linear("ffn_gate", false)?,
+                    linear("ffn_up", false)?,
+                )
+            };
             let mut norm = |name: &str| t(name)?.dequantize(device);
             let arch = config.architecture;
             let mut optional = |name: &str, present: bool| present.then(|| norm(name)).transpose();
@@ -255,15 +286,32 @@ impl Weights {
             let w = if arch == Architecture::Gemma3 { (w + 1.0)? } else { w };
             w.to_dtype(dtype)
         };
-        let linear = |name: &str, with_bias: bool| -> Result<Linear> {
-            let bias = if with_bias { Some(get(&format!("{name}.bias"))?) } else { None };
-            let weight = get(&format!("{name}.weight"))?;
+        let projection = |weight: Tensor, bias: Option<Tensor>| -> Result<Linear> {
             match quantize {
                 Some(q) if weight.dim(1)?.is_multiple_of(q.block_size()) => {
                     Linear::quantized(QTensor::quantize(&weight, q)?, bias, device, level)
                 }
                 _ => Ok(Linear::Dense(candle_nn::Linear::new(weight, bias))),
             }
+        };
+        let linear = |name: &str, with_bias: bool| -> Result<Linear> {
+            let bias = if with_bias { Some(get(&format!("{name}.bias"))?) } else { None };
+            projection(get(&format!("{name}.weight"))?, bias)
+        };
+        // Phi-3's fused projections, cut into consecutive row ranges.
+        let fused = |name: &str, rows: &[usize]| -> Result<Vec<Linear>> {
+            let whole = get(&format!("{name}.weight"))?;
+            if rows.iter().sum::<usize>() != whole.dim(0)? {
+                candle_core::bail!("{name} has {} rows, not {rows:?}", whole.dim(0)?);
+            }
+            let mut start = 0;
+            let mut parts = Vec::with_capacity(rows.len());
+            for &r in rows {
+                // A storage of its own: quantizing reads the storage from its start.
+                parts.push(projection(whole.narrow(0, start, r)?.force_contiguous()?, None)?);
+                start += r;
+            }
+            Ok(parts)
         };
         let table = get(&format!("{root}.embed_tokens.weight"))?;
         // Quantized checkpoints run the embedding table and the output layer
@@ -303,19 +351,37 @@ impl Weights {
             } else {
                 (None, norm(&format!("{p}.post_attention_layernorm.weight"))?, None)
             };
+            let (q, k, v, gate, up) = if arch == Architecture::Phi3 {
+                let (q_rows, kv_rows, inter) =
+                    (config.heads * config.head_dim, config.kv_heads * config.head_dim, config.intermediate);
+                let mut qkv = fused(&format!("{p}.self_attn.qkv_proj"), &[q_rows, kv_rows, kv_rows])?.into_iter();
+                let mut gate_up = fused(&format!("{p}.mlp.gate_up_proj"), &[inter, inter])?.into_iter();
+                match (qkv.next(), qkv.next(), qkv.next(), gate_up.next(), gate_up.next()) {
+                    (Some(q), Some(k), Some(v), Some(gate), Some(up)) => (q, k, v, gate, up),
+                    _ => candle_core::bail!("layer {i}: fused projections did not split"),
+                }
+            } else {
+                (
+                    linear(&format!("{p}.self_attn.q_proj"), qkv_bias)?,
+                    linear(&format!("{p}.self_attn.k_proj"), qkv_bias)?,
+                    linear(&format!("{p}.self_attn.v_proj"), qkv_bias)?,
+                    linear(&format!("{p}.mlp.gate_proj"), false)?,
+                    linear(&format!("{p}.mlp.up_proj"), false)?,
+                )
+            };
             layers.push(Layer {
                 attn_norm: norm(&format!("{p}.input_layernorm.weight"))?,
-                q: linear(&format!("{p}.self_attn.q_proj"), qkv_bias)?,
-                k: linear(&format!("{p}.self_attn.k_proj"), qkv_bias)?,
-                v: linear(&format!("{p}.self_attn.v_proj"), qkv_bias)?,
+                q,
+                k,
+                v,
                 o: linear(&format!("{p}.self_attn.o_proj"), false)?,
                 q_norm,
                 k_norm,
                 post_attn_norm,
                 ffn_norm,
                 post_ffn_norm,
-                gate: linear(&format!("{p}.mlp.gate_proj"), false)?,
-                up: linear(&format!("{p}.mlp.up_proj"), false)?,
+                gate,
+                up,
                 down: linear(&format!("{p}.mlp.down_proj"), false)?,
             });
         }

@@ -1,4 +1,4 @@
-//! Tiny Llama, Qwen2, Qwen3 and Gemma 3 checkpoints with random weights, written by the test
+//! Tiny Llama, Qwen2, Qwen3, Gemma 3 and Phi-3 checkpoints with random weights, written by the test
 //! itself in the Hugging Face layout, then loaded and served through the HTTP router.
 
 use std::collections::HashMap;
@@ -26,6 +26,7 @@ use tower::ServiceExt;
 
 use crate::common;
 mod gemma3;
+mod phi3;
 mod request_fuzz;
 
 const HIDDEN: usize = 32;
@@ -110,9 +111,16 @@ fn write_checkpoint(dir: &Path, arch: &str, template: &str) -> u64 {
     put("model.norm.weight".into(), &[HIDDEN]);
     for i in 0..LAYERS {
         let p = format!("model.layers.{i}");
-        put(format!("{p}.self_attn.q_proj.weight"), &[HEADS * HEAD_DIM, HIDDEN]);
-        put(format!("{p}.self_attn.k_proj.weight"), &[KV_HEADS * HEAD_DIM, HIDDEN]);
-        put(format!("{p}.self_attn.v_proj.weight"), &[KV_HEADS * HEAD_DIM, HIDDEN]);
+        if arch == "phi3" {
+            put(format!("{p}.self_attn.qkv_proj.weight"), &[(HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN]);
+            put(format!("{p}.mlp.gate_up_proj.weight"), &[2 * INTERMEDIATE, HIDDEN]);
+        } else {
+            put(format!("{p}.self_attn.q_proj.weight"), &[HEADS * HEAD_DIM, HIDDEN]);
+            put(format!("{p}.self_attn.k_proj.weight"), &[KV_HEADS * HEAD_DIM, HIDDEN]);
+            put(format!("{p}.self_attn.v_proj.weight"), &[KV_HEADS * HEAD_DIM, HIDDEN]);
+            put(format!("{p}.mlp.gate_proj.weight"), &[INTERMEDIATE, HIDDEN]);
+            put(format!("{p}.mlp.up_proj.weight"), &[INTERMEDIATE, HIDDEN]);
+        }
         put(format!("{p}.self_attn.o_proj.weight"), &[HIDDEN, HEADS * HEAD_DIM]);
         if arch == "qwen2" {
             put(format!("{p}.self_attn.q_proj.bias"), &[HEADS * HEAD_DIM]);
@@ -127,8 +135,6 @@ fn write_checkpoint(dir: &Path, arch: &str, template: &str) -> u64 {
             put(format!("{p}.pre_feedforward_layernorm.weight"), &[HIDDEN]);
             put(format!("{p}.post_feedforward_layernorm.weight"), &[HIDDEN]);
         }
-        put(format!("{p}.mlp.gate_proj.weight"), &[INTERMEDIATE, HIDDEN]);
-        put(format!("{p}.mlp.up_proj.weight"), &[INTERMEDIATE, HIDDEN]);
         put(format!("{p}.mlp.down_proj.weight"), &[HIDDEN, INTERMEDIATE]);
         put(format!("{p}.input_layernorm.weight"), &[HIDDEN]);
         put(format!("{p}.post_attention_layernorm.weight"), &[HIDDEN]);
@@ -168,6 +174,10 @@ fn write_checkpoint(dir: &Path, arch: &str, template: &str) -> u64 {
             c.extend(extra.clone());
         }
     }
+    if arch == "phi3" {
+        // Half of each head rotates.
+        config["partial_rotary_factor"] = json!(0.5);
+    }
     std::fs::write(dir.join("config.json"), config.to_string()).expect("config");
     let tok_config = json!({"chat_template": template, "eos_token": "<|im_end|>", "bos_token": null});
     std::fs::write(dir.join("tokenizer_config.json"), tok_config.to_string()).expect("tokenizer config");
@@ -180,7 +190,7 @@ fn step(tokens: &[u32], start: usize, blocks: &[u32]) -> StepSequence {
 
 #[test]
 fn each_architecture_loads_and_runs() {
-    for arch in ["llama", "mistral", "qwen2", "qwen3", "gemma3"] {
+    for arch in ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"] {
         let dir = tempfile::tempdir().expect("tempdir");
         let parameters = write_checkpoint(dir.path(), arch, CHATML);
         let loaded = model::load(dir.path(), &LoadOptions::default()).unwrap_or_else(|e| panic!("{arch}: {e}"));
@@ -468,7 +478,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn batched_logits_equal_single_sequence_logits() {
     // Gemma 3's sequences run past its window (5) in its windowed layer.
-    for arch in ["llama", "mistral", "qwen2", "qwen3", "gemma3"] {
+    for arch in ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"] {
         let dir = tempfile::tempdir().expect("tempdir");
         write_checkpoint(dir.path(), arch, CHATML);
         let quantized = LoadOptions { quantize: Some(model::Quantize::Q8_0), ..Default::default() };
@@ -529,6 +539,57 @@ fn a_sliding_window_reads_only_the_last_positions() {
             let size = expected.iter().fold(0f32, |m, x| m.max(x.abs())).max(5.0);
             let diff = max_diff(got, &expected);
             assert!(diff < 2e-4 * size, "{kernels} {name}: {diff}");
+        }
+    }
+}
+
+/// The prompt the candle-transformers references run.
+const REFERENCE_PROMPT: [u32; 11] = [5, 61, 17, 200, 3, 90, 44, 12, 150, 7, 31];
+
+/// A candle-transformers model's config and weights from the checkpoint in `dir`.
+fn reference_parts<C: serde::de::DeserializeOwned>(dir: &Path) -> (C, candle_nn::VarBuilder<'static>) {
+    let config = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("config"));
+    // SAFETY: the test wrote the file and nothing changes it while it is mapped.
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu)
+    };
+    (config.expect("config"), vb.expect("weights"))
+}
+
+/// The checkpoint in `dir` gives the reference's logits (`forward(ids, offset)`
+/// with a KV cache of its own): the prompt but its last token at once, then
+/// that token as a decode step; dense (candle's tensor operations) to float
+/// rounding, quantized at load (kandle's CPU kernels) to Q8_0's.
+fn assert_matches_reference(
+    dir: &Path,
+    tokens: &[u32],
+    mut forward: impl FnMut(&Tensor, usize) -> candle_core::Result<Tensor>,
+) {
+    let mut logits = |ids: &[u32], offset: usize| -> Vec<f32> {
+        let ids = Tensor::new(ids, &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("ids");
+        forward(&ids, offset).and_then(|l| l.flatten_all()).and_then(|l| l.to_vec1()).expect("forward")
+    };
+    let m = tokens.len() - 1;
+    let want = [logits(&tokens[..m], 0), logits(&tokens[m..], m)];
+    let quantized = LoadOptions { quantize: Some(model::Quantize::Q8_0), ..Default::default() };
+    for options in [LoadOptions::default(), quantized] {
+        let loaded = model::load(dir, &options).expect("loads");
+        let kernels = loaded.model.kernels();
+        for (got, want) in [alone(&loaded.model, &tokens[..m]), alone(&loaded.model, tokens)].iter().zip(&want) {
+            let size = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+            if options.quantize.is_none() {
+                // Sums in another order, through random weights that amplify
+                // rounding: a few parts in 10^4 of the largest logit. A wrong
+                // operation (SiLU for GELU, a norm without its offset) moves
+                // them by percents.
+                let diff = max_diff(got, want);
+                assert!(diff < 1e-3 * size.max(1.0), "{kernels}: {diff} (largest logit {size})");
+            } else {
+                let dot: f32 = got.iter().zip(want).map(|(x, y)| x * y).sum();
+                let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+                let cosine = dot / (norm(got) * norm(want));
+                assert!(cosine > 0.995, "{kernels}: cosine {cosine}");
+            }
         }
     }
 }

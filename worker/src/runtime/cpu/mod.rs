@@ -24,7 +24,7 @@ use super::config::{Activation, ModelConfig, RopeStyle};
 use super::kv_cache::KvCache;
 use super::pool::{Pool, Shared, Worker};
 use super::qmatmul::{Activations, Level, Output, PackedWeights, BLOCK};
-use super::rope::Frequencies;
+use super::rope::{self, Frequencies};
 use super::Logits;
 
 pub struct CpuLayer {
@@ -55,7 +55,7 @@ pub struct CpuModel {
     config: ModelConfig,
     weights: CpuWeights,
     /// Per set of rotary frequencies ([`Frequencies::tables`]): cos and sin,
-    /// `[context, head_dim / 2]` each.
+    /// `[context, rotary_dim / 2]` each.
     rope: Vec<(Vec<f32>, Vec<f32>)>,
     context: usize,
     level: Level,
@@ -116,21 +116,7 @@ impl CpuModel {
         context: usize,
         level: Level,
     ) -> Self {
-        let rope = frequencies
-            .tables()
-            .map(|inv_freq| {
-                let half = inv_freq.len();
-                let (mut cos, mut sin) = (Vec::with_capacity(context * half), Vec::with_capacity(context * half));
-                for pos in 0..context {
-                    for f in inv_freq {
-                        let angle = (pos as f64 * f) as f32;
-                        cos.push(angle.cos());
-                        sin.push(angle.sin());
-                    }
-                }
-                (cos, sin)
-            })
-            .collect();
+        let rope = frequencies.tables().map(|inv_freq| rope::tables(inv_freq, frequencies.scale, context)).collect();
         Self { config, weights, rope, context, level, scratch: Mutex::default() }
     }
 
@@ -231,7 +217,8 @@ impl CpuModel {
         let s = &*s;
         let eps = cfg.rms_eps as f32;
         let level = self.level;
-        let half = hd / 2;
+        // The rotated leading dimensions of a head, in pairs.
+        let half = cfg.rotary_dim / 2;
         // Heads of whole quantization blocks are quantized as attention
         // stores them, with no phase (and barrier) of their own.
         let heads_quantize_alone = hd.is_multiple_of(BLOCK);

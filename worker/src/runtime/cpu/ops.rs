@@ -79,7 +79,9 @@ pub fn rms_scale_add(x: &[f32], part: Range<usize>, weight: &[f32], eps: f32, ou
     }
 }
 
-/// Rotates one head in place: pairs `(2i, 2i + 1)` (interleaved) or `(i, i + d/2)`.
+/// Rotates one head's leading `2 * cos.len()` dimensions in place (all of
+/// them but where the rotation is partial): pairs `(2i, 2i + 1)`
+/// (interleaved) or `(i, i + cos.len())`.
 pub fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
     let half = cos.len();
     for i in 0..half {

@@ -1,12 +1,15 @@
 //! The tiny Gemma 3 against candle-transformers' Gemma 3 on the same weights,
 //! and its windowed layer against the same model without a window.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use candle_transformers::models::gemma3;
 use kandle_worker::model::{self, LoadOptions};
 use serde_json::json;
 
-use super::{alone, assert_window_cuts_only_past_it, max_diff, patch_config, write_checkpoint, CHATML, GEMMA_WINDOW};
+use super::{
+    assert_matches_reference, assert_window_cuts_only_past_it, patch_config, reference_parts, write_checkpoint, CHATML,
+};
+use super::{GEMMA_WINDOW, REFERENCE_PROMPT};
 
 /// Writes the tiny Gemma 3 with `window` in place of its own.
 fn checkpoint(window: usize) -> tempfile::TempDir {
@@ -16,62 +19,16 @@ fn checkpoint(window: usize) -> tempfile::TempDir {
     dir
 }
 
-fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    dot / (norm(a) * norm(b))
-}
-
-/// Logits of each prefix's last token by candle-transformers' Gemma 3: the
-/// prompt but its last token at once, then the last one as a decode step.
-fn reference(dir: &std::path::Path, tokens: &[u32]) -> (Vec<f32>, Vec<f32>) {
-    let config: gemma3::Config =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("config")).expect("config");
-    // SAFETY: the test wrote the file and nothing changes it while it is mapped.
-    let vb = unsafe {
-        candle_nn::VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu)
-    }
-    .expect("weights");
-    let mut model = gemma3::Model::new(false, &config, vb).expect("model");
-    let (head, last) = tokens.split_at(tokens.len() - 1);
-    let run = |model: &mut gemma3::Model, ids: &[u32], offset: usize| -> Vec<f32> {
-        let ids = Tensor::new(ids, &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("ids");
-        model.forward(&ids, offset).and_then(|l| l.flatten_all()).and_then(|l| l.to_vec1()).expect("forward")
-    };
-    let prefill = run(&mut model, head, 0);
-    let decode = run(&mut model, last, head.len());
-    (prefill, decode)
-}
-
 /// Within the window (candle's windowed layers keep one more position than
 /// Hugging Face's and llama.cpp's, so the reference runs inside it): the
 /// scaled embedding, norms as offsets from 1, q/k norms, post norms, GeGLU and
-/// each layer's own rotary base, dense (candle's tensor operations) to float
-/// rounding and quantized at load (kandle's CPU kernels) to Q8_0's.
+/// each layer's own rotary base.
 #[test]
 fn gemma3_matches_candle_transformers() {
     let dir = checkpoint(64);
-    let tokens: Vec<u32> = vec![5, 61, 17, 200, 3, 90, 44, 12, 150, 7, 31];
-    let (want_prefill, want_decode) = reference(dir.path(), &tokens);
-    let quantized = LoadOptions { quantize: Some(model::Quantize::Q8_0), ..Default::default() };
-    for options in [LoadOptions::default(), quantized] {
-        let loaded = model::load(dir.path(), &options).expect("loads");
-        let kernels = loaded.model.kernels();
-        let (n, m) = (tokens.len(), tokens.len() - 1);
-        for (got, want, what) in [
-            (alone(&loaded.model, &tokens[..m]), &want_prefill, "prefill"),
-            (alone(&loaded.model, &tokens[..n]), &want_decode, "decode"),
-        ] {
-            let size = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-            if options.quantize.is_none() {
-                let diff = max_diff(&got, want);
-                assert!(diff < 1e-4 * size.max(1.0), "{kernels} {what}: {diff} (largest logit {size})");
-            } else {
-                let c = cosine(&got, want);
-                assert!(c > 0.995, "{kernels} {what}: cosine {c}");
-            }
-        }
-    }
+    let (config, vb) = reference_parts::<gemma3::Config>(dir.path());
+    let mut reference = gemma3::Model::new(false, &config, vb).expect("model");
+    assert_matches_reference(dir.path(), &REFERENCE_PROMPT, |ids: &Tensor, offset| reference.forward(ids, offset));
 }
 
 /// The windowed layer: within its window the model is the one without a
