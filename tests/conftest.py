@@ -57,6 +57,17 @@ def smollm2_path() -> pathlib.Path:
     return pathlib.Path(out.stdout.strip())
 
 
+def gemma3_path() -> pathlib.Path:
+    """Gemma 3 270M Q4_K_M (KANDLE_TEST_GEMMA3, else scripts/fetch-gemma3.sh)."""
+    path = os.environ.get("KANDLE_TEST_GEMMA3")
+    if path:
+        return pathlib.Path(path)
+    out = subprocess.run(
+        [str(ROOT / "scripts" / "fetch-gemma3.sh")], check=True, capture_output=True, text=True
+    )
+    return pathlib.Path(out.stdout.strip())
+
+
 def start_redis(directory: pathlib.Path) -> tuple[subprocess.Popen, str]:
     """A throwaway redis-server (or valkey-server) on a free local port, keeping
     nothing on disk; returns the process and its URL."""

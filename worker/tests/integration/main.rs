@@ -3,5 +3,6 @@
 
 mod common;
 mod fetch;
+mod gemma3_gguf;
 mod smollm2_gguf;
 mod tiny_models;
