@@ -118,6 +118,7 @@ def test_route_file_aliases_reach_the_worker_as_its_served_name(fleet):
 
 
 def test_streams_pass_through_unbuffered(fleet):
+    start = time.monotonic()
     stream = client(fleet["router"], KEY_A).chat.completions.create(
         model="smollm2", messages=HELLO, max_tokens=48, stream=True, stream_options={"include_usage": True},
         logit_bias=NO_EOS,
@@ -129,8 +130,11 @@ def test_streams_pass_through_unbuffered(fleet):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].usage.completion_tokens == 48
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
-    # Events arrive as the worker makes them, not all at once at the end.
-    assert arrivals[-1] - arrivals[1] > 0.3, arrivals[-1] - arrivals[1]
+    # Events arrive as the worker makes them, not all at once at the end: the
+    # chunks spread over most of the request's time (decoding 48 tokens takes
+    # far longer than the prompt), whatever the machine's speed.
+    spread, total = arrivals[-1] - arrivals[1], arrivals[-1] - start
+    assert spread > 0.5 * total, (spread, total)
 
 
 def test_tool_calls_and_structured_output_pass_through(fleet):
