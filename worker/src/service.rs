@@ -246,6 +246,7 @@ impl ModelService {
             tools,
             enable_thinking: self.template.features().thinking.then_some(matches!(reasoning, ReasoningMode::On { .. })),
             reasoning_effort: req.reasoning_effort.as_deref(),
+            extra: Some(&req.template_kwargs),
         };
         let text = self
             .template
@@ -309,6 +310,7 @@ impl ModelService {
                 constraint,
                 shown,
                 cache_salt: req.cache_salt.clone(),
+                stopping: req.stopping.clone(),
                 events: tx,
             },
             events,

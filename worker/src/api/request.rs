@@ -7,7 +7,7 @@ use serde_json::{Map, Value as Json};
 
 use super::error::ApiError;
 use crate::engine::grammar::OutputFormat;
-use crate::engine::SamplingParams;
+use crate::engine::{SamplingParams, Stopping};
 
 pub const MAX_N: u64 = 8;
 pub const MAX_STOP_SEQUENCES: usize = 4;
@@ -40,7 +40,18 @@ pub struct ChatRequest {
     /// vLLM's `cache_salt`: prefix-cache blocks are shared only with requests
     /// carrying the same salt.
     pub cache_salt: Option<String>,
+    /// vLLM's `min_tokens`, `ignore_eos`, `stop_token_ids`,
+    /// `include_stop_str_in_output` and `skip_special_tokens`.
+    pub stopping: Stopping,
+    /// vLLM's `chat_template_kwargs`: more variables for the chat template
+    /// (`enable_thinking` among them is read as the top-level one).
+    pub template_kwargs: Map<String, Json>,
 }
+
+/// Variables the chat template gets from kandle itself, which
+/// `chat_template_kwargs` cannot replace.
+const TEMPLATE_OWN: [&str; 6] =
+    ["messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "reasoning_effort"];
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum ToolChoice {
@@ -134,7 +145,7 @@ pub fn parse(body: &[u8], vocab_size: usize) -> Result<ChatRequest, ApiError> {
     let tool_choice = parse_tool_choice(&mut f, tools.as_deref())?;
     let parallel_tool_calls = f.bool("parallel_tool_calls")?.unwrap_or(true);
     f.string("user")?;
-    let enable_thinking = f.bool("enable_thinking")?;
+    let mut enable_thinking = f.bool("enable_thinking")?;
     let thinking_budget = f.uint("thinking_budget", 1, u64::from(u32::MAX))?.map(|v| v as usize);
     let reasoning_effort = f.one_of("reasoning_effort", &["none", "minimal", "low", "medium", "high"])?;
     let response_format = parse_response_format(&mut f)?;
@@ -142,6 +153,9 @@ pub fn parse(body: &[u8], vocab_size: usize) -> Result<ChatRequest, ApiError> {
     if cache_salt.as_deref() == Some("") {
         return Err(ApiError::invalid("cache_salt", "'cache_salt' must be a non-empty string if provided."));
     }
+    let max_tokens = max_completion_tokens.or(max_tokens).map(|v| v as usize);
+    let stopping = parse_stopping(&mut f, vocab_size, max_tokens)?;
+    let template_kwargs = parse_template_kwargs(&mut f, &mut enable_thinking)?;
     reject_unavailable(&mut f)?;
 
     if let Some(key) = f.obj.keys().next() {
@@ -150,7 +164,7 @@ pub fn parse(body: &[u8], vocab_size: usize) -> Result<ChatRequest, ApiError> {
     Ok(ChatRequest {
         model,
         messages,
-        max_tokens: max_completion_tokens.or(max_tokens).map(|v| v as usize),
+        max_tokens,
         sampling,
         n,
         stop,
@@ -165,7 +179,70 @@ pub fn parse(body: &[u8], vocab_size: usize) -> Result<ChatRequest, ApiError> {
         reasoning_effort,
         response_format,
         cache_salt,
+        stopping,
+        template_kwargs,
     })
+}
+
+/// vLLM's stopping extensions, shared by chat and text completions.
+fn parse_stopping(f: &mut Fields, vocab_size: usize, max_tokens: Option<usize>) -> Result<Stopping, ApiError> {
+    let base = Stopping::default();
+    let min_tokens = f.uint("min_tokens", 0, u64::from(u32::MAX))?.map_or(0, |v| v as usize);
+    if let Some(max) = max_tokens.filter(|max| min_tokens > *max) {
+        return Err(ApiError::invalid(
+            "min_tokens",
+            format!("'min_tokens' ({min_tokens}) must be less than or equal to 'max_tokens' ({max})."),
+        ));
+    }
+    let stop_token_ids = match f.take("stop_token_ids") {
+        None | Some(Json::Null) => Vec::new(),
+        Some(Json::Array(ids)) => ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let param = format!("stop_token_ids[{i}]");
+                let id = id.as_u64().ok_or_else(|| ApiError::wrong_type(&param, "a token id (an integer)", id))?;
+                if id as usize >= vocab_size {
+                    return Err(ApiError::invalid(&param, format!("`{id}` is not a token id of this model.")));
+                }
+                Ok(id as u32)
+            })
+            .collect::<Result<_, _>>()?,
+        Some(other) => return Err(ApiError::wrong_type("stop_token_ids", "an array of token ids", &other)),
+    };
+    Ok(Stopping {
+        min_tokens,
+        ignore_eos: f.bool("ignore_eos")?.unwrap_or(base.ignore_eos),
+        stop_token_ids,
+        include_stop_str_in_output: f.bool("include_stop_str_in_output")?.unwrap_or(base.include_stop_str_in_output),
+        skip_special_tokens: f.bool("skip_special_tokens")?.unwrap_or(base.skip_special_tokens),
+    })
+}
+
+/// `chat_template_kwargs`: an object of template variables; its
+/// `enable_thinking` (how Qwen3 users turn thinking off through vLLM) is the
+/// top-level `enable_thinking`, which it must not contradict.
+fn parse_template_kwargs(f: &mut Fields, enable_thinking: &mut Option<bool>) -> Result<Map<String, Json>, ApiError> {
+    let mut kwargs = match f.take("chat_template_kwargs") {
+        None | Some(Json::Null) => return Ok(Map::new()),
+        Some(Json::Object(kwargs)) => kwargs,
+        Some(other) => return Err(ApiError::wrong_type("chat_template_kwargs", "an object", &other)),
+    };
+    if let Some(own) = TEMPLATE_OWN.iter().find(|k| kwargs.contains_key(**k)) {
+        return Err(ApiError::invalid(
+            format!("chat_template_kwargs.{own}"),
+            format!("'{own}' is set by the server from the request; it cannot be passed to the template."),
+        ));
+    }
+    if let Some(value) = kwargs.remove("enable_thinking") {
+        let param = "chat_template_kwargs.enable_thinking";
+        let on = expect_bool(param, &value)?;
+        if enable_thinking.is_some_and(|top| top != on) {
+            return Err(ApiError::invalid(param, "It contradicts the request's 'enable_thinking'."));
+        }
+        *enable_thinking = Some(on);
+    }
+    Ok(kwargs)
 }
 
 fn parse_sampling(f: &mut Fields, vocab_size: usize) -> Result<SamplingOverrides, ApiError> {
@@ -606,6 +683,32 @@ mod tests {
         assert_eq!(req.reasoning_effort.as_deref(), Some("low"));
     }
 
+    /// vLLM's extensions: read, defaults off (special tokens skipped), and
+    /// `chat_template_kwargs.enable_thinking` taken as the top-level flag.
+    #[test]
+    fn vllm_extensions_are_read() {
+        let plain = parse(&body(json!({})), VOCAB).expect("valid");
+        assert_eq!(plain.stopping, Stopping::default());
+        assert!(plain.stopping.skip_special_tokens && plain.template_kwargs.is_empty());
+        let req = parse(
+            &body(json!({"min_tokens": 3, "max_tokens": 3, "ignore_eos": true, "stop_token_ids": [4, 9],
+                         "include_stop_str_in_output": true, "skip_special_tokens": false,
+                         "chat_template_kwargs": {"enable_thinking": false, "custom": {"a": 1}}})),
+            VOCAB,
+        )
+        .expect("valid");
+        let want = Stopping {
+            min_tokens: 3,
+            ignore_eos: true,
+            stop_token_ids: vec![4, 9],
+            include_stop_str_in_output: true,
+            skip_special_tokens: false,
+        };
+        assert_eq!(req.stopping, want);
+        assert_eq!(req.enable_thinking, Some(false));
+        assert_eq!(Json::Object(req.template_kwargs), json!({"custom": {"a": 1}}));
+    }
+
     #[test]
     fn every_rejected_field_is_named() {
         let cases = [
@@ -658,6 +761,25 @@ mod tests {
             (json!({"cache_salt": 7}), "cache_salt"),
             (json!({"cache_salt": ""}), "cache_salt"),
             (json!({"enable_thinking": "on"}), "enable_thinking"),
+            (json!({"min_tokens": -1}), "min_tokens"),
+            (json!({"min_tokens": 9, "max_tokens": 8}), "min_tokens"),
+            (json!({"ignore_eos": "yes"}), "ignore_eos"),
+            (json!({"stop_token_ids": 5}), "stop_token_ids"),
+            (json!({"stop_token_ids": [1, "2"]}), "stop_token_ids[1]"),
+            (json!({"stop_token_ids": [VOCAB]}), "stop_token_ids[0]"),
+            (json!({"skip_special_tokens": 1}), "skip_special_tokens"),
+            (
+                json!({"include_stop_str_in_output": null, "spaces_between_special_tokens": true}),
+                "spaces_between_special_tokens",
+            ),
+            (json!({"include_stop_str_in_output": "no"}), "include_stop_str_in_output"),
+            (json!({"chat_template_kwargs": []}), "chat_template_kwargs"),
+            (json!({"chat_template_kwargs": {"messages": []}}), "chat_template_kwargs.messages"),
+            (json!({"chat_template_kwargs": {"enable_thinking": "no"}}), "chat_template_kwargs.enable_thinking"),
+            (
+                json!({"enable_thinking": true, "chat_template_kwargs": {"enable_thinking": false}}),
+                "chat_template_kwargs.enable_thinking",
+            ),
             (json!({"thinking_budget": 0}), "thinking_budget"),
             (json!({"reasoning_effort": "max"}), "reasoning_effort"),
             (json!({"response_format": {"type": "json_object", "schema": {}}}), "response_format"),

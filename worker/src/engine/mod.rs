@@ -48,7 +48,37 @@ pub struct GenerateRequest {
     /// vLLM's `cache_salt`: prefix-cache blocks are shared only between
     /// requests with the same salt (or none).
     pub cache_salt: Option<String>,
+    pub stopping: Stopping,
     pub events: mpsc::UnboundedSender<Event>,
+}
+
+/// vLLM's controls of where an answer ends and what its text shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stopping {
+    /// Tokens before the model's end tokens and `stop_token_ids` may be
+    /// sampled (they are masked until then).
+    pub min_tokens: usize,
+    /// The model's end tokens (EOS, end-of-turn markers) do not end the answer.
+    pub ignore_eos: bool,
+    /// More tokens that end the answer; one that is not a special token
+    /// stays in its text.
+    pub stop_token_ids: Vec<u32>,
+    /// A matched stop string stays in the text.
+    pub include_stop_str_in_output: bool,
+    /// Special tokens decode to nothing.
+    pub skip_special_tokens: bool,
+}
+
+impl Default for Stopping {
+    fn default() -> Self {
+        Self {
+            min_tokens: 0,
+            ignore_eos: false,
+            stop_token_ids: Vec::new(),
+            include_stop_str_in_output: false,
+            skip_special_tokens: true,
+        }
+    }
 }
 
 /// What the engine reports back about a request.

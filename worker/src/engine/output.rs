@@ -33,11 +33,13 @@ pub struct OutputShaper {
 }
 
 impl OutputShaper {
-    pub fn new(reasoning: ReasoningMode, stops: Vec<String>) -> Self {
+    /// `keep_stop`: a matched stop string stays in the answer.
+    pub fn new(reasoning: ReasoningMode, stops: Vec<String>, keep_stop: bool) -> Self {
+        let answer = StopMatcher::new(stops);
         Self {
             thinking: matches!(reasoning, ReasoningMode::On { .. })
                 .then(|| StopMatcher::new(vec![THINK_CLOSE.to_string()])),
-            answer: StopMatcher::new(stops),
+            answer: if keep_stop { answer.keeping_stop() } else { answer },
             trim_answer_start: false,
         }
     }
@@ -105,14 +107,14 @@ mod tests {
 
     #[test]
     fn plain_mode_passes_text_through_stops() {
-        let mut s = OutputShaper::new(ReasoningMode::Off, vec!["!".into()]);
+        let mut s = OutputShaper::new(ReasoningMode::Off, vec!["!".into()], false);
         assert_eq!(s.push("<think>hi"), Shaped { content: "<think>hi".into(), ..Default::default() });
         assert_eq!(s.push(" there! x"), Shaped { content: " there".into(), stopped: true, ..Default::default() });
     }
 
     #[test]
     fn reasoning_then_answer_split_across_pieces() {
-        let mut s = OutputShaper::new(ReasoningMode::On { budget: None }, vec![]);
+        let mut s = OutputShaper::new(ReasoningMode::On { budget: None }, vec![], false);
         assert_eq!(s.push("<think>"), Shaped::default());
         assert_eq!(s.push("\nLet me see.</th").reasoning, "\nLet me see.");
         assert!(s.in_reasoning());
@@ -124,7 +126,7 @@ mod tests {
 
     #[test]
     fn stop_strings_do_not_apply_inside_reasoning() {
-        let mut s = OutputShaper::new(ReasoningMode::On { budget: None }, vec!["STOP".into()]);
+        let mut s = OutputShaper::new(ReasoningMode::On { budget: None }, vec!["STOP".into()], false);
         assert_eq!(s.push("a STOP b").reasoning, "a STOP b");
         let out = s.push("</think>ok STOP");
         assert_eq!(out.content, "ok ");
@@ -133,7 +135,7 @@ mod tests {
 
     #[test]
     fn unfinished_reasoning_is_flushed_as_reasoning() {
-        let mut s = OutputShaper::new(ReasoningMode::On { budget: None }, vec![]);
+        let mut s = OutputShaper::new(ReasoningMode::On { budget: None }, vec![], false);
         s.push("thinking </thi");
         assert_eq!(s.finish().reasoning, "</thi");
     }

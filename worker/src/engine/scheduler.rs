@@ -214,6 +214,7 @@ impl Scheduler {
                 constraint: r.constraint.clone(),
                 shown: r.shown.clone(),
                 stop: r.stop.clone(),
+                stopping: r.stopping.clone(),
                 max_tokens: r.max_tokens,
                 events: r.events.clone(),
                 enqueued: q.enqueued,

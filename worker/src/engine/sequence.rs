@@ -13,7 +13,7 @@ use super::detokenizer::Detokenizer;
 use super::grammar::Constraint;
 use super::output::{OutputShaper, ReasoningMode, Shaped};
 use super::sampler::{Sampled, Sampler};
-use super::{ChoiceUsage, Delta, Event, FinishReason, TokenLogprob};
+use super::{ChoiceUsage, Delta, Event, FinishReason, Stopping, TokenLogprob};
 
 /// Text the engine inserts to end reasoning that ran out of budget.
 const FORCED_THINK_CLOSE: &str = "\n</think>\n\n";
@@ -78,6 +78,7 @@ pub struct Sequence {
     /// How long the last token's grammar mask took (for the metrics).
     pub mask_time: Option<Duration>,
     max_tokens: usize,
+    stopping: Stopping,
     thinking_budget: Option<usize>,
     usage: ChoiceUsage,
     pub enqueued: Instant,
@@ -99,6 +100,7 @@ pub struct SequenceSpec {
     pub constraint: Option<Constraint>,
     pub shown: Vec<(u32, String)>,
     pub stop: Vec<String>,
+    pub stopping: Stopping,
     pub max_tokens: usize,
     pub events: mpsc::UnboundedSender<Event>,
     pub enqueued: Instant,
@@ -118,8 +120,8 @@ impl Sequence {
             admitted,
             phase: Phase::Prefill,
             sampler: spec.sampler,
-            detokenizer: Detokenizer::default(),
-            shaper: OutputShaper::new(spec.reasoning, spec.stop),
+            detokenizer: Detokenizer::new(spec.stopping.skip_special_tokens),
+            shaper: OutputShaper::new(spec.reasoning, spec.stop, spec.stopping.include_stop_str_in_output),
             events: spec.events,
             prompt_len: spec.prompt.len(),
             tokens: spec.prompt,
@@ -135,6 +137,7 @@ impl Sequence {
             shown: spec.shown,
             mask_time: None,
             max_tokens: spec.max_tokens,
+            stopping: spec.stopping,
             thinking_budget,
             usage: ChoiceUsage::default(),
             enqueued: spec.enqueued,
@@ -241,6 +244,16 @@ impl Sequence {
         let forced = self.forced.pop_front();
         let guided = forced.is_none() && !self.shaper.in_reasoning();
         self.mask_time = None;
+        let constrained = guided && self.constraint.as_ref().is_some_and(|c| c.active());
+        if forced.is_none() && !constrained && self.usage.completion_tokens < self.stopping.min_tokens {
+            // Nothing may end the answer yet (a grammar's own end is left to it).
+            let model_ends = if self.stopping.ignore_eos { &[][..] } else { ctx.stop_ids };
+            for &id in model_ends.iter().chain(&self.stopping.stop_token_ids) {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
         if let (true, Some(constraint)) = (guided, self.constraint.as_mut().filter(|c| c.active())) {
             self.mask_time = Some(constraint.mask(logits)?);
         }
@@ -276,7 +289,8 @@ impl Sequence {
         }
         self.tokens.push(sampled.token);
 
-        if ctx.stop_ids.contains(&sampled.token) && self.forced.is_empty() {
+        let model_end = !self.stopping.ignore_eos && ctx.stop_ids.contains(&sampled.token);
+        if model_end && self.forced.is_empty() {
             // The end-of-sequence token itself is not part of the completion.
             self.usage.completion_tokens -= 1;
             let rest = self.drain(ctx.tokenizer)?;
@@ -284,6 +298,18 @@ impl Sequence {
         }
 
         let mut text = self.detokenizer.push(ctx.tokenizer, sampled.token)?;
+        if self.stopping.stop_token_ids.contains(&sampled.token) && self.forced.is_empty() {
+            // A requested stop token counts and keeps its text (none for a special token).
+            let mut shaped = self.shaper.push(&text);
+            if !shaped.stopped {
+                let rest = self.drain(ctx.tokenizer)?;
+                shaped.reasoning.push_str(&rest.reasoning);
+                shaped.content.push_str(&rest.content);
+            }
+            let logprobs = (self.sampler.reports_logprobs() && !was_reasoning).then(|| ctx.describe(&sampled));
+            self.emit(Shaped { stopped: false, ..shaped }, logprobs);
+            return Ok(self.finish(Shaped::default(), FinishReason::Stop));
+        }
         if let Some((_, shown)) = self.shown.iter().find(|(id, _)| *id == sampled.token) {
             text.push_str(shown);
         }

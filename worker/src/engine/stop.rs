@@ -6,6 +6,9 @@ pub struct StopMatcher {
     stops: Vec<String>,
     /// Text decoded but not yet released.
     pending: String,
+    /// Release the stop string with the text before it (vLLM's
+    /// `include_stop_str_in_output`).
+    keep_stop: bool,
 }
 
 /// What one piece of new text leads to.
@@ -19,7 +22,12 @@ pub enum StopOutcome {
 
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
-        Self { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), pending: String::new() }
+        Self { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), pending: String::new(), keep_stop: false }
+    }
+
+    /// Also releases the matched stop string itself.
+    pub fn keeping_stop(self) -> Self {
+        Self { keep_stop: true, ..self }
     }
 
     pub fn push(&mut self, text: &str) -> StopOutcome {
@@ -32,7 +40,7 @@ impl StopMatcher {
             // What follows the stop string stays pending, for callers that go on.
             let after = self.pending.split_off(at + len);
             let mut released = std::mem::replace(&mut self.pending, after);
-            released.truncate(at);
+            released.truncate(if self.keep_stop { at + len } else { at });
             return StopOutcome::Stopped(released);
         }
         let hold = self.longest_partial_suffix();
@@ -82,6 +90,17 @@ mod tests {
     fn stop_inside_one_piece_is_cut() {
         let mut m = matcher(&["END"]);
         assert_eq!(m.push("abcENDdef"), Stopped("abc".into()));
+    }
+
+    /// `include_stop_str_in_output`: the stop string is released with what
+    /// came before it, also when it arrived split.
+    #[test]
+    fn a_kept_stop_string_is_released_with_its_text() {
+        let mut m = matcher(&["END"]).keeping_stop();
+        assert_eq!(m.push("abcENDdef"), Stopped("abcEND".into()));
+        let mut m = matcher(&["END"]).keeping_stop();
+        assert_eq!(m.push("abE"), Continue("ab".into()));
+        assert_eq!(m.push("ND!"), Stopped("END".into()));
     }
 
     #[test]

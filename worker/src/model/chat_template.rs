@@ -1,6 +1,6 @@
 //! The model's own Jinja chat template, rendered the way Hugging Face renders it.
 
-use minijinja::value::Serde;
+use minijinja::value::{Serde, Value};
 use minijinja::{context, Environment, Error as JinjaError, ErrorKind};
 use serde_json::Value as Json;
 
@@ -46,6 +46,8 @@ pub struct RenderOptions<'a> {
     pub tools: Option<&'a [Json]>,
     pub enable_thinking: Option<bool>,
     pub reasoning_effort: Option<&'a str>,
+    /// More variables (vLLM's `chat_template_kwargs`); the ones above win.
+    pub extra: Option<&'a serde_json::Map<String, Json>>,
 }
 
 pub struct ChatTemplate {
@@ -100,6 +102,7 @@ impl ChatTemplate {
             tools => options.tools.map(Serde),
             enable_thinking => options.enable_thinking,
             reasoning_effort => options.reasoning_effort,
+            ..options.extra.map(|extra| Value::from(Serde(extra))).unwrap_or_default()
         };
         template.render(ctx).map_err(|e| describe(&e))
     }
@@ -225,7 +228,7 @@ mod tests {
         let out = t
             .render(
                 &[json!({"role": "user", "content": "  hi  "})],
-                &RenderOptions { tools: Some(&tools), enable_thinking: Some(false), reasoning_effort: None },
+                &RenderOptions { tools: Some(&tools), enable_thinking: Some(false), ..Default::default() },
             )
             .expect("renders");
         assert_eq!(

@@ -323,6 +323,66 @@ async fn safetensors_model_serves_chat_completions() {
     assert!(text.contains(r#""param":"enable_thinking""#), "{text}");
 }
 
+/// vLLM's stopping extensions on chat, end to end: `min_tokens` holds the end
+/// token back, `ignore_eos` generates through it (`skip_special_tokens:
+/// false` shows it), `stop_token_ids` ends at a token keeping its text,
+/// `include_stop_str_in_output` keeps the stop string.
+#[tokio::test]
+async fn vllm_stopping_extensions_work_on_chat() {
+    let (served, _dir) = Served::new("llama", CHATML);
+    let im_end = served.special_id("<|im_end|>").to_string();
+    let a = served.tokenizer.token_to_id("a").expect("a").to_string();
+    let answer = |r: &Value| {
+        let choice = &r["choices"][0];
+        let text = choice["message"]["content"].as_str().unwrap_or_default().to_string();
+        (text, choice["finish_reason"].clone(), r["usage"]["completion_tokens"].clone())
+    };
+    let ends_now = json!({ &im_end: 100 });
+    let r = served.chat_json(json!({"max_tokens": 8, "temperature": 0, "logit_bias": ends_now})).await;
+    assert_eq!(answer(&r), (String::new(), json!("stop"), json!(0)), "{r}");
+    let r = served.chat_json(json!({"max_tokens": 8, "min_tokens": 3, "temperature": 0, "logit_bias": ends_now})).await;
+    assert_eq!((answer(&r).1, answer(&r).2), (json!("stop"), json!(3)), "{r}");
+    let through = json!({"max_tokens": 4, "ignore_eos": true, "temperature": 0, "logit_bias": ends_now});
+    let r = served.chat_json(through.clone()).await;
+    assert_eq!(answer(&r), (String::new(), json!("length"), json!(4)), "{r}");
+    let mut shown = through;
+    shown["skip_special_tokens"] = json!(false);
+    let r = served.chat_json(shown).await;
+    assert_eq!(answer(&r), ("<|im_end|>".repeat(4), json!("length"), json!(4)), "{r}");
+
+    let only_a = json!({ &a: 100 });
+    let r = served
+        .chat_json(json!({"max_tokens": 8, "stop_token_ids": [a.parse::<u32>().expect("id")],
+                                    "logit_bias": only_a}))
+        .await;
+    assert_eq!(answer(&r), ("a".to_string(), json!("stop"), json!(1)), "{r}");
+    let r = served.chat_json(json!({"max_tokens": 8, "stop": ["aa"], "logit_bias": only_a})).await;
+    assert_eq!(answer(&r).0, "");
+    let r = served
+        .chat_json(json!({"max_tokens": 8, "stop": ["aa"], "include_stop_str_in_output": true,
+                                    "logit_bias": only_a}))
+        .await;
+    assert_eq!(answer(&r), ("aa".to_string(), json!("stop"), json!(2)), "{r}");
+}
+
+/// `chat_template_kwargs`: variables the template reads, and Qwen3's
+/// `enable_thinking` through it.
+#[tokio::test]
+async fn chat_template_kwargs_reach_the_template() {
+    let greeting = format!("{{% if greeting %}}{{{{ greeting }}}}{{% endif %}}{CHATML}");
+    let (served, _dir) = Served::new("llama", &greeting);
+    let prompt = |r: Value| r["usage"]["prompt_tokens"].as_u64().expect("usage");
+    let plain = prompt(served.chat_json(json!({"max_tokens": 1})).await);
+    let kwargs = json!({"max_tokens": 1, "chat_template_kwargs": {"greeting": "hello"}});
+    assert_eq!(prompt(served.chat_json(kwargs).await), plain + 5, "five more bytes");
+
+    let (thinker, _dir) = Served::new("qwen3", THINKING);
+    let off = json!({"max_tokens": 5, "chat_template_kwargs": {"enable_thinking": false}});
+    let r = thinker.chat_json(off).await;
+    assert!(r["choices"][0]["message"]["reasoning_content"].is_null(), "{r}");
+    assert_eq!(r["usage"]["completion_tokens_details"]["reasoning_tokens"], 0);
+}
+
 #[tokio::test]
 async fn thinking_budget_closes_reasoning_and_counts_it() {
     let (served, _dir) = Served::new("qwen3", THINKING);

@@ -191,6 +191,7 @@ impl Harness {
             constraint,
             shown: Vec::new(),
             cache_salt: None,
+            stopping: Default::default(),
             events,
         };
         self.scheduler.load.waiting.fetch_add(1, Ordering::SeqCst);
