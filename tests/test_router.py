@@ -100,6 +100,13 @@ def test_each_model_reaches_its_own_pool(fleet):
     assert all(s > 0 for s in served), served
 
 
+def test_legacy_completions_reach_the_pool_under_an_alias(fleet):
+    r = client(fleet["router"], KEY_A).completions.create(model="gpt-4o-mini", prompt="Hello", max_tokens=3)
+    assert r.model == "gpt-4o-mini" and r.object == "text_completion"
+    with pytest.raises(openai.NotFoundError):
+        client(fleet["router"], KEY_A).completions.create(model="nope", prompt="Hello", max_tokens=3)
+
+
 def test_route_file_aliases_reach_the_worker_as_its_served_name(fleet):
     c = client(fleet["router"], KEY_B)
     r = c.chat.completions.create(model="model-b-alias", messages=HELLO, max_tokens=3)

@@ -239,6 +239,22 @@ def test_usage_is_counted_per_tenant_streamed_or_not_and_when_the_client_leaves(
     assert 0.5 * sent / 4 <= tenant_tokens(r, "metered", "prompt") - before <= 2 * sent / 4
 
 
+def test_legacy_completions_are_routed_and_charged_like_chat(fleet):
+    r = fleet["router"]
+    c = client(r, "sk-metered")
+    before = (tenant_tokens(r, "metered", "prompt"), tenant_tokens(r, "metered", "completion"))
+    whole = c.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=4, temperature=0,
+                                 extra_body={"ignore_eos": True})
+    assert whole.object == "text_completion" and whole.usage.completion_tokens == 4
+    chunks = list(c.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=4, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True}))
+    # The router asked the worker for the stream's usage and kept it from this client.
+    assert all(chunk.usage is None and chunk.choices for chunk in chunks)
+    assert "".join(ch.text for chunk in chunks for ch in chunk.choices) == whole.choices[0].text
+    wait_for(lambda: tenant_tokens(r, "metered", "completion") - before[1] == 8, "both answers' charge")
+    assert tenant_tokens(r, "metered", "prompt") - before[0] == 2 * whole.usage.prompt_tokens
+
+
 def test_tenants_never_share_prefix_cache_blocks(fleet):
     r = fleet["router"]
     system = {"role": "system", "content": "You answer questions about the city's bus timetable. " * 8}

@@ -252,26 +252,8 @@ impl ModelService {
             .template
             .render(messages, &options)
             .map_err(|e| ApiError::invalid("messages", format!("The chat template rejected the messages: {e}")))?;
-        let encoding = self
-            .tokenizer
-            .encode(text.as_str(), false)
-            .map_err(|e| ApiError::internal(format!("tokenization failed: {e}")))?;
-        let mut prompt = encoding.get_ids().to_vec();
-        if let (true, Some((bos, _))) = (self.special.add_bos, &self.special.bos) {
-            if prompt.first() != Some(bos) {
-                prompt.insert(0, *bos);
-            }
-        }
-        if let Some(bad) = prompt.iter().find(|t| **t as usize >= self.vocab_rows) {
-            return Err(ApiError::invalid(
-                "messages",
-                format!(
-                    "The messages hold token {bad}, which the tokenizer knows but the model cannot read (its embedding has {} rows).",
-                    self.vocab_rows
-                ),
-            ));
-        }
-        let max_tokens = self.completion_budget(prompt.len(), req.max_tokens)?;
+        let prompt = self.encode_prompt(&text, "messages")?;
+        let max_tokens = self.completion_budget(prompt.len(), req.max_tokens, "messages")?;
         let constraint = match (call_grammar, &req.response_format, &self.grammars) {
             (None, None, _) => None,
             (Some(calls), _, Some(grammars)) => {
@@ -323,22 +305,54 @@ impl ModelService {
         self.tokenizer.get_added_tokens_decoder().get(&id).is_some_and(|t| t.special).then_some(id)
     }
 
-    fn completion_budget(&self, prompt: usize, requested: Option<usize>) -> Result<usize, ApiError> {
+    /// `text` as the model reads it: tokenized, BOS first where the model
+    /// wants it, every id inside its embedding (`param` names the input in errors).
+    pub fn encode_prompt(&self, text: &str, param: &str) -> Result<Vec<u32>, ApiError> {
+        let encoding =
+            self.tokenizer.encode(text, false).map_err(|e| ApiError::internal(format!("tokenization failed: {e}")))?;
+        let mut prompt = encoding.get_ids().to_vec();
+        if let (true, Some((bos, _))) = (self.special.add_bos, &self.special.bos) {
+            if prompt.first() != Some(bos) {
+                prompt.insert(0, *bos);
+            }
+        }
+        self.check_readable(&prompt, param)?;
+        Ok(prompt)
+    }
+
+    /// Every id is one the model can read (the tokenizer may know more).
+    pub fn check_readable(&self, ids: &[u32], param: &str) -> Result<(), ApiError> {
+        match ids.iter().find(|t| **t as usize >= self.vocab_rows) {
+            Some(bad) => Err(ApiError::invalid(
+                param,
+                format!(
+                    "The {param} hold token {bad}, which the tokenizer knows but the model cannot read (its embedding has {} rows).",
+                    self.vocab_rows
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The completion tokens a prompt of `prompt` tokens may have: `requested`
+    /// if it fits the context, else a 400 naming the limit the prompt (`param`)
+    /// or the request passes first.
+    pub fn completion_budget(&self, prompt: usize, requested: Option<usize>, param: &str) -> Result<usize, ApiError> {
         let ctx = self.max_context;
         // The context first: the smaller limit a prompt passes is the one to name.
         if prompt >= ctx {
             return Err(ApiError::context_length(
-                "messages",
+                param,
                 format!(
-                    "This model's maximum context length is {ctx} tokens. However, your messages resulted in {prompt} tokens. Please reduce the length of the messages."
+                    "This model's maximum context length is {ctx} tokens. However, your {param} resulted in {prompt} tokens. Please reduce the length of the {param}."
                 ),
             ));
         }
         if prompt >= self.kv_capacity {
             return Err(ApiError::context_length(
-                "messages",
+                param,
                 format!(
-                    "This server's KV cache holds {} tokens. However, your messages resulted in {prompt} tokens. Please reduce the length of the messages.",
+                    "This server's KV cache holds {} tokens. However, your {param} resulted in {prompt} tokens. Please reduce the length of the {param}.",
                     self.kv_capacity
                 ),
             ));
@@ -349,7 +363,7 @@ impl ModelService {
             Some(m) => Err(ApiError::context_length(
                 "max_tokens",
                 format!(
-                    "This model's maximum context length is {ctx} tokens. However, you requested {} tokens ({prompt} in the messages, {m} in the completion). Please reduce the length of the messages or completion.",
+                    "This model's maximum context length is {ctx} tokens. However, you requested {} tokens ({prompt} in the {param}, {m} in the completion). Please reduce the length of the {param} or completion.",
                     prompt + m
                 ),
             )),

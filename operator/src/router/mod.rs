@@ -100,9 +100,11 @@ impl TenancyConfig {
 pub fn app(state: RouterState) -> Router {
     let max_body_bytes = state.settings().max_body_bytes;
     Router::new()
-        .route("/v1/chat/completions", post(proxy::chat))
-        .route("/compatible-mode/v1/chat/completions", post(proxy::chat))
-        .route("/api/v1/chat/completions", post(proxy::chat))
+        .route("/v1/chat/completions", post(proxy::generate))
+        .route("/compatible-mode/v1/chat/completions", post(proxy::generate))
+        .route("/api/v1/chat/completions", post(proxy::generate))
+        .route("/v1/completions", post(proxy::generate))
+        .route("/compatible-mode/v1/completions", post(proxy::generate))
         .route("/v1/models", get(model_list::models))
         .route("/compatible-mode/v1/models", get(model_list::models))
         .route_layer(axum::middleware::from_fn_with_state(

@@ -59,6 +59,29 @@ pub fn chat_blocks(body: &[u8], model: &str) -> Option<Vec<u64>> {
     Some(chained(&rendered, model, salt.as_deref().unwrap_or("")))
 }
 
+/// The prefix blocks of a legacy completion's (first) prompt: its text, or
+/// its token ids, as the worker reads `prompt`; salted as chat's are.
+pub fn prompt_blocks(body: &[u8], model: &str) -> Option<Vec<u64>> {
+    let members = members(body)?;
+    let prompt: serde_json::Value = serde_json::from_str(members.get("prompt")?.get()).ok()?;
+    let salt: Option<String> = match members.get("cache_salt") {
+        Some(raw) => serde_json::from_str(raw.get()).ok()?,
+        None => None,
+    };
+    let first = match &prompt {
+        serde_json::Value::Array(items) if items.first()?.is_array() || items.first()?.is_string() => items.first()?,
+        other => other,
+    };
+    let rendered = match first {
+        serde_json::Value::String(text) => text.as_bytes().to_vec(),
+        serde_json::Value::Array(ids) => {
+            ids.iter().map(|id| id.as_u64().map(|id| (id as u32).to_le_bytes())).collect::<Option<Vec<_>>>()?.concat()
+        }
+        _ => return None,
+    };
+    Some(chained(&rendered, model, salt.as_deref().unwrap_or("")))
+}
+
 /// A fixed 64-bit fingerprint of `bytes` (the first 8 bytes of its SHA-256).
 pub fn fingerprint(bytes: &[u8]) -> u64 {
     first_word(&Sha256::digest(bytes))
@@ -196,6 +219,26 @@ mod tests {
         assert!(a[differing..].iter().zip(&b[differing..]).all(|(x, y)| x != y));
         let other = blocks(json!({"messages": [{"role": "system", "content": long("rules")}]}));
         assert_ne!(a[0], other[0]);
+    }
+
+    /// A legacy completion's blocks: its first prompt's text (or token ids),
+    /// salted; a longer prompt keeps a shorter one's blocks.
+    #[test]
+    fn completion_prompts_have_blocks_too() {
+        let prompt = |p: serde_json::Value| prompt_blocks(json!({"prompt": p}).to_string().as_bytes(), "m");
+        let text = long("doc");
+        let one = prompt(json!(text)).expect("a prompt");
+        assert!(one.len() >= 10);
+        assert_eq!(prompt(json!([text, "other"])), Some(one.clone()), "the first of several prompts");
+        let longer = prompt(json!(format!("{text}{}", long("more")))).expect("a prompt");
+        assert_eq!(longer[..one.len()], one[..]);
+        let ids: Vec<u32> = (0..300).collect();
+        let by_ids = prompt(json!(ids)).expect("token ids");
+        assert_eq!(prompt(json!([ids, [1, 2]])), Some(by_ids.clone()));
+        assert!(!by_ids.is_empty());
+        let salted = prompt_blocks(json!({"prompt": text, "cache_salt": "t"}).to_string().as_bytes(), "m");
+        assert_ne!(salted.expect("salted")[0], one[0]);
+        assert_eq!(prompt(json!(5)), None);
     }
 
     #[test]

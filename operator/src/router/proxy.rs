@@ -205,9 +205,11 @@ fn check_access(routes: &Routes, tenant: &Tenant, model: &str) -> Result<Option<
     }
 }
 
-/// `POST …/chat/completions` on every API path (the access-log middleware has
-/// already given the request its id and its access line).
-pub async fn chat(
+/// `POST …/chat/completions` on every API path, and `POST …/completions` (the
+/// access-log middleware has already given the request its id and its access
+/// line): both name their pool in `model`, report `usage` alike, and go
+/// through the same tenancy, holding, routing and retries.
+pub async fn generate(
     State(state): State<RouterState>,
     Extension(access): Extension<Access>,
     request: Request,
@@ -370,7 +372,11 @@ async fn route(
     });
     // The prompt's blocks as the chosen worker will see them: renamed, salted.
     let settings = &state.inner.settings;
-    let blocks = if settings.prefix_routing { prefix::chat_blocks(&bytes, &pool.model) } else { None };
+    let blocks = match settings.prefix_routing {
+        false => None,
+        true if path.ends_with("/chat/completions") => prefix::chat_blocks(&bytes, &pool.model),
+        true => prefix::prompt_blocks(&bytes, &pool.model),
+    };
     let index = blocks.as_ref().map(|_| state.prefix_index(&pool.model));
     let prefix = blocks.as_deref().zip(index.as_deref()).map(|(blocks, index)| balancer::Prefix {
         index,

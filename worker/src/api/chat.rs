@@ -1,12 +1,11 @@
 //! `POST …/chat/completions`: validate, prepare, submit, then answer in one body or
 //! as a server-sent event stream.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures::Stream;
@@ -19,9 +18,10 @@ use super::response::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChoiceLogprobs, ChunkChoice, ChunkDelta, Envelope,
     LogprobEntry, ToolCallOut, Usage,
 };
+use super::sse;
 use super::state::AppState;
 use crate::engine::tool_calls::{CallReading, Piece, ToolCall, ToolCallParser};
-use crate::engine::{Event, FinishReason, SubmitError};
+use crate::engine::{Event, FinishReason};
 
 /// How a chat path wraps its answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,10 +71,7 @@ async fn run(state: AppState, tally: TokenTally, body: Body, flavor: Flavor) -> 
             .map_err(|e| ApiError::internal(format!("prompt preparation failed: {e}")))??
     };
     let meta = ResponseMeta::new(&req, prepared.prompt_tokens, prepared.calls);
-    service.engine.submit(prepared.request).map_err(|e| match e {
-        SubmitError::Overloaded => ApiError::overloaded(),
-        SubmitError::Stopped => ApiError::internal(e.to_string()),
-    })?;
+    service.engine.submit(prepared.request)?;
     state.metrics().prompt_tokens.inc_by(prepared.prompt_tokens as u64);
     tally.prompt(prepared.prompt_tokens);
     let mut response = if req.stream {
@@ -217,12 +214,11 @@ struct StreamState {
     state: AppState,
     meta: ResponseMeta,
     events: mpsc::UnboundedReceiver<Event>,
-    queued: VecDeque<SseEvent>,
+    out: sse::Outbox,
     open: usize,
     completion_tokens: usize,
     reasoning_tokens: usize,
     cached_tokens: usize,
-    done: bool,
     /// Per choice: its tool-call parser (when tools were offered), and how
     /// many calls it has streamed.
     parsers: Vec<Option<ToolCallParser>>,
@@ -243,12 +239,11 @@ fn stream(
         state,
         meta,
         events,
-        queued: VecDeque::new(),
+        out: sse::Outbox::default(),
         open,
         completion_tokens: 0,
         reasoning_tokens: 0,
         cached_tokens: 0,
-        done: false,
         parsers: (0..open).map(|_| reading.map(CallReading::parser)).collect(),
         calls: vec![0; open],
         tally,
@@ -256,34 +251,14 @@ fn stream(
     for index in 0..s.meta.n {
         let delta = ChunkDelta { role: Some("assistant"), content: Some(String::new()), ..Default::default() };
         let chunk = s.chunk(vec![ChunkChoice { index, delta, logprobs: None, finish_reason: None }], None);
-        s.queued.push_back(chunk);
+        s.out.push(chunk);
     }
-    let events = futures::stream::unfold(s, |mut s| async move {
-        loop {
-            if let Some(event) = s.queued.pop_front() {
-                return Some((Ok(event), s));
-            }
-            if s.done {
-                return None;
-            }
-            s.advance().await;
-        }
-    });
-    Sse::new(events).keep_alive(KeepAlive::default())
+    sse::stream(s)
 }
 
-impl StreamState {
-    fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<Usage>) -> SseEvent {
-        let chunk = ChatCompletionChunk {
-            id: &self.meta.id,
-            object: "chat.completion.chunk",
-            created: self.meta.created,
-            model: &self.meta.model,
-            system_fingerprint: &self.meta.fingerprint,
-            choices,
-            usage: self.meta.include_usage.then_some(usage),
-        };
-        json_event(&chunk)
+impl sse::Answer for StreamState {
+    fn outbox(&mut self) -> &mut sse::Outbox {
+        &mut self.out
     }
 
     /// Waits for the engine's next event and queues the SSE events it becomes.
@@ -315,7 +290,7 @@ impl StreamState {
                     let logprobs = logprobs.take();
                     let event =
                         self.chunk(vec![ChunkChoice { index: d.index, delta, logprobs, finish_reason: None }], None);
-                    self.queued.push_back(event);
+                    self.out.push(event);
                 }
             }
             Some(Event::Finished { index, reason, usage }) => {
@@ -324,7 +299,7 @@ impl StreamState {
                     for delta in self.pieces(index, pieces) {
                         let event =
                             self.chunk(vec![ChunkChoice { index, delta, logprobs: None, finish_reason: None }], None);
-                        self.queued.push_back(event);
+                        self.out.push(event);
                     }
                 }
                 let called = self.calls.get(index).is_some_and(|n| *n > 0);
@@ -341,7 +316,7 @@ impl StreamState {
                     finish_reason: Some(finish_reason(reason, called)),
                 };
                 let event = self.chunk(vec![last], None);
-                self.queued.push_back(event);
+                self.out.push(event);
                 self.open -= 1;
                 if self.open == 0 {
                     self.state.metrics().completion_tokens.inc_by(self.completion_tokens as u64);
@@ -353,15 +328,29 @@ impl StreamState {
                             self.cached_tokens,
                         );
                         let event = self.chunk(Vec::new(), Some(usage));
-                        self.queued.push_back(event);
+                        self.out.push(event);
                     }
-                    self.queued.push_back(SseEvent::default().data("[DONE]"));
-                    self.done = true;
+                    self.out.finish();
                 }
             }
-            Some(Event::Failed { message }) => self.fail(ApiError::internal(message)),
-            None => self.fail(ApiError::internal("the inference engine stopped")),
+            Some(Event::Failed { message }) => self.out.fail(&ApiError::internal(message)),
+            None => self.out.fail(&ApiError::internal("the inference engine stopped")),
         }
+    }
+}
+
+impl StreamState {
+    fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<Usage>) -> SseEvent {
+        let chunk = ChatCompletionChunk {
+            id: &self.meta.id,
+            object: "chat.completion.chunk",
+            created: self.meta.created,
+            model: &self.meta.model,
+            system_fingerprint: &self.meta.fingerprint,
+            choices,
+            usage: self.meta.include_usage.then_some(usage),
+        };
+        sse::json_event(&chunk)
     }
 
     /// Parsed pieces of a choice's content as deltas: text; a call's index,
@@ -384,20 +373,5 @@ impl StreamState {
                 Piece::Arguments(text) => calls(ToolCallOut::fragment(self.calls[index].saturating_sub(1), text)),
             })
             .collect()
-    }
-
-    /// An error after the stream started travels as an SSE event with an `error` object.
-    fn fail(&mut self, error: ApiError) {
-        self.queued.push_back(json_event(&error.body()));
-        self.done = true;
-    }
-}
-
-fn json_event<T: serde::Serialize>(value: &T) -> SseEvent {
-    match serde_json::to_string(value) {
-        Ok(json) => SseEvent::default().data(json),
-        Err(e) => SseEvent::default().data(format!(
-            r#"{{"error":{{"message":"cannot encode chunk: {e}","type":"server_error","param":null,"code":null}}}}"#
-        )),
     }
 }

@@ -194,6 +194,16 @@ impl ApiError {
     }
 }
 
+/// The engine's refusal of a request.
+impl From<crate::engine::SubmitError> for ApiError {
+    fn from(e: crate::engine::SubmitError) -> Self {
+        match e {
+            crate::engine::SubmitError::Overloaded => ApiError::overloaded(),
+            crate::engine::SubmitError::Stopped => ApiError::internal(e.to_string()),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         self.decorate(Json(self.body()).into_response())

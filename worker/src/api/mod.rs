@@ -2,11 +2,14 @@
 
 mod access_log;
 pub mod chat;
+mod completion_request;
+pub mod completions;
 pub mod error;
 mod messages;
 mod ops;
 pub mod request;
 pub mod response;
+mod sse;
 pub mod state;
 
 use axum::extract::{MatchedPath, Request, State};
@@ -30,6 +33,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat::openai))
         .route("/compatible-mode/v1/chat/completions", post(chat::openai))
         .route("/api/v1/chat/completions", post(chat::envelope))
+        .route("/v1/completions", post(completions::handle))
+        .route("/compatible-mode/v1/completions", post(completions::handle))
         .route("/v1/models", get(ops::models))
         .route("/compatible-mode/v1/models", get(ops::models))
         .route_layer(middleware::from_fn_with_state(

@@ -122,11 +122,7 @@ impl SamplingOverrides {
 
 /// Parses a request body. `vocab_size` bounds `logit_bias` keys.
 pub fn parse(body: &[u8], vocab_size: usize) -> Result<ChatRequest, ApiError> {
-    let value: Json = serde_json::from_slice(body).map_err(ApiError::bad_json)?;
-    let Json::Object(obj) = value else {
-        return Err(ApiError::bad_json("the body must be a JSON object"));
-    };
-    let mut f = Fields { obj };
+    let mut f = Fields::of(body)?;
 
     let model = f.string("model")?.ok_or_else(|| ApiError::missing("model"))?;
     let messages = match f.take("messages") {
@@ -158,9 +154,7 @@ pub fn parse(body: &[u8], vocab_size: usize) -> Result<ChatRequest, ApiError> {
     let template_kwargs = parse_template_kwargs(&mut f, &mut enable_thinking)?;
     reject_unavailable(&mut f)?;
 
-    if let Some(key) = f.obj.keys().next() {
-        return Err(ApiError::unknown_param(key));
-    }
+    f.none_left()?;
     Ok(ChatRequest {
         model,
         messages,
@@ -185,7 +179,11 @@ pub fn parse(body: &[u8], vocab_size: usize) -> Result<ChatRequest, ApiError> {
 }
 
 /// vLLM's stopping extensions, shared by chat and text completions.
-fn parse_stopping(f: &mut Fields, vocab_size: usize, max_tokens: Option<usize>) -> Result<Stopping, ApiError> {
+pub(super) fn parse_stopping(
+    f: &mut Fields,
+    vocab_size: usize,
+    max_tokens: Option<usize>,
+) -> Result<Stopping, ApiError> {
     let base = Stopping::default();
     let min_tokens = f.uint("min_tokens", 0, u64::from(u32::MAX))?.map_or(0, |v| v as usize);
     if let Some(max) = max_tokens.filter(|max| min_tokens > *max) {
@@ -245,7 +243,7 @@ fn parse_template_kwargs(f: &mut Fields, enable_thinking: &mut Option<bool>) -> 
     Ok(kwargs)
 }
 
-fn parse_sampling(f: &mut Fields, vocab_size: usize) -> Result<SamplingOverrides, ApiError> {
+pub(super) fn parse_sampling(f: &mut Fields, vocab_size: usize) -> Result<SamplingOverrides, ApiError> {
     let temperature = f.number("temperature", sampling::TEMPERATURE)?;
     let top_p = f.number("top_p", sampling::TOP_P)?;
     let top_k = f.uint("top_k", 0, u64::from(sampling::TOP_K_MAX))?.map(|v| v as usize);
@@ -293,7 +291,7 @@ fn parse_logit_bias(f: &mut Fields, vocab_size: usize) -> Result<Vec<(u32, f32)>
     Ok(out)
 }
 
-fn parse_stop(f: &mut Fields) -> Result<Vec<String>, ApiError> {
+pub(super) fn parse_stop(f: &mut Fields) -> Result<Vec<String>, ApiError> {
     let stops = match f.take("stop") {
         None | Some(Json::Null) => return Ok(Vec::new()),
         Some(Json::String(s)) => vec![s],
@@ -319,7 +317,7 @@ fn parse_stop(f: &mut Fields) -> Result<Vec<String>, ApiError> {
     Ok(stops)
 }
 
-fn parse_stream_options(f: &mut Fields, stream: bool) -> Result<bool, ApiError> {
+pub(super) fn parse_stream_options(f: &mut Fields, stream: bool) -> Result<bool, ApiError> {
     let options = match f.take("stream_options") {
         None | Some(Json::Null) => return Ok(false),
         Some(Json::Object(options)) => options,
@@ -541,16 +539,33 @@ fn reject_unavailable(f: &mut Fields) -> Result<(), ApiError> {
 }
 
 /// The request object, consumed field by field.
-struct Fields {
+/// A request body's fields, taken one by one as they are read.
+pub(super) struct Fields {
     obj: Map<String, Json>,
 }
 
 impl Fields {
-    fn take(&mut self, key: &str) -> Option<Json> {
+    /// The body's fields, if it is a JSON object.
+    pub(super) fn of(body: &[u8]) -> Result<Self, ApiError> {
+        match serde_json::from_slice(body).map_err(ApiError::bad_json)? {
+            Json::Object(obj) => Ok(Self { obj }),
+            _ => Err(ApiError::bad_json("the body must be a JSON object")),
+        }
+    }
+
+    /// A field nobody read: a 400 naming it.
+    pub(super) fn none_left(&self) -> Result<(), ApiError> {
+        match self.obj.keys().next() {
+            Some(key) => Err(ApiError::unknown_param(key)),
+            None => Ok(()),
+        }
+    }
+
+    pub(super) fn take(&mut self, key: &str) -> Option<Json> {
         self.obj.remove(key)
     }
 
-    fn string(&mut self, key: &str) -> Result<Option<String>, ApiError> {
+    pub(super) fn string(&mut self, key: &str) -> Result<Option<String>, ApiError> {
         match self.take(key) {
             None | Some(Json::Null) => Ok(None),
             Some(Json::String(s)) => Ok(Some(s)),
@@ -558,7 +573,7 @@ impl Fields {
         }
     }
 
-    fn one_of(&mut self, key: &str, allowed: &[&str]) -> Result<Option<String>, ApiError> {
+    pub(super) fn one_of(&mut self, key: &str, allowed: &[&str]) -> Result<Option<String>, ApiError> {
         let value = self.string(key)?;
         if let Some(v) = &value {
             if !allowed.contains(&v.as_str()) {
@@ -571,14 +586,14 @@ impl Fields {
         Ok(value)
     }
 
-    fn bool(&mut self, key: &str) -> Result<Option<bool>, ApiError> {
+    pub(super) fn bool(&mut self, key: &str) -> Result<Option<bool>, ApiError> {
         match self.take(key) {
             None | Some(Json::Null) => Ok(None),
             Some(v) => expect_bool(key, &v).map(Some),
         }
     }
 
-    fn number(&mut self, key: &str, range: Interval) -> Result<Option<f32>, ApiError> {
+    pub(super) fn number(&mut self, key: &str, range: Interval) -> Result<Option<f32>, ApiError> {
         match self.take(key) {
             None | Some(Json::Null) => Ok(None),
             Some(v) => {
@@ -589,7 +604,7 @@ impl Fields {
         }
     }
 
-    fn uint(&mut self, key: &str, min: u64, max: u64) -> Result<Option<u64>, ApiError> {
+    pub(super) fn uint(&mut self, key: &str, min: u64, max: u64) -> Result<Option<u64>, ApiError> {
         match self.take(key) {
             None | Some(Json::Null) => Ok(None),
             Some(v) => {
@@ -608,7 +623,7 @@ impl Fields {
     }
 }
 
-fn expect_bool(key: &str, v: &Json) -> Result<bool, ApiError> {
+pub(super) fn expect_bool(key: &str, v: &Json) -> Result<bool, ApiError> {
     v.as_bool().ok_or_else(|| ApiError::wrong_type(key, "a boolean", v))
 }
 
