@@ -61,6 +61,30 @@ def test_logprobs_list_each_token_with_its_alternatives_and_offset(worker):
         assert text[offset:offset + len(token)] == token
 
 
+def test_echo_with_logprobs_scores_the_prompt(worker):
+    r = complete(worker, prompt=PROMPT, max_tokens=4, temperature=0, echo=True, logprobs=2)
+    lp, text = r.choices[0].logprobs, r.choices[0].text
+    prompt_tokens = r.usage.prompt_tokens
+    assert len(lp.tokens) == prompt_tokens + r.usage.completion_tokens
+    # The first prompt token has nothing before it to be scored against.
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
+    assert "".join(lp.tokens[:prompt_tokens]) == PROMPT and text.startswith(PROMPT)
+    for token, offset in zip(lp.tokens, lp.text_offset):
+        assert text[offset:offset + len(token)] == token
+    # The prompt's scores do not depend on what follows, on n, or on a stream.
+    nothing = complete(worker, prompt=PROMPT, max_tokens=0, echo=True, logprobs=2)
+    assert nothing.choices[0].logprobs.token_logprobs == lp.token_logprobs[:prompt_tokens]
+    assert nothing.choices[0].text == PROMPT and nothing.usage.completion_tokens == 0
+    two = complete(worker, prompt=[PROMPT, PROMPT], n=2, max_tokens=2, temperature=0, echo=True, logprobs=2)
+    for choice in two.choices:
+        assert choice.logprobs.token_logprobs[:prompt_tokens] == pytest.approx(lp.token_logprobs[:prompt_tokens])
+    chunks = list(complete(worker, prompt=PROMPT, max_tokens=4, temperature=0, echo=True, logprobs=2, stream=True))
+    streamed = [x for c in chunks for ch in c.choices if ch.logprobs for x in ch.logprobs.token_logprobs]
+    assert streamed[:prompt_tokens] == lp.token_logprobs[:prompt_tokens]
+    assert "".join(ch.text for c in chunks for ch in c.choices) == text
+
+
 def test_stream_matches_the_whole_answer(worker):
     whole = complete(worker, prompt=PROMPT, max_tokens=12, temperature=0)
     chunks = list(complete(worker, prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
@@ -83,7 +107,6 @@ def test_vllm_extensions_work_on_completions(worker):
     ({"best_of": 3}, "best_of"),
     ({"logprobs": 6}, "logprobs"),
     ({"n": 0}, "n"),
-    ({"echo": True, "logprobs": 1}, "echo"),
     ({"extra_body": {"messages": []}}, "messages"),
 ])
 def test_what_cannot_be_honoured_is_a_400_naming_it(worker, params, param):

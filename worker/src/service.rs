@@ -293,6 +293,7 @@ impl ModelService {
                 shown,
                 cache_salt: req.cache_salt.clone(),
                 stopping: req.stopping.clone(),
+                prompt_logprobs: None,
                 events: tx,
             },
             events,

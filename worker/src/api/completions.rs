@@ -43,12 +43,6 @@ async fn run(state: AppState, tally: TokenTally, body: Body) -> Result<Response,
     if !state.settings().serves(&req.model) {
         return Err(ApiError::model_not_found(&req.model));
     }
-    if req.echo && req.logprobs.is_some() {
-        return Err(ApiError::unsupported(
-            "echo",
-            "'echo' with 'logprobs' needs the prompt's log-probabilities, which this server does not compute yet.",
-        ));
-    }
     let prompts = {
         let (service, req) = (service.clone(), req.clone());
         tokio::task::spawn_blocking(move || prepare(&service, &req))
@@ -57,10 +51,10 @@ async fn run(state: AppState, tally: TokenTally, body: Body) -> Result<Response,
     };
     let prompt_tokens: usize = prompts.iter().map(|p| p.tokens).sum();
     let (merged, events) = mpsc::unbounded_channel();
-    let mut echoes = Vec::with_capacity(prompts.len() * req.n);
+    let mut echoes = Vec::with_capacity(prompts.len());
     for (p, prompt) in prompts.into_iter().enumerate() {
         let echo = if req.echo { prompt.echo } else { String::new() };
-        echoes.extend(std::iter::repeat_n(echo, req.n));
+        echoes.push(Echo { text: echo, first: prompt.first });
         let Some((request, mut own)) = prompt.request else {
             // `max_tokens: 0`: nothing to generate.
             for j in 0..req.n {
@@ -92,7 +86,8 @@ async fn run(state: AppState, tally: TokenTally, body: Body) -> Result<Response,
         prompt_tokens,
         include_usage: req.include_usage,
         logprobs: req.logprobs.is_some(),
-        first_choices: (0..echoes.len()).step_by(req.n).collect(),
+        n: req.n,
+        prompt_logprobs: req.echo && req.logprobs.is_some(),
     };
     let mut response = if req.stream {
         stream(state, meta, echoes, events, tally).into_response()
@@ -106,10 +101,15 @@ async fn run(state: AppState, tally: TokenTally, body: Body) -> Result<Response,
 }
 
 /// One prompt ready for the engine: its token count, the text `echo` shows,
-/// and the request (none when `max_tokens` is 0) with its events.
+/// and the request (none when `max_tokens` is 0 and nothing is scored) with
+/// its events.
 struct PreparedPrompt {
     tokens: usize,
     echo: String,
+    /// The text of its first token when `echo` lists it without a
+    /// log-probability (none when the server put BOS first: the engine scores
+    /// every echoed token then).
+    first: Option<String>,
     request: Option<(GenerateRequest, mpsc::UnboundedReceiver<Event>)>,
 }
 
@@ -123,10 +123,16 @@ fn prepare(service: &ModelService, req: &CompletionRequest) -> Result<Vec<Prepar
     };
     let mut prepared = Vec::with_capacity(req.prompts.len());
     for prompt in &req.prompts {
-        let (ids, echo) = match (prompt, &fim) {
-            (Prompt::Text(text), None) => (service.encode_prompt(text, "prompt")?, text.clone()),
+        let (ids, echo, listed_from) = match (prompt, &fim) {
+            (Prompt::Text(text), None) => {
+                let ids = service.encode_prompt(text, "prompt")?;
+                let bos_added = service.special.bos.as_ref().is_some_and(|(bos, _)| ids.first() == Some(bos))
+                    && service.special.add_bos
+                    && !text.starts_with(service.special.bos.as_ref().map_or("", |(_, t)| t.as_str()));
+                (ids, text.clone(), usize::from(bos_added))
+            }
             (Prompt::Text(text), Some(([pre, suf, mid], suffix))) => {
-                (service.encode_prompt(&format!("{pre}{text}{suf}{suffix}{mid}"), "prompt")?, text.clone())
+                (service.encode_prompt(&format!("{pre}{text}{suf}{suffix}{mid}"), "prompt")?, text.clone(), 0)
             }
             (Prompt::Tokens(_), Some(_)) => {
                 return Err(ApiError::invalid("suffix", "A 'suffix' needs text prompts, not token ids."));
@@ -137,15 +143,19 @@ fn prepare(service: &ModelService, req: &CompletionRequest) -> Result<Vec<Prepar
                     .tokenizer
                     .decode(ids, true)
                     .map_err(|e| ApiError::internal(format!("cannot decode the prompt: {e}")))?;
-                (ids.clone(), echo)
+                (ids.clone(), echo, 0)
             }
         };
+        let first = (listed_from == 0)
+            .then(|| ids.first().map(|&id| crate::model::tokenizer::token_text(&service.tokenizer, id)))
+            .flatten();
+        let scored = req.echo && req.logprobs.is_some();
         if ids.is_empty() {
             return Err(ApiError::invalid("prompt", "The prompt is empty: it holds no tokens."));
         }
         let max_tokens = service.completion_budget(ids.len(), Some(req.max_tokens), "prompt")?;
         let tokens = ids.len();
-        let request = (max_tokens > 0).then(|| {
+        let request = (max_tokens > 0 || scored).then(|| {
             let (events, rx) = mpsc::unbounded_channel();
             let request = GenerateRequest {
                 prompt: ids,
@@ -158,11 +168,12 @@ fn prepare(service: &ModelService, req: &CompletionRequest) -> Result<Vec<Prepar
                 shown: Vec::new(),
                 cache_salt: req.cache_salt.clone(),
                 stopping: req.stopping.clone(),
+                prompt_logprobs: req.logprobs.filter(|_| scored),
                 events,
             };
             (request, rx)
         });
-        prepared.push(PreparedPrompt { tokens, echo, request });
+        prepared.push(PreparedPrompt { tokens, echo, first, request });
     }
     Ok(prepared)
 }
@@ -203,8 +214,24 @@ struct Meta {
     prompt_tokens: usize,
     include_usage: bool,
     logprobs: bool,
-    /// The first choice of each prompt (whose usage says what the prefix cache served).
-    first_choices: Vec<usize>,
+    /// Choices per prompt: choice `c` answers prompt `c / n`.
+    n: usize,
+    /// `echo` with `logprobs`: each choice's log-probabilities start with its prompt's.
+    prompt_logprobs: bool,
+}
+
+impl Meta {
+    /// Whether choice `c` is its prompt's first (whose usage says what the prefix cache served).
+    fn first_of_prompt(&self, c: usize) -> bool {
+        c.is_multiple_of(self.n)
+    }
+}
+
+/// What `echo` puts before a prompt's choices: its text, and the text of its
+/// first token when that is listed without a log-probability.
+struct Echo {
+    text: String,
+    first: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -241,6 +268,30 @@ pub struct TextLogprobs {
 }
 
 impl TextLogprobs {
+    /// A prompt's log-probabilities: its first token without one (when
+    /// listed), then `scores`; offsets from the start of the echoed text.
+    fn of_prompt(first: Option<&str>, scores: &[TokenLogprob]) -> Self {
+        let mut out = Self::default();
+        let mut offset = 0;
+        if let Some(first) = first {
+            out.tokens.push(first.to_string());
+            out.token_logprobs.push(None);
+            out.top_logprobs.push(None);
+            out.text_offset.push(0);
+            offset = first.chars().count();
+        }
+        out.extend(scores, offset);
+        out
+    }
+
+    /// Appends another list's entries as they are.
+    fn extend_from(&mut self, other: Self) {
+        self.tokens.extend(other.tokens);
+        self.token_logprobs.extend(other.token_logprobs);
+        self.top_logprobs.extend(other.top_logprobs);
+        self.text_offset.extend(other.text_offset);
+    }
+
     /// Appends `entries`, the first starting at character `offset`; returns
     /// the offset after them.
     fn extend(&mut self, entries: &[TokenLogprob], mut offset: usize) -> usize {
@@ -272,17 +323,27 @@ struct ChoiceState {
 async fn collect(
     state: &AppState,
     meta: Meta,
-    echoes: Vec<String>,
+    echoes: Vec<Echo>,
     mut events: mpsc::UnboundedReceiver<Event>,
 ) -> Result<TextCompletion, ApiError> {
     let mut choices: Vec<ChoiceState> = echoes
-        .into_iter()
-        .map(|echo| ChoiceState { offset: echo.chars().count(), text: echo, ..Default::default() })
+        .iter()
+        .flat_map(|echo| std::iter::repeat_n(echo, meta.n))
+        .map(|echo| ChoiceState { offset: echo.text.chars().count(), text: echo.text.clone(), ..Default::default() })
         .collect();
     let mut open = choices.len();
     while open > 0 {
         match events.recv().await {
             Some(Event::Delta(d)) => {
+                if meta.prompt_logprobs && meta.first_of_prompt(d.index) && !d.prompt_logprobs.is_empty() {
+                    // The prompt's scores open every choice of that prompt.
+                    let first = echoes.get(d.index / meta.n).and_then(|e| e.first.as_deref());
+                    for c in choices.iter_mut().skip(d.index).take(meta.n) {
+                        let mut logprobs = TextLogprobs::of_prompt(first, &d.prompt_logprobs);
+                        logprobs.extend_from(std::mem::take(&mut c.logprobs));
+                        c.logprobs = logprobs;
+                    }
+                }
                 let Some(c) = choices.get_mut(d.index) else { continue };
                 c.text.push_str(&d.content);
                 c.offset = c.logprobs.extend(&d.logprobs, c.offset);
@@ -299,7 +360,8 @@ async fn collect(
         }
     }
     let completion_tokens = choices.iter().map(|c| c.completion_tokens).sum();
-    let cached_tokens = meta.first_choices.iter().filter_map(|&i| choices.get(i)).map(|c| c.cached_tokens).sum();
+    let cached_tokens =
+        choices.iter().enumerate().filter(|(i, _)| meta.first_of_prompt(*i)).map(|(_, c)| c.cached_tokens).sum();
     state.metrics().completion_tokens.inc_by(completion_tokens as u64);
     Ok(TextCompletion {
         id: meta.id,
@@ -327,6 +389,8 @@ struct StreamState {
     meta: Meta,
     events: mpsc::UnboundedReceiver<Event>,
     out: sse::Outbox,
+    /// Per prompt: what `echo` shows.
+    echoes: Vec<Echo>,
     /// Per choice: characters streamed so far (where the next token starts).
     offsets: Vec<usize>,
     open: usize,
@@ -338,27 +402,36 @@ struct StreamState {
 fn stream(
     state: AppState,
     meta: Meta,
-    echoes: Vec<String>,
+    echoes: Vec<Echo>,
     events: mpsc::UnboundedReceiver<Event>,
     tally: TokenTally,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let n = meta.n;
     let mut s = StreamState {
         state,
         meta,
         events,
         out: sse::Outbox::default(),
-        offsets: echoes.iter().map(|e| e.chars().count()).collect(),
-        open: echoes.len(),
+        echoes: Vec::new(),
+        offsets: echoes.iter().flat_map(|e| std::iter::repeat_n(e.text.chars().count(), n)).collect(),
+        open: echoes.len() * n,
         completion_tokens: 0,
         cached_tokens: 0,
         tally,
     };
-    // `echo`: each choice's text starts with its prompt.
-    for (index, echo) in echoes.into_iter().enumerate().filter(|(_, e)| !e.is_empty()) {
-        let logprobs = s.meta.logprobs.then(TextLogprobs::default);
-        let chunk = s.chunk(vec![TextChoice { text: echo, index, logprobs, finish_reason: None }], None);
-        s.out.push(chunk);
+    // `echo`: each choice's text starts with its prompt (with its scores,
+    // when asked for, once the engine has them).
+    if !s.meta.prompt_logprobs {
+        for (p, echo) in echoes.iter().enumerate().filter(|(_, e)| !e.text.is_empty()) {
+            for index in p * s.meta.n..(p + 1) * s.meta.n {
+                let logprobs = s.meta.logprobs.then(TextLogprobs::default);
+                let text = echo.text.clone();
+                let chunk = s.chunk(vec![TextChoice { text, index, logprobs, finish_reason: None }], None);
+                s.out.push(chunk);
+            }
+        }
     }
+    s.echoes = echoes;
     sse::stream(s)
 }
 
@@ -371,6 +444,16 @@ impl sse::Answer for StreamState {
     async fn advance(&mut self) {
         match self.events.recv().await {
             Some(Event::Delta(d)) => {
+                if self.meta.prompt_logprobs && self.meta.first_of_prompt(d.index) && !d.prompt_logprobs.is_empty() {
+                    let echo = self.echoes.get(d.index / self.meta.n);
+                    let (text, first) = echo.map_or((String::new(), None), |e| (e.text.clone(), e.first.as_deref()));
+                    for index in d.index..d.index + self.meta.n {
+                        let logprobs = Some(TextLogprobs::of_prompt(first, &d.prompt_logprobs));
+                        let choice = TextChoice { text: text.clone(), index, logprobs, finish_reason: None };
+                        let event = self.chunk(vec![choice], None);
+                        self.out.push(event);
+                    }
+                }
                 let logprobs = self.meta.logprobs.then(|| {
                     let mut logprobs = TextLogprobs::default();
                     if let Some(offset) = self.offsets.get_mut(d.index) {
@@ -388,7 +471,7 @@ impl sse::Answer for StreamState {
             Some(Event::Finished { index, reason, usage }) => {
                 self.completion_tokens += usage.completion_tokens;
                 self.tally.completion(self.completion_tokens);
-                if self.meta.first_choices.contains(&index) {
+                if self.meta.first_of_prompt(index) {
                     self.cached_tokens += usage.cached_tokens;
                 }
                 let last =

@@ -49,6 +49,10 @@ pub struct GenerateRequest {
     /// requests with the same salt (or none).
     pub cache_salt: Option<String>,
     pub stopping: Stopping,
+    /// The log-probability of every prompt token after the first, with this
+    /// many alternatives (legacy completions' `echo` with `logprobs`): the
+    /// prompt is computed whole, not taken from the prefix cache.
+    pub prompt_logprobs: Option<usize>,
     pub events: mpsc::UnboundedSender<Event>,
 }
 
@@ -95,6 +99,9 @@ pub struct Delta {
     pub content: String,
     pub reasoning: String,
     pub logprobs: Vec<TokenLogprob>,
+    /// Once, before anything else of its choice: the prompt's tokens after
+    /// the first, each with its log-probability (when the request asked).
+    pub prompt_logprobs: Vec<TokenLogprob>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

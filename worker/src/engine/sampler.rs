@@ -96,6 +96,15 @@ impl Sampler {
         Sampled { token, logprob: 0.0, top }
     }
 
+    /// The log-probability of `token` under `logits` as the model gives them
+    /// (no bias, penalty or temperature), and the `n` likeliest tokens: a
+    /// prompt token's log-probability.
+    pub fn score(&mut self, logits: &[f32], token: u32, n: usize) -> Sampled {
+        let log_sum = log_sum_exp(logits);
+        let logprob = logits.get(token as usize).map_or(f32::NEG_INFINITY, |l| l - log_sum);
+        Sampled { token, logprob, top: top_n(logits, log_sum, n, &mut self.pool) }
+    }
+
     pub fn sample(&mut self, logits: &mut [f32]) -> Sampled {
         self.adjust(logits);
         let token = if self.params.temperature <= 0.0 { argmax(logits) } else { self.draw(logits) };

@@ -14,7 +14,7 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::blocks::{block_keys, chain_hash, BlockError, BlockKey, BlockPool, PrefixHash};
+use super::blocks::{block_keys, chain_hash, BlockError, BlockKey, BlockPool, Held, PrefixHash};
 use super::sampler::Sampler;
 use super::sequence::{Phase, Sequence, SequenceSpec, StepContext, StepOutcome};
 use super::{EngineConfig, ForwardPass, Load, Queued};
@@ -161,15 +161,18 @@ impl Scheduler {
     /// in `available` already: they are taken out of it, so no block counts twice.
     fn admit(&mut self) {
         while let Some(front) = self.waiting.front() {
-            let (tokens, slots, root) = match front {
-                Waiting::Request(q) => (q.request.prompt.as_slice(), q.request.n.max(1), q.cache_root),
-                Waiting::Preempted(s) => (s.tokens.as_slice(), 1, s.cache_root),
+            let (tokens, slots, root, whole) = match front {
+                Waiting::Request(q) => {
+                    let whole = q.request.prompt_logprobs.is_some();
+                    (q.request.prompt.as_slice(), q.request.n.max(1), q.cache_root, whole)
+                }
+                Waiting::Preempted(s) => (s.tokens.as_slice(), 1, s.cache_root, s.scores_prompt()),
             };
             let fits_slots = self.occupancy() + slots <= self.config.max_batch_size || self.occupancy() == 0;
             // The prompt and the first token it yields (a prompt the service let
             // through always fits the whole pool).
             let needed = (tokens.len() + 1).div_ceil(self.config.block_size).min(self.pool.total());
-            let held = self.pool.held(&self.cacheable(root, tokens));
+            let held = if whole { Held::default() } else { self.pool.held(&self.cacheable(root, tokens)) };
             let new_blocks = needed.saturating_sub(held.blocks);
             if !fits_slots || self.pool.available().saturating_sub(held.idle) < new_blocks {
                 break;
@@ -215,6 +218,8 @@ impl Scheduler {
                 shown: r.shown.clone(),
                 stop: r.stop.clone(),
                 stopping: r.stopping.clone(),
+                // The choices share one prompt: the first scores it.
+                prompt_logprobs: r.prompt_logprobs.filter(|_| index == 0),
                 max_tokens: r.max_tokens,
                 events: r.events.clone(),
                 enqueued: q.enqueued,
@@ -240,7 +245,8 @@ impl Scheduler {
     /// Takes the prefix cache's blocks for the sequence's leading full blocks.
     fn attach_cached_prefix(&mut self, seq: &mut Sequence) {
         let bs = self.config.block_size;
-        if self.pool.caching() {
+        // A prompt to score is computed whole.
+        if self.pool.caching() && !seq.scores_prompt() {
             let keys = self.cacheable(seq.cache_root, &seq.tokens);
             self.metrics.prefix_cache_queries.inc_by((keys.len() * bs) as u64);
             for key in &keys {
@@ -311,6 +317,7 @@ impl Scheduler {
                 tokens: s.tokens[s.computed..s.computed + n].to_vec(),
                 start: s.computed,
                 blocks: s.blocks.clone(),
+                all_logits: s.scores_prompt(),
             };
             match self.pass.check(&input) {
                 Ok(()) => {
@@ -364,9 +371,21 @@ impl Scheduler {
         };
         let mut finished = refused;
         let mut forks = Vec::new();
-        for (r, &(i, n)) in plan.iter().enumerate() {
+        let mut rows = 0;
+        for (input, &(i, n)) in inputs.iter().zip(&plan) {
+            // This sequence's rows of logits: its last token's is the last.
+            let first_row = rows;
+            rows += input.logit_rows();
+            let r = rows - 1;
             let Some(seq) = self.running.get_mut(i) else { continue };
+            if input.all_logits {
+                let ctx = StepContext { tokenizer: &self.tokenizer, stop_ids: &self.stop_ids };
+                for j in 0..n {
+                    seq.score_prompt(input.start + j, self.logits.row(first_row + j), &ctx);
+                }
+            }
             seq.advance(n);
+            seq.send_prompt_scores();
             register_full_blocks(&mut self.pool, seq);
             if seq.pending() > 0 {
                 continue; // mid-prompt chunk: its logits are not needed

@@ -79,6 +79,8 @@ pub struct Sequence {
     pub mask_time: Option<Duration>,
     max_tokens: usize,
     stopping: Stopping,
+    /// The prompt's scores (`prompt_logprobs` alternatives each), until sent.
+    prompt_scores: Option<(usize, Vec<TokenLogprob>)>,
     thinking_budget: Option<usize>,
     usage: ChoiceUsage,
     pub enqueued: Instant,
@@ -101,6 +103,8 @@ pub struct SequenceSpec {
     pub shown: Vec<(u32, String)>,
     pub stop: Vec<String>,
     pub stopping: Stopping,
+    /// Score the prompt's tokens, with this many alternatives each.
+    pub prompt_logprobs: Option<usize>,
     pub max_tokens: usize,
     pub events: mpsc::UnboundedSender<Event>,
     pub enqueued: Instant,
@@ -138,6 +142,7 @@ impl Sequence {
             mask_time: None,
             max_tokens: spec.max_tokens,
             stopping: spec.stopping,
+            prompt_scores: spec.prompt_logprobs.map(|n| (n, Vec::new())),
             thinking_budget,
             usage: ChoiceUsage::default(),
             enqueued: spec.enqueued,
@@ -170,6 +175,10 @@ impl Sequence {
     pub fn preempt(&mut self) -> Vec<u32> {
         self.phase = Phase::Preempted;
         self.computed = 0;
+        // Scores not sent yet are computed again with the prompt.
+        if let Some((_, scores)) = self.prompt_scores.as_mut() {
+            scores.clear();
+        }
         self.registered = 0;
         self.prefix_hash = self.cache_root;
         self.take_blocks()
@@ -221,6 +230,31 @@ impl Sequence {
             }
     }
 
+    /// Whether its prompt is to be scored still: computed whole, every
+    /// token's logits kept (a preempted sequence that sent its scores
+    /// recomputes like any other).
+    pub fn scores_prompt(&self) -> bool {
+        self.prompt_scores.is_some() && self.computed < self.prompt_len
+    }
+
+    /// Scores the prompt token after position `at` with the logits computed there.
+    pub fn score_prompt(&mut self, at: usize, logits: &[f32], ctx: &StepContext<'_>) {
+        let Some((n, scores)) = self.prompt_scores.as_mut() else { return };
+        if let Some(&token) = self.tokens.get(at + 1).filter(|_| at + 1 < self.prompt_len) {
+            scores.push(ctx.describe(&self.sampler.score(logits, token, *n)));
+        }
+    }
+
+    /// Sends the prompt's scores once the whole prompt is computed.
+    pub fn send_prompt_scores(&mut self) {
+        if self.computed >= self.prompt_len {
+            if let Some((_, scores)) = self.prompt_scores.take() {
+                let delta = Delta { index: self.index, prompt_logprobs: scores, ..Delta::default() };
+                let _ = self.events.send(Event::Delta(delta));
+            }
+        }
+    }
+
     /// Computes the grammar mask the next [`Sequence::accept`] applies, when
     /// there is one (run while the forward pass computes the logits).
     pub fn prepare_mask(&mut self) {
@@ -241,6 +275,10 @@ impl Sequence {
     /// Tokens the grammar forces after it are appended too; the next step
     /// computes them as one chunk.
     pub fn accept(&mut self, logits: &mut [f32], ctx: &StepContext<'_>) -> Result<StepOutcome, String> {
+        if self.max_tokens == 0 {
+            // Only the prompt was asked for (its scores).
+            return Ok(self.finish(Shaped::default(), FinishReason::Length));
+        }
         let forced = self.forced.pop_front();
         let guided = forced.is_none() && !self.shaper.in_reasoning();
         self.mask_time = None;
@@ -371,6 +409,7 @@ impl Sequence {
             content: shaped.content,
             reasoning: shaped.reasoning,
             logprobs: logprobs.into_iter().collect(),
+            prompt_logprobs: Vec::new(),
         }));
     }
 

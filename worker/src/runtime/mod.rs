@@ -21,6 +21,7 @@ pub mod qmatmul;
 pub mod rope;
 pub mod weights;
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor};
@@ -43,10 +44,30 @@ pub struct StepSequence {
     pub start: usize,
     /// Its KV blocks, enough for `start + tokens.len()` tokens.
     pub blocks: Vec<u32>,
+    /// Logits for every one of its tokens (a prompt's log-probabilities), not
+    /// only the last.
+    pub all_logits: bool,
 }
 
-/// The logits of a step: one row of `vocab` values per sequence, in a buffer
-/// reused from step to step.
+impl StepSequence {
+    pub fn new(tokens: Vec<u32>, start: usize, blocks: Vec<u32>) -> Self {
+        Self { tokens, start, blocks, all_logits: false }
+    }
+
+    /// Rows of logits it yields.
+    pub fn logit_rows(&self) -> usize {
+        if self.all_logits {
+            self.tokens.len()
+        } else {
+            1
+        }
+    }
+}
+
+/// The logits of a step: rows of `vocab` values, one per sequence (its last
+/// token's), or one per token of a sequence that asks for all
+/// ([`StepSequence::logit_rows`]), in step order; in a buffer reused from
+/// step to step.
 #[derive(Default)]
 pub struct Logits {
     values: Shared<f32>,
@@ -199,14 +220,25 @@ impl Model {
 
     /// Runs one step: every sequence's tokens at their positions, their keys and
     /// values written to their blocks. Leaves the logits of each sequence's last
-    /// token in `logits`, one row per sequence.
+    /// token (of every token, for one that asks) in `logits`.
     pub fn forward(&self, sequences: &[StepSequence], cache: &KvCache, logits: &mut Logits) -> Result<()> {
         let (plan, tokens) = self.plan(sequences, cache)?;
+        // The step's tokens whose logits each sequence wants: its last, or all.
+        let logit_tokens: Vec<Range<usize>> = plan
+            .sequences
+            .iter()
+            .zip(sequences)
+            .map(|(slice, seq)| {
+                let end = slice.query_start + slice.query_len;
+                end - seq.logit_rows()..end
+            })
+            .collect();
         match &self.backend {
-            Backend::Cpu(cpu) => cpu.forward(&self.pool, &plan, &tokens, cache, logits),
+            Backend::Cpu(cpu) => cpu.forward(&self.pool, &plan, &tokens, &logit_tokens, cache, logits),
             Backend::Tensors { weights, ropes } => {
-                let values =
-                    self.device.with_context(|| self.forward_tensors(weights, ropes, &plan, &tokens, cache))?;
+                let values = self
+                    .device
+                    .with_context(|| self.forward_tensors(weights, ropes, &plan, &tokens, &logit_tokens, cache))?;
                 let (rows, vocab) = values.dims2()?;
                 logits.resize(rows, vocab);
                 logits.values.as_mut_slice().copy_from_slice(&values.flatten_all()?.to_vec1::<f32>()?);
@@ -252,18 +284,19 @@ impl Model {
         ropes: &[Rope],
         plan: &AttentionPlan,
         tokens: &[u32],
+        logit_tokens: &[Range<usize>],
         cache: &KvCache,
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let block = plan.block_size;
-        let (mut positions, mut slots, mut last) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut positions, mut slots) = (Vec::new(), Vec::new());
         for seq in &plan.sequences {
             for p in seq.context_len - seq.query_len..seq.context_len {
                 positions.push(p as u32);
                 slots.push(seq.blocks[p / block] * block as u32 + (p % block) as u32);
             }
-            last.push((seq.query_start + seq.query_len - 1) as u32);
         }
+        let last: Vec<u32> = logit_tokens.iter().flat_map(|r| r.clone().map(|t| t as u32)).collect();
         let n = tokens.len();
         let full = Arc::new(plan.clone());
         let windowed = Arc::new(AttentionPlan { window: cfg.sliding_window, ..plan.clone() });

@@ -70,11 +70,8 @@ fn batched_equals_alone_past_the_window() {
     let other: Vec<u32> = (0..40u32).map(|i| 2000 + i).collect();
     let cache = model.kv_cache(16, 128).expect("cache");
     let blocks = |first: u32, n: usize| -> Vec<u32> { (first..first + n.div_ceil(16) as u32).collect() };
-    let step = |tokens: &[u32], start: usize, blocks: &[u32]| StepSequence {
-        tokens: tokens.to_vec(),
-        start,
-        blocks: blocks.to_vec(),
-    };
+    let step =
+        |tokens: &[u32], start: usize, blocks: &[u32]| StepSequence::new(tokens.to_vec(), start, blocks.to_vec());
     let alone = common::forward(model, &[step(&tokens, 0, &blocks(0, 600))], &cache).remove(0);
     let (a, b) = (blocks(40, 600), blocks(90, 40));
     common::forward(model, &[step(&tokens[..300], 0, &a), step(&other, 0, &b)], &cache);

@@ -125,7 +125,7 @@ mod runtime {
         let model = &smollm2().model;
         let cache = model.kv_cache(16, 64).expect("cache");
         let blocks: Vec<u32> = (0..tokens.len().div_ceil(16) as u32).collect();
-        let step = StepSequence { tokens: tokens.to_vec(), start: 0, blocks };
+        let step = StepSequence::new(tokens.to_vec(), 0, blocks);
         forward(model, &[step], &cache).remove(0)
     }
 
@@ -174,7 +174,7 @@ mod runtime {
             let mut tokens = prompt(&format!("<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"));
             let cache = model.kv_cache(16, 64).expect("cache");
             let blocks: Vec<u32> = (0..64).collect();
-            let mut step = StepSequence { tokens: tokens.clone(), start: 0, blocks };
+            let mut step = StepSequence::new(tokens.clone(), 0, blocks);
             let mut fed = 0;
             for _ in 0..24 {
                 let ours = forward(model, std::slice::from_ref(&step), &cache).remove(0);
@@ -190,7 +190,7 @@ mod runtime {
                     break;
                 }
                 same += 1;
-                step = StepSequence { tokens: vec![a as u32], start: tokens.len(), blocks: step.blocks };
+                step = StepSequence::new(vec![a as u32], tokens.len(), step.blocks);
                 tokens.push(a as u32);
             }
         }
@@ -216,15 +216,15 @@ mod runtime {
         let (blocks_a, blocks_b, blocks_c) = (vec![5u32, 1, 9], vec![2u32, 7, 3], vec![11u32, 0, 4, 13, 8]);
         // Step 1: a's prompt but its last token, and c's first 10 tokens.
         let first = [
-            StepSequence { tokens: a[..a.len() - 1].to_vec(), start: 0, blocks: blocks_a.clone() },
-            StepSequence { tokens: c[..10].to_vec(), start: 0, blocks: blocks_c.clone() },
+            StepSequence::new(a[..a.len() - 1].to_vec(), 0, blocks_a.clone()),
+            StepSequence::new(c[..10].to_vec(), 0, blocks_c.clone()),
         ];
         forward(model, &first, &cache);
         // Step 2: a decodes its last token, b prefills whole, c prefills the rest.
         let second = [
-            StepSequence { tokens: vec![a[a.len() - 1]], start: a.len() - 1, blocks: blocks_a },
-            StepSequence { tokens: b.clone(), start: 0, blocks: blocks_b },
-            StepSequence { tokens: c[10..].to_vec(), start: 10, blocks: blocks_c },
+            StepSequence::new(vec![a[a.len() - 1]], a.len() - 1, blocks_a),
+            StepSequence::new(b.clone(), 0, blocks_b),
+            StepSequence::new(c[10..].to_vec(), 10, blocks_c),
         ];
         let batched = forward(model, &second, &cache);
         for (name, tokens, got) in [("a", &a, &batched[0]), ("b", &b, &batched[1]), ("c", &c, &batched[2])] {

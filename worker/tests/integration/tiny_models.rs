@@ -185,7 +185,7 @@ fn write_checkpoint(dir: &Path, arch: &str, template: &str) -> u64 {
 }
 
 fn step(tokens: &[u32], start: usize, blocks: &[u32]) -> StepSequence {
-    StepSequence { tokens: tokens.to_vec(), start, blocks: blocks.to_vec() }
+    StepSequence::new(tokens.to_vec(), start, blocks.to_vec())
 }
 
 #[test]

@@ -65,42 +65,40 @@ impl ForwardPass for Fake {
                 }
             }
         }
-        logits.resize(sequences.len(), self.vocab);
-        for (r, seq) in sequences.iter().enumerate() {
-            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-            let mut mix = |t: u32| h = (h ^ u64::from(t)).wrapping_mul(0x0100_0000_01b3);
+        logits.resize(sequences.iter().map(StepSequence::logit_rows).sum(), self.vocab);
+        let mut rows = 0;
+        for seq in sequences {
             // The step's first token reads the cache from `first` on (within
-            // its window): every slot there must hold its position. The
-            // logits are the last token's, of what it reads (so an answer does
-            // not depend on how its prompt was cut into chunks).
-            let last = seq.start + seq.tokens.len() - 1;
-            let (first, mixed) = match self.window {
-                Some(w) => ((seq.start + 1).saturating_sub(w), (last + 1).saturating_sub(w)),
-                None => (0, 0),
-            };
+            // its window): every slot there must hold its position.
+            let first = self.window.map_or(0, |w| (seq.start + 1).saturating_sub(w));
             for p in first..seq.start {
                 let at = slot(seq, p);
                 match slots[at] {
                     _ if written.contains(&at) => broken.push(format!("slot {at} read while written")),
-                    Some((token, position)) if position == p => {
-                        if p >= mixed {
-                            mix(token);
-                        }
-                    }
+                    Some((_, position)) if position == p => {}
                     other => broken.push(format!("slot {at} holds {other:?}, not position {p}")),
                 }
             }
             for (i, &token) in seq.tokens.iter().enumerate() {
                 slots[slot(seq, seq.start + i)] = Some((token, seq.start + i));
-                if seq.start + i >= mixed {
-                    mix(token);
-                }
             }
-            let next =
-                if h.is_multiple_of(9) { self.end } else { self.letters[(h % self.letters.len() as u64) as usize] };
-            let row = logits.row_mut(r);
-            row.fill(0.0);
-            row[next as usize] = 10.0;
+            // The logits at a position are of what it reads, its window (so
+            // an answer does not depend on how its prompt was cut into chunks).
+            let last = seq.start + seq.tokens.len() - 1;
+            for q in last + 1 - seq.logit_rows()..=last {
+                let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+                for p in self.window.map_or(0, |w| (q + 1).saturating_sub(w))..=q {
+                    if let Some((token, _)) = slots[slot(seq, p)] {
+                        h = (h ^ u64::from(token)).wrapping_mul(0x0100_0000_01b3);
+                    }
+                }
+                let next =
+                    if h.is_multiple_of(9) { self.end } else { self.letters[(h % self.letters.len() as u64) as usize] };
+                let row = logits.row_mut(rows);
+                row.fill(0.0);
+                row[next as usize] = 10.0;
+                rows += 1;
+            }
         }
         Ok(())
     }
@@ -148,18 +146,28 @@ fn harness_with_window(num_blocks: usize, max_batch_size: usize, window: Option<
     Harness { scheduler, broken, metrics, letters }
 }
 
-/// A request's choices as they ended: text and finish reason, or the failure.
+/// A request's choices as they ended: text and finish reason, or the failure;
+/// and the prompt scores each choice sent.
 #[derive(Debug, Clone, PartialEq, Default)]
 struct Answer {
     texts: HashMap<usize, String>,
     finished: HashMap<usize, FinishReason>,
     failed: Option<String>,
+    prompt_scores: HashMap<usize, Vec<(String, f32)>>,
 }
 
 fn collect(rx: &mut mpsc::UnboundedReceiver<Event>, answer: &mut Answer) {
     while let Ok(event) = rx.try_recv() {
         match event {
-            Event::Delta(d) => answer.texts.entry(d.index).or_default().push_str(&d.content),
+            Event::Delta(d) => {
+                if !d.content.is_empty() {
+                    answer.texts.entry(d.index).or_default().push_str(&d.content);
+                }
+                if !d.prompt_logprobs.is_empty() {
+                    let scores = d.prompt_logprobs.iter().map(|t| (t.token.clone(), t.logprob));
+                    answer.prompt_scores.entry(d.index).or_default().extend(scores);
+                }
+            }
             Event::Finished { index, reason, .. } => {
                 answer.finished.insert(index, reason);
             }
@@ -170,7 +178,7 @@ fn collect(rx: &mut mpsc::UnboundedReceiver<Event>, answer: &mut Answer) {
 
 impl Harness {
     fn submit(&mut self, prompt: Vec<u32>, n: usize, max_tokens: usize) -> mpsc::UnboundedReceiver<Event> {
-        self.submit_with(prompt, n, max_tokens, None)
+        self.submit_with(prompt, n, max_tokens, None, None)
     }
 
     fn submit_with(
@@ -179,6 +187,7 @@ impl Harness {
         n: usize,
         max_tokens: usize,
         constraint: Option<crate::engine::grammar::Constraint>,
+        prompt_logprobs: Option<usize>,
     ) -> mpsc::UnboundedReceiver<Event> {
         let (events, rx) = mpsc::unbounded_channel();
         let request = GenerateRequest {
@@ -192,6 +201,7 @@ impl Harness {
             shown: Vec::new(),
             cache_salt: None,
             stopping: Default::default(),
+            prompt_logprobs,
             events,
         };
         self.scheduler.load.waiting.fetch_add(1, Ordering::SeqCst);
@@ -257,8 +267,18 @@ fn alone(prompt: &[u32], n: usize, max_tokens: usize) -> Answer {
 }
 
 fn alone_with_window(prompt: &[u32], n: usize, max_tokens: usize, window: Option<usize>) -> Answer {
+    alone_scored(prompt, n, max_tokens, window, None)
+}
+
+fn alone_scored(
+    prompt: &[u32],
+    n: usize,
+    max_tokens: usize,
+    window: Option<usize>,
+    prompt_logprobs: Option<usize>,
+) -> Answer {
     let mut h = harness_with_window(64, 4, window);
-    let mut rx = h.submit(prompt.to_vec(), n, max_tokens);
+    let mut rx = h.submit_with(prompt.to_vec(), n, max_tokens, None, prompt_logprobs);
     h.run_until_idle();
     let mut answer = Answer::default();
     collect(&mut rx, &mut answer);
@@ -276,6 +296,8 @@ struct Plan {
     leaves_after: Option<usize>,
     /// Rounds after the start when it arrives.
     arrives: usize,
+    /// Its prompt is scored (computed whole, every token's logits kept).
+    scored: bool,
 }
 
 fn plans() -> impl Strategy<Value = Vec<Plan>> {
@@ -286,14 +308,16 @@ fn plans() -> impl Strategy<Value = Vec<Plan>> {
         1..10usize,
         proptest::option::of(0..12usize),
         0..6usize,
+        proptest::bool::weighted(0.25),
     )
-        .prop_map(|(opening, tail, n, max_tokens, leaves_after, arrives)| Plan {
+        .prop_map(|(opening, tail, n, max_tokens, leaves_after, arrives, scored)| Plan {
             opening,
             tail,
             n,
             max_tokens,
             leaves_after,
             arrives,
+            scored,
         });
     proptest::collection::vec(plan, 1..7)
 }
@@ -328,7 +352,8 @@ proptest! {
         for round in 0..10_000 {
             for (i, plan) in plans.iter().enumerate() {
                 if plan.arrives == round {
-                    receivers[i] = Some(h.submit(prompts[i].clone(), plan.n, plan.max_tokens));
+                    let scored = plan.scored.then_some(1);
+                    receivers[i] = Some(h.submit_with(prompts[i].clone(), plan.n, plan.max_tokens, None, scored));
                 }
                 if plan.leaves_after.is_some_and(|after| round == plan.arrives + after) {
                     receivers[i] = None;
@@ -352,7 +377,7 @@ proptest! {
             if left[i] {
                 continue;
             }
-            let want = alone_with_window(&prompts[i], plan.n, plan.max_tokens, window);
+            let want = alone_scored(&prompts[i], plan.n, plan.max_tokens, window, plan.scored.then_some(1));
             prop_assert_eq!(&answers[i], &want, "request {} {:?}", i, plan);
             prop_assert_eq!(answers[i].finished.len(), plan.n);
         }
@@ -418,7 +443,7 @@ fn tokens_a_grammar_forces_are_one_prefill_chunk() {
     };
     let mut h = harness(16, 2);
     let prompt: Vec<u32> = h.letters[..6].to_vec();
-    let mut rx = h.submit_with(prompt.clone(), 1, 9, Some(grammar()));
+    let mut rx = h.submit_with(prompt.clone(), 1, 9, Some(grammar()), None);
     let mut phases = Vec::new();
     while !h.idle() {
         h.tick();
@@ -431,7 +456,7 @@ fn tokens_a_grammar_forces_are_one_prefill_chunk() {
     assert!(back, "never went back to Prefill: {phases:?}");
 
     let mut alone = harness(64, 4);
-    let mut rx = alone.submit_with(prompt, 1, 9, Some(grammar()));
+    let mut rx = alone.submit_with(prompt, 1, 9, Some(grammar()), None);
     alone.run_until_idle();
     let mut want = Answer::default();
     collect(&mut rx, &mut want);
@@ -493,4 +518,35 @@ fn forks_read_the_window_their_first_choice_computed() {
     collect(&mut forked, &mut b);
     assert_eq!(b, alone_with_window(&prompt, 2, 6, Some(WINDOW)));
     assert_eq!(a, alone_with_window(&other, 1, 30, Some(WINDOW)));
+}
+
+/// A scored prompt (legacy `echo` with `logprobs`): its first choice sends
+/// the score of every prompt token after the first, once, even when a cached
+/// prefix could have served it or a preemption makes it compute again; the
+/// other choices send none (they share its prompt); `max_tokens` 0 scores
+/// the prompt and generates nothing.
+#[test]
+fn a_scored_prompt_is_computed_whole_and_scored_once() {
+    let mut h = harness(64, 4);
+    let prompt: Vec<u32> = h.letters[..11].to_vec();
+    let mut warm = h.submit(prompt.clone(), 1, 2);
+    h.run_until_idle();
+    collect(&mut warm, &mut Answer::default());
+    let mut rx = h.submit_with(prompt.clone(), 2, 3, None, Some(2));
+    h.run_until_idle();
+    let mut got = Answer::default();
+    collect(&mut rx, &mut got);
+    assert_eq!(got.prompt_scores.len(), 1, "{got:?}");
+    let scores = &got.prompt_scores[&0];
+    assert_eq!(scores.len(), prompt.len() - 1);
+    assert_eq!(got.texts, alone(&prompt, 2, 3).texts, "the answers are unchanged");
+    // The same scores as the same request alone, where nothing was cached.
+    assert_eq!(got.prompt_scores, alone_scored(&prompt, 2, 3, None, Some(2)).prompt_scores);
+
+    let mut rx = h.submit_with(prompt.clone(), 1, 0, None, Some(0));
+    h.run_until_idle();
+    let mut nothing = Answer::default();
+    collect(&mut rx, &mut nothing);
+    assert_eq!(nothing.prompt_scores[&0].len(), prompt.len() - 1);
+    assert_eq!((nothing.texts.get(&0), nothing.finished.get(&0)), (None, Some(&FinishReason::Length)));
 }

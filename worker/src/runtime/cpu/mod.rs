@@ -128,12 +128,14 @@ impl CpuModel {
         self.level
     }
 
-    /// Runs one step (see [`super::Model::forward`]) on `pool`.
+    /// Runs one step (see [`super::Model::forward`]) on `pool`; the logits
+    /// of the step's tokens `logit_tokens[i]` of each sequence `i`.
     pub fn forward(
         &self,
         pool: &Pool,
         plan: &AttentionPlan,
         tokens: &[u32],
+        logit_tokens: &[Range<usize>],
         cache: &KvCache,
         logits: &mut Logits,
     ) -> Result<()> {
@@ -143,7 +145,7 @@ impl CpuModel {
         let qkv_width = q_width + 2 * kv_width;
         let inter = cfg.intermediate;
         let n = tokens.len();
-        let rows = plan.sequences.len();
+
         let vocab = self.weights.lm_head.shape().0;
         if cache.host_layer(0).is_none() {
             candle_core::bail!("the CPU forward pass needs a host KV cache");
@@ -160,8 +162,10 @@ impl CpuModel {
                 s.slots.push(seq.blocks[p / plan.block_size] as usize * plan.block_size + p % plan.block_size);
                 s.owners.push(i);
             }
-            s.last.push(seq.query_start + seq.query_len - 1);
+            s.last.extend(logit_tokens[i].clone());
         }
+        // Rows of logits: each sequence's last token, or every one it asks for.
+        let rows = s.last.len();
         // The threads write each token's keys and values through its slot
         // without locks: two tokens sharing one would be a data race, so a
         // block table that would make them (a refcount bug) fails the step here.
