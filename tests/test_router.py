@@ -107,6 +107,12 @@ def test_legacy_completions_reach_the_pool_under_an_alias(fleet):
         client(fleet["router"], KEY_A).completions.create(model="nope", prompt="Hello", max_tokens=3)
 
 
+def test_node_sdk_through_the_router(fleet):
+    from test_node_sdk import run_check
+
+    run_check(fleet["router"].base_url, KEY_A, "smollm2")
+
+
 def test_route_file_aliases_reach_the_worker_as_its_served_name(fleet):
     c = client(fleet["router"], KEY_B)
     r = c.chat.completions.create(model="model-b-alias", messages=HELLO, max_tokens=3)
