@@ -103,6 +103,9 @@ def test_each_model_reaches_its_own_pool(fleet):
 def test_legacy_completions_reach_the_pool_under_an_alias(fleet):
     r = client(fleet["router"], KEY_A).completions.create(model="gpt-4o-mini", prompt="Hello", max_tokens=3)
     assert r.model == "gpt-4o-mini" and r.object == "text_completion"
+    events = list(client(fleet["router"], KEY_A).responses.create(model="gpt-4o-mini", input="Hello",
+                                                                  max_output_tokens=16, stream=True))
+    assert events[0].response.model == events[-1].response.model == "gpt-4o-mini"
     with pytest.raises(openai.NotFoundError):
         client(fleet["router"], KEY_A).completions.create(model="nope", prompt="Hello", max_tokens=3)
 

@@ -255,6 +255,20 @@ def test_legacy_completions_are_routed_and_charged_like_chat(fleet):
     assert tenant_tokens(r, "metered", "prompt") - before[0] == 2 * whole.usage.prompt_tokens
 
 
+def test_responses_are_routed_and_charged_like_chat(fleet):
+    r = fleet["router"]
+    c = client(r, "sk-metered")
+    before = (tenant_tokens(r, "metered", "prompt"), tenant_tokens(r, "metered", "completion"))
+    whole = c.responses.create(model="smollm2", input="Once upon a time", max_output_tokens=16, temperature=0)
+    assert whole.object == "response"
+    events = list(c.responses.create(model="smollm2", input="Once upon a time", max_output_tokens=16,
+                                     temperature=0, stream=True))
+    assert events[0].type == "response.created" and events[-1].response.output_text == whole.output_text
+    spent = 2 * whole.usage.output_tokens
+    wait_for(lambda: tenant_tokens(r, "metered", "completion") - before[1] == spent, "both answers' charge")
+    assert tenant_tokens(r, "metered", "prompt") - before[0] == 2 * whole.usage.input_tokens
+
+
 def test_tenants_never_share_prefix_cache_blocks(fleet):
     r = fleet["router"]
     system = {"role": "system", "content": "You answer questions about the city's bus timetable. " * 8}

@@ -30,4 +30,12 @@ for await (const chunk of stream) {
 assert.ok(streamed.startsWith("Once upon a time"));
 assert.equal(streamed, "Once upon a time" + text.choices[0].text);
 
+const response = await client.responses.create({
+  model, input: "Name three colors.", max_output_tokens: 16, temperature: 0,
+});
+assert.equal(response.object, "response");
+assert.equal(response.output[0].type, "message");
+assert.equal(typeof response.output_text, "string");
+assert.equal(response.usage.total_tokens, response.usage.input_tokens + response.usage.output_tokens);
+
 console.log("ok");

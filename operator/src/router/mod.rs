@@ -105,6 +105,8 @@ pub fn app(state: RouterState) -> Router {
         .route("/api/v1/chat/completions", post(proxy::generate))
         .route("/v1/completions", post(proxy::generate))
         .route("/compatible-mode/v1/completions", post(proxy::generate))
+        .route("/v1/responses", post(proxy::generate))
+        .route("/compatible-mode/v1/responses", post(proxy::generate))
         .route("/v1/models", get(model_list::models))
         .route("/compatible-mode/v1/models", get(model_list::models))
         .route_layer(axum::middleware::from_fn_with_state(

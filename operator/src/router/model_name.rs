@@ -12,23 +12,27 @@ use serde_json::value::RawValue;
 
 use super::json_body::{replaced, span_of};
 
-/// The fields of a JSON object that may carry the model: `model` itself, or
-/// `data` (the `/api/v1` envelope, whose `data` is the chat completion).
+/// The fields of a JSON object that may carry the model: `model` itself,
+/// `data` (the `/api/v1` envelope, whose `data` is the chat completion), or
+/// `response` (a Responses stream event, whose `response` is the response).
 #[derive(Deserialize)]
 struct ModelFields<'a> {
     #[serde(borrow)]
     model: Option<&'a RawValue>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
+    #[serde(borrow)]
+    response: Option<&'a RawValue>,
 }
 
 /// Where the string value of `model` lies in `json`: at the top level, else
-/// inside a top-level `data` object. Whitespace around the object is allowed.
+/// inside a top-level `data` or `response` object. Whitespace around the
+/// object is allowed.
 fn model_span(json: &[u8]) -> Option<Range<usize>> {
     let fields: ModelFields = serde_json::from_slice(json).ok()?;
-    let raw = match (fields.model, fields.data) {
+    let raw = match (fields.model, fields.data.or(fields.response)) {
         (Some(model), _) => model,
-        (None, Some(data)) => serde_json::from_str::<ModelFields>(data.get()).ok()?.model?,
+        (None, Some(inner)) => serde_json::from_str::<ModelFields>(inner.get()).ok()?.model?,
         (None, None) => return None,
     };
     let text = raw.get();
@@ -132,6 +136,16 @@ mod tests {
         assert_eq!(
             text(out),
             r#"{"success":true,"code":"","message":"","data":{"id":"x","model":"alias","choices":[]}}"#
+        );
+    }
+
+    #[test]
+    fn a_responses_event_model_is_inside_response() {
+        let body = br#"{"type":"response.completed","response":{"id":"resp_1","model":"served"},"sequence_number":9}"#;
+        let out = with_model(body, "alias").expect("has a model");
+        assert_eq!(
+            text(&out),
+            r#"{"type":"response.completed","response":{"id":"resp_1","model":"alias"},"sequence_number":9}"#
         );
     }
 

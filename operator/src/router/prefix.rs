@@ -82,6 +82,27 @@ pub fn prompt_blocks(body: &[u8], model: &str) -> Option<Vec<u64>> {
     Some(chained(&rendered, model, salt.as_deref().unwrap_or("")))
 }
 
+/// The prefix blocks of a Responses request: its `instructions`, then its
+/// `input` (a string, or the items as they came), salted as chat's are.
+pub fn responses_blocks(body: &[u8], model: &str) -> Option<Vec<u64>> {
+    let members = members(body)?;
+    let salt: Option<String> = match members.get("cache_salt") {
+        Some(raw) => serde_json::from_str(raw.get()).ok()?,
+        None => None,
+    };
+    let mut rendered = Vec::with_capacity(body.len());
+    if let Some(instructions) = members.get("instructions").filter(|raw| raw.get() != "null") {
+        rendered.extend_from_slice(instructions.get().as_bytes());
+        rendered.push(END_OF_MESSAGE);
+    }
+    let input = members.get("input")?;
+    match serde_json::from_str::<String>(input.get()) {
+        Ok(text) => rendered.extend_from_slice(text.as_bytes()),
+        Err(_) => rendered.extend_from_slice(input.get().as_bytes()),
+    }
+    Some(chained(&rendered, model, salt.as_deref().unwrap_or("")))
+}
+
 /// A fixed 64-bit fingerprint of `bytes` (the first 8 bytes of its SHA-256).
 pub fn fingerprint(bytes: &[u8]) -> u64 {
     first_word(&Sha256::digest(bytes))
@@ -239,6 +260,18 @@ mod tests {
         let salted = prompt_blocks(json!({"prompt": text, "cache_salt": "t"}).to_string().as_bytes(), "m");
         assert_ne!(salted.expect("salted")[0], one[0]);
         assert_eq!(prompt(json!(5)), None);
+    }
+
+    #[test]
+    fn responses_requests_have_blocks_from_instructions_and_input() {
+        let body = |v: serde_json::Value| responses_blocks(v.to_string().as_bytes(), "m");
+        let text = long("doc");
+        let one = body(json!({"instructions": "Be brief.", "input": text})).expect("blocks");
+        let longer = body(json!({"instructions": "Be brief.", "input": format!("{text}{}", long("more"))}));
+        assert_eq!(longer.expect("blocks")[..one.len()], one[..]);
+        assert_ne!(body(json!({"input": text})).expect("blocks")[0], one[0], "instructions come first");
+        assert!(body(json!({"input": [{"role": "user", "content": text}]})).is_some_and(|b| !b.is_empty()));
+        assert_eq!(body(json!({"instructions": "x"})), None);
     }
 
     #[test]

@@ -205,10 +205,11 @@ fn check_access(routes: &Routes, tenant: &Tenant, model: &str) -> Result<Option<
     }
 }
 
-/// `POST …/chat/completions` on every API path, and `POST …/completions` (the
-/// access-log middleware has already given the request its id and its access
-/// line): both name their pool in `model`, report `usage` alike, and go
-/// through the same tenancy, holding, routing and retries.
+/// `POST …/chat/completions` on every API path, `POST …/completions` and
+/// `POST …/responses` (the access-log middleware has already given the
+/// request its id and its access line): each names its pool in `model`,
+/// reports its `usage`, and goes through the same tenancy, holding, routing
+/// and retries.
 pub async fn generate(
     State(state): State<RouterState>,
     Extension(access): Extension<Access>,
@@ -346,7 +347,8 @@ async fn route(
             let running = admit(state, tenant, &lease, caller).await.map_err(|e| (unknown(), e))?;
             metered = Some((tenant.clone(), running));
             let bytes = cache_salt::salted(&bytes, &tenant.name).map(Bytes::from).unwrap_or(bytes);
-            match usage::with_usage_reported(&bytes) {
+            // A Responses stream reports its usage in its last event anyway.
+            match usage::with_usage_reported(&bytes).filter(|_| !path.ends_with("/responses")) {
                 Some((body, asked)) => (Bytes::from(body), !asked),
                 None => (bytes, false),
             }
@@ -375,6 +377,7 @@ async fn route(
     let blocks = match settings.prefix_routing {
         false => None,
         true if path.ends_with("/chat/completions") => prefix::chat_blocks(&bytes, &pool.model),
+        true if path.ends_with("/responses") => prefix::responses_blocks(&bytes, &pool.model),
         true => prefix::prompt_blocks(&bytes, &pool.model),
     };
     let index = blocks.as_ref().map(|_| state.prefix_index(&pool.model));

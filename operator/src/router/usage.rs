@@ -71,14 +71,19 @@ struct Answer {
     choices: Option<Vec<serde::de::IgnoredAny>>,
     /// The `/api/v1` envelope's chat completion.
     data: Option<Box<Answer>>,
+    /// A Responses stream event's response (its usage in the last one).
+    response: Option<Box<Answer>>,
 }
 
+/// Chat's and legacy completions' usage, or the Responses API's (its names
+/// read as aliases).
 #[derive(Deserialize)]
 struct UsageFields {
-    #[serde(default)]
+    #[serde(default, alias = "input_tokens")]
     prompt_tokens: u64,
-    #[serde(default)]
+    #[serde(default, alias = "output_tokens")]
     completion_tokens: u64,
+    #[serde(alias = "input_tokens_details")]
     prompt_tokens_details: Option<PromptDetails>,
 }
 
@@ -181,6 +186,13 @@ impl Meter {
             if let Some(payload) = line.strip_prefix(b"data:") {
                 // With include_usage every chunk has a `usage` member (null but in the last).
                 let answer = contains(payload, b"\"usage\"").then(|| serde_json::from_slice::<Answer>(payload).ok());
+                // A Responses stream: the usage is the final event's response's.
+                let answer = answer.map(|a| {
+                    a.map(|a| match a {
+                        Answer { usage: None, response: Some(response), .. } => *response,
+                        a => a,
+                    })
+                });
                 if let Some(Some(Answer { usage: Some(usage), choices, .. })) = answer {
                     self.usage = Some(usage.into());
                     if self.strip_usage_chunk && choices.as_ref().is_some_and(Vec::is_empty) {
@@ -190,7 +202,8 @@ impl Meter {
                 } else if contains(payload, b"\"delta\"")
                     && (has_text(payload, b"\"content\":\"")
                         || has_text(payload, b"\"reasoning_content\":\"")
-                        || contains(payload, b"\"tool_calls\""))
+                        || contains(payload, b"\"tool_calls\"")
+                        || has_text(payload, b"\"delta\":\""))
                 {
                     self.content_chunks += 1;
                 }
@@ -265,6 +278,27 @@ mod tests {
         out.extend_from_slice(&meter.push(Bytes::copy_from_slice(&body.as_bytes()[split..])));
         out.extend_from_slice(&meter.finish());
         text(out)
+    }
+
+    /// The Responses API's usage (`input_tokens`, `output_tokens`): in its
+    /// JSON answer, and in its stream's last event, inside `response`;
+    /// deltas of a stream cut short count as content.
+    #[test]
+    fn responses_usage_is_read_by_its_own_names() {
+        let body = r#"{"id":"resp_1","object":"response","usage":{"input_tokens":9,"input_tokens_details":{"cached_tokens":4},"output_tokens":3}}"#;
+        let mut meter = Meter::new(false, false, 0);
+        relay(&mut meter, body, 7);
+        assert_eq!(meter.usage(), Usage { prompt: 9, cached: 4, completion: 3, reported: true });
+        let stream = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n\n\
+                      event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n\
+                      event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":5,\"output_tokens\":2}}}\n\n";
+        let mut meter = Meter::new(true, false, 0);
+        assert_eq!(relay(&mut meter, stream, 40), stream, "nothing is taken out of a Responses stream");
+        assert_eq!(meter.usage(), Usage { prompt: 5, cached: 0, completion: 2, reported: true });
+        let cut = &stream[..stream.find("event: response.completed").expect("the last event")];
+        let mut meter = Meter::new(true, false, 5);
+        relay(&mut meter, cut, 10);
+        assert_eq!(meter.usage(), Usage { prompt: 5, cached: 0, completion: 1, reported: false });
     }
 
     #[test]

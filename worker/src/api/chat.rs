@@ -57,9 +57,7 @@ async fn respond(state: AppState, tally: TokenTally, body: Body, flavor: Flavor)
 }
 
 async fn run(state: AppState, tally: TokenTally, body: Body, flavor: Flavor) -> Result<Response, ApiError> {
-    let limit = state.settings().max_body_bytes;
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| ApiError::body_too_large(limit))?;
-    let service = state.model()?;
+    let (bytes, service) = super::body_and_model(&state, body).await?;
     let req = request::parse(&bytes, service.vocab_size())?;
     if !state.settings().serves(&req.model) {
         return Err(ApiError::model_not_found(&req.model));

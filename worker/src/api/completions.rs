@@ -28,17 +28,12 @@ use crate::service::ModelService;
 const FIM_MARKERS: [[&str; 3]; 2] =
     [["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"], ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"]];
 
-pub async fn handle(State(state): State<AppState>, Extension(tally): Extension<TokenTally>, body: Body) -> Response {
-    match run(state, tally, body).await {
-        Ok(response) => response,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn run(state: AppState, tally: TokenTally, body: Body) -> Result<Response, ApiError> {
-    let limit = state.settings().max_body_bytes;
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| ApiError::body_too_large(limit))?;
-    let service = state.model()?;
+pub async fn handle(
+    State(state): State<AppState>,
+    Extension(tally): Extension<TokenTally>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (bytes, service) = super::body_and_model(&state, body).await?;
     let req = completion_request::parse(&bytes, service.vocab_size())?;
     if !state.settings().serves(&req.model) {
         return Err(ApiError::model_not_found(&req.model));

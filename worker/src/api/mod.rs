@@ -9,6 +9,8 @@ mod messages;
 mod ops;
 pub mod request;
 pub mod response;
+pub mod responses;
+mod responses_request;
 mod sse;
 pub mod state;
 
@@ -34,6 +36,8 @@ pub fn router(state: AppState) -> Router {
         .route("/compatible-mode/v1/chat/completions", post(chat::openai))
         .route("/api/v1/chat/completions", post(chat::envelope))
         .route("/v1/completions", post(completions::handle))
+        .route("/v1/responses", post(responses::handle))
+        .route("/compatible-mode/v1/responses", post(responses::handle))
         .route("/compatible-mode/v1/completions", post(completions::handle))
         .route("/v1/models", get(ops::models))
         .route("/compatible-mode/v1/models", get(ops::models))
@@ -77,6 +81,17 @@ async fn count_requests(State(state): State<AppState>, req: Request, next: Next)
     let labels = crate::metrics::RequestLabels { path, status: response.status().as_u16() };
     state.metrics().requests.get_or_create(&labels).inc();
     response
+}
+
+/// A generation request's body (at most `--max-body-bytes`) and the model
+/// that will answer it (503 while none is loaded).
+async fn body_and_model(
+    state: &AppState,
+    body: axum::body::Body,
+) -> Result<(axum::body::Bytes, std::sync::Arc<crate::service::ModelService>), ApiError> {
+    let limit = state.settings().max_body_bytes;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| ApiError::body_too_large(limit))?;
+    Ok((bytes, state.model()?.clone()))
 }
 
 pub fn unix_now() -> u64 {

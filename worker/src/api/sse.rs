@@ -30,6 +30,11 @@ impl Outbox {
         self.done = true;
     }
 
+    /// Nothing follows what is queued (streams without a `[DONE]`).
+    pub fn close(&mut self) {
+        self.done = true;
+    }
+
     /// Ends the stream with `error` as an SSE event with an `error` object
     /// (the answer's status was sent with its first event).
     pub fn fail(&mut self, error: &ApiError) {

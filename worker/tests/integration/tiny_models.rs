@@ -276,10 +276,13 @@ impl Served {
 
     /// POSTs `body` as it is to the chat path; the status and the whole answer.
     async fn post(&self, body: impl Into<Body>) -> (StatusCode, String) {
-        let request = Request::post("/v1/chat/completions")
-            .header("content-type", "application/json")
-            .body(body.into())
-            .expect("request");
+        self.post_to("/v1/chat/completions", body).await
+    }
+
+    /// POSTs `body` as it is to `path`; the status and the whole answer.
+    async fn post_to(&self, path: &str, body: impl Into<Body>) -> (StatusCode, String) {
+        let request =
+            Request::post(path).header("content-type", "application/json").body(body.into()).expect("request");
         let response = self.router.clone().oneshot(request).await.expect("response");
         let status = response.status();
         let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.expect("body");
@@ -363,6 +366,52 @@ async fn vllm_stopping_extensions_work_on_chat() {
                                     "logit_bias": only_a}))
         .await;
     assert_eq!(answer(&r), ("aa".to_string(), json!("stop"), json!(2)), "{r}");
+}
+
+/// The Responses API on a model whose template thinks: the reasoning is an
+/// output item before the message (raw `reasoning_text`, or `summary_text`
+/// when a summary is asked for), counted in `reasoning_tokens`; streamed as
+/// its own typed events. A model that does not think refuses an effort.
+#[tokio::test]
+async fn responses_put_reasoning_in_its_own_item() {
+    let (served, _dir) = Served::new("qwen3", THINKING);
+    let mut ban = served.ban.clone();
+    if let Some(ban) = ban.as_object_mut() {
+        ban.remove(&served.special_id("</think>").to_string());
+    }
+    let body = |extra: Value| {
+        let mut body = json!({"model": "tiny", "input": "Hi", "max_output_tokens": 24, "temperature": 0,
+                              "reasoning": {"effort": "low"}, "logit_bias": ban});
+        if let (Some(b), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(extra.clone());
+        }
+        body.to_string()
+    };
+    let (status, text) = served.post_to("/v1/responses", body(json!({}))).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let r: Value = serde_json::from_str(&text).expect("json");
+    let output = r["output"].as_array().expect("output");
+    assert_eq!(output[0]["type"], "reasoning", "{r}");
+    assert_eq!(output[0]["content"][0]["type"], "reasoning_text");
+    assert!(output[0]["content"][0]["text"].as_str().is_some_and(|t| !t.is_empty()));
+    assert!(r["usage"]["output_tokens_details"]["reasoning_tokens"].as_u64().is_some_and(|n| n > 0), "{r}");
+    let (_, text) =
+        served.post_to("/v1/responses", body(json!({"reasoning": {"effort": "low", "summary": "auto"}}))).await;
+    let r: Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(r["output"][0]["summary"][0]["type"], "summary_text", "{r}");
+    let (status, text) = served.post_to("/v1/responses", body(json!({"stream": true}))).await;
+    assert_eq!(status, StatusCode::OK);
+    let kinds: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
+    let first_delta = kinds.iter().position(|k| *k == "response.reasoning_text.delta").expect("reasoning deltas");
+    assert!(kinds[..first_delta].contains(&"response.output_item.added"), "{kinds:?}");
+    assert!(kinds.contains(&"response.reasoning_text.done"));
+
+    let (plain, _dir) = Served::new("llama", CHATML);
+    let (status, text) = plain
+        .post_to("/v1/responses", json!({"model": "tiny", "input": "Hi", "reasoning": {"effort": "high"}}).to_string())
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    assert!(text.contains(r#""param":"reasoning.effort""#), "{text}");
 }
 
 /// `chat_template_kwargs`: variables the template reads, and Qwen3's
