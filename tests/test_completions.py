@@ -13,6 +13,12 @@ from test_worker_openai import KEY, client, post
 PROMPT = "The three primary colors are"
 
 
+
+@pytest.fixture(scope="module")
+def worker(module_worker):
+    """This module's own worker: its prefix cache does not reach other modules' tests."""
+    return module_worker
+
 def complete(worker, **params):
     return client(worker).completions.create(model="smollm2", **params)
 

@@ -3,14 +3,21 @@ against the worker and through the router: one call of each API."""
 
 from __future__ import annotations
 
-import pathlib
 import subprocess
+
+import pytest
 
 from conftest import ROOT
 from test_worker_openai import KEY
 
 NODE = ROOT / "tests" / "node"
 
+
+
+@pytest.fixture(scope="module")
+def worker(module_worker):
+    """This module's own worker: its prefix cache does not reach other modules' tests."""
+    return module_worker
 
 def run_check(base_url: str, key: str, model: str) -> None:
     assert (NODE / "node_modules" / "openai").is_dir(), "npm ci --prefix tests/node (scripts/test.sh does)"

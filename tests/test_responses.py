@@ -19,6 +19,12 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in
                           "required": ["city"], "additionalProperties": False}}
 
 
+
+@pytest.fixture(scope="module")
+def worker(module_worker):
+    """This module's own worker: its prefix cache does not reach other modules' tests."""
+    return module_worker
+
 def create(worker, **params):
     return client(worker).responses.create(model="smollm2", **params)
 

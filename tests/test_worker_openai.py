@@ -316,7 +316,16 @@ def test_metrics_expose_vllm_gauges_and_counts(worker):
         time.sleep(0.05)
 
 
+def wait_until_idle(worker, timeout=10.0):
+    """Until the worker runs nothing (an earlier test's abandoned stream may still be ending)."""
+    deadline = time.monotonic() + timeout
+    while metric(worker, "vllm:num_requests_running") != 0:
+        assert time.monotonic() < deadline, "the worker never went idle"
+        time.sleep(0.05)
+
+
 def test_client_disconnect_stops_generation(worker):
+    wait_until_idle(worker)
     stream = client(worker).chat.completions.create(
         model="smollm2", messages=HELLO, max_tokens=1500, temperature=1.0, stream=True, extra_body={"min_p": 0.0}
     )
@@ -325,10 +334,7 @@ def test_client_disconnect_stops_generation(worker):
             break
     assert metric(worker, "vllm:num_requests_running") == 1
     stream.close()
-    deadline = time.monotonic() + 10
-    while metric(worker, "vllm:num_requests_running") != 0:
-        assert time.monotonic() < deadline, "generation went on after the client left"
-        time.sleep(0.05)
+    wait_until_idle(worker)
 
 
 def test_rotated_key_works_without_restart(smollm2, tmp_path):

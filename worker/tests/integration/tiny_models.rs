@@ -38,13 +38,17 @@ const HEAD_DIM: usize = HIDDEN / HEADS;
 const CONTEXT: usize = 128;
 /// The tiny Gemma 3's window (its layer 0; layer 1 attends globally).
 const GEMMA_WINDOW: usize = 5;
-const SPECIALS: [(&str, bool); 6] = [
+const SPECIALS: [(&str, bool); 9] = [
     ("<|im_start|>", true),
     ("<|im_end|>", true),
     ("<think>", false),
     ("</think>", false),
     ("<tool_call>", false),
     ("</tool_call>", false),
+    // Qwen's fill-in-the-middle markers.
+    ("<|fim_prefix|>", true),
+    ("<|fim_suffix|>", true),
+    ("<|fim_middle|>", true),
 ];
 
 const CHATML: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
@@ -414,6 +418,32 @@ async fn responses_put_reasoning_in_its_own_item() {
     assert!(text.contains(r#""param":"reasoning.effort""#), "{text}");
 }
 
+/// Legacy completions' `suffix` on a tokenizer with Qwen's fill-in-the-middle
+/// markers: the prompt becomes prefix, suffix, middle (the three markers and
+/// both texts, byte by byte here); token-id prompts cannot take a suffix.
+#[tokio::test]
+async fn a_suffix_fills_in_the_middle_where_the_tokenizer_can() {
+    let (served, _dir) = Served::new("llama", CHATML);
+    let complete = |extra: Value| {
+        let mut body = json!({"model": "tiny", "prompt": "def f(", "max_tokens": 3, "temperature": 0});
+        if let (Some(b), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(extra.clone());
+        }
+        body.to_string()
+    };
+    let (status, text) = served.post_to("/v1/completions", complete(json!({}))).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let plain: Value = serde_json::from_str(&text).expect("json");
+    let (status, text) = served.post_to("/v1/completions", complete(json!({"suffix": "):\n"}))).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let filled: Value = serde_json::from_str(&text).expect("json");
+    let tokens = |r: &Value| r["usage"]["prompt_tokens"].as_u64().expect("usage");
+    assert_eq!(tokens(&filled), tokens(&plain) + 3 + 3, "three markers and the three bytes of the suffix");
+    let (status, text) = served.post_to("/v1/completions", complete(json!({"prompt": [1, 2], "suffix": "x"}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(text.contains(r#""param":"suffix""#), "{text}");
+}
+
 /// `chat_template_kwargs`: variables the template reads, and Qwen3's
 /// `enable_thinking` through it.
 #[tokio::test]
@@ -688,11 +718,12 @@ fn assert_matches_reference(
             let size = want.iter().fold(0f32, |m, x| m.max(x.abs()));
             if options.quantize.is_none() {
                 // Sums in another order, through random weights that amplify
-                // rounding: a few parts in 10^4 of the largest logit. A wrong
-                // operation (SiLU for GELU, a norm without its offset) moves
-                // them by percents.
+                // rounding: up to about 10^-3 of the largest logit (it varies
+                // with the random checkpoint). A wrong operation moves them by
+                // percents (SiLU for GELU: 2%; rotating whole heads for Phi's
+                // partial rotation: 80%).
                 let diff = max_diff(got, want);
-                assert!(diff < 1e-3 * size.max(1.0), "{kernels}: {diff} (largest logit {size})");
+                assert!(diff < 3e-3 * size.max(1.0), "{kernels}: {diff} (largest logit {size})");
             } else {
                 let dot: f32 = got.iter().zip(want).map(|(x, y)| x * y).sum();
                 let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
