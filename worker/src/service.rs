@@ -37,6 +37,10 @@ pub struct ModelService {
     pub template: ChatTemplate,
     /// Where the template comes from, as `/ready` reports it.
     pub template_origin: TemplateOrigin,
+    /// Text that ends a chat answer besides the request's stops: the default
+    /// template's turn end, when the tokenizer has no such token (a base
+    /// model writes it as text).
+    pub template_stops: Vec<String>,
     pub special: SpecialTokens,
     /// Tokens per sequence: the model's context clipped by `--max-context`.
     pub max_context: usize,
@@ -156,6 +160,12 @@ impl ModelService {
         };
         startup.end("grammar");
         let vocab_rows = loaded.model.vocab_rows();
+        let template_stops = match loaded.template_origin {
+            TemplateOrigin::Default if tokenizer.token_to_id(crate::model::CHATML_END).is_none() => {
+                vec![crate::model::CHATML_END.to_string()]
+            }
+            _ => Vec::new(),
+        };
         let kv_window = loaded.model.config().kv_window();
         let engine = Engine::start(
             EngineModel { model: loaded.model, tokenizer: tokenizer.clone(), special: loaded.special.clone() },
@@ -181,6 +191,7 @@ impl ModelService {
             tokenizer,
             template: loaded.template,
             template_origin: loaded.template_origin,
+            template_stops,
             special: loaded.special,
             max_context,
             kv_capacity: num_blocks * BLOCK_SIZE,
@@ -286,7 +297,7 @@ impl ModelService {
                 prompt,
                 sampling: req.sampling.resolve(&self.defaults, req.logprobs),
                 max_tokens,
-                stop: req.stop.clone(),
+                stop: req.stop.iter().chain(&self.template_stops).cloned().collect(),
                 n: req.n,
                 reasoning,
                 constraint,

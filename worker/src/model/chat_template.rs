@@ -26,6 +26,9 @@ pub fn choose(flag: Option<&str>, model: Option<String>) -> (String, TemplateOri
     }
 }
 
+/// The end of a ChatML turn.
+pub const CHATML_END: &str = "<|im_end|>";
+
 /// ChatML, for models that ship no template of their own.
 pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 

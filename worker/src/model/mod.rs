@@ -9,7 +9,7 @@ pub mod tokenizer;
 
 use std::path::Path;
 
-pub use chat_template::{ChatTemplate, RenderOptions, TemplateFeatures};
+pub use chat_template::{ChatTemplate, RenderOptions, TemplateFeatures, CHATML_END};
 pub use kandle_contract::http::TemplateOrigin;
 
 #[derive(Debug, thiserror::Error)]
