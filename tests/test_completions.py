@@ -91,6 +91,15 @@ def test_echo_with_logprobs_scores_the_prompt(worker):
     assert "".join(ch.text for c in chunks for ch in c.choices) == text
 
 
+def test_a_one_token_prompt_is_echoed_with_its_null_score(worker):
+    whole = complete(worker, prompt="Hi", max_tokens=2, temperature=0, echo=True, logprobs=1)
+    assert whole.usage.prompt_tokens == 1
+    lp = whole.choices[0].logprobs
+    assert lp.tokens[0] == "Hi" and lp.token_logprobs[0] is None
+    chunks = list(complete(worker, prompt="Hi", max_tokens=2, temperature=0, echo=True, logprobs=1, stream=True))
+    assert "".join(ch.text for c in chunks for ch in c.choices) == whole.choices[0].text
+
+
 def test_stream_matches_the_whole_answer(worker):
     whole = complete(worker, prompt=PROMPT, max_tokens=12, temperature=0)
     chunks = list(complete(worker, prompt=PROMPT, max_tokens=12, temperature=0, stream=True,

@@ -68,6 +68,7 @@ def test_stream_events_come_in_order_and_build_the_response(worker):
     assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
                           "response.completed" if whole.status == "completed" else "response.incomplete"]
     assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[2].item.content == [], "parts arrive in content_part.added, not in the added item"
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert deltas == whole.output_text == events[-1].response.output_text
     assert events[-1].response.usage.output_tokens == whole.usage.output_tokens

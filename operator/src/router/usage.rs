@@ -204,6 +204,7 @@ impl Meter {
                         || has_text(payload, b"\"reasoning_content\":\"")
                         || contains(payload, b"\"tool_calls\"")
                         || has_text(payload, b"\"delta\":\""))
+                    || has_text(payload, b"\"text\":\"") && contains(payload, b"\"text_completion\"")
                 {
                     self.content_chunks += 1;
                 }

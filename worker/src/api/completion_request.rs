@@ -55,7 +55,7 @@ pub fn parse(body: &[u8], vocab_size: usize) -> Result<CompletionRequest, ApiErr
     let suffix = f.string("suffix")?;
     let max_tokens = f.uint("max_tokens", 0, u64::from(u32::MAX))?.map_or(DEFAULT_MAX_TOKENS, |v| v as usize);
     let sampling = request::parse_sampling(&mut f, vocab_size)?;
-    let n = f.uint("n", 1, MAX_CHOICES as u64)?.unwrap_or(1) as usize;
+    let n = f.uint("n", 1, request::MAX_N)?.unwrap_or(1) as usize;
     if prompts.len() * n > MAX_CHOICES {
         return Err(ApiError::invalid(
             "n",
@@ -79,6 +79,9 @@ pub fn parse(body: &[u8], vocab_size: usize) -> Result<CompletionRequest, ApiErr
     let stream = f.bool("stream")?.unwrap_or(false);
     let include_usage = request::parse_stream_options(&mut f, stream)?;
     let echo = f.bool("echo")?.unwrap_or(false);
+    if echo && suffix.is_some() {
+        return Err(ApiError::invalid("echo", "'echo' cannot be combined with 'suffix'."));
+    }
     let logprobs = f.uint("logprobs", 0, MAX_LOGPROBS)?.map(|v| v as usize);
     f.string("user")?;
     let cache_salt = f.string("cache_salt")?;
@@ -202,7 +205,9 @@ mod tests {
             (json!({"prompt": vec!["a"; MAX_PROMPTS + 1]}), "prompt"),
             (json!({"max_tokens": -1}), "max_tokens"),
             (json!({"n": 0}), "n"),
-            (json!({"prompt": vec!["a"; 5], "n": 13}), "n"),
+            (json!({"prompt": vec!["a"; 9], "n": 8}), "n"),
+            (json!({"n": 9}), "n"),
+            (json!({"echo": true, "suffix": "x"}), "echo"),
             (json!({"best_of": 2}), "best_of"),
             (json!({"best_of": 1, "n": 2}), "best_of"),
             (json!({"logprobs": 6}), "logprobs"),

@@ -136,7 +136,7 @@ fn prepare(service: &ModelService, req: &CompletionRequest) -> Result<Vec<Prepar
                 service.check_readable(ids, "prompt")?;
                 let echo = service
                     .tokenizer
-                    .decode(ids, true)
+                    .decode(ids, false)
                     .map_err(|e| ApiError::internal(format!("cannot decode the prompt: {e}")))?;
                 (ids.clone(), echo, 0)
             }
@@ -330,11 +330,11 @@ async fn collect(
     while open > 0 {
         match events.recv().await {
             Some(Event::Delta(d)) => {
-                if meta.prompt_logprobs && meta.first_of_prompt(d.index) && !d.prompt_logprobs.is_empty() {
+                if let Some(scores) = d.prompt_logprobs.as_ref().filter(|_| meta.first_of_prompt(d.index)) {
                     // The prompt's scores open every choice of that prompt.
                     let first = echoes.get(d.index / meta.n).and_then(|e| e.first.as_deref());
                     for c in choices.iter_mut().skip(d.index).take(meta.n) {
-                        let mut logprobs = TextLogprobs::of_prompt(first, &d.prompt_logprobs);
+                        let mut logprobs = TextLogprobs::of_prompt(first, scores);
                         logprobs.extend_from(std::mem::take(&mut c.logprobs));
                         c.logprobs = logprobs;
                     }
@@ -439,11 +439,11 @@ impl sse::Answer for StreamState {
     async fn advance(&mut self) {
         match self.events.recv().await {
             Some(Event::Delta(d)) => {
-                if self.meta.prompt_logprobs && self.meta.first_of_prompt(d.index) && !d.prompt_logprobs.is_empty() {
+                if let Some(scores) = d.prompt_logprobs.as_ref().filter(|_| self.meta.first_of_prompt(d.index)) {
                     let echo = self.echoes.get(d.index / self.meta.n);
                     let (text, first) = echo.map_or((String::new(), None), |e| (e.text.clone(), e.first.as_deref()));
                     for index in d.index..d.index + self.meta.n {
-                        let logprobs = Some(TextLogprobs::of_prompt(first, &d.prompt_logprobs));
+                        let logprobs = Some(TextLogprobs::of_prompt(first, scores));
                         let choice = TextChoice { text: text.clone(), index, logprobs, finish_reason: None };
                         let event = self.chunk(vec![choice], None);
                         self.out.push(event);

@@ -151,6 +151,13 @@ pub fn parse(body: &[u8], vocab_size: usize) -> Result<ChatRequest, ApiError> {
     }
     let max_tokens = max_completion_tokens.or(max_tokens).map(|v| v as usize);
     let stopping = parse_stopping(&mut f, vocab_size, max_tokens)?;
+    if stopping.ignore_eos && (response_format.is_some() || tools.is_some()) {
+        // A finished grammar allows only the end token: ignored, it would repeat to the limit.
+        return Err(ApiError::invalid(
+            "ignore_eos",
+            "'ignore_eos' cannot be combined with 'response_format' or 'tools': their grammar ends the answer.",
+        ));
+    }
     let template_kwargs = parse_template_kwargs(&mut f, &mut enable_thinking)?;
     reject_unavailable(&mut f)?;
 
@@ -779,6 +786,7 @@ mod tests {
             (json!({"min_tokens": -1}), "min_tokens"),
             (json!({"min_tokens": 9, "max_tokens": 8}), "min_tokens"),
             (json!({"ignore_eos": "yes"}), "ignore_eos"),
+            (json!({"ignore_eos": true, "response_format": {"type": "json_object"}}), "ignore_eos"),
             (json!({"stop_token_ids": 5}), "stop_token_ids"),
             (json!({"stop_token_ids": [1, "2"]}), "stop_token_ids[1]"),
             (json!({"stop_token_ids": [VOCAB]}), "stop_token_ids[0]"),

@@ -174,6 +174,8 @@ struct Builder {
     prompt_tokens: usize,
     parser: Option<ToolCallParser>,
     items: Vec<Item>,
+    /// Each item's status: `in_progress` until it closes.
+    statuses: Vec<&'static str>,
     /// The last item is open (deltas go to it until another kind comes).
     open: bool,
     /// Logprobs are reported (`include` asked for them).
@@ -201,6 +203,7 @@ impl Builder {
             prompt_tokens,
             parser: calls.map(CallReading::parser),
             items: Vec::new(),
+            statuses: Vec::new(),
             open: false,
             logprobs: chat.logprobs.is_some(),
             events: Vec::new(),
@@ -258,9 +261,10 @@ impl Builder {
         if !matches!(self.items.last(), Some(Item::Reasoning { .. })) || !self.open {
             self.close();
             self.items.push(Item::Reasoning { id: new_id("rs"), text: String::new() });
+            self.statuses.push("in_progress");
             self.open = true;
             let at = self.items.len() - 1;
-            let item = self.items[at].json("in_progress", self.summary());
+            let item = self.added(at);
             self.emit(json!({"type": "response.output_item.added", "output_index": at, "item": item}));
             let id = self.item_id(at);
             let (kind, part) = if self.summary() {
@@ -293,9 +297,10 @@ impl Builder {
                     }
                     self.close();
                     self.items.push(Item::Message { id: new_id("msg"), text: String::new(), logprobs: Vec::new() });
+                    self.statuses.push("in_progress");
                     self.open = true;
                     let at = self.items.len() - 1;
-                    let item = self.items[at].json("in_progress", false);
+                    let item = self.added(at);
                     self.emit(json!({"type": "response.output_item.added", "output_index": at, "item": item}));
                     let id = self.item_id(at);
                     self.emit(json!({"type": "response.content_part.added", "item_id": id, "output_index": at,
@@ -323,6 +328,7 @@ impl Builder {
         self.close();
         let item = Item::Call { id: new_id("fc"), call_id: new_id("call"), name, arguments };
         self.items.push(item);
+        self.statuses.push("in_progress");
         self.open = true;
         let at = self.items.len() - 1;
         let item = self.items[at].json("in_progress", false);
@@ -337,6 +343,17 @@ impl Builder {
             self.emit(json!({"type": "response.function_call_arguments.delta", "item_id": id,
                 "output_index": at, "delta": text}));
         }
+    }
+
+    /// An item as `output_item.added` shows it: its parts come in events of their own.
+    fn added(&self, at: usize) -> Value {
+        let mut item = self.items[at].json("in_progress", self.summary());
+        for parts in ["content", "summary"] {
+            if item.get(parts).is_some() {
+                item[parts] = json!([]);
+            }
+        }
+        item
     }
 
     fn item_id(&self, at: usize) -> String {
@@ -383,6 +400,7 @@ impl Builder {
                     "output_index": at, "name": name, "arguments": arguments}));
             }
         }
+        self.statuses[at] = status;
         let item = self.items[at].json(status, summary);
         self.emit(json!({"type": "response.output_item.done", "output_index": at, "item": item}));
     }
@@ -427,15 +445,8 @@ impl Builder {
 
     fn response(&self) -> Value {
         let summary = self.summary();
-        let status = if self.incomplete.is_some() { "incomplete" } else { "completed" };
-        let output: Vec<Value> = self
-            .items
-            .iter()
-            .enumerate()
-            .map(|(at, item)| {
-                item.json(if self.open && at + 1 == self.items.len() { "in_progress" } else { status }, summary)
-            })
-            .collect();
+        let output: Vec<Value> =
+            self.items.iter().zip(&self.statuses).map(|(item, status)| item.json(status, summary)).collect();
         let echo = &self.echo;
         let mut response = json!({
             "id": self.id,

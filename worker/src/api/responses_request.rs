@@ -368,7 +368,7 @@ fn stateless(f: &mut Fields) -> Result<(), ApiError> {
 pub(super) fn renamed(mut e: ApiError) -> ApiError {
     if let Some(param) = e.param.take() {
         let renamed = match param.as_str() {
-            "messages" => "input".to_string(),
+            p if p == "messages" || p.starts_with("messages[") => "input".to_string(),
             "max_tokens" => "max_output_tokens".to_string(),
             "response_format" => "text.format".to_string(),
             "reasoning_effort" => "reasoning.effort".to_string(),

@@ -99,9 +99,10 @@ pub struct Delta {
     pub content: String,
     pub reasoning: String,
     pub logprobs: Vec<TokenLogprob>,
-    /// Once, before anything else of its choice: the prompt's tokens after
-    /// the first, each with its log-probability (when the request asked).
-    pub prompt_logprobs: Vec<TokenLogprob>,
+    /// Once, before anything else of its choice, when the request asked: the
+    /// prompt's tokens after the first, each with its log-probability (none
+    /// for a prompt of one token).
+    pub prompt_logprobs: Option<Vec<TokenLogprob>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

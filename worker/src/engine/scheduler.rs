@@ -453,7 +453,9 @@ impl Scheduler {
             if budget == 0 {
                 break;
             }
-            let n = s.pending().min(budget);
+            // A scored prompt keeps a row of logits per token: in chunks.
+            let cap = if s.scores_prompt() { MAX_SCORED_CHUNK } else { usize::MAX };
+            let n = s.pending().min(budget).min(cap);
             wanted.push((s.admitted, n));
             budget -= n;
         }
@@ -547,6 +549,10 @@ impl Scheduler {
         );
     }
 }
+
+/// Tokens of a scored prompt (one row of logits each) in one step: its
+/// logits stay a bounded buffer whatever the vocabulary and the token budget.
+const MAX_SCORED_CHUNK: usize = 256;
 
 /// Offers the sequence's newly completed full blocks to the prefix cache.
 fn register_full_blocks(pool: &mut BlockPool, seq: &mut Sequence) {

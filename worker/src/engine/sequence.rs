@@ -249,7 +249,7 @@ impl Sequence {
     pub fn send_prompt_scores(&mut self) {
         if self.computed >= self.prompt_len {
             if let Some((_, scores)) = self.prompt_scores.take() {
-                let delta = Delta { index: self.index, prompt_logprobs: scores, ..Delta::default() };
+                let delta = Delta { index: self.index, prompt_logprobs: Some(scores), ..Delta::default() };
                 let _ = self.events.send(Event::Delta(delta));
             }
         }
@@ -348,7 +348,10 @@ impl Sequence {
             self.emit(Shaped { stopped: false, ..shaped }, logprobs);
             return Ok(self.finish(Shaped::default(), FinishReason::Stop));
         }
-        if let Some((_, shown)) = self.shown.iter().find(|(id, _)| *id == sampled.token) {
+        // (Without skipping, the detokenizer wrote the marker already.)
+        if let Some((_, shown)) =
+            self.shown.iter().find(|(id, _)| *id == sampled.token).filter(|_| self.stopping.skip_special_tokens)
+        {
             text.push_str(shown);
         }
         if let (true, Some(constraint)) = (guided, &mut self.constraint) {
@@ -409,7 +412,7 @@ impl Sequence {
             content: shaped.content,
             reasoning: shaped.reasoning,
             logprobs: logprobs.into_iter().collect(),
-            prompt_logprobs: Vec::new(),
+            prompt_logprobs: None,
         }));
     }
 

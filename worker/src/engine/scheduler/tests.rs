@@ -163,8 +163,8 @@ fn collect(rx: &mut mpsc::UnboundedReceiver<Event>, answer: &mut Answer) {
                 if !d.content.is_empty() {
                     answer.texts.entry(d.index).or_default().push_str(&d.content);
                 }
-                if !d.prompt_logprobs.is_empty() {
-                    let scores = d.prompt_logprobs.iter().map(|t| (t.token.clone(), t.logprob));
+                if let Some(scores) = d.prompt_logprobs {
+                    let scores = scores.iter().map(|t| (t.token.clone(), t.logprob));
                     answer.prompt_scores.entry(d.index).or_default().extend(scores);
                 }
             }
