@@ -180,6 +180,9 @@ struct Builder {
     open: bool,
     /// Logprobs are reported (`include` asked for them).
     logprobs: bool,
+    /// Log-probabilities of text the tool-call parser still holds back: they
+    /// go with that text when it comes out as content (calls carry none).
+    held_logprobs: Vec<Value>,
     events: Vec<Value>,
     sequence: u64,
     status: &'static str,
@@ -206,6 +209,7 @@ impl Builder {
             statuses: Vec::new(),
             open: false,
             logprobs: chat.logprobs.is_some(),
+            held_logprobs: Vec::new(),
             events: Vec::new(),
             sequence: 0,
             status: "in_progress",
@@ -251,9 +255,16 @@ impl Builder {
             None if !content.is_empty() || !logprobs.is_empty() => vec![Piece::Content(content.to_string())],
             None => Vec::new(),
         };
-        let mut logprobs = Some(logprobs);
+        self.held_logprobs.extend(logprobs);
         for piece in pieces {
-            self.piece(piece, logprobs.take().unwrap_or_default());
+            let logprobs = match piece {
+                Piece::Content(_) => std::mem::take(&mut self.held_logprobs),
+                _ => {
+                    self.held_logprobs.clear();
+                    Vec::new()
+                }
+            };
+            self.piece(piece, logprobs);
         }
     }
 
@@ -408,7 +419,11 @@ impl Builder {
     fn finish(&mut self, reason: FinishReason, output_tokens: usize, reasoning_tokens: usize, cached: usize) {
         if let Some(parser) = self.parser.take() {
             for piece in parser.finish() {
-                self.piece(piece, Vec::new());
+                let logprobs = match piece {
+                    Piece::Content(_) => std::mem::take(&mut self.held_logprobs),
+                    _ => Vec::new(),
+                };
+                self.piece(piece, logprobs);
             }
         }
         let called = self.items.iter().any(|i| matches!(i, Item::Call { .. }));
@@ -478,5 +493,44 @@ impl Builder {
             response["completed_at"] = json!(super::unix_now());
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::tool_calls::ToolFormat;
+    use crate::engine::TokenLogprob;
+
+    fn builder() -> Builder {
+        let body = json!({"model": "m", "input": "hi", "include": ["message.output_text.logprobs"]});
+        let req = responses_request::parse(body.to_string().as_bytes(), 100).expect("valid");
+        Builder::new(&req, 3, Some(CallReading { format: ToolFormat::Hermes, constrained: false }))
+    }
+
+    fn token(text: &str) -> TokenLogprob {
+        TokenLogprob { token: text.into(), logprob: -0.5, top: Vec::new() }
+    }
+
+    /// Text the tool-call parser holds back (it might open a call) comes out
+    /// later with its tokens' log-probabilities; the stream's events are
+    /// numbered, and the added item shows no parts yet.
+    #[test]
+    fn held_back_text_keeps_its_logprobs() {
+        let mut b = builder();
+        b.start();
+        b.delta("", "<to", &[token("<to")]);
+        b.delta("", "ast", &[token("ast")]);
+        b.finish(FinishReason::Stop, 2, 0, 0);
+        let response = b.response();
+        let part = &response["output"][0]["content"][0];
+        assert_eq!(part["text"], "<toast");
+        assert_eq!(part["logprobs"].as_array().map(Vec::len), Some(2), "{part}");
+        let events = b.take_events();
+        let numbers: Vec<u64> = events.iter().filter_map(|e| e["sequence_number"].as_u64()).collect();
+        assert_eq!(numbers, (0..events.len() as u64).collect::<Vec<_>>());
+        let added = events.iter().find(|e| e["type"] == "response.output_item.added").expect("an added item");
+        assert_eq!(added["item"]["content"], json!([]));
+        assert_eq!(events.last().map(|e| e["type"].clone()), Some(json!("response.completed")));
     }
 }
