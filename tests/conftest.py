@@ -47,25 +47,22 @@ def use_binaries(bin_dir: str | None) -> pathlib.Path:
     return path
 
 
-def smollm2_path() -> pathlib.Path:
-    path = os.environ.get("KANDLE_TEST_GGUF")
+def fetched_model(env: str, script: str) -> pathlib.Path:
+    """The model file `env` names, else the one `scripts/<script>` fetches (it prints the path)."""
+    path = os.environ.get(env)
     if path:
         return pathlib.Path(path)
-    out = subprocess.run(
-        [str(ROOT / "scripts" / "fetch-smollm2.sh")], check=True, capture_output=True, text=True
-    )
+    out = subprocess.run([str(ROOT / "scripts" / script)], check=True, capture_output=True, text=True)
     return pathlib.Path(out.stdout.strip())
+
+
+def smollm2_path() -> pathlib.Path:
+    return fetched_model("KANDLE_TEST_GGUF", "fetch-smollm2.sh")
 
 
 def gemma3_path() -> pathlib.Path:
     """Gemma 3 270M Q4_K_M (KANDLE_TEST_GEMMA3, else scripts/fetch-gemma3.sh)."""
-    path = os.environ.get("KANDLE_TEST_GEMMA3")
-    if path:
-        return pathlib.Path(path)
-    out = subprocess.run(
-        [str(ROOT / "scripts" / "fetch-gemma3.sh")], check=True, capture_output=True, text=True
-    )
-    return pathlib.Path(out.stdout.strip())
+    return fetched_model("KANDLE_TEST_GEMMA3", "fetch-gemma3.sh")
 
 
 def start_redis(directory: pathlib.Path) -> tuple[subprocess.Popen, str]:

@@ -270,13 +270,7 @@ impl Builder {
 
     fn reasoning(&mut self, text: &str) {
         if !matches!(self.items.last(), Some(Item::Reasoning { .. })) || !self.open {
-            self.close();
-            self.items.push(Item::Reasoning { id: new_id("rs"), text: String::new() });
-            self.statuses.push("in_progress");
-            self.open = true;
-            let at = self.items.len() - 1;
-            let item = self.added(at);
-            self.emit(json!({"type": "response.output_item.added", "output_index": at, "item": item}));
+            let at = self.open_item(Item::Reasoning { id: new_id("rs"), text: String::new() });
             let id = self.item_id(at);
             let (kind, part) = if self.summary() {
                 ("response.reasoning_summary_part.added", json!({"type": "summary_text", "text": ""}))
@@ -306,13 +300,8 @@ impl Builder {
                     if text.trim().is_empty() && self.parser.is_some() && logprobs.is_empty() {
                         return; // whitespace between calls
                     }
-                    self.close();
-                    self.items.push(Item::Message { id: new_id("msg"), text: String::new(), logprobs: Vec::new() });
-                    self.statuses.push("in_progress");
-                    self.open = true;
-                    let at = self.items.len() - 1;
-                    let item = self.added(at);
-                    self.emit(json!({"type": "response.output_item.added", "output_index": at, "item": item}));
+                    let item = Item::Message { id: new_id("msg"), text: String::new(), logprobs: Vec::new() };
+                    let at = self.open_item(item);
                     let id = self.item_id(at);
                     self.emit(json!({"type": "response.content_part.added", "item_id": id, "output_index": at,
                         "content_index": 0, "part": output_text("", &[])}));
@@ -336,14 +325,20 @@ impl Builder {
     }
 
     fn open_call(&mut self, name: String, arguments: String) {
+        self.open_item(Item::Call { id: new_id("fc"), call_id: new_id("call"), name, arguments });
+    }
+
+    /// Closes the open item and opens `item` after it (`output_item.added`);
+    /// its output index.
+    fn open_item(&mut self, item: Item) -> usize {
         self.close();
-        let item = Item::Call { id: new_id("fc"), call_id: new_id("call"), name, arguments };
         self.items.push(item);
         self.statuses.push("in_progress");
         self.open = true;
         let at = self.items.len() - 1;
-        let item = self.items[at].json("in_progress", false);
+        let item = self.added(at);
         self.emit(json!({"type": "response.output_item.added", "output_index": at, "item": item}));
+        at
     }
 
     fn arguments(&mut self, text: &str) {
